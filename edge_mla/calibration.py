@@ -1,0 +1,78 @@
+"""Activation statistics of the original model on calibration text, one pass, per attention layer.
+
+Everything later steps need comes from the attention input x (after input_layernorm):
+- E[x x^T] (float64): activation-aware low rank and the shared-rope-head PCA use it;
+- mean 2-norm of every RoPE frequency pair of every query head and KV head: the 2-norm selection.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class LayerStats:
+    xx_sum: torch.Tensor  # (E, E) float64, sum of x x^T
+    x_sum: torch.Tensor  # (E,) float64
+    count: int
+    q_pair_norm_sum: torch.Tensor  # (H, d/2) sum over tokens of |q pair|
+    k_pair_norm_sum: torch.Tensor  # (n_kv, d/2)
+
+    @property
+    def second_moment(self) -> torch.Tensor:
+        return self.xx_sum / max(self.count, 1)
+
+    @property
+    def mean(self) -> torch.Tensor:
+        return self.x_sum / max(self.count, 1)
+
+    def pair_scores(self, heads_per_group: int) -> torch.Tensor:
+        """MHA2MLA's 2-norm score per KV head and pair: mean|q| x mean|k|, summed over the group's query heads."""
+        q = self.q_pair_norm_sum / self.count
+        k = self.k_pair_norm_sum / self.count
+        q_group = q.view(k.shape[0], heads_per_group, -1)
+        return (q_group * k[:, None, :]).sum(1)
+
+
+def _pair_norms(t: torch.Tensor, heads: int) -> torch.Tensor:
+    """|pair| summed over tokens, NEOX pairs (i, i + d/2): [tokens, heads*d] -> [heads, d/2]."""
+    t = t.view(t.shape[0], heads, 2, -1)
+    return t.pow(2).sum(2).sqrt().sum(0)
+
+
+@torch.no_grad()
+def collect_stats(model, windows: torch.Tensor, desc: str = "calibrating") -> list[LayerStats]:
+    """Run the original model over token windows [n, T] and gather per-layer attention-input statistics."""
+    layers = model.model.layers
+    cfg = model.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    E = cfg.hidden_size
+    stats = [LayerStats(torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64), 0,
+                        torch.zeros(n_heads, head_dim // 2, dtype=torch.float64),
+                        torch.zeros(n_kv, head_dim // 2, dtype=torch.float64)) for _ in layers]
+
+    def make_hook(i, attn):
+        def hook(module, args, kwargs):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            x = x.reshape(-1, x.shape[-1])
+            s = stats[i]
+            x64 = x.double()
+            s.xx_sum += x64.T @ x64
+            s.x_sum += x64.sum(0)
+            s.count += x.shape[0]
+            s.q_pair_norm_sum += _pair_norms(attn.q_proj(x).double(), n_heads)
+            s.k_pair_norm_sum += _pair_norms(attn.k_proj(x).double(), n_kv)
+        return hook
+
+    handles = [layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True)
+               for i, layer in enumerate(layers)]
+    try:
+        for window in tqdm(windows, desc=desc, unit="window", leave=False):
+            model(window[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return stats

@@ -1,0 +1,222 @@
+"""MHA2MLA: turn a loaded RoPE decoder into an MLA model (partial RoPE, then a low-rank latent), and save/load it."""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import lowrank, rope
+from .calibration import LayerStats
+from .mla import MLAAttention, install_mla
+from .source import SourceError, check_architecture
+
+
+@dataclass
+class Plan:
+    selection: str = "shared"
+    rope_pairs: int | None = None  # r; None: the selection's default
+    latent: int | None = None  # total latent width C; None: full rank
+    svd: str = "joint"
+    weighting: str = "balanced"
+    rope_components: int = 1  # shared head only: principal mixes per frequency that keep RoPE
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def resolve_plan(config, plan: Plan) -> Plan:
+    """Fill defaults and check every number against the model, before any work is done."""
+    check_architecture(config)
+    d, n_kv, E = head_dim_of(config), config.num_key_value_heads, config.hidden_size
+    r = plan.rope_pairs if plan.rope_pairs is not None else rope.default_rope_pairs(plan.selection, d)
+    rope.check_rope_pairs(plan.selection, r, d, n_kv)
+    if plan.selection == "shared":
+        if not 1 <= plan.rope_components <= n_kv:
+            raise ValueError(f"rope components must be between 1 and the number of KV heads ({n_kv})")
+        nope = d
+    else:
+        nope = d - 2 * r
+    if plan.weighting not in lowrank.WEIGHTINGS:
+        raise ValueError(f"unknown weighting '{plan.weighting}': choose one of {', '.join(lowrank.WEIGHTINGS)}")
+    rows_k, rows_v = n_kv * nope, n_kv * d
+    top = lowrank.full_rank(rows_k, rows_v, E, plan.svd) if plan.svd in lowrank.METHODS else 0
+    latent = plan.latent if plan.latent is not None else top
+    lowrank.check_latent(latent, rows_k, rows_v, E, plan.svd)
+    return Plan(plan.selection, r, latent, plan.svd, plan.weighting, plan.rope_components)
+
+
+def latent_from_rank(config, rank_per_kv_head: int) -> int:
+    """MHA2MLA gives the latent per KV head (d_kv); the total is d_kv * n_kv."""
+    if rank_per_kv_head <= 0:
+        raise ValueError(f"rank per KV head must be positive, got {rank_per_kv_head}")
+    return rank_per_kv_head * config.num_key_value_heads
+
+
+def needs_calibration(plan: Plan) -> bool:
+    return plan.weighting != "weights" or plan.selection in ("2norm", "partition-2norm", "shared")
+
+
+def layer_maps(plan: Plan, attn, stats: LayerStats | None, config) -> rope.RopeMaps:
+    d, n_kv = head_dim_of(config), config.num_key_value_heads
+    heads_per_group = config.num_attention_heads // n_kv
+    if plan.selection == "shared":
+        b_k = attn.k_proj.bias.detach() if attn.k_proj.bias is not None else None
+        cov = rope.key_pair_covariance(attn.k_proj.weight.detach(), b_k, stats.second_moment, stats.mean, n_kv, d)
+        return rope.shared_head_maps(rope.shared_head_rotations(cov), plan.rope_pairs, d, plan.rope_components)
+    scores = stats.pair_scores(heads_per_group) if stats is not None else None
+    kept = rope.kept_pairs(plan.selection, plan.rope_pairs, n_kv, d // 2, scores)
+    return rope.per_head_maps(kept, d)
+
+
+@torch.no_grad()
+def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | None, config, mla: dict,
+                  inv_freq: torch.Tensor, layer_idx: int) -> MLAAttention:
+    d, n_kv, H = head_dim_of(config), config.num_key_value_heads, config.num_attention_heads
+    group = torch.arange(H) // (H // n_kv)
+    f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
+    w_q, b_q = f64(attn.q_proj.weight).view(H, d, -1), f64(attn.q_proj.bias)
+    w_k, b_k = f64(attn.k_proj.weight), f64(attn.k_proj.bias)
+    w_v, b_v = f64(attn.v_proj.weight), f64(attn.v_proj.bias)
+
+    # Queries: per head [nope | rope] rows, mapped by the head's KV group.
+    q_rows = torch.cat([torch.einsum("hnd,hde->hne", maps.q_nope[group], w_q),
+                        torch.einsum("hrd,hde->hre", maps.q_rope[group], w_q)], 1)
+    k_nope = torch.einsum("gnk,ke->gne", maps.k_nope, w_k).reshape(-1, w_k.shape[1])
+    k_rope = maps.k_rope @ w_k
+    xx = stats.second_moment if stats is not None else None
+    down, up_k, up_v = lowrank.factorize(k_nope, w_v, plan.latent, plan.svd, plan.weighting, xx)
+
+    new = MLAAttention(config, mla, layer_idx)
+    new.q_proj.weight.copy_(q_rows.reshape(-1, w_k.shape[1]))
+    new.kv_a_proj.weight.copy_(torch.cat([down, k_rope]))
+    new.k_up.copy_(up_k.view(n_kv, maps.nope_dim, plan.latent))
+    new.v_up.copy_(up_v.view(n_kv, d, plan.latent))
+    if b_q is not None:
+        b_q = b_q.view(H, d)
+        new.q_proj.bias.copy_(torch.cat([torch.einsum("hnd,hd->hn", maps.q_nope[group], b_q),
+                                         torch.einsum("hrd,hd->hr", maps.q_rope[group], b_q)], 1).flatten())
+        new.kv_a_proj.bias.copy_(torch.cat([torch.zeros(plan.latent, dtype=torch.float64), maps.k_rope @ b_k]))
+        new.k_up_bias.copy_(torch.einsum("gnk,k->gn", maps.k_nope, b_k))
+        new.v_up_bias.copy_(b_v.view(n_kv, d))
+    new.o_proj.load_state_dict(attn.o_proj.state_dict())
+    new.inv_freq.copy_(inv_freq[maps.freq_index])
+    return new.to(attn.o_proj.weight.dtype)
+
+
+def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: float, source: str) -> dict:
+    d = head_dim_of(config)
+    return {
+        "format": "edge-mla/1",
+        "source": source,
+        "num_groups": config.num_key_value_heads,
+        "head_dim": d,
+        "nope_dim": nope_dim,
+        "rope_dim": rope_dim,
+        "latent_dim": plan.latent,
+        "softmax_scale": d ** -0.5,
+        "rope_attention_scaling": rope_scaling,
+        "qkv_bias": bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"),
+        "o_bias": False,
+        "plan": asdict(plan),
+        "cache_numbers_per_token_per_layer": plan.latent + rope_dim,
+    }
+
+
+@torch.no_grad()
+def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "") -> dict:
+    """Convert `model` in place; returns the MLA section that its config now carries."""
+    config = model.config
+    if getattr(config, "mla", None):
+        raise SourceError("this model is already converted to MLA")
+    plan = resolve_plan(config, plan)
+    if needs_calibration(plan) and stats is None:
+        raise ValueError(f"selection '{plan.selection}' with weighting '{plan.weighting}' needs calibration "
+                         "statistics (calibration.collect_stats)")
+    rotary = model.model.rotary_emb
+    inv_freq = rotary.inv_freq.detach().double()
+    rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
+    layers = model.model.layers
+    maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config) for i, layer in enumerate(layers)]
+    mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
+    if mla["qkv_bias"] and layers[0].self_attn.q_proj.bias is None:
+        mla["qkv_bias"] = False
+    for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
+        layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
+                                        inv_freq, i)
+    config.mla = mla
+    return mla
+
+
+def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
+    """Write config (with its `mla` section), safetensors and tokenizer; all or nothing."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def load(folder: str | Path):
+    """Load a converted model folder: no source model is needed. Returns (model, tokenizer)."""
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    folder = Path(folder)
+    if not (folder / "config.json").exists():
+        raise SourceError(f"{folder} is not a model folder (no config.json); give the --out folder of "
+                          "`edge-mla convert`")
+    config = AutoConfig.from_pretrained(folder)
+    mla = getattr(config, "mla", None)
+    if not mla:
+        raise SourceError(f"{folder} is not an MLA model (its config.json has no 'mla' section); "
+                          "convert it first with `edge-mla convert`")
+    config._attn_implementation = "sdpa"
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    install_mla(model, mla)
+    state = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        state.update(load_file(file))
+    if not state:
+        raise SourceError(f"{folder} holds no .safetensors weights")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_word_embeddings)]
+    if missing or unexpected:
+        raise SourceError(f"{folder}: weights do not match its config (missing {missing[:5]}, "
+                          f"unexpected {unexpected[:5]})")
+    model.tie_weights()
+    model.eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def describe(mla: dict, config) -> str:
+    layers = config.num_hidden_layers
+    per_token = mla["latent_dim"] + mla["rope_dim"]
+    original = 2 * config.num_key_value_heads * mla["head_dim"]
+    return (f"MLA: latent {mla['latent_dim']} + rope key {mla['rope_dim']} = {per_token} numbers per token per layer "
+            f"(original {original}, {100 * per_token / original:.1f}%); {layers} layers, "
+            f"{per_token * layers * 2} bytes/token at fp16")
+
+
+def timed(fn, *args, **kwargs):
+    t0 = time.perf_counter()
+    result = fn(*args, **kwargs)
+    return result, time.perf_counter() - t0
+
+

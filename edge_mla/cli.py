@@ -117,7 +117,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--absorbed", action="store_true", help="run MLA layers in the absorbed (decode) form")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("export", help="export a converted (or original) model for an edge runtime")
+    formats = p.add_subparsers(dest="format", required=True)
+    for name in ("onnx", "gguf"):
+        module = _export_module(name)
+        q = formats.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        module.add_arguments(q)
+        q.set_defaults(func=module.main)
+
+    p = sub.add_parser("run", help="run an exported model: a .gguf file (llama.cpp) or an ONNX folder (onnxruntime)")
+    p.add_argument("path", help="exported .gguf file or ONNX export folder")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
+    p.add_argument("--context", type=int, default=None, help="context length to allocate (default: prompt + new tokens)")
+    p.add_argument("--kv-type", default=None, help="llama.cpp cache type: f16, q8_0 or q4_0")
+    p.set_defaults(func=cmd_run)
     return parser
+
+
+def _export_module(name: str):
+    import importlib
+
+    return importlib.import_module(f"edge_mla.export.{name}")
+
+
+def cmd_run(args) -> int:
+    if str(args.path).endswith(".gguf"):
+        from .runtimes import llamacpp as runtime
+    else:
+        from .runtimes import onnxruntime as runtime
+    return runtime.run_cli(args)
 
 
 def main(argv: list[str] | None = None) -> int:

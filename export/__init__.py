@@ -1,0 +1,1 @@
+"""Exporters: ONNX (onnxruntime) and GGUF (llama.cpp)."""

@@ -1,0 +1,1 @@
+"""Runners for exported models; they import neither torch nor the converter."""

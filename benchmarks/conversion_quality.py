@@ -30,6 +30,8 @@ def main() -> None:
     ap.add_argument("--ranks", default="8,16,32,64,96,full", help="latent per KV head (MHA2MLA's d_kv), or full")
     ap.add_argument("--selections", default="high,low,uniform,2norm,partition,partition-2norm,shared")
     ap.add_argument("--weightings", default="weights,balanced")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                    help="where perplexity runs (conversion itself always runs on the CPU, in float64)")
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
     args = ap.parse_args()
 
@@ -41,10 +43,12 @@ def main() -> None:
     heldout = token_windows(src.tokenizer, split_text("heldout"), args.length, args.windows)
     calib = token_windows(src.tokenizer, split_text("calibration"), args.length, args.calib_windows)
     t0 = time.perf_counter()
-    stats = collect_stats(src.model, calib)
+    stats = collect_stats(src.model.to(args.device), calib)
     calib_s = time.perf_counter() - t0
+    original_ppl = perplexity(src.model, heldout)
+    src.model.to("cpu")
     rows = [{"selection": "original", "rank_per_kv_head": None, "latent": None, "weighting": None,
-             "rope_dim": None, "ppl": perplexity(src.model, heldout), "kv_bytes_per_token": original_per_token,
+             "rope_dim": None, "ppl": original_ppl, "kv_bytes_per_token": original_per_token,
              "kv_share": 1.0, "convert_s": 0.0}]
     print(f"| selection | r | rank/KV head | latent C | rope R | weighting | KV bytes/token (fp16) | share | PPL | convert s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
@@ -70,7 +74,7 @@ def main() -> None:
                 rows.append({"selection": selection, "rope_pairs": plan.rope_pairs, "rank_per_kv_head": rank,
                              "latent": mla["latent_dim"], "rope_dim": mla["rope_dim"],
                              "weighting": weighting if rank != "full" else "-",
-                             "ppl": perplexity(model, heldout), "kv_bytes_per_token": per_token,
+                             "ppl": perplexity(model.to(args.device), heldout), "kv_bytes_per_token": per_token,
                              "kv_share": per_token / original_per_token, "convert_s": convert_s})
                 show(rows[-1])
                 del model
@@ -90,7 +94,8 @@ def show(row: dict) -> None:
 def write(args, rows, calib_s) -> None:
     meta = {"model": args.model, "heldout_tokens": args.windows * args.length, "window": args.length,
             "corpus": CORPUS_ABOUT, "calibration_tokens": args.calib_windows * args.length,
-            "calibration_s": calib_s, "threads": torch.get_num_threads()}
+            "calibration_s": calib_s, "threads": torch.get_num_threads(), "device": args.device,
+            "eval_device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     with open(args.json + ".tmp", "w") as f:
         json.dump({"meta": meta, "rows": rows}, f, indent=1)
     import os

@@ -59,19 +59,19 @@ def collect_stats(model, windows: torch.Tensor, desc: str = "calibrating") -> li
             x = kwargs.get("hidden_states", args[0] if args else None)
             x = x.reshape(-1, x.shape[-1])
             s = stats[i]
-            x64 = x.double()
+            x64 = x.double().cpu()  # statistics live on the CPU in float64, whatever device the model runs on
             s.xx_sum += x64.T @ x64
             s.x_sum += x64.sum(0)
             s.count += x.shape[0]
-            s.q_pair_norm_sum += _pair_norms(attn.q_proj(x).double(), n_heads)
-            s.k_pair_norm_sum += _pair_norms(attn.k_proj(x).double(), n_kv)
+            s.q_pair_norm_sum += _pair_norms(attn.q_proj(x).double(), n_heads).cpu()
+            s.k_pair_norm_sum += _pair_norms(attn.k_proj(x).double(), n_kv).cpu()
         return hook
 
     handles = [layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True)
                for i, layer in enumerate(layers)]
     try:
         for window in tqdm(windows, desc=desc, unit="window", leave=False):
-            model(window[None], use_cache=False)
+            model(window[None].to(model.device), use_cache=False)
     finally:
         for h in handles:
             h.remove()

@@ -14,6 +14,7 @@ def perplexity(model, windows: torch.Tensor, desc: str = "perplexity") -> float:
     with no BOS added (the protocol of the numbers in docs/)."""
     nll, count = 0.0, 0
     for window in tqdm(windows, desc=desc, unit="window", leave=False):
+        window = window.to(model.device)
         logits = model(window[None], use_cache=False).logits[0, :-1].float()
         nll += F.cross_entropy(logits, window[1:], reduction="sum").item()
         count += window.numel() - 1

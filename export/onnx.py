@@ -1,11 +1,380 @@
-"""Export a converted model to ONNX (being written; see the open issue)."""
+"""Export a converted MLA model (or, as a baseline, an original one) to ONNX for onnxruntime.
+
+The folder written holds model.onnx (+ model.onnx.data), the tokenizer files and edge_mla_onnx.json, which says the
+cache layout, dtypes and scales; `edge-mla run DIR` runs it with onnxruntime, tokenizers and numpy only.
+Every MLA layer's attention is one `ai.edge_mla:LatentAttention` node, a model-local function whose body stock
+onnxruntime inlines (see onnx_graph.py).
+"""
 from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import onnx_graph, onnx_quant
+
+META = "edge_mla_onnx.json"
+FORMAT = "edge-mla-onnx/1"
+WEIGHT_BITS = (4, 8, 16, 32)
+KV_BITS = (4, 8, 16, 32)
+QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("model_dir")
-    parser.add_argument("--out", required=True)
+    parser.add_argument("model_dir", help="folder written by `edge-mla convert` (or, with --original, any source "
+                                          "model: a Hugging Face folder, a .gguf file or a built-in name)")
+    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--weight-bits", type=int, default=4, help="4 or 8 (MatMulNBits), 16 or 32 (float)")
+    parser.add_argument("--kv-bits", type=int, default=None,
+                        help="cache: 4 (packed int4), 8 (int8), 16 or 32 (float); default: the weight bits")
+    parser.add_argument("--block-size", type=int, default=32, help="weight quantization block (power of 2, >= 16)")
+    parser.add_argument("--asymmetric", action="store_true", help="asymmetric weight blocks (with zero points)")
+    parser.add_argument("--head-bits", type=int, default=None,
+                        help="bits of the output head (default: the weight bits); 8 costs ~14 MB on SmolLM2, "
+                             "keeps more quality")
+    parser.add_argument("--accuracy-level", type=int, default=4,
+                        help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32")
+    parser.add_argument("--attention", default="gqa", choices=("gqa", "plain"),
+                        help="LatentAttention body: gqa (GroupQueryAttention, cache updated in place) or plain "
+                             "(plain ops, float cache grown by Concat, for old onnxruntime)")
+    parser.add_argument("--original", action="store_true",
+                        help="export an unconverted model with standard GQA attention (the baseline to compare)")
+    parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
+                                                           "Wikipedia calibration part)")
+    parser.add_argument("--calib-windows", type=int, default=8)
+    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def main(args) -> int:
-    raise ValueError("onnx export is not available yet in this version")
+    t0 = time.perf_counter()
+    out = export(args.model_dir, args.out, weight_bits=args.weight_bits, kv_bits=args.kv_bits,
+                 block_size=args.block_size, symmetric=not args.asymmetric, head_bits=args.head_bits,
+                 accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
+                 calib_text=args.calib_text, calib_windows=args.calib_windows, calib_length=args.calib_length,
+                 overwrite=args.force)
+    meta = json.loads((out / META).read_text())
+    size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
+    cache = meta["cache"]
+    print(f"wrote {out} in {time.perf_counter() - t0:.1f} s: model {size / 1e6:.1f} MB, weights "
+          f"{meta['weights']['bits']}-bit, cache {cache['dtype']} {cache['bytes_per_token']} bytes/token "
+          f"({cache['kind']}), context up to {meta['max_context']}")
+    return 0
+
+
+def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None) -> None:
+    """Refuse unsupported settings before any work, naming the fix."""
+    if weight_bits not in WEIGHT_BITS:
+        raise ValueError(f"--weight-bits {weight_bits} is not supported: choose one of {WEIGHT_BITS}")
+    if kv_bits not in KV_BITS:
+        raise ValueError(f"--kv-bits {kv_bits} is not supported: choose one of {KV_BITS}")
+    if head_bits is not None and head_bits not in (4, 8):
+        raise ValueError(f"--head-bits {head_bits} is not supported: choose 4 or 8")
+    if head_bits is not None and weight_bits not in (4, 8):
+        raise ValueError("--head-bits applies to quantized weights; use it with --weight-bits 4 or 8")
+    if block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"--block-size {block_size} is not supported: MatMulNBits needs a power of two >= 16")
+    if body == "plain" and kv_bits in (4, 8):
+        raise ValueError("the plain attention body keeps a float cache only: use --kv-bits 16 or 32, or "
+                         "--attention gqa for an int8/int4 cache")
+    if kv_bits in (4, 8):
+        import onnxruntime
+
+        if _version(onnxruntime.__version__) < _version(QUANTIZED_CACHE_ORT):
+            raise ValueError(f"an int{kv_bits} cache needs onnxruntime >= {QUANTIZED_CACHE_ORT} (installed "
+                             f"{onnxruntime.__version__}): pip install -U onnxruntime, or export with --kv-bits 16")
+
+
+def _version(v: str) -> tuple:
+    return tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())
+
+
+def load_model(spec: str, original: bool):
+    """(model, tokenizer) of a converted folder, or of any source model when `original`."""
+    from edge_mla.convert import load
+    from edge_mla.source import load_source
+
+    path = Path(spec)
+    converted = path.is_dir() and (path / "config.json").exists() and \
+        "mla" in json.loads((path / "config.json").read_text())
+    if original:
+        if converted:
+            raise ValueError(f"{spec} is already converted to MLA; drop --original to export it with "
+                             "LatentAttention, or give the source model to export the baseline")
+        src = load_source(spec)
+        return src.model, src.tokenizer
+    if not converted:
+        if path.is_dir() and (path / "config.json").exists():
+            raise ValueError(f"{spec} is not a converted MLA model (its config.json has no 'mla' section): convert "
+                             f"it first with `edge-mla convert --model {spec} --out DIR`, or pass --original to "
+                             "export the unconverted model as a baseline")
+        if not path.exists():
+            raise ValueError(f"{spec} does not exist: give the --out folder of `edge-mla convert` (or pass "
+                             "--original with a source model)")
+    return load(path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# torch model -> onnx_graph.Decoder
+
+def _np(t) -> np.ndarray | None:
+    return None if t is None else t.detach().float().cpu().numpy()
+
+
+def _common(model) -> dict:
+    cfg = model.config
+    if getattr(cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"activation '{cfg.hidden_act}' is not supported by the ONNX export (SiLU MLPs only)")
+    m = model.model
+    return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
+                eps=float(cfg.rms_norm_eps), embed=_np(m.embed_tokens.weight), final_norm=_np(m.norm.weight),
+                lm_head=_np(model.lm_head.weight), max_positions=int(cfg.max_position_embeddings))
+
+
+def _layer_common(layer) -> dict:
+    mlp = layer.mlp
+    if any(getattr(p, "bias", None) is not None for p in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)):
+        raise ValueError("MLP biases are not supported by the ONNX export")
+    return dict(input_norm=_np(layer.input_layernorm.weight), post_norm=_np(layer.post_attention_layernorm.weight),
+                gate=_np(mlp.gate_proj.weight), up=_np(mlp.up_proj.weight), down=_np(mlp.down_proj.weight))
+
+
+def latent_padding(latent: int, rope: int) -> int:
+    """Zero channels appended to the latent so that C + R is a multiple of 8, as GroupQueryAttention needs.
+    They are zero in the cache and in every weight that touches them, so the result is unchanged."""
+    return -(latent + rope) % 8
+
+
+def decoder_from_mla(model) -> onnx_graph.Decoder:
+    mla = model.config.mla
+    C, R = mla["latent_dim"], mla["rope_dim"]
+    pad = latent_padding(C, R)
+    layers = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        kv_a = _np(a.kv_a_proj.weight)
+        entry = _layer_common(layer)
+        entry.update(
+            q=_np(a.q_proj.weight), q_bias=_np(a.q_proj.bias),
+            kv_a=np.concatenate([kv_a[:C], np.zeros((pad, kv_a.shape[1]), np.float32), kv_a[C:]]),
+            k_up=np.pad(_np(a.k_up), ((0, 0), (0, 0), (0, pad))),  # k_up_bias cancels in softmax: dropped
+            v_up=np.pad(_np(a.v_up), ((0, 0), (0, 0), (0, pad))), v_up_bias=_np(a.v_up_bias),
+            o=_np(a.o_proj.weight), inv_freq=_np(a.inv_freq))
+        if a.q_proj.bias is not None:
+            b = _np(a.kv_a_proj.bias)
+            entry["kv_a_bias"] = np.concatenate([b[:C], np.zeros(pad, np.float32), b[C:]])
+        if a.o_proj.bias is not None:
+            raise ValueError("an output-projection bias is not supported by the ONNX export")
+        layers.append(entry)
+    return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=layers,
+                              softmax_scale=mla["softmax_scale"], rope_scaling=mla.get("rope_attention_scaling", 1.0),
+                              num_groups=mla["num_groups"], nope_dim=mla["nope_dim"], rope_dim=R,
+                              latent_dim=C + pad, **_common(model))
+
+
+def decoder_from_original(model) -> onnx_graph.Decoder:
+    from edge_mla.convert import head_dim_of
+
+    cfg = model.config
+    d = head_dim_of(cfg)
+    layers = []
+    for layer in model.model.layers:
+        a = layer.self_attn
+        entry = _layer_common(layer)
+        entry.update(q=_np(a.q_proj.weight), k=_np(a.k_proj.weight), v=_np(a.v_proj.weight), o=_np(a.o_proj.weight),
+                     q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias))
+        layers.append(entry)
+    rotary = model.model.rotary_emb
+    return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=layers, softmax_scale=d ** -0.5,
+                              rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+                              kv_heads=cfg.num_key_value_heads, inv_freq=_np(rotary.inv_freq), **_common(model))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# cache scales
+
+def cache_entries(model, windows) -> list[list[np.ndarray]]:
+    """What the model caches on `windows`, per layer: MLA [tokens, C+R]; baseline [K [tokens, kvH, d], V ...]."""
+    import torch
+
+    per_layer = None
+    with torch.no_grad():
+        for window in windows:
+            cache = model(window[None], use_cache=True).past_key_values
+            got = []
+            for layer in cache.layers:
+                k = layer.keys[0].transpose(0, 1).float().numpy()  # [T, heads, width]
+                got.append([k] if layer.values.shape[-1] == 0 else [k, layer.values[0].transpose(0, 1).float().numpy()])
+            per_layer = got if per_layer is None else [[np.concatenate([a, b]) for a, b in zip(p, g)]
+                                                       for p, g in zip(per_layer, got)]
+    return per_layer
+
+
+def calibrate_scales(model, dec: onnx_graph.Decoder, bits: int, windows) -> list:
+    """Static per-channel dequantization scales of the cache, fitted to the model's own cache on text."""
+    scales = []
+    for i, parts in enumerate(cache_entries(model, windows)):
+        if dec.kind == "mla":
+            C = model.config.mla["latent_dim"]
+            x = parts[0][:, 0]
+            x = np.concatenate([x[:, :C], np.zeros((len(x), dec.latent_dim - C), np.float32), x[:, C:]], 1)
+            groups = onnx_quant.pair_groups(dec.cache_width, dec.latent_dim, dec.rope_dim)
+            scales.append(onnx_quant.channel_scales(x, bits, groups).reshape(1, 1, 1, -1))
+        else:
+            d, heads = dec.head_dim, dec.kv_heads
+            k_groups = np.concatenate([onnx_quant.pair_groups(d, 0, d) + h * d for h in range(heads)])
+            k = onnx_quant.channel_scales(parts[0].reshape(len(parts[0]), -1), bits, k_groups)
+            v = onnx_quant.channel_scales(parts[1].reshape(len(parts[1]), -1), bits, np.arange(heads * d))
+            scales.append((k.reshape(1, heads, 1, d), v.reshape(1, heads, 1, d)))
+    return scales
+
+
+def calibration_windows(tokenizer, text_file: str | None, count: int, length: int):
+    from edge_mla.data import load_text, token_windows
+
+    return token_windows(tokenizer, load_text(text_file, "calibration"), length, count)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the folder
+
+def chat_template_parts(tokenizer) -> dict | None:
+    """The chat template rendered around a marker, so the runner can wrap a prompt without jinja."""
+    if not getattr(tokenizer, "chat_template", None):
+        return None
+    marker = "\u2063PROMPT\u2063"
+    text = tokenizer.apply_chat_template([{"role": "user", "content": marker}], add_generation_prompt=True,
+                                         tokenize=False)
+    if text.count(marker) != 1:
+        return None
+    prefix, suffix = text.split(marker)
+    return {"prefix": prefix, "suffix": suffix}
+
+
+def eos_ids(model, tokenizer) -> list[int]:
+    ids = set()
+    for source in (getattr(model, "generation_config", None), model.config):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        ids.update(value if isinstance(value, list) else [value] if value is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return sorted(ids)
+
+
+def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer, weights: dict, source: str) -> dict:
+    import onnx
+    import onnxruntime
+
+    kv_name, _, per_byte = onnx_graph.CACHE_TYPES[opts.kv_bits]
+    tensors = onnx_graph.cache_tensors(dec, opts)
+    bytes_per_token = sum(t["heads"] * t["width"] * np.dtype(t["dtype"]).itemsize for t in tensors)
+    cache = {
+        "kind": "latent" if dec.kind == "mla" else "kv",
+        "mode": "inplace" if opts.body == "gqa" else "concat",
+        "dtype": {4: "int4", 8: "int8", 16: "float16", 32: "float32"}[opts.kv_bits],
+        "storage_dtype": kv_name,
+        "layout": "[batch, heads, tokens, width]; latent: one head, width = latent_dim + rope_dim numbers "
+                  "([c | rotated k_rope]), int4 packed two per byte (low nibble first, code + 8)",
+        "bytes_per_token": int(bytes_per_token),
+        "tensors": tensors,
+    }
+    if dec.kind == "mla":
+        cache.update(latent_dim=dec.latent_dim, rope_dim=dec.rope_dim,
+                     latent_padding=dec.latent_dim - model.config.mla["latent_dim"])
+    else:
+        cache.update(kv_heads=dec.kv_heads, head_dim=dec.head_dim)
+    if opts.cache_scales is not None:
+        cache["scales"] = {"kind": "static per channel (x = code * scale)", "calibration": weights.pop("calib"),
+                           "layers": [np.asarray(s).round(8).ravel().tolist() if dec.kind == "mla" else
+                                      {"key": s[0].ravel().tolist(), "value": s[1].ravel().tolist()}
+                                      for s in opts.cache_scales]}
+    else:
+        weights.pop("calib", None)
+    return {
+        "format": FORMAT,
+        "model": "model.onnx",
+        "architecture": dec.kind,
+        "source": source,
+        "vocab_size": dec.vocab_size,
+        "num_layers": len(dec.layers),
+        "max_context": dec.max_positions,
+        "eos_token_ids": eos_ids(model, tokenizer),
+        "chat": chat_template_parts(tokenizer),
+        "weights": weights,
+        "cache": cache,
+        "attention_op": f"{onnx_graph.DOMAIN}:LatentAttention" if dec.kind == "mla" else
+                        "com.microsoft:GroupQueryAttention",
+        "min_onnxruntime": QUANTIZED_CACHE_ORT if opts.kv_bits in (4, 8) else "1.20.0",
+        "exported_with": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
+    }
+
+
+def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: int | None = None,
+           block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
+           body: str = "gqa", original: bool = False, calib_text: str | None = None, calib_windows: int = 8,
+           calib_length: int = 512, overwrite: bool = False, model=None, tokenizer=None) -> Path:
+    """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded."""
+    import onnx
+
+    out = Path(out)
+    kv_bits = kv_bits if kv_bits is not None else weight_bits
+    check_options(weight_bits, kv_bits, block_size, body, head_bits)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    if model is None:
+        model, tokenizer = load_model(model_dir, original)
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("the runner needs a fast tokenizer (tokenizer.json); this model's tokenizer is not one")
+    dec = decoder_from_original(model) if original else decoder_from_mla(model)
+    if body == "plain" and dec.kind != "mla":
+        raise ValueError("--attention plain applies to MLA models; the baseline always uses GroupQueryAttention")
+
+    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16)
+    calib = None
+    if kv_bits in (4, 8):
+        windows = calibration_windows(tokenizer, calib_text, calib_windows, calib_length)
+        opts.cache_scales = calibrate_scales(model, dec, kv_bits, windows)
+        calib = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]),
+                 "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
+    proto = onnx_graph.build_model(dec, opts)
+    weights = {"bits": weight_bits, "calib": calib}
+    if weight_bits in (4, 8):
+        proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits)
+        weights.update(format="MatMulNBits", block_size=block_size, symmetric=symmetric,
+                       accuracy_level=accuracy_level, head_bits=head_bits or weight_bits,
+                       embedding="GatherBlockQuantized int4" if weight_bits == 4 else "float16")
+    else:
+        weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32")
+    meta = metadata(dec, opts, model, tokenizer, weights, str(model_dir))
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    try:
+        onnx.save_model(proto, str(staging / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="model.onnx.data", size_threshold=1024)
+        tokenizer.save_pretrained(staging)
+        (staging / META).write_text(json.dumps(meta, indent=1))
+        smoke_test(staging)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def smoke_test(folder: Path) -> None:
+    """Load the export with onnxruntime and run a short prompt and one decode step, before it is published."""
+    from edge_mla.runtimes.onnxruntime import OnnxDecoder
+
+    dec = OnnxDecoder(folder, threads=1, context=8)
+    logits = dec.forward(np.arange(1, 5, dtype=np.int64))
+    logits = dec.forward(np.array([int(logits[-1].argmax())], np.int64))
+    if not np.isfinite(logits).all():
+        raise ValueError(f"the exported model gives non-finite logits; please report this ({folder})")

@@ -1,0 +1,445 @@
+"""The decoder as an ONNX graph, built node by node (no tracing), and the LatentAttention function.
+
+Graph I/O (batch 1 is what the runner uses; the graph keeps batch symbolic):
+  input_ids [B, S] int64, attention_mask [B, T] int64 (ones; T = past + S), logits_to_keep [] int64
+  -> logits [B, logits_to_keep, V], and per layer the cache tensors (see `cache_tensors`).
+
+MLA layer (absorbed form): one fused projection gives [q (per head N nope | R rope) | latent C | rope key R];
+q_lat = k_up[g]^T q_nope per head (a batched MatMul over KV groups); RoPE on q_rope and on the rope key is done
+here with plain ops (each layer has its own frequencies); then ONE node `LatentAttention` attends over the
+cached [c | k_rope] rows with value = c; v_up per head, then o_proj.
+
+The baseline (an unconverted model) is the same graph with standard GroupQueryAttention over separate K and V
+caches and GQA's own rotary, which is how onnxruntime-genai's model builder exports Llama.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+DOMAIN = "ai.edge_mla"  # the project's own ONNX domain
+MS = "com.microsoft"
+OPSET = 21  # ai.onnx; onnxruntime >= 1.20 loads it
+IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions written by onnx 1.23
+
+# Cache dtypes: numbers per stored element and the ONNX element type. int4 is packed two per uint8.
+CACHE_TYPES = {
+    32: ("float32", TensorProto.FLOAT, 1),
+    16: ("float16", TensorProto.FLOAT16, 1),
+    8: ("int8", TensorProto.INT8, 1),
+    4: ("uint8", TensorProto.UINT8, 2),
+}
+
+
+class Graph:
+    """Collects nodes and initializers; `op` returns output names, so the graph reads like the math."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self.value_info: list[onnx.ValueInfoProto] = []
+        self._names: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
+
+    def fresh(self, hint: str) -> str:
+        n = self._names.get(hint, 0)
+        self._names[hint] = n + 1
+        return hint if n == 0 else f"{hint}_{n}"
+
+    def op(self, op_type: str, inputs, outputs: int | list[str] = 1, domain: str = "", name: str | None = None,
+           **attrs):
+        base = name or op_type
+        outs = outputs if isinstance(outputs, list) else [self.fresh(f"{base}/out") for _ in range(outputs)]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=self.fresh(base), domain=domain,
+                                           **attrs))
+        return outs[0] if len(outs) == 1 else outs
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        array = np.asarray(values, dtype=dtype)
+        key = (array.dtype.str, array.shape, array.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.weight(self.fresh("const"), array)
+        return self._consts[key]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LatentAttention: the op, and the bodies that stock onnxruntime runs in its place.
+
+def _ref(name: str, attr: str, kind) -> onnx.AttributeProto:
+    a = helper.make_attribute_ref(name, kind)
+    a.ref_attr_name = attr
+    return a
+
+
+LATENT_ATTRIBUTES = ["num_heads", "latent_dim", "rope_dim", "scale", "kv_bits", "kv_quant"]
+
+
+def _attr_vector(out: str, attr: str) -> list[onnx.NodeProto]:
+    """[value of the function's int attribute `attr`] as a 1-D tensor (for shapes and slices)."""
+    scalar = helper.make_node("Constant", [], [out + "_scalar"], value_int=0)
+    scalar.attribute[0].CopyFrom(_ref("value_int", attr, onnx.AttributeProto.INT))
+    return [scalar, helper.make_node("Constant", [], [out + "_axes"], value_ints=[0]),
+            helper.make_node("Unsqueeze", [out + "_scalar", out + "_axes"], [out])]
+
+
+def _keep_latent(nodes: list, y: str, out: str) -> None:
+    """y [B, S, H*(C+R)] -> out [B, S, H*C]: keep each head's first C channels (the attended latent)."""
+    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [
+        helper.make_node("Constant", [], ["zero2"], value_ints=[0, 0]),
+        helper.make_node("Constant", [], ["minus1"], value_ints=[-1]),
+        helper.make_node("Constant", [], ["zero1"], value_ints=[0]),
+        helper.make_node("Constant", [], ["axis3"], value_ints=[3]),
+        helper.make_node("Concat", ["zero2", "heads", "minus1"], ["shape4"], axis=0),
+        helper.make_node("Reshape", [y, "shape4"], ["y4"]),
+        helper.make_node("Slice", ["y4", "zero1", "c", "axis3"], ["y4c"]),
+        helper.make_node("Concat", ["zero2", "minus1"], ["shape3"], axis=0),
+        helper.make_node("Reshape", ["y4c", "shape3"], [out]),
+    ]
+
+
+def latent_attention_gqa() -> onnx.FunctionProto:
+    """Body: com.microsoft GroupQueryAttention with one KV head whose key and value are both [c | k_rope].
+
+    The cache buffer is fed as past_key and past_value; GQA must also produce present_value, which the function
+    returns as `present_alias`: bind it (with `present`) to the past buffer and the cache updates in place.
+    kv_bits 8/4 with kv_quant PER_CHANNEL keeps an int8 / packed int4 cache with static scales (onnxruntime >= 1.27).
+    """
+    gqa = helper.make_node(
+        "GroupQueryAttention",
+        ["query", "entry", "entry", "past", "past", "seqlens_k", "total_sequence_length",
+         "", "", "", "", "", "cache_scale", "cache_scale"],
+        ["y", "present", "present_alias"], domain=MS, kv_num_heads=1)
+    gqa.attribute.extend([
+        _ref("num_heads", "num_heads", onnx.AttributeProto.INT),
+        _ref("scale", "scale", onnx.AttributeProto.FLOAT),
+        _ref("kv_cache_bit_width", "kv_bits", onnx.AttributeProto.INT),
+        _ref("k_quant_type", "kv_quant", onnx.AttributeProto.STRING),
+        _ref("v_quant_type", "kv_quant", onnx.AttributeProto.STRING),
+    ])
+    nodes = [gqa]
+    _keep_latent(nodes, "y", "output")
+    return helper.make_function(
+        DOMAIN, "LatentAttention",
+        ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
+        ["output", "present", "present_alias"], nodes,
+        [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], attributes=LATENT_ATTRIBUTES,
+        doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
+                   "Reference body: GroupQueryAttention with kv_num_heads=1.")
+
+
+def latent_attention_plain() -> onnx.FunctionProto:
+    """Body of plain ai.onnx ops, for a float cache on any onnxruntime: the cache grows by Concat (not in place).
+
+    Heads are folded into rows, so one MatMul scores every head against the cache: q [B, S*H, D] x cache^T.
+    Row r = s*H + h sits at position P + s (P = cached tokens) and sees keys 0..P+s.
+    """
+    def const(name, **value):
+        return helper.make_node("Constant", [], [name], **value)
+
+    def node(op, inputs, output, **attrs):
+        return helper.make_node(op, inputs, [output], **attrs)
+
+    scale = helper.make_node("Constant", [], ["scale_v"], value_float=1.0)
+    scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
+    nodes = _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [
+        scale, const("zero1", value_ints=[0]), const("one1", value_ints=[1]), const("two1", value_ints=[2]),
+        const("minus1", value_ints=[-1]), const("zero0", value_int=0), const("one0", value_int=1),
+        const("neg", value_float=-1e30),
+        # present = past ++ entry, in the cache dtype; attention runs in the query's dtype
+        node("Unsqueeze", ["entry", "one1"], "entry4"),
+        node("CastLike", ["entry4", "past"], "entry4c"),
+        node("Concat", ["past", "entry4c"], "present", axis=2),  # [B, 1, P+S, D]
+        node("Squeeze", ["present", "one1"], "kv_c"),
+        node("CastLike", ["kv_c", "query"], "kv"),  # [B, T, D]
+        node("Shape", ["entry"], "entry_shape"),
+        node("Gather", ["entry_shape", "two1"], "width", axis=0),
+        node("Concat", ["zero1", "minus1", "width"], "qshape", axis=0),
+        node("Reshape", ["query", "qshape"], "q"),  # [B, S*H, D]
+        node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1]),
+        node("MatMul", ["q", "kv_t"], "raw"),
+        node("Mul", ["raw", "scale_v"], "scores"),
+        # causal mask from shapes
+        node("Shape", ["q"], "q_shape"),
+        node("Gather", ["q_shape", "one0"], "rows", axis=0),
+        node("Shape", ["past"], "past_shape"),
+        node("Gather", ["past_shape", "two1"], "p", axis=0),
+        node("Shape", ["kv"], "kv_shape"),
+        node("Gather", ["kv_shape", "one0"], "t", axis=0),
+        node("Range", ["zero0", "rows", "one0"], "r"),
+        node("Div", ["r", "heads"], "r_step"),
+        node("Add", ["r_step", "p"], "r_pos"),
+        node("Unsqueeze", ["r_pos", "one1"], "r_col"),  # [S*H, 1]
+        node("Range", ["zero0", "t", "one0"], "keys"),  # [T]
+        node("LessOrEqual", ["keys", "r_col"], "allowed"),  # [S*H, T]
+        node("Where", ["allowed", "scores", "neg"], "masked"),
+        node("Softmax", ["masked"], "probs", axis=-1),
+        node("Slice", ["kv", "zero1", "c", "two1"], "values"),  # [B, T, C]
+        node("MatMul", ["probs", "values"], "att"),  # [B, S*H, C]
+        node("Slice", ["entry_shape", "zero1", "two1"], "bs"),
+        node("Concat", ["bs", "minus1"], "oshape", axis=0),
+        node("Reshape", ["att", "oshape"], "output"),
+    ]
+    return helper.make_function(
+        DOMAIN, "LatentAttention",
+        ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
+        ["output", "present"], nodes, [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
+        doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
+                   "Reference body: plain ops, cache grown by Concat.")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The decoder.
+
+@dataclass
+class Decoder:
+    """Everything the graph needs, as numpy arrays in the [out, in] layout of torch Linear weights."""
+    kind: str  # "mla" or "baseline"
+    vocab_size: int
+    hidden_size: int
+    num_heads: int
+    head_dim: int  # value width per head (d)
+    eps: float
+    embed: np.ndarray  # [V, E]
+    final_norm: np.ndarray
+    lm_head: np.ndarray  # [V, E]
+    layers: list[dict] = field(default_factory=list)
+    softmax_scale: float = 1.0
+    rope_scaling: float = 1.0  # factor on cos and sin
+    # MLA
+    num_groups: int = 0
+    nope_dim: int = 0
+    rope_dim: int = 0
+    latent_dim: int = 0  # C as exported (padded so that C + R suits the attention kernel)
+    # baseline
+    kv_heads: int = 0
+    inv_freq: np.ndarray | None = None
+    max_positions: int = 0
+
+    @property
+    def cache_width(self) -> int:
+        """Numbers per cached token per layer per cache tensor (per KV head for the baseline)."""
+        return self.latent_dim + self.rope_dim if self.kind == "mla" else self.head_dim
+
+
+@dataclass
+class Options:
+    kv_bits: int = 32
+    body: str = "gqa"  # LatentAttention body: "gqa" (in-place cache) or "plain" (float cache grown by Concat)
+    fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
+    cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
+
+
+def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
+    """The cache I/O of every layer: past input, the present outputs bound to the same buffer, and their shape."""
+    name, _, per_byte = CACHE_TYPES[opts.kv_bits]
+    width = dec.cache_width // per_byte
+    out = []
+    for i in range(len(dec.layers)):
+        if dec.kind == "mla":
+            presents = [f"present.{i}", f"present.{i}.alias"] if opts.body == "gqa" else [f"present.{i}"]
+            out.append(dict(past=f"past.{i}", present=presents, heads=1, width=width, dtype=name))
+        else:
+            for part in ("key", "value"):
+                out.append(dict(past=f"past_{part}.{i}", present=[f"present_{part}.{i}"], heads=dec.kv_heads,
+                                width=width, dtype=name))
+    return out
+
+
+def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.ndarray | None = None) -> str:
+    """x @ w.T (+ bias). The weight is stored transposed ([in, out]) as MatMul B, where the 4/8-bit quantizer finds it."""
+    wt = np.ascontiguousarray(w.T.astype(np.float32))
+    if opts.fp16_weights:
+        b = g.op("Cast", [g.weight(name + ".weight", wt.astype(np.float16))], to=TensorProto.FLOAT, name=name + "/cast")
+    else:
+        b = g.weight(name + ".weight", wt)
+    y = g.op("MatMul", [x, b], name=name)
+    if bias is not None:
+        y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))], name=name + "/bias")
+    return y
+
+
+def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
+    """RMSNorm from plain ops (onnxruntime fuses them); used where there is no residual to fuse with."""
+    var = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
+    return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
+
+
+def _skip_norm(g: Graph, x: str, residual: str, w: np.ndarray, eps: float, name: str) -> tuple[str, str]:
+    """(RMSNorm(x + residual), x + residual) in one com.microsoft kernel."""
+    outs = [g.fresh(name + "/out"), g.fresh(name + "/sum")]
+    g.op("SkipSimplifiedLayerNormalization", [x, residual, g.weight(name, w.astype(np.float32))],
+         [outs[0], "", "", outs[1]], domain=MS, name=name, epsilon=eps)
+    return outs[0], outs[1]
+
+
+def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
+    """NEOX rotation: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] over the last axis."""
+    x1, x2 = g.op("Split", [x, g.const([half, half])], 2, axis=-1)
+    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
+
+
+def _mlp(g: Graph, x: str, layer: dict, i: int, opts: Options) -> str:
+    gate_up = _matmul(g, x, np.concatenate([layer["gate"], layer["up"]]), f"layers.{i}.mlp.gate_up", opts)
+    f = layer["gate"].shape[0]
+    gate, up = g.op("Split", [gate_up, g.const([f, f])], 2, axis=-1)
+    act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+    return _matmul(g, act, layer["down"], f"layers.{i}.mlp.down", opts)
+
+
+class _Positions:
+    """Per distinct frequency set, cos/sin of the current positions, shaped for q [B,S,H,R] and key [B,S,R]."""
+
+    def __init__(self, g: Graph, positions: str, scaling: float):
+        self.g, self.positions, self.scaling, self.cache = g, positions, scaling, {}
+
+    def get(self, inv_freq: np.ndarray):
+        key = inv_freq.astype(np.float32).tobytes()
+        if key not in self.cache:
+            g = self.g
+            freqs = g.op("Mul", [self.positions, g.weight(g.fresh("inv_freq"), inv_freq.astype(np.float32))])
+            half = []
+            for fn in ("Cos", "Sin"):
+                v = g.op(fn, [freqs])
+                if self.scaling != 1.0:
+                    v = g.op("Mul", [v, g.const(self.scaling, np.float32)])
+                half.append(g.op("Concat", [v, v], axis=-1))  # [1, S, R]
+            cos, sin = half
+            self.cache[key] = (cos, sin, g.op("Unsqueeze", [cos, g.const([2])]), g.op("Unsqueeze", [sin, g.const([2])]))
+        return self.cache[key]
+
+
+def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, pos: _Positions,
+                   seqlens_k: str, total: str) -> str:
+    H, G, N, R, C = dec.num_heads, dec.num_groups, dec.nope_dim, dec.rope_dim, dec.latent_dim
+    hq = H * (N + R)
+    w = np.concatenate([layer["q"], layer["kv_a"]])
+    b = None if layer.get("q_bias") is None else np.concatenate([layer["q_bias"], layer["kv_a_bias"]])
+    proj = _matmul(g, x, w, f"layers.{i}.attn.q_kv_a", opts, b)
+    q, kv = g.op("Split", [proj, g.const([hq, C + R])], 2, axis=-1)
+    q_nope, q_rope = g.op("Split", [g.op("Reshape", [q, g.const([0, 0, H, N + R])]), g.const([N, R])], 2, axis=-1)
+    # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
+    grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
+    q_lat = g.op("MatMul", [grouped, g.weight(f"layers.{i}.attn.k_up", layer["k_up"])], name=f"layers.{i}.attn.absorb_k")
+    q_lat = g.op("Reshape", [q_lat, g.const([0, 0, H, C])])
+    cos3, sin3, cos4, sin4 = pos.get(layer["inv_freq"])
+    query = g.op("Concat", [q_lat, _rotate(g, q_rope, cos4, sin4, R // 2)], axis=-1)
+    query = g.op("Reshape", [query, g.const([0, 0, H * (C + R)])])
+    latent, k_rope = g.op("Split", [kv, g.const([C, R])], 2, axis=-1)
+    entry = g.op("Concat", [latent, _rotate(g, k_rope, cos3, sin3, R // 2)], axis=-1)
+
+    quantized = opts.kv_bits in (4, 8)
+    inputs = [query, entry, f"past.{i}", seqlens_k, total]
+    if quantized:
+        inputs.append(g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)))
+    outputs = [g.fresh(f"layers.{i}.attn/latent")] + cache_tensors(dec, opts)[i]["present"]
+    # declared, so that ONNX shape inference can go on past a node whose body it cannot see into
+    g.value_info.append(helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, ["batch", "sequence", H * C]))
+    g.op("LatentAttention", inputs, outputs, domain=DOMAIN, name=f"layers.{i}.attn.latent_attention",
+         num_heads=H, latent_dim=C, rope_dim=R, scale=float(dec.softmax_scale),
+         kv_bits=opts.kv_bits if quantized else 0, kv_quant="PER_CHANNEL" if quantized else "NONE")
+    # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
+    att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
+    v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
+    out = g.op("MatMul", [att, g.weight(f"layers.{i}.attn.v_up", v_up_t)], name=f"layers.{i}.attn.absorb_v")
+    if layer.get("v_up_bias") is not None:
+        out = g.op("Add", [out, g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
+    out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])
+    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts)
+
+
+def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, rope: tuple[str, str],
+                   seqlens_k: str, total: str) -> str:
+    H, K, d = dec.num_heads, dec.kv_heads, dec.head_dim
+    w = np.concatenate([layer["q"], layer["k"], layer["v"]])
+    b = None if layer.get("q_bias") is None else np.concatenate([layer["q_bias"], layer["k_bias"], layer["v_bias"]])
+    qkv = _matmul(g, x, w, f"layers.{i}.attn.qkv", opts, b)
+    q, k, v = g.op("Split", [qkv, g.const([H * d, K * d, K * d])], 3, axis=-1)
+    quantized = opts.kv_bits in (4, 8)
+    inputs = [q, k, v, f"past_key.{i}", f"past_value.{i}", seqlens_k, total, rope[0], rope[1]]
+    attrs = dict(num_heads=H, kv_num_heads=K, scale=float(dec.softmax_scale), do_rotary=1, local_window_size=-1)
+    if quantized:
+        ks, vs = opts.cache_scales[i]
+        inputs += ["", "", "", g.weight(f"layers.{i}.attn.k_scale", ks.astype(np.float32)),
+                   g.weight(f"layers.{i}.attn.v_scale", vs.astype(np.float32))]
+        attrs.update(k_quant_type="PER_CHANNEL", v_quant_type="PER_CHANNEL", kv_cache_bit_width=opts.kv_bits)
+    out = g.fresh(f"layers.{i}.attn/out")
+    g.op("GroupQueryAttention", inputs, [out, f"present_key.{i}", f"present_value.{i}"], domain=MS,
+         name=f"layers.{i}.attn.gqa", **attrs)
+    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts)
+
+
+def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
+    g = Graph()
+    V, E = dec.vocab_size, dec.hidden_size
+    ids = "input_ids"
+    g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
+                 helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
+                 helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
+    past_len = "past_sequence" if opts.body == "plain" else "cache_capacity"
+    for t in cache_tensors(dec, opts):
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(t["dtype"]))
+        g.inputs.append(helper.make_tensor_value_info(t["past"], elem, ["batch", t["heads"], past_len, t["width"]]))
+        present_len = "total_sequence" if opts.body == "plain" else "cache_capacity"
+        for name in t["present"]:
+            g.outputs.append(helper.make_tensor_value_info(name, elem, ["batch", t["heads"], present_len, t["width"]]))
+
+    # Lengths and positions: GQA's seqlens_k = tokens so far - 1 per row, total = mask length; positions of the
+    # new tokens are the last S of 0..T-1 (batch rows without left padding).
+    seqlens_k = g.op("Cast", [g.op("Sub", [g.op("ReduceSum", ["attention_mask", g.const([1])], keepdims=0),
+                                           g.const(1)])], to=TensorProto.INT32, name="seqlens_k")
+    total64 = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)
+    total = g.op("Cast", [total64], to=TensorProto.INT32, name="total_sequence_length")
+    new = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
+
+    embed = g.weight("embed_tokens.weight", dec.embed.astype(np.float16 if opts.fp16_weights else np.float32))
+    x = g.op("Gather", [embed, ids], name="embed_tokens")
+    if opts.fp16_weights:
+        x = g.op("Cast", [x], to=TensorProto.FLOAT)
+
+    if dec.kind == "mla":
+        start = g.op("Sub", [total64, new])
+        positions = g.op("Cast", [g.op("Range", [start, total64, g.const(1)])], to=TensorProto.FLOAT)
+        pos = _Positions(g, g.op("Unsqueeze", [positions, g.const([0, 2])]), dec.rope_scaling)  # [1, S, 1]
+    else:
+        freqs = np.arange(dec.max_positions, dtype=np.float32)[:, None] * dec.inv_freq.astype(np.float32)[None]
+        rope = (g.weight("cos_cache", np.cos(freqs) * dec.rope_scaling), g.weight("sin_cache", np.sin(freqs) * dec.rope_scaling))
+
+    residual, h, mlp_out = x, None, None
+    for i, layer in enumerate(dec.layers):
+        if i == 0:
+            h = _rms_norm(g, x, layer["input_norm"], dec.eps, f"layers.{i}.input_norm")
+        else:
+            h, residual = _skip_norm(g, mlp_out, residual, layer["input_norm"], dec.eps, f"layers.{i}.input_norm")
+        if dec.kind == "mla":
+            att = _mla_attention(g, h, layer, i, dec, opts, pos, seqlens_k, total)
+        else:
+            att = _gqa_attention(g, h, layer, i, dec, opts, rope, seqlens_k, total)
+        h, residual = _skip_norm(g, att, residual, layer["post_norm"], dec.eps, f"layers.{i}.post_norm")
+        mlp_out = _mlp(g, h, layer, i, opts)
+    h, _ = _skip_norm(g, mlp_out, residual, dec.final_norm, dec.eps, "final_norm")
+    # logits only for the last `logits_to_keep` positions (1 when generating; S for perplexity)
+    keep = g.op("Neg", [g.op("Unsqueeze", ["logits_to_keep", g.const([0])])])
+    h = g.op("Slice", [h, keep, g.const([np.iinfo(np.int64).max]), g.const([1])])
+    g.op("Identity", [_matmul(g, h, dec.lm_head, "lm_head", opts)], ["logits"])
+    g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", V]))
+
+    graph = helper.make_graph(g.nodes, "edge_mla_decoder", g.inputs, g.outputs, g.initializers,
+                              value_info=g.value_info)
+    opsets = [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)]
+    functions = []
+    if dec.kind == "mla":
+        opsets.append(helper.make_opsetid(DOMAIN, 1))
+        functions.append(latent_attention_gqa() if opts.body == "gqa" else latent_attention_plain())
+    return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
+                             producer_name="edge-mla")

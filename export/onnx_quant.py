@@ -1,0 +1,78 @@
+"""Weight quantization (MatMulNBits through onnxruntime.quantization) and static cache scales calibrated on text."""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+
+# The cache kernels round to nearest even and clamp to these code ranges (symmetric, static scales).
+CODE_RANGE = {8: (-128, 127), 4: (-8, 7)}
+
+
+def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
+                     head_bits: int | None = None) -> onnx.ModelProto:
+    """Every 2D MatMul weight to MatMulNBits (`bits`), the embedding to GatherBlockQuantized (4-bit only), and the
+    output head to `head_bits` when given. The 3D absorbed up-projections stay float (small, per group)."""
+    try:
+        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
+                                                                     MatMulNBitsQuantizer)
+    except ImportError as err:
+        raise ValueError(f"{bits}-bit weights need onnxruntime.quantization, which failed to import ({err}). "
+                         "Install its dependencies: pip install onnx-ir ml_dtypes") from None
+    # the quantizer logs one INFO line per weight; keep the export quiet
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    float_ops = [n.name for n in model.graph.node if n.op_type == "MatMul" and ".absorb_" in n.name]
+    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name == "lm_head"]
+    passes = []
+    if head_bits and head_bits != bits:
+        passes.append((head_bits, ("MatMul",), head, None))
+        float_ops += head
+    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
+    passes.append((bits, ops, None, float_ops))
+    for nbits, op_types, include, exclude in passes:
+        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                              accuracy_level=accuracy_level, bits=nbits,
+                                              op_types_to_quantize=op_types)
+        q = MatMulNBitsQuantizer(model, bits=nbits, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level, nodes_to_include=include, nodes_to_exclude=exclude,
+                                 op_types_to_quantize=op_types, algo_config=config)
+        q.process()
+        model = q.model.model
+    return model
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    lo, hi = CODE_RANGE[bits]
+    return np.clip(np.rint(x / scale), lo, hi) * scale
+
+
+def channel_scales(samples: np.ndarray, bits: int, groups: np.ndarray) -> np.ndarray:
+    """Static per-channel scales for `samples` [tokens, channels]: per group of channels (a rope pair shares one,
+    since rotation mixes its two channels), the clipping level among 20 fractions of the group's max |x| that
+    gives the least squared error after quantization."""
+    _, hi = CODE_RANGE[bits]
+    scales = np.ones(samples.shape[1], np.float32)
+    for group in np.unique(groups):
+        cols = np.flatnonzero(groups == group)
+        x = samples[:, cols].astype(np.float64)
+        top = np.abs(x).max()
+        if top == 0:
+            continue  # a padding channel: always zero, any scale is exact
+        best, best_err = top / hi, np.inf
+        for frac in np.linspace(0.25, 1.0, 20):
+            s = top * frac / hi
+            err = np.square(fake_quantize(x, s, bits) - x).sum()
+            if err < best_err:
+                best, best_err = s, err
+        scales[cols] = best
+    return scales
+
+
+def pair_groups(width: int, rope_start: int, rope_dim: int) -> np.ndarray:
+    """Channel group ids: each channel alone, except rope pairs p and p + R/2 (NEOX) which share a group."""
+    groups = np.arange(width)
+    half = rope_dim // 2
+    for p in range(half):
+        groups[rope_start + half + p] = rope_start + p
+    return groups

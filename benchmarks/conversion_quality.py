@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--calib-windows", type=int, default=16)
     ap.add_argument("--ranks", default="8,16,32,64,96,full", help="latent per KV head (MHA2MLA's d_kv), or full")
     ap.add_argument("--selections", default="high,low,uniform,2norm,partition,partition-2norm,shared")
-    ap.add_argument("--weightings", default="weights,balanced")
+    ap.add_argument("--weightings", default="weights,balanced,attention")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                     help="where perplexity runs (conversion itself always runs on the CPU, in float64)")
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
@@ -64,7 +64,7 @@ def main() -> None:
                 except ValueError as err:
                     print(f"skip {selection} {rank} {weighting}: {err}")
                     continue
-                if rank == "full" and weighting != "balanced":
+                if rank == "full" and weighting != "attention":
                     continue  # at full rank the weighting changes nothing
                 model = copy.deepcopy(src.model)
                 t1 = time.perf_counter()

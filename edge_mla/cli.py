@@ -29,8 +29,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
                       help=f"total latent width C (default {DEFAULT_LATENT}, capped at full rank)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
     p.add_argument("--svd", default="joint", choices=lowrank.METHODS)
-    p.add_argument("--weighting", default="balanced", choices=lowrank.WEIGHTINGS,
-                   help="weights: the paper's plain SVD; activations/balanced: calibrated on text (lose less)")
+    p.add_argument("--weighting", default="attention", choices=lowrank.WEIGHTINGS,
+                   help="weights: the paper's plain SVD; activations/balanced/attention: calibrated on text, "
+                        "each losing less than the one before (docs/conversion_quality.md)")
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --calib-length tokens")
     p.add_argument("--calib-length", type=int, default=1024)
     p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")

@@ -23,7 +23,7 @@ class Plan:
     rope_pairs: int | None = None  # r; None: the selection's default
     latent: int | None = None  # total latent width C; None: full rank
     svd: str = "joint"
-    weighting: str = "balanced"
+    weighting: str = "attention"
     rope_components: int = 1  # shared head only: principal mixes per frequency that keep RoPE
 
 
@@ -46,6 +46,8 @@ def resolve_plan(config, plan: Plan) -> Plan:
     if plan.weighting not in lowrank.WEIGHTINGS:
         raise ValueError(f"unknown weighting '{plan.weighting}': choose one of {', '.join(lowrank.WEIGHTINGS)}")
     rows_k, rows_v = n_kv * nope, n_kv * d
+    if plan.selection == "shared":
+        rows_k -= 2 * r * plan.rope_components  # the rope components are taken out of the keys: that much less rank
     top = lowrank.full_rank(rows_k, rows_v, E, plan.svd) if plan.svd in lowrank.METHODS else 0
     latent = plan.latent if plan.latent is not None else top
     lowrank.check_latent(latent, rows_k, rows_v, E, plan.svd)
@@ -91,7 +93,12 @@ def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | Non
     k_nope = torch.einsum("gnk,ke->gne", maps.k_nope, w_k).reshape(-1, w_k.shape[1])
     k_rope = maps.k_rope @ w_k
     xx = stats.second_moment if stats is not None else None
-    down, up_k, up_v = lowrank.factorize(k_nope, w_v, plan.latent, plan.svd, plan.weighting, xx)
+    key_metric = value_metric = None
+    if plan.weighting == "attention":
+        key_metric, value_metric = attention_metrics(q_rows[:, :maps.nope_dim], attn.o_proj.weight.detach().double(),
+                                                     xx, group, n_kv, d)
+    down, up_k, up_v = lowrank.factorize(k_nope, w_v, plan.latent, plan.svd, plan.weighting, xx,
+                                         key_metric, value_metric)
 
     new = MLAAttention(config, mla, layer_idx)
     new.q_proj.weight.copy_(q_rows.reshape(-1, w_k.shape[1]))
@@ -108,6 +115,21 @@ def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | Non
     new.o_proj.load_state_dict(attn.o_proj.state_dict())
     new.inv_freq.copy_(inv_freq[maps.freq_index])
     return new.to(attn.o_proj.weight.dtype)
+
+
+def attention_metrics(q_nope_rows, w_o, xx, group, n_kv: int, d: int):
+    """Block-diagonal metrics for the `attention` weighting: per KV group, the second moment of its query heads'
+    nope queries (key errors only matter along queries) and W_o^T W_o of its heads (value errors matter through
+    the output projection)."""
+    H, N, _ = q_nope_rows.shape
+    key_metric = torch.zeros(n_kv * N, n_kv * N, dtype=torch.float64)
+    value_metric = torch.zeros(n_kv * d, n_kv * d, dtype=torch.float64)
+    w_o = w_o.view(w_o.shape[0], H, d)
+    for h in range(H):
+        g = int(group[h])
+        key_metric[g * N:(g + 1) * N, g * N:(g + 1) * N] += q_nope_rows[h] @ xx @ q_nope_rows[h].T
+        value_metric[g * d:(g + 1) * d, g * d:(g + 1) * d] += w_o[:, h].T @ w_o[:, h]
+    return key_metric, value_metric
 
 
 def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: float, source: str) -> dict:

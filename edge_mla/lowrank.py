@@ -6,14 +6,17 @@ Methods (MHA2MLA): `joint` factors [W_k_nope ; W_v] with one SVD; `split` factor
 the latent. Weightings: `weights` is the paper's plain SVD of the weights; `activations` minimizes the error
 on calibration activations instead (SVD of W S with S S^T = E[x x^T], as in SVD-LLM); `balanced` also
 rescales the key rows so keys and values weigh the same in the SVD (TransMLA's K/V balancing), since raw
-key rows are several times larger than value rows and would otherwise take all the rank.
+key rows are several times larger than value rows and would otherwise take all the rank. `attention` goes one
+step further: it measures key errors in the metric of the queries that read them (E[q q^T] of the group's
+query heads, since only q . k matters) and value errors in the metric of the output projection (W_o^T W_o),
+then balances the two, so the rank goes where attention outputs change most.
 """
 from __future__ import annotations
 
 import torch
 
 METHODS = ("joint", "split")
-WEIGHTINGS = ("weights", "activations", "balanced")
+WEIGHTINGS = ("weights", "activations", "balanced", "attention")
 RIDGE = 1e-4  # relative to the mean eigenvalue of E[x x^T]; keeps the Cholesky factor well conditioned
 
 
@@ -53,9 +56,17 @@ def _basis(w: torch.Tensor, rank: int, whiten: torch.Tensor | None) -> torch.Ten
     return u
 
 
+def _sqrt_and_inverse(metric: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    vals, vecs = torch.linalg.eigh(metric.double())
+    vals = vals.clamp_min(RIDGE * vals.mean().clamp_min(1e-30))
+    return (vecs * vals.sqrt()) @ vecs.T, (vecs / vals.sqrt()) @ vecs.T
+
+
 def factorize(w_k: torch.Tensor, w_v: torch.Tensor, latent: int, method: str = "joint",
-              weighting: str = "balanced", xx: torch.Tensor | None = None):
-    """Return down (C x E), up_k (rows_k x C), up_v (rows_v x C), all float64, with up @ down ~ [w_k; w_v]."""
+              weighting: str = "balanced", xx: torch.Tensor | None = None,
+              key_metric: torch.Tensor | None = None, value_metric: torch.Tensor | None = None):
+    """Return down (C x E), up_k (rows_k x C), up_v (rows_v x C), all float64, with up @ down ~ [w_k; w_v].
+    `attention` weighting needs key_metric (rows_k x rows_k) and value_metric (rows_v x rows_v)."""
     if weighting not in WEIGHTINGS:
         raise ValueError(f"unknown weighting '{weighting}': choose one of {', '.join(WEIGHTINGS)}")
     w_k, w_v = w_k.double(), w_v.double()
@@ -63,11 +74,18 @@ def factorize(w_k: torch.Tensor, w_v: torch.Tensor, latent: int, method: str = "
     if weighting != "weights" and xx is None:
         raise ValueError(f"weighting '{weighting}' needs calibration statistics")
     whiten = None if weighting == "weights" else _whitener(xx)
+    if weighting == "attention":
+        # Factor in the metric spaces, then map the up-projections back: exact at full rank as before.
+        sqrt_k, inv_k = _sqrt_and_inverse(key_metric)
+        sqrt_v, inv_v = _sqrt_and_inverse(value_metric)
+        down, up_k, up_v = factorize(sqrt_k @ w_k, sqrt_v @ w_v, latent, method, "balanced", xx)
+        return down, inv_k @ up_k, inv_v @ up_v
     alpha = 1.0
     if weighting == "balanced":
         energy_k = torch.trace(w_k @ xx.double() @ w_k.T)
         energy_v = torch.trace(w_v @ xx.double() @ w_v.T)
-        alpha = float((energy_v / energy_k).sqrt()) if energy_k > 0 else 1.0
+        # no NoPE keys left (every frequency keeps RoPE): nothing to balance
+        alpha = float((energy_v / energy_k).sqrt()) if energy_k > 1e-12 * energy_v else 1.0
     rows_k = w_k.shape[0]
     if method == "joint":
         w = torch.cat([alpha * w_k, w_v])

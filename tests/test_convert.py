@@ -65,7 +65,7 @@ def test_full_rank_shared_head_equals_rotated_reference(kind):
 
 
 @pytest.mark.parametrize("svd", ["joint", "split"])
-@pytest.mark.parametrize("weighting", ["weights", "activations", "balanced"])
+@pytest.mark.parametrize("weighting", ["weights", "activations", "balanced", "attention"])
 def test_keeping_every_pair_at_full_rank_is_the_original(kind, svd, weighting):
     d = 16
     original, mla, _ = converted(kind, Plan(selection="high", rope_pairs=d // 2, svd=svd, weighting=weighting))

@@ -119,6 +119,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--absorbed", action="store_true", help="run MLA layers in the absorbed (decode) form")
     p.set_defaults(func=cmd_eval)
 
+    p = sub.add_parser("build", help="the whole job: convert, (fine-tune), export ONNX + GGUF, budget for a device")
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--device", required=True, help="target device (`edge-mla devices` lists them)")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="weight and KV-cache bits")
+    p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
+    p.add_argument("--out", default=None, help="output folder (default: build-<model>-<device>)")
+    p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
+    p.add_argument("--latent", type=int, default=None, help="override the latent width the build chooses")
+    p.add_argument("--selection", default=None, choices=rope.SELECTIONS, help="override the RoPE selection")
+    p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
+    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("budget", help="memory budget of an exported model (.gguf, ONNX folder) or an original")
+    p.add_argument("model", help=".gguf file, ONNX export folder, or a source model (estimated at --bits)")
+    p.add_argument("--device", required=True)
+    p.add_argument("--context", type=int, default=4096)
+    p.add_argument("--kv-type", default="f16", help="llama.cpp cache type for a .gguf: f16, q8_0, q4_0")
+    p.add_argument("--bits", type=int, default=16, help="weight bits assumed for a source model")
+    p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
+    p.set_defaults(func=cmd_budget)
+
+    p = sub.add_parser("devices", help="list the device catalog")
+    p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
+    p.set_defaults(func=cmd_devices)
+
     p = sub.add_parser("finetune", help="recover quality: full-parameter fine-tuning of a converted model "
                                         "(run under torchrun for several GPUs)")
     p.add_argument("model_dir", help="converted model folder")
@@ -158,6 +184,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-type", default=None, help="llama.cpp cache type: f16, q8_0 or q4_0")
     p.set_defaults(func=cmd_run)
     return parser
+
+
+def cmd_build(args) -> int:
+    from .build import FINETUNED_PLAN, TRAINING_FREE_PLAN, build
+
+    plan = None
+    if args.latent is not None or args.selection is not None:
+        import dataclasses
+        base = FINETUNED_PLAN if args.finetune_tokens else TRAINING_FREE_PLAN
+        plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
+    out = args.out or f"build-{Path(args.model).stem}-{args.device}"
+    build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices)
+    return 0
+
+
+def cmd_budget(args) -> int:
+    from . import budget as bud
+
+    device = bud.find_device(args.device, bud.load_devices(args.devices))
+    path = Path(args.model)
+    if path.suffix == ".gguf":
+        fp = bud.footprint_gguf(path, args.kv_type)
+    elif path.is_dir() and (path / "edge_mla_onnx.json").exists():
+        fp = bud.footprint_onnx(path)
+    else:
+        from transformers import AutoConfig
+        from .source import load_source
+        config = AutoConfig.from_pretrained(path) if (path / "config.json").exists() else load_source(args.model).model.config
+        fp = bud.footprint_estimate(config, args.bits, args.bits / 8, "llama.cpp", name=path.name)
+    print(bud.format_budget(bud.budget(fp, device, args.context)))
+    return 0
+
+
+def cmd_devices(args) -> int:
+    from . import budget as bud
+
+    for d in bud.load_devices(args.devices).values():
+        aliases = f" (also: {', '.join(d.aliases)})" if d.aliases else ""
+        runtimes = ", ".join(d.runtimes) or "none: no LLM fits"
+        print(f"{d.key}{aliases}\n  {d.name}: {d.ram_mb:g} MB RAM, {d.usable_mb:g} MB usable, {d.bandwidth_gbs} GB/s, "
+              f"{d.cpu}; runtimes: {runtimes}\n  source: {d.source}")
+    return 0
 
 
 def cmd_finetune(args) -> int:

@@ -1,0 +1,189 @@
+"""Device catalog and memory model: does an exported model fit a device, how long a context, how fast at best.
+
+    memory(context) = runtime base + weights (the real files) + context * (KV bytes per token + runtime work per token)
+
+The runtime terms are constants measured by benchmarks/budget_accuracy.py (peak RSS of the real runtime at two
+contexts, fitted), not guesses. The decode-speed bound assumes every weight byte and every cached byte is read once
+per token from DRAM at the device's peak bandwidth: real decoding is slower, never faster.
+"""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MB = 1_000_000
+CATALOG = Path(__file__).with_name("devices.toml")
+
+# Measured on x86-64 Linux, 2 threads (benchmarks/budget_accuracy.py, docs/budget.md): resident memory of the
+# runtime itself beyond the model file, and its working memory per token of allocated context.
+RUNTIME_BASE_BYTES = {"llama.cpp": 62 * MB, "onnxruntime": 48 * MB}
+RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 2_000, "onnxruntime": 3_000}
+# ggml cache types: bytes per element
+GGML_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
+
+
+@dataclass
+class Device:
+    key: str
+    name: str
+    ram_mb: float
+    usable_mb: float
+    bandwidth_gbs: float
+    cpu: str
+    runtimes: list[str]
+    source: str
+    aliases: list[str] = field(default_factory=list)
+
+
+def load_devices(extra: str | Path | None = None) -> dict[str, Device]:
+    """The built-in catalog, plus (overriding) the entries of a user file or $EDGE_MLA_DEVICES."""
+    files = [CATALOG] + [Path(p) for p in (extra, os.environ.get("EDGE_MLA_DEVICES")) if p]
+    devices: dict[str, Device] = {}
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"device file {file} does not exist")
+        try:
+            table = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as err:
+            raise ValueError(f"device file {file} is not valid TOML: {err}") from None
+        for key, entry in table.items():
+            try:
+                devices[key] = Device(key=key, **entry)
+            except TypeError as err:
+                raise ValueError(f"device '{key}' in {file}: {err}; every entry needs name, ram_mb, usable_mb, "
+                                 "bandwidth_gbs, cpu, runtimes and source") from None
+    return devices
+
+
+def find_device(name: str, devices: dict[str, Device]) -> Device:
+    lookup = {k: d for k, d in devices.items()}
+    lookup.update({alias: d for d in devices.values() for alias in d.aliases})
+    if name in lookup:
+        return lookup[name]
+    near = difflib.get_close_matches(name, list(lookup), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(near)}? " if near else ""
+    raise ValueError(f"unknown device '{name}': {hint}`edge-mla devices` lists them all; add your own with --devices FILE")
+
+
+@dataclass
+class Footprint:
+    """What a model costs in memory on a runtime."""
+    name: str
+    runtime: str  # "llama.cpp" or "onnxruntime"
+    kind: str  # "mla" or "original"
+    weights_bytes: int
+    kv_bytes_per_token: float
+    max_context: int
+    detail: str = ""
+
+    def memory_bytes(self, context: int) -> float:
+        return (RUNTIME_BASE_BYTES[self.runtime] + self.weights_bytes
+                + context * (self.kv_bytes_per_token + RUNTIME_BYTES_PER_TOKEN[self.runtime]))
+
+
+def footprint_gguf(path: str | Path, cache_type: str = "f16") -> Footprint:
+    """From a GGUF file: its size, and the cache per token that llama.cpp allocates for it."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} does not exist")
+    if cache_type not in GGML_BYTES:
+        raise ValueError(f"unknown llama.cpp cache type '{cache_type}': choose one of {', '.join(GGML_BYTES)}")
+    try:
+        reader = GGUFReader(path)
+    except Exception as err:  # gguf raises ValueError/struct errors on foreign files
+        raise ValueError(f"{path} is not a GGUF file ({err})") from None
+
+    def value(key):
+        f = reader.get_field(key)
+        return None if f is None else f.contents()
+
+    arch = value("general.architecture")
+    layers = int(value(f"{arch}.block_count"))
+    ctx = int(value(f"{arch}.context_length") or 0)
+    per_elem = GGML_BYTES[cache_type]
+    if arch == "deepseek2":
+        width = int(value(f"{arch}.attention.kv_lora_rank")) + int(value(f"{arch}.rope.dimension_count"))
+        kv = layers * width * per_elem  # MLA: one latent+rope row per token, no V cache
+        kind = "mla"
+    else:
+        heads_kv = int(value(f"{arch}.attention.head_count_kv"))
+        head_dim = int(value(f"{arch}.attention.key_length") or
+                       value(f"{arch}.embedding_length") // value(f"{arch}.attention.head_count"))
+        kv = layers * 2 * heads_kv * head_dim * per_elem
+        kind = "original"
+    return Footprint(path.name, "llama.cpp", kind, path.stat().st_size, kv, ctx, f"{arch}, cache {cache_type}")
+
+
+def footprint_onnx(folder: str | Path) -> Footprint:
+    """From an `edge-mla export onnx` folder: its files, and the cache layout its JSON states."""
+    folder = Path(folder)
+    meta_file = folder / "edge_mla_onnx.json"
+    if not meta_file.is_file():
+        raise ValueError(f"{folder} is not an edge-mla ONNX export (no edge_mla_onnx.json); "
+                         "export one with `edge-mla export onnx`")
+    meta = json.loads(meta_file.read_text())
+    weights = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
+    cache = meta["cache"]
+    kind = "mla" if meta["architecture"] == "mla" else "original"
+    return Footprint(folder.name, "onnxruntime", kind, weights, float(cache["bytes_per_token"]),
+                     int(meta["max_context"]), f"weights {meta['weights'].get('bits')}-bit, cache {cache['dtype']}")
+
+
+def footprint_estimate(config, weight_bits: float, cache_bytes_per_elem: float, runtime: str,
+                       name: str = "original") -> Footprint:
+    """An unexported model (the original, for comparison): parameters x bits, cache from the config."""
+    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    mla = getattr(config, "mla", None)
+    per_layer = (mla["latent_dim"] + mla["rope_dim"]) if mla else 2 * config.num_key_value_heads * d
+    E, L, V, F = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size
+    attention = E * d * (2 * config.num_attention_heads + 2 * config.num_key_value_heads)
+    params = L * (attention + 3 * E * F) + V * E * (1 if config.tie_word_embeddings else 2)
+    return Footprint(name, runtime, "mla" if mla else "original", int(params * weight_bits / 8),
+                     L * per_layer * cache_bytes_per_elem, int(config.max_position_embeddings),
+                     f"estimated: {params / 1e6:.0f}M parameters at {weight_bits} bits")
+
+
+@dataclass
+class Budget:
+    device: str
+    model: str
+    runtime: str
+    context: int
+    memory_mb: float
+    usable_mb: float
+    fits: bool
+    max_context: int
+    decode_tokens_per_s_bound: float
+    weights_mb: float
+    kv_mb: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def budget(fp: Footprint, device: Device, context: int) -> Budget:
+    if context > fp.max_context > 0:
+        raise ValueError(f"context {context} is beyond what {fp.name} allows ({fp.max_context}); "
+                         f"use --context {fp.max_context} or less")
+    usable = device.usable_mb * MB
+    fixed = RUNTIME_BASE_BYTES[fp.runtime] + fp.weights_bytes
+    per_token = fp.kv_bytes_per_token + RUNTIME_BYTES_PER_TOKEN[fp.runtime]
+    longest = max(0, int((usable - fixed) // per_token)) if usable > fixed else 0
+    longest = min(longest, fp.max_context) if fp.max_context else longest
+    read_per_token = fp.weights_bytes + fp.kv_bytes_per_token * context
+    return Budget(device.key, fp.name, fp.runtime, context, fp.memory_bytes(context) / MB, device.usable_mb,
+                  fp.memory_bytes(context) <= usable, longest, device.bandwidth_gbs * 1e9 / read_per_token,
+                  fp.weights_bytes / MB, fp.kv_bytes_per_token * context / MB)
+
+
+def format_budget(b: Budget) -> str:
+    verdict = "fits" if b.fits else "DOES NOT FIT"
+    return (f"{b.model} on {b.device} ({b.runtime}), context {b.context}: {b.memory_mb:.0f} MB of {b.usable_mb:.0f} "
+            f"MB usable -> {verdict}; weights {b.weights_mb:.0f} MB, KV {b.kv_mb:.1f} MB; longest context that fits "
+            f"{b.max_context}; decode at most {b.decode_tokens_per_s_bound:.0f} tokens/s (bandwidth bound)")

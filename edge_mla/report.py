@@ -1,0 +1,73 @@
+"""report.json and a self-contained report.html (inline SVG plot of memory against context, no extra dependency)."""
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+from .budget import MB, Budget, Device, Footprint
+
+COLORS = {("mla", "llama.cpp"): "#1f77b4", ("mla", "onnxruntime"): "#2ca02c",
+          ("original", "llama.cpp"): "#ff7f0e", ("original", "onnxruntime"): "#d62728"}
+
+
+def memory_plot(footprints: list[Footprint], device: Device, max_context: int, width: int = 720,
+                height: int = 360) -> str:
+    pad_l, pad_r, pad_t, pad_b = 70, 190, 20, 45
+    xs = [int(max_context * i / 64) for i in range(65)]
+    top = max(device.usable_mb * 1.15, *(fp.memory_bytes(max_context) / MB for fp in footprints))
+    X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
+    Y = lambda mb: height - pad_b - (height - pad_t - pad_b) * mb / top  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for i in range(6):  # grid and axes labels
+        mb, c = top * i / 5, max_context * i / 5
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{Y(mb):.1f}" y2="{Y(mb):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{pad_l - 6}" y="{Y(mb) + 4:.1f}" text-anchor="end">{mb:.0f}</text>')
+        parts.append(f'<text x="{X(c):.1f}" y="{height - pad_b + 16}" text-anchor="middle">{c:.0f}</text>')
+    parts.append(f'<text x="{(width - pad_r + pad_l) / 2}" y="{height - 8}" text-anchor="middle">context (tokens)</text>')
+    parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+                 'memory (MB)</text>')
+    y = Y(device.usable_mb)
+    parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="black" '
+                 'stroke-dasharray="6 4"/>')
+    legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable", "black", True)]
+    for fp in footprints:
+        color = COLORS.get((fp.kind, fp.runtime), "#777")
+        points = " ".join(f"{X(c):.1f},{Y(fp.memory_bytes(c) / MB):.1f}" for c in xs)
+        dash = ' stroke-dasharray="3 3"' if fp.kind == "original" else ""
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        legend.append((f"{'MLA' if fp.kind == 'mla' else 'original'} {fp.runtime}", color, fp.kind == "original"))
+    for i, (label, color, dashed) in enumerate(legend):
+        ly = pad_t + 14 + 18 * i
+        dash = ' stroke-dasharray="4 3"' if dashed else ""
+        parts.append(f'<line x1="{width - pad_r + 10}" x2="{width - pad_r + 34}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="2"{dash}/>')
+        parts.append(f'<text x="{width - pad_r + 40}" y="{ly}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
+def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budgets: list[Budget],
+                  device: Device, max_context: int) -> None:
+    (folder / "report.json").write_text(json.dumps(summary, indent=1))
+    rows = "\n".join(
+        f"<tr><td>{html.escape(b.model)}</td><td>{b.runtime}</td><td>{b.weights_mb:.0f}</td><td>{b.kv_mb:.1f}</td>"
+        f"<td>{b.memory_mb:.0f}</td><td>{'yes' if b.fits else '<b>no</b>'}</td><td>{b.max_context}</td>"
+        f"<td>{b.decode_tokens_per_s_bound:.0f}</td></tr>" for b in budgets)
+    facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary["key_figures"].items())
+    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge-mla build: {html.escape(device.name)}</title>
+<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
+td:first-child,th:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
+</head><body><h1>{html.escape(summary['verdict'])}</h1>
+<p>Model <b>{html.escape(summary['model'])}</b> converted to MLA for <b>{html.escape(device.name)}</b>
+({html.escape(device.cpu)}; {device.usable_mb:.0f} of {device.ram_mb:.0f} MB usable; {device.bandwidth_gbs} GB/s).</p>
+<ul>{facts}</ul>
+{memory_plot(footprints, device, max_context)}
+<h2>At context {summary['context']}</h2>
+<table><tr><th>model</th><th>runtime</th><th>weights MB</th><th>KV MB</th><th>total MB</th><th>fits</th>
+<th>longest context</th><th>decode tok/s bound</th></tr>{rows}</table>
+<p>Memory = runtime base + weight files + context x (KV per token + runtime work per token); the runtime terms
+were measured (docs/budget.md). The speed bound divides the device's peak bandwidth by the bytes read per token.
+Device figures and their sources: <code>edge-mla devices</code>.</p></body></html>"""
+    (folder / "report.html").write_text(page)

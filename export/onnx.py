@@ -37,6 +37,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--head-bits", type=int, default=None,
                         help="bits of the output head (default: the weight bits); 8 costs ~14 MB on SmolLM2, "
                              "keeps more quality")
+    parser.add_argument("--weight-method", default="rtn", choices=("rtn", "hqq"),
+                        help="4-bit weights: rtn (round to nearest, symmetric unless --asymmetric; fast) or hqq "
+                             "(optimized float zero points: much closer to float, but onnxruntime 1.31's CPU "
+                             "kernel has no fast path for them, ~14x slower decode; see docs/onnx.md)")
     parser.add_argument("--accuracy-level", type=int, default=4,
                         help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32")
     parser.add_argument("--attention", default="gqa", choices=("gqa", "plain"),
@@ -55,7 +59,7 @@ def main(args) -> int:
     t0 = time.perf_counter()
     out = export(args.model_dir, args.out, weight_bits=args.weight_bits, kv_bits=args.kv_bits,
                  block_size=args.block_size, symmetric=not args.asymmetric, head_bits=args.head_bits,
-                 accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
+                 weight_method=args.weight_method, accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
                  calib_text=args.calib_text, calib_windows=args.calib_windows, calib_length=args.calib_length,
                  overwrite=args.force)
     meta = json.loads((out / META).read_text())
@@ -67,7 +71,8 @@ def main(args) -> int:
     return 0
 
 
-def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None) -> None:
+def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None,
+                  weight_method: str = "rtn") -> None:
     """Refuse unsupported settings before any work, naming the fix."""
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"--weight-bits {weight_bits} is not supported: choose one of {WEIGHT_BITS}")
@@ -77,6 +82,8 @@ def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, he
         raise ValueError(f"--head-bits {head_bits} is not supported: choose 4 or 8")
     if head_bits is not None and weight_bits not in (4, 8):
         raise ValueError("--head-bits applies to quantized weights; use it with --weight-bits 4 or 8")
+    if weight_method not in ("hqq", "rtn"):
+        raise ValueError(f"--weight-method {weight_method} is not supported: choose hqq or rtn")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"--block-size {block_size} is not supported: MatMulNBits needs a power of two >= 16")
     if body == "plain" and kv_bits in (4, 8):
@@ -150,28 +157,47 @@ def latent_padding(latent: int, rope: int) -> int:
     return -(latent + rope) % 8
 
 
-def decoder_from_mla(model) -> onnx_graph.Decoder:
+def hadamard(n: int) -> np.ndarray:
+    """An orthogonal n x n matrix that spreads every direction over all channels: Sylvester's Hadamard matrix
+    when n is a power of two, else a fixed random rotation."""
+    if n & (n - 1) == 0:
+        h = np.ones((1, 1))
+        while len(h) < n:
+            h = np.block([[h, h], [h, -h]])
+        return h / np.sqrt(n)
+    q, r = np.linalg.qr(np.random.default_rng(0).standard_normal((n, n)))
+    return q * np.sign(np.diag(r))
+
+
+def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
+    """The MLA model's weights; the latent zero-padded for the kernel and, when `rotate_latent`, turned by an
+    orthogonal matrix Q (cache Q c; k_up and v_up times Q^T), which leaves every score and output unchanged but
+    evens out the channels that a quantized cache must represent."""
     mla = model.config.mla
     C, R = mla["latent_dim"], mla["rope_dim"]
     pad = latent_padding(C, R)
+    rot = hadamard(C + pad) if rotate_latent else np.eye(C + pad)
     layers = []
     for layer in model.model.layers:
         a = layer.self_attn
         kv_a = _np(a.kv_a_proj.weight)
         entry = _layer_common(layer)
+        latent_rows = rot @ np.concatenate([kv_a[:C], np.zeros((pad, kv_a.shape[1]), np.float32)])
         entry.update(
             q=_np(a.q_proj.weight), q_bias=_np(a.q_proj.bias),
-            kv_a=np.concatenate([kv_a[:C], np.zeros((pad, kv_a.shape[1]), np.float32), kv_a[C:]]),
-            k_up=np.pad(_np(a.k_up), ((0, 0), (0, 0), (0, pad))),  # k_up_bias cancels in softmax: dropped
-            v_up=np.pad(_np(a.v_up), ((0, 0), (0, 0), (0, pad))), v_up_bias=_np(a.v_up_bias),
-            o=_np(a.o_proj.weight), inv_freq=_np(a.inv_freq))
+            kv_a=np.concatenate([latent_rows, kv_a[C:]]).astype(np.float32),
+            # k_up_bias cancels in softmax: dropped
+            k_up=(np.pad(_np(a.k_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
+            v_up=(np.pad(_np(a.v_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
+            v_up_bias=_np(a.v_up_bias), o=_np(a.o_proj.weight), inv_freq=_np(a.inv_freq))
         if a.q_proj.bias is not None:
             b = _np(a.kv_a_proj.bias)
-            entry["kv_a_bias"] = np.concatenate([b[:C], np.zeros(pad, np.float32), b[C:]])
+            entry["kv_a_bias"] = np.concatenate([rot @ np.concatenate([b[:C], np.zeros(pad)]), b[C:]]).astype(np.float32)
         if a.o_proj.bias is not None:
             raise ValueError("an output-projection bias is not supported by the ONNX export")
         layers.append(entry)
     return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=layers,
+                              latent_rotation=rot if rotate_latent else None,
                               softmax_scale=mla["softmax_scale"], rope_scaling=mla.get("rope_attention_scaling", 1.0),
                               num_groups=mla["num_groups"], nope_dim=mla["nope_dim"], rope_dim=R,
                               latent_dim=C + pad, **_common(model))
@@ -222,7 +248,10 @@ def calibrate_scales(model, dec: onnx_graph.Decoder, bits: int, windows) -> list
         if dec.kind == "mla":
             C = model.config.mla["latent_dim"]
             x = parts[0][:, 0]
-            x = np.concatenate([x[:, :C], np.zeros((len(x), dec.latent_dim - C), np.float32), x[:, C:]], 1)
+            latent = np.concatenate([x[:, :C], np.zeros((len(x), dec.latent_dim - C), np.float32)], 1)
+            if dec.latent_rotation is not None:
+                latent = latent @ dec.latent_rotation.T
+            x = np.concatenate([latent, x[:, C:]], 1)
             groups = onnx_quant.pair_groups(dec.cache_width, dec.latent_dim, dec.rope_dim)
             scales.append(onnx_quant.channel_scales(x, bits, groups).reshape(1, 1, 1, -1))
         else:
@@ -316,21 +345,22 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
 
 def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: int | None = None,
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
-           body: str = "gqa", original: bool = False, calib_text: str | None = None, calib_windows: int = 8,
-           calib_length: int = 512, overwrite: bool = False, model=None, tokenizer=None) -> Path:
+           weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
+           calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
+           model=None, tokenizer=None) -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded."""
     import onnx
 
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
-    check_options(weight_bits, kv_bits, block_size, body, head_bits)
+    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     if model is None:
         model, tokenizer = load_model(model_dir, original)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the runner needs a fast tokenizer (tokenizer.json); this model's tokenizer is not one")
-    dec = decoder_from_original(model) if original else decoder_from_mla(model)
+    dec = decoder_from_original(model) if original else decoder_from_mla(model, rotate_latent)
     if body == "plain" and dec.kind != "mla":
         raise ValueError("--attention plain applies to MLA models; the baseline always uses GroupQueryAttention")
 
@@ -344,8 +374,10 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     proto = onnx_graph.build_model(dec, opts)
     weights = {"bits": weight_bits, "calib": calib}
     if weight_bits in (4, 8):
-        proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits)
-        weights.update(format="MatMulNBits", block_size=block_size, symmetric=symmetric,
+        weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
+        proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits,
+                                            weight_method)
+        weights.update(format="MatMulNBits", method=weight_method, block_size=block_size, symmetric=symmetric,
                        accuracy_level=accuracy_level, head_bits=head_bits or weight_bits,
                        embedding="GatherBlockQuantized int4" if weight_bits == 4 else "float16")
     else:

@@ -219,6 +219,7 @@ class Decoder:
     nope_dim: int = 0
     rope_dim: int = 0
     latent_dim: int = 0  # C as exported (padded so that C + R suits the attention kernel)
+    latent_rotation: np.ndarray | None = None  # orthogonal Q: the cache holds Q c (None: c itself)
     # baseline
     kv_heads: int = 0
     inv_freq: np.ndarray | None = None
@@ -282,13 +283,6 @@ def _skip_norm(g: Graph, x: str, residual: str, w: np.ndarray, eps: float, name:
     return outs[0], outs[1]
 
 
-def _rotate(g: Graph, x: str, cos: str, sin: str, half: int) -> str:
-    """NEOX rotation: x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1] over the last axis."""
-    x1, x2 = g.op("Split", [x, g.const([half, half])], 2, axis=-1)
-    rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rotated, sin])])
-
-
 def _mlp(g: Graph, x: str, layer: dict, i: int, opts: Options) -> str:
     gate_up = _matmul(g, x, np.concatenate([layer["gate"], layer["up"]]), f"layers.{i}.mlp.gate_up", opts)
     f = layer["gate"].shape[0]
@@ -297,46 +291,44 @@ def _mlp(g: Graph, x: str, layer: dict, i: int, opts: Options) -> str:
     return _matmul(g, act, layer["down"], f"layers.{i}.mlp.down", opts)
 
 
-class _Positions:
-    """Per distinct frequency set, cos/sin of the current positions, shaped for q [B,S,H,R] and key [B,S,R]."""
+class _Rope:
+    """com.microsoft RotaryEmbedding (NEOX halves) with cos/sin tables per distinct set of layer frequencies."""
 
-    def __init__(self, g: Graph, positions: str, scaling: float):
-        self.g, self.positions, self.scaling, self.cache = g, positions, scaling, {}
+    def __init__(self, g: Graph, positions: str, max_positions: int, scaling: float):
+        self.g, self.positions, self.max_positions, self.scaling = g, positions, max_positions, scaling
+        self.tables = {}
 
-    def get(self, inv_freq: np.ndarray):
+    def __call__(self, x: str, inv_freq: np.ndarray) -> str:
+        """Rotate x [B, S, heads * R] (each head's R channels) at the current positions."""
         key = inv_freq.astype(np.float32).tobytes()
-        if key not in self.cache:
-            g = self.g
-            freqs = g.op("Mul", [self.positions, g.weight(g.fresh("inv_freq"), inv_freq.astype(np.float32))])
-            half = []
-            for fn in ("Cos", "Sin"):
-                v = g.op(fn, [freqs])
-                if self.scaling != 1.0:
-                    v = g.op("Mul", [v, g.const(self.scaling, np.float32)])
-                half.append(g.op("Concat", [v, v], axis=-1))  # [1, S, R]
-            cos, sin = half
-            self.cache[key] = (cos, sin, g.op("Unsqueeze", [cos, g.const([2])]), g.op("Unsqueeze", [sin, g.const([2])]))
-        return self.cache[key]
+        if key not in self.tables:
+            angles = np.arange(self.max_positions, dtype=np.float64)[:, None] * inv_freq.astype(np.float32)[None]
+            n = len(self.tables)
+            self.tables[key] = (self.g.weight(f"rope.cos.{n}", (np.cos(angles) * self.scaling).astype(np.float32)),
+                                self.g.weight(f"rope.sin.{n}", (np.sin(angles) * self.scaling).astype(np.float32)))
+        cos, sin = self.tables[key]
+        return self.g.op("RotaryEmbedding", [x, self.positions, cos, sin], domain=MS, interleaved=0)
 
 
-def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, pos: _Positions,
+def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, rope: _Rope,
                    seqlens_k: str, total: str) -> str:
     H, G, N, R, C = dec.num_heads, dec.num_groups, dec.nope_dim, dec.rope_dim, dec.latent_dim
-    hq = H * (N + R)
-    w = np.concatenate([layer["q"], layer["kv_a"]])
-    b = None if layer.get("q_bias") is None else np.concatenate([layer["q_bias"], layer["kv_a_bias"]])
+    # one projection, rows [q_nope of every head | q_rope of every head | latent | rope key]
+    w_q = layer["q"].reshape(H, N + R, -1)
+    w = np.concatenate([w_q[:, :N].reshape(H * N, -1), w_q[:, N:].reshape(H * R, -1), layer["kv_a"]])
+    b = None
+    if layer.get("q_bias") is not None:
+        b_q = layer["q_bias"].reshape(H, N + R)
+        b = np.concatenate([b_q[:, :N].ravel(), b_q[:, N:].ravel(), layer["kv_a_bias"]])
     proj = _matmul(g, x, w, f"layers.{i}.attn.q_kv_a", opts, b)
-    q, kv = g.op("Split", [proj, g.const([hq, C + R])], 2, axis=-1)
-    q_nope, q_rope = g.op("Split", [g.op("Reshape", [q, g.const([0, 0, H, N + R])]), g.const([N, R])], 2, axis=-1)
+    q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
     q_lat = g.op("MatMul", [grouped, g.weight(f"layers.{i}.attn.k_up", layer["k_up"])], name=f"layers.{i}.attn.absorb_k")
-    q_lat = g.op("Reshape", [q_lat, g.const([0, 0, H, C])])
-    cos3, sin3, cos4, sin4 = pos.get(layer["inv_freq"])
-    query = g.op("Concat", [q_lat, _rotate(g, q_rope, cos4, sin4, R // 2)], axis=-1)
+    q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, H, R])])
+    query = g.op("Concat", [g.op("Reshape", [q_lat, g.const([0, 0, H, C])]), q_rope], axis=-1)
     query = g.op("Reshape", [query, g.const([0, 0, H * (C + R)])])
-    latent, k_rope = g.op("Split", [kv, g.const([C, R])], 2, axis=-1)
-    entry = g.op("Concat", [latent, _rotate(g, k_rope, cos3, sin3, R // 2)], axis=-1)
+    entry = g.op("Concat", [latent, rope(k_rope, layer["inv_freq"])], axis=-1)
 
     quantized = opts.kv_bits in (4, 8)
     inputs = [query, entry, f"past.{i}", seqlens_k, total]
@@ -407,10 +399,10 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     if opts.fp16_weights:
         x = g.op("Cast", [x], to=TensorProto.FLOAT)
 
-    if dec.kind == "mla":
-        start = g.op("Sub", [total64, new])
-        positions = g.op("Cast", [g.op("Range", [start, total64, g.const(1)])], to=TensorProto.FLOAT)
-        pos = _Positions(g, g.op("Unsqueeze", [positions, g.const([0, 2])]), dec.rope_scaling)  # [1, S, 1]
+    if dec.kind == "mla":  # positions of the new tokens: past .. past + S - 1, as [1, S] (batch rows share them)
+        positions = g.op("Range", [g.op("Sub", [total64, new]), total64, g.const(1)])
+        pos = _Rope(g, g.op("Unsqueeze", [positions, g.const([0])], name="position_ids"), dec.max_positions,
+                    dec.rope_scaling)
     else:
         freqs = np.arange(dec.max_positions, dtype=np.float32)[:, None] * dec.inv_freq.astype(np.float32)[None]
         rope = (g.weight("cos_cache", np.cos(freqs) * dec.rope_scaling), g.weight("sin_cache", np.sin(freqs) * dec.rope_scaling))

@@ -11,34 +11,42 @@ CODE_RANGE = {8: (-128, 127), 4: (-8, 7)}
 
 
 def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
-                     head_bits: int | None = None) -> onnx.ModelProto:
-    """Every 2D MatMul weight to MatMulNBits (`bits`), the embedding to GatherBlockQuantized (4-bit only), and the
-    output head to `head_bits` when given. The 3D absorbed up-projections stay float (small, per group)."""
+                     head_bits: int | None = None, method: str = "rtn") -> onnx.ModelProto:
+    """Every 2D MatMul weight to MatMulNBits (`bits`; round-to-nearest, or HQQ's optimized float zero points),
+    the embedding to GatherBlockQuantized (4-bit only), and the output head to `head_bits` when given.
+    The 3D absorbed up-projections stay float (small, per group)."""
     try:
-        from onnxruntime.quantization.matmul_nbits_quantizer import (DefaultWeightOnlyQuantConfig,
-                                                                     MatMulNBitsQuantizer)
+        from onnxruntime.quantization import matmul_nbits_quantizer as q
     except ImportError as err:
         raise ValueError(f"{bits}-bit weights need onnxruntime.quantization, which failed to import ({err}). "
                          "Install its dependencies: pip install onnx-ir ml_dtypes") from None
     # the quantizer logs one INFO line per weight; keep the export quiet
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    float_ops = [n.name for n in model.graph.node if n.op_type == "MatMul" and ".absorb_" in n.name]
-    head = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name == "lm_head"]
-    passes = []
+    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
+    done = [name for name in matmuls if ".absorb_" in name]
+    passes = []  # (bits, op types, nodes to include, RTN or HQQ)
     if head_bits and head_bits != bits:
-        passes.append((head_bits, ("MatMul",), head, None))
-        float_ops += head
-    ops = ("MatMul", "Gather") if bits == 4 else ("MatMul",)
-    passes.append((bits, ops, None, float_ops))
-    for nbits, op_types, include, exclude in passes:
-        config = DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                              accuracy_level=accuracy_level, bits=nbits,
-                                              op_types_to_quantize=op_types)
-        q = MatMulNBitsQuantizer(model, bits=nbits, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level, nodes_to_include=include, nodes_to_exclude=exclude,
-                                 op_types_to_quantize=op_types, algo_config=config)
-        q.process()
-        model = q.model.model
+        passes.append((head_bits, ("MatMul",), ["lm_head"], "rtn"))
+        done.append("lm_head")
+    if bits == 4:
+        passes.append((4, ("Gather",), None, "rtn"))
+    passes.append((bits, ("MatMul",), [m for m in matmuls if m not in done], method))
+    for nbits, op_types, include, algo in passes:
+        if algo == "hqq":
+            config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=nbits, op_types_to_quantize=op_types)
+        else:
+            config = q.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
+                                                    accuracy_level=accuracy_level, bits=nbits,
+                                                    op_types_to_quantize=op_types)
+        quantizer = q.MatMulNBitsQuantizer(model, bits=nbits, block_size=block_size, is_symmetric=symmetric,
+                                           accuracy_level=accuracy_level, nodes_to_include=include,
+                                           op_types_to_quantize=op_types, algo_config=config)
+        quantizer.process()
+        model = quantizer.model.model
+    if algo == "hqq":  # HQQ leaves accuracy_level unset: int8 activations are what makes CPU decode fast
+        for node in model.graph.node:
+            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
+                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
     return model
 
 

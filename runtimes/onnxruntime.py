@@ -196,3 +196,28 @@ def run_cli(args) -> int:
           f"cache {used / 1e6:.2f} MB in use ({decoder.length} tokens x {decoder.bytes_per_token} B), "
           f"{allocated / 1e6:.2f} MB allocated", file=sys.stderr)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m edge_mla.runtimes.onnxruntime DIR --prompt ...`: the same as `edge-mla run`, without the CLI's
+    other imports (torch), for devices that have only onnxruntime, tokenizers and numpy."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m edge_mla.runtimes.onnxruntime", description=main.__doc__)
+    p.add_argument("path")
+    p.add_argument("--prompt", default="The capital of France is")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--context", type=int, default=None)
+    args = p.parse_args(argv)
+    args.kv_type = None
+    try:
+        return run_cli(args)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -66,6 +66,8 @@ def main() -> None:
     if torch.distributed.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
         if not dist.is_initialized():
+            if torch.cuda.is_available():
+                torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
             dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
         dist.barrier()
     for run in args.runs.split(","):

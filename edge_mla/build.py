@@ -5,11 +5,11 @@ import os
 import shutil
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import budget as bud
-from .convert import Plan
+from .convert import Plan, resolve_plan
 
 # The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
 # the original in docs/conversion_quality.md (SmolLM2-135M). A shared rope head keeps every frequency (llama.cpp
@@ -57,6 +57,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     if context > limit:
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
     plan = plan or (FINETUNED_PLAN if finetune_tokens else TRAINING_FREE_PLAN)
+    full = resolve_plan(config, replace(plan, latent=None)).latent
+    if plan.latent is not None and plan.latent > full:
+        plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))

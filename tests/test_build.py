@@ -1,0 +1,70 @@
+"""`edge-mla build` end to end on a tiny model: every promised file exists and loads in its runtime."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from edge_mla import cli
+
+llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-python) is not installed")
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory):
+    from test_gguf import bpe_tokenizer, tiny
+
+    folder = tmp_path_factory.mktemp("src") / "tiny-llama"
+    tokenizer = bpe_tokenizer()
+    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
+    out = tmp_path / "build"
+    code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4",
+                     "--context", "256", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
+        assert step in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["bits"] == 4 and report["context"] == 256 and report["device"]["key"] == "rpi-zero-2w"
+    assert {b["runtime"] for b in report["budgets"]} == {"llama.cpp", "onnxruntime"}
+    assert all(b["fits"] for b in report["budgets"] if b["model"] != "original")
+    html = (out / "report.html").read_text()
+    assert "<svg" in html and "polyline" in html and "usable" in html
+    assert (out / "mla" / "config.json").exists()
+
+    # ONNX: loads in onnxruntime and decodes
+    from edge_mla.runtimes.onnxruntime import OnnxDecoder
+    dec = OnnxDecoder(out / "onnx", threads=1, context=32)
+    logits = dec.forward(np.array([[5, 6, 7, 8]], dtype=np.int64))
+    assert np.isfinite(logits).all()
+
+    # GGUF: loads in llama.cpp with its 4-bit cache and generates
+    from edge_mla.runtimes import llamacpp
+    model = llamacpp.open_model(out / "model.gguf", n_ctx=64, threads=1, kv_type="q4_0")
+    tokens, _ = llamacpp.greedy(model, [5, 6, 7, 8], 4)
+    assert len(tokens) == 4
+    assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_build_that_cannot_fit_writes_nothing(tmp_path, tiny_source, capsys):
+    devices = tmp_path / "tiny.toml"
+    devices.write_text('[speck]\nname = "Speck"\nram_mb = 1.5\nusable_mb = 1.0\nbandwidth_gbs = 1.0\ncpu = "none"\n'
+                       'runtimes = ["llama.cpp"]\nsource = "a made-up device for this test, far too small"\n')
+    out = tmp_path / "build"
+    code = cli.main(["build", "--model", str(tiny_source), "--device", "speck", "--devices", str(devices),
+                     "--context", "256", "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and "nothing fits Speck" in err and "MB more than" in err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):
+    code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi5", "--context", "100000",
+                     "--out", str(tmp_path / "b")])
+    assert code == 2 and "beyond what" in capsys.readouterr().err

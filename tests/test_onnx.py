@@ -311,4 +311,4 @@ def test_smollm2_int4_weights_int4_cache_perplexity_bound(tmp_path):
     assert got < PPL_BOUND * reference, (reference, got)
 
 
-PPL_BOUND = 2.5  # measured: see docs/onnx.md
+PPL_BOUND = 3.0  # measured x2.18 on 8 x 1024 tokens (docs/onnx.md); margin for the smaller calibration here

@@ -20,7 +20,6 @@ TRAINING_FREE_PLAN = Plan(selection="shared", latent=256, weighting="attention")
 FINETUNED_PLAN = Plan(selection="shared", latent=128, weighting="attention")
 GGUF_WEIGHTS = {4: "q4_0", 8: "q8_0", 16: "f16"}
 GGUF_CACHE = {4: "q4_0", 8: "q8_0", 16: "f16"}
-CACHE_BYTES = {4: 0.5, 8: 1.0, 16: 2.0}
 
 
 def step(i: int, n: int, what: str) -> None:
@@ -93,6 +92,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             raise ValueError(no_fit_message(budgets, device, context))
         from .report import write_reports
         write_reports(staging, summary, footprints, budgets, device, context if context > 512 else limit)
+        for path in [staging, *staging.rglob("*")]:  # temporary files are created private; publish readable
+            path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)
@@ -115,9 +116,11 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
     plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
     original_cfg = type(config).from_dict(plain)
     footprints = [mla_gguf, mla_onnx]
+    layers, width = config.num_hidden_layers, mla["latent_dim"] + mla["rope_dim"]
     for fp in (mla_gguf, mla_onnx):
-        est_mla = bud.footprint_estimate(config, bits, CACHE_BYTES[bits], fp.runtime)
-        est_orig = bud.footprint_estimate(original_cfg, bits, CACHE_BYTES[bits], fp.runtime)
+        per_elem = fp.kv_bytes_per_token / (layers * width)  # the runtime's real cost per cached number (scales too)
+        est_mla = bud.footprint_estimate(config, bits, per_elem, fp.runtime)
+        est_orig = bud.footprint_estimate(original_cfg, bits, per_elem, fp.runtime)
         footprints.append(bud.Footprint("original", fp.runtime, "original",
                                         int(fp.weights_bytes * est_orig.weights_bytes / est_mla.weights_bytes),
                                         est_orig.kv_bytes_per_token, est_orig.max_context,

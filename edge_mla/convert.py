@@ -183,6 +183,7 @@ def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
+    staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)

@@ -131,6 +131,7 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
     verdict = (f"{'Fits' if best.fits else 'Does not fit'}: {model} as MLA on {device.name}, "
                f"{best.memory_mb:.0f} MB at {context} tokens ({best.runtime}); longest context {best.max_context}")
     per_token_orig = footprints[2].kv_bytes_per_token
+    fp16_orig = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp").kv_bytes_per_token
     summary = {
         "model": model, "device": asdict(device), "bits": bits, "context": context, "verdict": verdict,
         "mla": mla, "files": {"onnx": str(onnx_dir.name), "gguf": gguf_file.name},
@@ -139,6 +140,8 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
             "KV cache per token (GGUF, MLA)": f"{mla_gguf.kv_bytes_per_token:.0f} B vs {per_token_orig:.0f} B original "
                                               f"({100 * mla_gguf.kv_bytes_per_token / per_token_orig:.0f}%)",
             "KV cache per token (ONNX, MLA)": f"{mla_onnx.kv_bytes_per_token:.0f} B",
+            "KV cache per token, original with its usual fp16 cache": f"{fp16_orig:.0f} B "
+                                                                      f"({fp16_orig / mla_gguf.kv_bytes_per_token:.1f}x the MLA GGUF's)",
             "weights (GGUF / ONNX)": f"{mla_gguf.weights_bytes / bud.MB:.0f} MB / {mla_onnx.weights_bytes / bud.MB:.0f} MB",
             "longest context that fits (MLA / original)": f"{best.max_context} / {orig.max_context}",
             "decode bound at this context": f"{best.decode_tokens_per_s_bound:.0f} tokens/s",

@@ -25,6 +25,7 @@ from edge_mla.runtimes.llamacpp import KV_TYPES, GGUFInfo, check_gguf
 WEIGHTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
               "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_M}
+KV_A_QUANTIZED = QT.BF16  # attn_kv_a_mqa beside q8_0/q4_0/q4_k weights
 DEFAULT_ALIGN = 32  # q8_0/q4_0 caches need C and C + R to be multiples of their block size, 32
 # Latent-norm neutralisation: the latent rows are scaled by beta = 2^-k (exact in F32), k in [30, 60].
 BETA_EXP_RANGE = (30, 60)
@@ -374,12 +375,15 @@ def common_tensors(model) -> dict:
 
 
 def tensor_type(name: str, shape: tuple, weights: str) -> QT:
-    """Storage type of one tensor. Norms stay F32; attn_kv_a_mqa stays F32 (its latent rows are ~2^-30 and
-    would underflow in F16 or in quant scales); attn_k_b/attn_v_b stay F16 (small, and their rows, N and C,
-    need not be multiples of 32); with q4_0 the embedding/output head keeps 8 bits, as in llama.cpp's mixes."""
-    if len(shape) == 1 or weights in ("f32", "q4_k") or name.endswith("attn_kv_a_mqa.weight"):
+    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa keeps an 8-bit exponent: its latent rows are
+    scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized
+    weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
+    q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
+    if len(shape) == 1 or weights in ("f32", "q4_k"):
         return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
-    if weights == "f16" or name.endswith(("attn_k_b.weight", "attn_v_b.weight")):
+    if name.endswith("attn_kv_a_mqa.weight"):
+        return QT.F32 if weights == "f16" else KV_A_QUANTIZED
+    if weights == "f16":
         return QT.F16
     qtype = QT.Q8_0 if weights == "q8_0" or name in ("token_embd.weight", "output.weight") else QT.Q4_0
     return qtype if shape[-1] % 32 == 0 else QT.F16
@@ -391,6 +395,8 @@ def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
         return array.astype(np.float32), qtype
     if qtype == QT.F16:
         return array.astype(np.float16), qtype
+    if qtype == QT.BF16:
+        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
@@ -625,12 +631,12 @@ def _quantizer():
 
 
 def llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
-    """Q4_K_M through llama.cpp's quantizer, keeping attn_kv_a_mqa F32 and attn_k_b/attn_v_b F16."""
+    """Q4_K_M through llama.cpp's quantizer; attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
     llama_cpp = _quantizer()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = threads or os.cpu_count() or 1
-    rules = [(b"attn_kv_a_mqa\\.weight", QT.F32), (b"attn_[kv]_b\\.weight", QT.F16)] if mla else []
+    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if mla else []
     overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
     for slot, (pattern, qtype) in zip(overrides, rules):
         slot.pattern, slot.type = pattern, int(qtype)

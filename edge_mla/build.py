@@ -78,7 +78,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         from .export import gguf as gguf_export
         from .export import onnx as onnx_export
         step(k, n, f"exporting ONNX ({bits}-bit weights, {bits}-bit latent cache)")
-        onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=bits)
+        # 4-bit: the tied embedding/output head keeps 8 bits, as the GGUF's q4_0 mix does (llama.cpp's practice)
+        onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=bits,
+                                      head_bits=8 if bits == 4 else None)
         step(k + 1, n, f"exporting GGUF ({GGUF_WEIGHTS[bits]} weights)")
         gguf_file = staging / "model.gguf"
         gguf_export.export(str(mla_dir), gguf_file, weights=GGUF_WEIGHTS[bits])

@@ -89,11 +89,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary["plan"] = asdict(plan)
         summary["finetune_tokens"] = finetune_tokens
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
-        fits = [b for b in budgets if b.fits and b.model != "original"]
+        fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
         if not fits:
             raise ValueError(no_fit_message(budgets, device, context))
         from .report import write_reports
-        write_reports(staging, summary, footprints, budgets, device, context if context > 512 else limit)
+        write_reports(staging, summary, footprints, budgets, device, limit)
         for path in [staging, *staging.rglob("*")]:  # temporary files are created private; publish readable
             path.chmod(0o755 if path.is_dir() else 0o644)
         if out.exists():
@@ -127,13 +127,17 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
                                         int(fp.weights_bytes * est_orig.weights_bytes / est_mla.weights_bytes),
                                         est_orig.kv_bytes_per_token, est_orig.max_context,
                                         "estimated from the MLA file and parameter counts"))
+    fp16 = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp")
+    footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", footprints[2].weights_bytes,
+                                    fp16.kv_bytes_per_token, fp16.max_context,
+                                    "same weights, llama.cpp's default f16 cache"))
     budgets = [bud.budget(fp, device, context) for fp in footprints]
-    best = max((b for b in budgets if b.model != "original"), key=lambda b: b.max_context)
-    orig = max((b for b in budgets if b.model == "original"), key=lambda b: b.max_context)
+    best = max((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.max_context)
+    orig = max((b for b in budgets if b.model.startswith("original")), key=lambda b: b.max_context)
     verdict = (f"{'Fits' if best.fits else 'Does not fit'}: {model} as MLA on {device.name}, "
                f"{best.memory_mb:.0f} MB at {context} tokens ({best.runtime}); longest context {best.max_context}")
     per_token_orig = footprints[2].kv_bytes_per_token
-    fp16_orig = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp").kv_bytes_per_token
+    fp16_orig = fp16.kv_bytes_per_token
     summary = {
         "model": model, "device": asdict(device), "bits": bits, "context": context, "verdict": verdict,
         "mla": mla, "files": {"onnx": str(onnx_dir.name), "gguf": gguf_file.name},
@@ -153,7 +157,7 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
 
 
 def no_fit_message(budgets: list[bud.Budget], device: bud.Device, context: int) -> str:
-    best = min((b for b in budgets if b.model != "original"), key=lambda b: b.memory_mb)
+    best = min((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.memory_mb)
     over = best.memory_mb - device.usable_mb
     hint = []
     if best.max_context > 0:

@@ -9,13 +9,16 @@ from .budget import MB, Budget, Device, Footprint
 
 COLORS = {("mla", "llama.cpp"): "#1f77b4", ("mla", "onnxruntime"): "#2ca02c",
           ("original", "llama.cpp"): "#ff7f0e", ("original", "onnxruntime"): "#d62728"}
+FP16_COLOR = "#9467bd"
 
 
-def memory_plot(footprints: list[Footprint], device: Device, max_context: int, width: int = 720,
+def memory_plot(footprints: list[Footprint], device: Device, max_context: int, width: int = 860,
                 height: int = 360) -> str:
-    pad_l, pad_r, pad_t, pad_b = 70, 190, 20, 45
+    pad_l, pad_r, pad_t, pad_b = 70, 330, 20, 45
     xs = [int(max_context * i / 64) for i in range(65)]
-    top = max(device.usable_mb * 1.15, *(fp.memory_bytes(max_context) / MB for fp in footprints))
+    highest = max(fp.memory_bytes(max_context) / MB for fp in footprints)
+    # A device far above every curve would flatten them: then the budget is stated, not drawn.
+    top = device.usable_mb * 1.15 if device.usable_mb < 3 * highest else highest * 1.25
     X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
     Y = lambda mb: height - pad_b - (height - pad_t - pad_b) * mb / top  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
@@ -28,16 +31,19 @@ def memory_plot(footprints: list[Footprint], device: Device, max_context: int, w
     parts.append(f'<text x="{(width - pad_r + pad_l) / 2}" y="{height - 8}" text-anchor="middle">context (tokens)</text>')
     parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
                  'memory (MB)</text>')
-    y = Y(device.usable_mb)
-    parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="black" '
-                 'stroke-dasharray="6 4"/>')
-    legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable", "black", True)]
+    if device.usable_mb <= top:
+        y = Y(device.usable_mb)
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="black" '
+                     'stroke-dasharray="6 4"/>')
+        legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable", "black", True)]
+    else:
+        legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable (off the chart)", "white", False)]
     for fp in footprints:
-        color = COLORS.get((fp.kind, fp.runtime), "#777")
+        color = FP16_COLOR if "fp16" in fp.name else COLORS.get((fp.kind, fp.runtime), "#777")
         points = " ".join(f"{X(c):.1f},{Y(fp.memory_bytes(c) / MB):.1f}" for c in xs)
         dash = ' stroke-dasharray="3 3"' if fp.kind == "original" else ""
         parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
-        legend.append((f"{'MLA' if fp.kind == 'mla' else 'original'} {fp.runtime}", color, fp.kind == "original"))
+        legend.append((f"{'MLA' if fp.kind == 'mla' else fp.name} ({fp.runtime})", color, fp.kind == "original"))
     for i, (label, color, dashed) in enumerate(legend):
         ly = pad_t + 14 + 18 * i
         dash = ' stroke-dasharray="4 3"' if dashed else ""

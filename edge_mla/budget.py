@@ -18,10 +18,13 @@ from pathlib import Path
 MB = 1_000_000
 CATALOG = Path(__file__).with_name("devices.toml")
 
-# Measured on x86-64 Linux, 2 threads (benchmarks/budget_accuracy.py, docs/budget.md): resident memory of the
-# runtime itself beyond the model file, and its working memory per token of allocated context.
-RUNTIME_BASE_BYTES = {"llama.cpp": 62 * MB, "onnxruntime": 48 * MB}
-RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 2_000, "onnxruntime": 3_000}
+# Fitted on the ORIGINAL SmolLM2-135M files at contexts 512 and 2048 (x86-64 Linux, 2 threads;
+# benchmarks/budget_accuracy.py, docs/budget.md): resident memory the runtime adds beyond the model file and the
+# cache, and its working memory per token of context. llama.cpp's base includes llama-cpp-python's logits buffer
+# (n_batch x vocabulary x 4 bytes, ~100 MB for a 49k vocabulary); onnxruntime's per-token work is its attention
+# scratch for a prompt prefilled in one piece.
+RUNTIME_BASE_BYTES = {"llama.cpp": 196 * MB, "onnxruntime": 66 * MB}
+RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 3_890, "onnxruntime": 59_584}
 # ggml cache types: bytes per element
 GGML_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 

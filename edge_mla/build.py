@@ -84,8 +84,15 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(k + 1, n, f"exporting GGUF ({GGUF_WEIGHTS[bits]} weights)")
         gguf_file = staging / "model.gguf"
         gguf_export.export(str(mla_dir), gguf_file, weights=GGUF_WEIGHTS[bits])
-        step(k + 2, n, f"budgeting for {device.name}")
-        summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, bits, context)
+        step(k + 2, n, f"budgeting for {device.name} (the original measured through the same exporters)")
+        original = staging / ".original"
+        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=bits, original=True,
+                                       head_bits=8 if bits == 4 else None)
+        orig_gguf = original / "original.gguf"
+        gguf_export.export(model, orig_gguf, weights=GGUF_WEIGHTS[bits])
+        summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, bits, context,
+                                              orig_onnx, orig_gguf)
+        shutil.rmtree(original)
         summary["plan"] = asdict(plan)
         summary["finetune_tokens"] = finetune_tokens
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
@@ -110,23 +117,15 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
 
 
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, bits: int,
-           context: int):
+           context: int, orig_onnx: Path, orig_gguf: Path):
     mla_onnx = bud.footprint_onnx(onnx_dir)
     mla_gguf = bud.footprint_gguf(gguf_file, GGUF_CACHE[bits])
-    # The original through the same runtimes at the same bits: weights scaled by parameter count from the real
-    # MLA files, cache from its config.
+    footprints = [mla_gguf, mla_onnx]
+    for fp in (bud.footprint_gguf(orig_gguf, GGUF_CACHE[bits]), bud.footprint_onnx(orig_onnx)):
+        fp.name = "original"
+        footprints.append(fp)
     plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
     original_cfg = type(config).from_dict(plain)
-    footprints = [mla_gguf, mla_onnx]
-    layers, width = config.num_hidden_layers, mla["latent_dim"] + mla["rope_dim"]
-    for fp in (mla_gguf, mla_onnx):
-        per_elem = fp.kv_bytes_per_token / (layers * width)  # the runtime's real cost per cached number (scales too)
-        est_mla = bud.footprint_estimate(config, bits, per_elem, fp.runtime)
-        est_orig = bud.footprint_estimate(original_cfg, bits, per_elem, fp.runtime)
-        footprints.append(bud.Footprint("original", fp.runtime, "original",
-                                        int(fp.weights_bytes * est_orig.weights_bytes / est_mla.weights_bytes),
-                                        est_orig.kv_bytes_per_token, est_orig.max_context,
-                                        "estimated from the MLA file and parameter counts"))
     fp16 = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp")
     footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", footprints[2].weights_bytes,
                                     fp16.kv_bytes_per_token, fp16.max_context,

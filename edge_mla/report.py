@@ -18,7 +18,7 @@ def memory_plot(footprints: list[Footprint], device: Device, max_context: int, w
     xs = [int(max_context * i / 64) for i in range(65)]
     highest = max(fp.memory_bytes(max_context) / MB for fp in footprints)
     # A device far above every curve would flatten them: then the budget is stated, not drawn.
-    top = device.usable_mb * 1.15 if device.usable_mb < 3 * highest else highest * 1.25
+    top = max(device.usable_mb * 1.15, highest * 1.05) if device.usable_mb < 3 * highest else highest * 1.25
     X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
     Y = lambda mb: height - pad_b - (height - pad_t - pad_b) * mb / top  # noqa: E731
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '

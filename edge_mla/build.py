@@ -28,11 +28,17 @@ def step(i: int, n: int, what: str) -> None:
 
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
-          devices_file: str | None = None) -> dict:
+          devices_file: str | None = None, kv_bits: int | None = None) -> dict:
     from .source import load_source
 
     if bits not in GGUF_WEIGHTS:
         raise ValueError(f"--bits {bits} is not supported: use 4, 8 or 16")
+    # A 4-bit cache breaks a training-free conversion (docs/gguf.md: 1 of 32 greedy tokens kept with a q4_0
+    # cache; docs/onnx.md: +36% perplexity with an int4 cache), so without fine-tuning the cache keeps 8 bits
+    # unless asked otherwise.
+    kv_bits = kv_bits or (8 if bits == 4 and not finetune_tokens else bits)
+    if kv_bits not in GGUF_CACHE:
+        raise ValueError(f"--kv-bits {kv_bits} is not supported: use 4, 8 or 16")
     device = bud.find_device(device_name, bud.load_devices(devices_file))
     out = Path(out)
     if out.exists() and not force:
@@ -77,21 +83,22 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             k += 1
         from .export import gguf as gguf_export
         from .export import onnx as onnx_export
-        step(k, n, f"exporting ONNX ({bits}-bit weights, {bits}-bit latent cache)")
+        step(k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache)")
         # 4-bit: the tied embedding/output head keeps 8 bits, as the GGUF's q4_0 mix does (llama.cpp's practice)
-        onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=bits,
+        onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
                                       head_bits=8 if bits == 4 else None)
         step(k + 1, n, f"exporting GGUF ({GGUF_WEIGHTS[bits]} weights)")
         gguf_file = staging / "model.gguf"
         gguf_export.export(str(mla_dir), gguf_file, weights=GGUF_WEIGHTS[bits])
         step(k + 2, n, f"budgeting for {device.name} (the original measured through the same exporters)")
         original = staging / ".original"
-        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=bits, original=True,
+        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
                                        head_bits=8 if bits == 4 else None)
         orig_gguf = original / "original.gguf"
         gguf_export.export(model, orig_gguf, weights=GGUF_WEIGHTS[bits])
-        summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, bits, context,
+        summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
+        summary["bits"], summary["kv_bits"] = bits, kv_bits
         shutil.rmtree(original)
         summary["plan"] = asdict(plan)
         summary["finetune_tokens"] = finetune_tokens
@@ -116,12 +123,12 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     return summary
 
 
-def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, bits: int,
+def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,
            context: int, orig_onnx: Path, orig_gguf: Path):
     mla_onnx = bud.footprint_onnx(onnx_dir)
-    mla_gguf = bud.footprint_gguf(gguf_file, GGUF_CACHE[bits])
+    mla_gguf = bud.footprint_gguf(gguf_file, GGUF_CACHE[kv_bits])
     footprints = [mla_gguf, mla_onnx]
-    for fp in (bud.footprint_gguf(orig_gguf, GGUF_CACHE[bits]), bud.footprint_onnx(orig_onnx)):
+    for fp in (bud.footprint_gguf(orig_gguf, GGUF_CACHE[kv_bits]), bud.footprint_onnx(orig_onnx)):
         fp.name = "original"
         footprints.append(fp)
     plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
@@ -138,7 +145,7 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
     per_token_orig = footprints[2].kv_bytes_per_token
     fp16_orig = fp16.kv_bytes_per_token
     summary = {
-        "model": model, "device": asdict(device), "bits": bits, "context": context, "verdict": verdict,
+        "model": model, "device": asdict(device), "context": context, "verdict": verdict,
         "mla": mla, "files": {"onnx": str(onnx_dir.name), "gguf": gguf_file.name},
         "footprints": [asdict(fp) for fp in footprints], "budgets": [b.as_dict() for b in budgets],
         "key_figures": {

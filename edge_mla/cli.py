@@ -122,7 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("build", help="the whole job: convert, (fine-tune), export ONNX + GGUF, budget for a device")
     p.add_argument("--model", default=DEFAULT_MODEL)
     p.add_argument("--device", required=True, help="target device (`edge-mla devices` lists them)")
-    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="weight and KV-cache bits")
+    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="weight bits (and cache bits after a fine-tune)")
+    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8, 16),
+                   help="cache bits (default: --bits, but 8 for a 4-bit build without fine-tuning: a 4-bit cache "
+                        "breaks a training-free conversion, docs/gguf.md)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
     p.add_argument("--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
@@ -195,7 +198,8 @@ def cmd_build(args) -> int:
         base = FINETUNED_PLAN if args.finetune_tokens else TRAINING_FREE_PLAN
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or f"build-{Path(args.model).stem}-{args.device}"
-    build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices)
+    build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
+          args.kv_bits)
     return 0
 
 

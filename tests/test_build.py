@@ -32,6 +32,7 @@ def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, c
         assert step in captured.out
     report = json.loads((out / "report.json").read_text())
     assert report["bits"] == 4 and report["context"] == 256 and report["device"]["key"] == "rpi-zero-2w"
+    assert report["kv_bits"] == 8  # no fine-tune: the cache keeps 8 bits by default
     assert {b["runtime"] for b in report["budgets"]} == {"llama.cpp", "onnxruntime"}
     assert all(b["fits"] for b in report["budgets"] if not b["model"].startswith("original"))
     html = (out / "report.html").read_text()
@@ -46,7 +47,7 @@ def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, c
 
     # GGUF: loads in llama.cpp with its 4-bit cache and generates
     from edge_mla.runtimes import llamacpp
-    model = llamacpp.open_model(out / "model.gguf", n_ctx=64, threads=1, kv_type="q4_0")
+    model = llamacpp.open_model(out / "model.gguf", n_ctx=64, threads=1, kv_type="q8_0")
     tokens, _ = llamacpp.greedy(model, [5, 6, 7, 8], 4)
     assert len(tokens) == 4
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

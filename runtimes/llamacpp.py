@@ -274,7 +274,7 @@ def open_model(path: str | Path, *, n_ctx: int = 2048, threads: int | None = Non
     try:
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
                               n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all, type_k=qtype, type_v=qtype,
-                              flash_attn=kv_type not in ("f16", "f32"), verbose=True)
+                              flash_attn=kv_type not in ("f16", "f32"), verbose=False)
     except ValueError as err:
         tail = "".join(_log_lines[start:])[-600:]
         raise ValueError(f"llama.cpp could not load {path}: {err}\n{tail}") from None

@@ -23,7 +23,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, LlamaFileType
 
-from edge_mla.runtimes.llamacpp import KV_TYPES, GGUFInfo, check_gguf
+from edge_mla.runtimes.llamacpp import GGUFInfo, check_gguf, check_kv_type
 
 WEIGHTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
@@ -83,7 +83,6 @@ def main(args) -> int:
 
 
 def _kv_ok(info: GGUFInfo, kv_type: str) -> bool:
-    from edge_mla.runtimes.llamacpp import check_kv_type
     try:
         check_kv_type(info, kv_type)
         return True

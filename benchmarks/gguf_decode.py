@@ -111,7 +111,8 @@ def table(results: dict) -> str:
     for name, r in results["models"].items():
         speeds = " | ".join(f"{r['decode'][str(c)]['decode_tok_s']:.1f}" for c in contexts)
         rss = " | ".join(f"{r['decode'][str(c)]['peak_rss_mb']:.0f}" for c in contexts)
-        rows.append(f"| {name} ({r['kind']}) | {r['file_mb']:.1f} | {r['kv_bytes_per_token']} | {r['ppl']:.2f} | "
+        ppl = f"{r['ppl']:.2f}" if "ppl" in r else "-"
+        rows.append(f"| {name} ({r['kind']}) | {r['file_mb']:.1f} | {r['kv_bytes_per_token']} | {ppl} | "
                     f"{speeds} | {rss} |")
     return "\n".join(rows)
 
@@ -136,7 +137,7 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3, help="decode passes per context (the best one counts)")
     p.add_argument("--ppl-ctx", type=int, default=1024)
-    p.add_argument("--ppl-windows", type=int, default=20)
+    p.add_argument("--ppl-windows", type=int, default=20, help="0: no perplexity")
     p.add_argument("--work", default=str(Path.home() / ".cache" / "edge-mla" / "bench"), help="GGUF files go here")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
@@ -168,6 +169,8 @@ def main() -> int:
             entry["decode"][str(context)] = run
             print(f"{name} @{context}: {run}", file=sys.stderr)
     for name, path in files.items():
+        if args.ppl_windows <= 0:
+            break
         entry = results["models"][name]
         entry.update(run_worker("ppl", path, text_file, args.ppl_ctx, args.ppl_windows, args.kv_type, args.threads))
         print(f"{name}: ppl {entry['ppl']:.3f}", file=sys.stderr)

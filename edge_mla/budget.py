@@ -26,7 +26,6 @@ CATALOG = Path(__file__).with_name("devices.toml")
 RUNTIME_BASE_BYTES = {"llama.cpp": 196 * MB, "onnxruntime": 66 * MB}
 RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 3_890, "onnxruntime": 59_584}
 # ggml cache types: bytes per element
-GGML_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
 
 
 @dataclass
@@ -88,39 +87,20 @@ class Footprint:
                 + context * (self.kv_bytes_per_token + RUNTIME_BYTES_PER_TOKEN[self.runtime]))
 
 
-def footprint_gguf(path: str | Path, cache_type: str = "f16") -> Footprint:
-    """From a GGUF file: its size, and the cache per token that llama.cpp allocates for it."""
-    from gguf import GGUFReader
+def footprint_gguf(path: str | Path, cache_type: str | None = None) -> Footprint:
+    """From a GGUF file: its size, and the cache per token that llama.cpp allocates for it with `cache_type`
+    (default: the cache type the file records, else f16)."""
+    from edge_mla.runtimes.gguf_file import check_gguf, check_kv_type
 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
-    if cache_type not in GGML_BYTES:
-        raise ValueError(f"unknown llama.cpp cache type '{cache_type}': choose one of {', '.join(GGML_BYTES)}")
-    try:
-        reader = GGUFReader(path)
-    except Exception as err:  # gguf raises ValueError/struct errors on foreign files
-        raise ValueError(f"{path} is not a GGUF file ({err})") from None
-
-    def value(key):
-        f = reader.get_field(key)
-        return None if f is None else f.contents()
-
-    arch = value("general.architecture")
-    layers = int(value(f"{arch}.block_count"))
-    ctx = int(value(f"{arch}.context_length") or 0)
-    per_elem = GGML_BYTES[cache_type]
-    if arch == "deepseek2":
-        width = int(value(f"{arch}.attention.kv_lora_rank")) + int(value(f"{arch}.rope.dimension_count"))
-        kv = layers * width * per_elem  # MLA: one latent+rope row per token, no V cache
-        kind = "mla"
-    else:
-        heads_kv = int(value(f"{arch}.attention.head_count_kv"))
-        head_dim = int(value(f"{arch}.attention.key_length") or
-                       value(f"{arch}.embedding_length") // value(f"{arch}.attention.head_count"))
-        kv = layers * 2 * heads_kv * head_dim * per_elem
-        kind = "original"
-    return Footprint(path.name, "llama.cpp", kind, path.stat().st_size, kv, ctx, f"{arch}, cache {cache_type}")
+    info = check_gguf(path)
+    cache_type = cache_type or info.cache_type
+    check_kv_type(info, cache_type)
+    kind = "mla" if info.is_mla else "original"
+    return Footprint(path.name, "llama.cpp", kind, path.stat().st_size, info.kv_bytes_per_token(cache_type),
+                     info.context_length, f"{info.arch}, cache {cache_type}")
 
 
 def footprint_onnx(folder: str | Path) -> Footprint:

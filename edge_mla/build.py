@@ -9,6 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import budget as bud
+from . import precision, provenance
 from .convert import Plan, resolve_plan
 
 # The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
@@ -18,8 +19,6 @@ QUALITY_BOUND = 0.40
 TRAINING_FREE_PLAN = Plan(selection="shared", latent=256, weighting="attention")
 # With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original's perplexity).
 FINETUNED_PLAN = Plan(selection="shared", latent=128, weighting="attention")
-GGUF_WEIGHTS = {4: "q4_0", 8: "q8_0", 16: "f16"}
-GGUF_CACHE = {4: "q4_0", 8: "q8_0", 16: "f16"}
 
 
 def step(i: int, n: int, what: str) -> None:
@@ -31,14 +30,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           devices_file: str | None = None, kv_bits: int | None = None) -> dict:
     from .source import load_source
 
-    if bits not in GGUF_WEIGHTS:
-        raise ValueError(f"--bits {bits} is not supported: use 4, 8 or 16")
-    # A 4-bit cache breaks a training-free conversion (docs/gguf.md: 1 of 32 greedy tokens kept with a q4_0
-    # cache; docs/onnx.md: +36% perplexity with an int4 cache), so without fine-tuning the cache keeps 8 bits
-    # unless asked otherwise.
-    kv_bits = kv_bits or (8 if bits == 4 and not finetune_tokens else bits)
-    if kv_bits not in GGUF_CACHE:
-        raise ValueError(f"--kv-bits {kv_bits} is not supported: use 4, 8 or 16")
+    precision.check_bits(bits)
+    kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, bool(finetune_tokens)), "--kv-bits")
     device = bud.find_device(device_name, bud.load_devices(devices_file))
     out = Path(out)
     if out.exists() and not force:
@@ -86,26 +79,31 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache)")
         # 4-bit: the tied embedding/output head keeps 8 bits, as the GGUF's q4_0 mix does (llama.cpp's practice)
         onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                      head_bits=8 if bits == 4 else None)
-        step(k + 1, n, f"exporting GGUF ({GGUF_WEIGHTS[bits]} weights)")
+                                      head_bits=precision.head_bits(bits))
+        step(k + 1, n, f"exporting GGUF ({precision.gguf_weight_type(bits)} weights, "
+                       f"{precision.gguf_cache_type(kv_bits)} cache)")
         gguf_file = staging / "model.gguf"
-        gguf_export.export(str(mla_dir), gguf_file, weights=GGUF_WEIGHTS[bits])
+        gguf_export.export(str(mla_dir), gguf_file, weights=precision.gguf_weight_type(bits),
+                           cache_type=precision.gguf_cache_type(kv_bits))
         step(k + 2, n, f"budgeting for {device.name} (the original measured through the same exporters)")
         original = staging / ".original"
         orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                       head_bits=8 if bits == 4 else None)
+                                       head_bits=precision.head_bits(bits))
         orig_gguf = original / "original.gguf"
-        gguf_export.export(model, orig_gguf, weights=GGUF_WEIGHTS[bits])
+        gguf_export.export(model, orig_gguf, weights=precision.gguf_weight_type(bits),
+                           cache_type=precision.gguf_cache_type(kv_bits))
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
         summary["bits"], summary["kv_bits"] = bits, kv_bits
         shutil.rmtree(original)
         summary["plan"] = asdict(plan)
+        summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
+                                                  calibration="built-in Wikipedia sample (gensim 4.4.0)")
         summary["finetune_tokens"] = finetune_tokens
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
         fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
         if not fits:
-            raise ValueError(no_fit_message(budgets, device, context))
+            raise ValueError(no_fit_message(budgets, device, context))  # a device/context to change: exit 2
         from .report import write_reports
         write_reports(staging, summary, footprints, budgets, device, limit)
         for path in [staging, *staging.rglob("*")]:  # temporary files are created private; publish readable
@@ -126,9 +124,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,
            context: int, orig_onnx: Path, orig_gguf: Path):
     mla_onnx = bud.footprint_onnx(onnx_dir)
-    mla_gguf = bud.footprint_gguf(gguf_file, GGUF_CACHE[kv_bits])
+    mla_gguf = bud.footprint_gguf(gguf_file)  # the cache type the file records: the build's
+    try:
+        orig_gguf_fp = bud.footprint_gguf(orig_gguf)
+    except ValueError:  # a head width the quantized cache's blocks do not divide: llama.cpp runs it with f16
+        orig_gguf_fp = bud.footprint_gguf(orig_gguf, "f16")
     footprints = [mla_gguf, mla_onnx]
-    for fp in (bud.footprint_gguf(orig_gguf, GGUF_CACHE[kv_bits]), bud.footprint_onnx(orig_onnx)):
+    for fp in (orig_gguf_fp, bud.footprint_onnx(orig_onnx)):
         fp.name = "original"
         footprints.append(fp)
     plain = {k: v for k, v in config.to_dict().items() if k != "mla"}

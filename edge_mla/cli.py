@@ -6,8 +6,23 @@ import sys
 import time
 from pathlib import Path
 
-from . import lowrank, rope
+from . import lowrank, precision, rope
 from .source import DEFAULT_MODEL
+
+# Exit codes (README): 0 done, 1 an unexpected error, 2 bad input (the message says what to change),
+# 3 the model does not fit the device, 4 the runtime (llama.cpp) crashed, 130 interrupted.
+EXIT_BAD_INPUT, EXIT_DOES_NOT_FIT, EXIT_RUNTIME_CRASHED = 2, 3, 4
+
+
+class HELP(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already states it (required/flag options
+    have none)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: {action.default})"
 
 # The build's training-free default; see docs/conversion_quality.md for the measurements behind it.
 DEFAULT_SELECTION = "shared"
@@ -15,8 +30,7 @@ DEFAULT_LATENT = 256
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help=f"built-in name ({DEFAULT_MODEL}), Hugging Face folder, .gguf file, or hub id (online)")
+    _model_arg(p)
     p.add_argument("--selection", default=DEFAULT_SELECTION, choices=rope.SELECTIONS,
                    help="which RoPE frequencies survive: per-KV-head selections of the paper, partition (disjoint "
                         "across KV heads), or shared (one rope key, TransMLA's RoRoPE)")
@@ -28,13 +42,38 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     rank.add_argument("--latent", type=int, default=None,
                       help=f"total latent width C (default {DEFAULT_LATENT}, capped at full rank)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
-    p.add_argument("--svd", default="joint", choices=lowrank.METHODS)
+    p.add_argument("--svd", default="joint", choices=lowrank.METHODS,
+                   help="joint: one SVD of keys and values together (MHA2MLA's SVD_joint); split: one each")
     p.add_argument("--weighting", default="attention", choices=lowrank.WEIGHTINGS,
                    help="weights: the paper's plain SVD; activations/balanced/attention: calibrated on text, "
                         "each losing less than the one before (docs/conversion_quality.md)")
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --calib-length tokens")
-    p.add_argument("--calib-length", type=int, default=1024)
+    p.add_argument("--calib-length", type=int, default=1024, help="tokens per calibration window")
     p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
+
+
+def _model_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-m", "--model", default=DEFAULT_MODEL,
+                   help=f"built-in name ({DEFAULT_MODEL}), Hugging Face folder, .gguf file, or hub id (online)")
+
+
+def _kv_args(p: argparse.ArgumentParser, help_default: str) -> None:
+    p.add_argument("--kv-bits", type=int, default=None, choices=precision.BITS,
+                   help=f"cache bits: 4 = q4_0, 8 = q8_0, 16 = f16 (default: {help_default})")
+    p.add_argument("--kv-type", default=None, choices=tuple(precision.CACHE_BITS_OF_TYPE),
+                   help="the same as llama.cpp names it (-ctk/-ctv), instead of --kv-bits")
+
+
+def _kv_type(args) -> str | None:
+    """The llama.cpp cache type asked for (--kv-type, or --kv-bits); None: the one the file records."""
+    return args.kv_type or (precision.GGUF_CACHE_TYPE[args.kv_bits] if args.kv_bits else None)
+
+
+def default_out(model: str, device: str) -> str:
+    """build-<the model's whole name>-<device>: a hub id keeps its name (dots included), a .gguf its stem."""
+    from .provenance import model_name
+
+    return f"build-{model_name(model) if model != DEFAULT_MODEL else DEFAULT_MODEL}-{device}"
 
 
 def _plan_from(args, config):
@@ -99,48 +138,58 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="edge-mla", description=__doc__)
+    from . import __version__
+
+    parser = argparse.ArgumentParser(prog="edge-mla", description="Convert a RoPE decoder LLM to Multi-head "
+                                     "Latent Attention and ship it to edge runtimes (ONNX, GGUF) with a memory "
+                                     "budget per device.", formatter_class=HELP)
+    parser.add_argument("--version", action="version", version=f"edge-mla {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=HELP, **k)  # defaults shown in every --help
 
     p = sub.add_parser("convert", help="convert a RoPE decoder to MLA (MHA2MLA) and save it as a folder")
     _plan_args(p)
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("-o", "--out", required=True, help="output folder")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_convert)
 
     p = sub.add_parser("eval", help="held-out perplexity (and sample generations) of a model or converted folder")
-    p.add_argument("model", nargs="?", default=DEFAULT_MODEL)
+    p.add_argument("model", nargs="?", default=DEFAULT_MODEL,
+                   help="a source model (built-in name, folder, .gguf, hub id) or a converted folder")
     p.add_argument("--windows", type=int, default=8, help="held-out windows to score (0: none)")
     p.add_argument("--length", type=int, default=1024, help="tokens per window")
     p.add_argument("--text", default=None, help="text file to score (default: held-out Wikipedia sample)")
     p.add_argument("--prompt", action="append", help="also generate from this prompt (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate per --prompt")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the model's chat template")
     p.add_argument("--absorbed", action="store_true", help="run MLA layers in the absorbed (decode) form")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("build", help="the whole job: convert, (fine-tune), export ONNX + GGUF, budget for a device")
-    p.add_argument("--model", default=DEFAULT_MODEL)
-    p.add_argument("--device", required=True, help="target device (`edge-mla devices` lists them)")
-    p.add_argument("--bits", type=int, default=4, choices=(4, 8, 16), help="weight bits (and cache bits after a fine-tune)")
-    p.add_argument("--kv-bits", type=int, default=None, choices=(4, 8, 16),
+    _model_arg(p)
+    p.add_argument("--device", required=True, help="target device, required (`edge-mla devices` lists them)")
+    p.add_argument("--bits", type=int, default=4, choices=precision.BITS, help="weight bits")
+    p.add_argument("--kv-bits", type=int, default=None, choices=precision.BITS,
                    help="cache bits (default: --bits, but 8 for a 4-bit build without fine-tuning: a 4-bit cache "
                         "breaks a training-free conversion, docs/gguf.md)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
-    p.add_argument("--out", default=None, help="output folder (default: build-<model>-<device>)")
+    p.add_argument("-o", "--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
-    p.add_argument("--latent", type=int, default=None, help="override the latent width the build chooses")
-    p.add_argument("--selection", default=None, choices=rope.SELECTIONS, help="override the RoPE selection")
+    p.add_argument("--latent", type=int, default=None, help="latent width C (default: the build's plan)")
+    p.add_argument("--selection", default=None, choices=rope.SELECTIONS,
+                   help="RoPE selection (default: the build's plan, shared)")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
 
-    p = sub.add_parser("budget", help="memory budget of an exported model (.gguf, ONNX folder) or an original")
+    p = sub.add_parser("budget", help="memory budget of an exported model (.gguf, ONNX folder) or an original; "
+                                      f"exits {EXIT_DOES_NOT_FIT} when it does not fit")
     p.add_argument("model", help=".gguf file, ONNX export folder, or a source model (estimated at --bits)")
-    p.add_argument("--device", required=True)
-    p.add_argument("--context", type=int, default=4096)
-    p.add_argument("--kv-type", default="f16", help="llama.cpp cache type for a .gguf: f16, q8_0, q4_0")
-    p.add_argument("--bits", type=int, default=16, help="weight bits assumed for a source model")
+    p.add_argument("--device", required=True, help="target device (`edge-mla devices` lists them)")
+    p.add_argument("--context", type=int, default=4096, help="context to budget for")
+    _kv_args(p, "a .gguf's recorded cache type, else 16")
+    p.add_argument("--bits", type=int, default=16, choices=precision.BITS, help="weight bits assumed for a source model")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.set_defaults(func=cmd_budget)
 
@@ -151,21 +200,21 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("finetune", help="recover quality: full-parameter fine-tuning of a converted model "
                                         "(run under torchrun for several GPUs)")
     p.add_argument("model_dir", help="converted model folder")
-    p.add_argument("--out", required=True, help="output folder for the fine-tuned model")
+    p.add_argument("-o", "--out", required=True, help="output folder for the fine-tuned model")
     p.add_argument("--data", nargs="*", default=None,
                    help="text files, .jsonl files (field 'text') or a datasets folder (default: built-in corpus)")
     p.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
-    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per process per step")
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (warm-up, then cosine)")
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of KL to the original model's logits (0: plain next-token loss)")
     p.add_argument("--teacher", default=None, help="original model for --distill (default: the conversion's source)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
-    p.add_argument("--grad-checkpointing", action="store_true")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
     p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_finetune)
 
@@ -173,18 +222,18 @@ def build_parser() -> argparse.ArgumentParser:
     formats = p.add_subparsers(dest="format", required=True)
     for name in ("onnx", "gguf"):
         module = _export_module(name)
-        q = formats.add_parser(name, help=module.__doc__.strip().splitlines()[0])
+        q = formats.add_parser(name, help=module.__doc__.strip().splitlines()[0], formatter_class=HELP)
         module.add_arguments(q)
         q.set_defaults(func=module.main)
 
     p = sub.add_parser("run", help="run an exported model: a .gguf file (llama.cpp) or an ONNX folder (onnxruntime)")
     p.add_argument("path", help="exported .gguf file or ONNX export folder")
-    p.add_argument("--prompt", default="The capital of France is")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("-p", "--prompt", default="The capital of France is", help="text to continue")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=64, help="tokens to generate at most")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--context", type=int, default=None, help="context length to allocate (default: prompt + new tokens)")
-    p.add_argument("--kv-type", default=None, help="llama.cpp cache type: f16, q8_0 or q4_0")
+    _kv_args(p, "the cache the file was built for: a .gguf records it, an ONNX export fixes it")
     p.set_defaults(func=cmd_run)
     return parser
 
@@ -197,7 +246,7 @@ def cmd_build(args) -> int:
         import dataclasses
         base = FINETUNED_PLAN if args.finetune_tokens else TRAINING_FREE_PLAN
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
-    out = args.out or f"build-{Path(args.model).stem}-{args.device}"
+    out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
           args.kv_bits)
     return 0
@@ -209,7 +258,7 @@ def cmd_budget(args) -> int:
     device = bud.find_device(args.device, bud.load_devices(args.devices))
     path = Path(args.model)
     if path.suffix == ".gguf":
-        fp = bud.footprint_gguf(path, args.kv_type)
+        fp = bud.footprint_gguf(path, _kv_type(args))
     elif path.is_dir() and (path / "edge_mla_onnx.json").exists():
         fp = bud.footprint_onnx(path)
     else:
@@ -217,8 +266,9 @@ def cmd_budget(args) -> int:
         from .source import load_source
         config = AutoConfig.from_pretrained(path) if (path / "config.json").exists() else load_source(args.model).model.config
         fp = bud.footprint_estimate(config, args.bits, args.bits / 8, "llama.cpp", name=path.name)
-    print(bud.format_budget(bud.budget(fp, device, args.context)))
-    return 0
+    result = bud.budget(fp, device, args.context)
+    print(bud.format_budget(result))
+    return 0 if result.fits else EXIT_DOES_NOT_FIT
 
 
 def cmd_devices(args) -> int:
@@ -255,10 +305,10 @@ def _export_module(name: str):
 
 def cmd_run(args) -> int:
     if str(args.path).endswith(".gguf"):
-        from .runtimes import llamacpp as runtime
-    else:
-        from .runtimes import onnxruntime as runtime
-    return runtime.run_cli(args)
+        from .runtimes import llamacpp
+        return llamacpp.run_cli(args)
+    from .runtimes import onnxruntime
+    return onnxruntime.run_cli(args)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,7 +320,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError) as err:
         print(f"edge-mla: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
+    except RuntimeError as err:
+        if type(err).__name__ != "RuntimeCrash":
+            raise
+        print(f"edge-mla: error: {err}", file=sys.stderr)
+        return EXIT_RUNTIME_CRASHED
 
 
 if __name__ == "__main__":

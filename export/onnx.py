@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_mla import provenance
+
 from . import onnx_graph, onnx_quant
 
 META = "edge_mla_onnx.json"
@@ -28,8 +30,9 @@ QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttentio
 def add_arguments(parser) -> None:
     parser.add_argument("model_dir", help="folder written by `edge-mla convert` (or, with --original, any source "
                                           "model: a Hugging Face folder, a .gguf file or a built-in name)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--weight-bits", type=int, default=4, help="4 or 8 (MatMulNBits), 16 or 32 (float)")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--bits", "--weight-bits", dest="weight_bits", type=int, default=4,
+                        help="weight bits: 4 or 8 (MatMulNBits), 16 or 32 (float)")
     parser.add_argument("--kv-bits", type=int, default=None,
                         help="cache: 4 (packed int4), 8 (int8), 16 or 32 (float); default: the weight bits")
     parser.add_argument("--block-size", type=int, default=32, help="weight quantization block (power of 2, >= 16)")
@@ -50,8 +53,8 @@ def add_arguments(parser) -> None:
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
                                                            "Wikipedia calibration part)")
-    parser.add_argument("--calib-windows", type=int, default=8)
-    parser.add_argument("--calib-length", type=int, default=512)
+    parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the cache scales")
+    parser.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -189,12 +192,10 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
             # k_up_bias cancels in softmax: dropped
             k_up=(np.pad(_np(a.k_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
             v_up=(np.pad(_np(a.v_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
-            v_up_bias=_np(a.v_up_bias), o=_np(a.o_proj.weight), inv_freq=_np(a.inv_freq))
+            v_up_bias=_np(a.v_up_bias), o=_np(a.o_proj.weight), o_bias=_np(a.o_proj.bias), inv_freq=_np(a.inv_freq))
         if a.q_proj.bias is not None:
             b = _np(a.kv_a_proj.bias)
             entry["kv_a_bias"] = np.concatenate([rot @ np.concatenate([b[:C], np.zeros(pad)]), b[C:]]).astype(np.float32)
-        if a.o_proj.bias is not None:
-            raise ValueError("an output-projection bias is not supported by the ONNX export")
         layers.append(entry)
     return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=layers,
                               latent_rotation=rot if rotate_latent else None,
@@ -213,7 +214,8 @@ def decoder_from_original(model) -> onnx_graph.Decoder:
         a = layer.self_attn
         entry = _layer_common(layer)
         entry.update(q=_np(a.q_proj.weight), k=_np(a.k_proj.weight), v=_np(a.v_proj.weight), o=_np(a.o_proj.weight),
-                     q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias))
+                     q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias),
+                     o_bias=_np(a.o_proj.bias))
         layers.append(entry)
     rotary = model.model.rotary_emb
     return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=layers, softmax_scale=d ** -0.5,
@@ -228,14 +230,16 @@ def cache_entries(model, windows) -> list[list[np.ndarray]]:
     """What the model caches on `windows`, per layer: MLA [tokens, C+R]; baseline [K [tokens, kvH, d], V ...]."""
     import torch
 
+    from edge_mla.mla import cached_tensors, forward_with_cache
+
     per_layer = None
     with torch.no_grad():
         for window in windows:
-            cache = model(window[None], use_cache=True).past_key_values
+            _, cache = forward_with_cache(model, window[None])
             got = []
-            for layer in cache.layers:
-                k = layer.keys[0].transpose(0, 1).float().numpy()  # [T, heads, width]
-                got.append([k] if layer.values.shape[-1] == 0 else [k, layer.values[0].transpose(0, 1).float().numpy()])
+            for keys, values in cached_tensors(cache):
+                k = keys[0].transpose(0, 1).float().numpy()  # [T, heads, width]
+                got.append([k] if values.shape[-1] == 0 else [k, values[0].transpose(0, 1).float().numpy()])
             per_layer = got if per_layer is None else [[np.concatenate([a, b]) for a, b in zip(p, g)]
                                                        for p, g in zip(per_layer, got)]
     return per_layer
@@ -382,7 +386,11 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                        embedding="GatherBlockQuantized int4" if weight_bits == 4 else "float16")
     else:
         weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32")
-    meta = metadata(dec, opts, model, tokenizer, weights, str(model_dir))
+    mla = getattr(model.config, "mla", None)
+    source = mla.get("source") if mla else str(model_dir)  # a converted folder may be a deleted staging path
+    meta = metadata(dec, opts, model, tokenizer, weights, source)
+    meta["provenance"] = provenance.record(source, mla=mla, bits=weight_bits, kv_bits=kv_bits,
+                                           calibration=(calib or {}).get("text"))
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))

@@ -347,7 +347,7 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     if layer.get("v_up_bias") is not None:
         out = g.op("Add", [out, g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
     out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])
-    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts)
+    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts, layer.get("o_bias"))
 
 
 def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, rope: tuple[str, str],
@@ -368,7 +368,7 @@ def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     out = g.fresh(f"layers.{i}.attn/out")
     g.op("GroupQueryAttention", inputs, [out, f"present_key.{i}", f"present_value.{i}"], domain=MS,
          name=f"layers.{i}.attn.gqa", **attrs)
-    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts)
+    return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts, layer.get("o_bias"))
 
 
 def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:

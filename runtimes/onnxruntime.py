@@ -175,9 +175,11 @@ def generate(decoder: OnnxDecoder, tokenizer: Tokenizer, prompt_ids: list[int], 
 def run_cli(args) -> int:
     folder = Path(args.path)
     meta = read_meta(folder)
-    if getattr(args, "kv_type", None):
-        raise ValueError(f"--kv-type is for llama.cpp; an ONNX export's cache type is fixed when it is exported "
-                         f"(this one: {meta['cache']['dtype']}); re-export with --kv-bits to change it")
+    exported = {"int4": 4, "int8": 8, "float16": 16, "float32": 32}[meta["cache"]["dtype"]]
+    asked = getattr(args, "kv_bits", None)
+    if getattr(args, "kv_type", None) or (asked and asked != exported):
+        raise ValueError(f"an ONNX export's cache precision is fixed when it is exported (this one: "
+                         f"{meta['cache']['dtype']}); re-export with `edge-mla export onnx --kv-bits` to change it")
     tokenizer = Tokenizer(folder, meta)
     ids = tokenizer.encode(args.prompt, chat=args.chat)
     need = len(ids) + args.max_new_tokens

@@ -25,12 +25,15 @@ def tiny_model(kind: str, seed: int = 0):
         config = MistralConfig(num_key_value_heads=2, sliding_window=None, **common)
     elif kind == "qwen2":
         config = Qwen2Config(num_key_value_heads=2, **common)
+    elif kind == "llama-bias":  # Llama with attention_bias=True: q/k/v and o biases
+        config = LlamaConfig(num_key_value_heads=2, attention_bias=True, **common)
     else:
         raise ValueError(kind)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     with torch.no_grad():  # random biases, so the bias paths are really exercised
         for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+            attn = layer.self_attn
+            for proj in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
                 if proj.bias is not None:
                     proj.bias.normal_(0, 0.5)
     return _finish(Source(model, None, kind, None)).model

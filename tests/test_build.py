@@ -9,6 +9,9 @@ import pytest
 from edge_mla import cli
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-python) is not installed")
+from test_gguf import llama_cpp_runs, tokenizer  # noqa: E402,F401  (fixtures: llama.cpp runs here, probed apart)
+
+pytestmark = pytest.mark.usefixtures("llama_cpp_runs")
 
 
 @pytest.fixture(scope="module")

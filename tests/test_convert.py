@@ -5,13 +5,12 @@ import copy
 
 import pytest
 import torch
-from transformers import DynamicCache
 
 import reference
 from conftest import prompt, stats_for, tiny_model
 from edge_mla import rope
 from edge_mla.convert import Plan, convert, head_dim_of
-from edge_mla.mla import cache_bytes, set_absorbed
+from edge_mla.mla import cache_bytes, forward_with_cache, new_cache, set_absorbed
 
 TOL = 1e-4
 
@@ -90,9 +89,9 @@ def test_absorbed_form_equals_expanded_form(kind, selection):
     absorbed = logits(mla, ids)
     assert (absorbed - expanded).abs().max() < TOL
     # and through the cache, one token at a time
-    cache = DynamicCache(config=mla.config)
+    cache = new_cache(mla)
     with torch.no_grad():
-        steps = [mla(ids[:, i:i + 1], past_key_values=cache, use_cache=True).logits for i in range(ids.shape[1])]
+        steps = [forward_with_cache(mla, ids[:, i:i + 1], cache)[0] for i in range(ids.shape[1])]
     assert (torch.cat(steps, 1) - expanded).abs().max() < TOL
 
 
@@ -117,10 +116,9 @@ def test_cache_bytes_per_token_match_formula(kind, selection, r):
     n_kv = cfg.num_key_value_heads
     rope_width = 2 * r * n_kv if selection != "shared" else 2 * r
     assert cfg.mla["rope_dim"] == rope_width
-    cache = DynamicCache(config=cfg)
     ids = prompt(33)
     with torch.no_grad():
-        mla(ids, past_key_values=cache, use_cache=True)
+        _, cache = forward_with_cache(mla, ids)
     per_token = cache_bytes(cache) / ids.shape[1]
     assert per_token == cfg.num_hidden_layers * (latent + rope_width) * 4  # fp32
 

@@ -4,6 +4,7 @@ our own checks refuse broken files first. Tiny random models with a tiny byte-le
 download); one slow test on the real SmolLM2-135M."""
 from __future__ import annotations
 
+import json
 import math
 import random
 
@@ -23,8 +24,9 @@ try:
 except ImportError:
     HAVE_LLAMA = False
 
-needs_llama = pytest.mark.skipif(not HAVE_LLAMA, reason="llama-cpp-python (llama.cpp) is not installed; "
-                                                        "pip install llama-cpp-python to run the GGUF tests")
+# Every llama.cpp test first needs a llama.cpp that runs here: a build for another CPU dies with SIGILL, and a dead
+# pytest process would hide every other result; the probe runs in a child process and fails these tests instead.
+needs_llama = pytest.mark.usefixtures("llama_cpp_runs")
 
 PROMPT, NEW = 64, 32
 WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which this be "
@@ -83,6 +85,21 @@ def tokenizer():
 
 
 @pytest.fixture(scope="module")
+def llama_cpp_runs(tmp_path_factory, tokenizer):
+    if not HAVE_LLAMA:
+        pytest.skip("llama-cpp-python (llama.cpp) is not installed; ./install.sh llama to run the GGUF tests")
+    folder = tmp_path_factory.mktemp("probe") / "tiny-llama"
+    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = folder.parent / "probe.gguf"
+    export_gguf.export(folder, path, weights="f32")
+    try:
+        llamacpp.run_isolated(llamacpp.smoke, path)
+    except llamacpp.RuntimeCrash as err:
+        pytest.fail(f"llama.cpp does not run on this machine: {err}")
+
+
+@pytest.fixture(scope="module")
 def text_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("text") / "calib.txt"
     path.write_text(corpus(4000, seed=1))
@@ -93,7 +110,7 @@ def converted_folder(tmp_path, tokenizer, kind: str, plan: Plan):
     model = tiny(kind, len(tokenizer))
     ids = tokenizer(corpus(600, seed=2), return_tensors="pt").input_ids[0]
     stats = collect_stats(model, ids[: 4 * 48].view(4, 48))
-    convert(model, plan, stats)
+    convert(model, plan, stats, source=kind)
     folder = tmp_path / f"{kind}-{plan.selection}"
     save(model, tokenizer, folder)
     return folder
@@ -366,3 +383,26 @@ EIFFEL = ("The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars
           "the engineer Gustave Eiffel, whose company designed and built the tower from 1887 to 1889. Locally "
           "nicknamed \"La dame de fer\" (French for \"Iron Lady\"), it was constructed as the centrepiece of the "
           "1889 World's Fair, and to crown the centennial anniversary of the French Revolution.")
+
+
+@needs_llama
+def test_gguf_says_what_it_is_and_run_uses_its_cache_type(tmp_path, tokenizer, text_file, capsys):
+    from gguf import GGUFReader
+
+    folder = converted_folder(tmp_path, tokenizer, "llama-gqa", Plan("partition", 2, 24))
+    out = tmp_path / "named.gguf"
+    code = cli.main(["export", "gguf", str(folder), "-o", str(out), "--bits", "8", "--kv-bits", "8",
+                     "--text", str(text_file), "--calib-windows", "2", "--calib-length", "64"])
+    assert code == 0, capsys.readouterr().err
+    fields = GGUFReader(out).fields
+    # the source model's name (the converted folder only remembers it), not the folder's
+    assert fields["general.name"].contents() == "llama-gqa" != folder.name
+    assert fields["edge_mla.cache_type"].contents() == "q8_0"
+    record = json.loads(fields["edge_mla.provenance"].contents())
+    assert record["source"] == "llama-gqa" and record["kv_bits"] == 8 and record["versions"]["gguf"]
+    assert llamacpp.check_gguf(out).cache_type == "q8_0"
+    capsys.readouterr()
+    assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1"]) == 0
+    assert "KV cache q8_0" in capsys.readouterr().err  # no --kv-type given: the recorded one
+    assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1", "--kv-bits", "16"]) == 0
+    assert "KV cache f16" in capsys.readouterr().err

@@ -21,6 +21,7 @@ from edge_mla import cli
 from edge_mla.convert import Plan, convert, save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import DOMAIN
+from edge_mla.mla import forward_with_cache
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
 from test_cli import word_tokenizer
 
@@ -58,8 +59,8 @@ def torch_greedy(model, ids: torch.Tensor, n: int) -> list[int]:
     """n argmax tokens through the model's own cache (no end-of-text stop, no logits processors)."""
     out, past, x = [], None, ids
     for _ in range(n):
-        result = model(x, past_key_values=past, use_cache=True)
-        past, token = result.past_key_values, int(result.logits[0, -1].argmax())
+        logits, past = forward_with_cache(model, x, past)
+        token = int(logits[0, -1].argmax())
         out.append(token)
         x = torch.tensor([[token]])
     return out
@@ -71,7 +72,7 @@ def onnx_greedy(folder, ids: torch.Tensor, n: int) -> list[int]:
     return generate(decoder, None, ids[0].tolist(), n)["tokens"]
 
 
-@pytest.mark.parametrize("kind,body", [("llama-gqa", "gqa"), ("qwen2", "gqa"), ("llama-mha", "gqa"),
+@pytest.mark.parametrize("kind,body", [("llama-gqa", "gqa"), ("qwen2", "gqa"), ("llama-mha", "gqa"), ("llama-bias", "gqa"),
                                        ("llama-gqa", "plain"), ("qwen2", "plain")])
 def test_float_export_equals_pytorch(tmp_path, kind, body):
     model = converted(kind)

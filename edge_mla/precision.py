@@ -1,0 +1,42 @@
+"""Precision: one vocabulary of bits for weights and caches, and what each bit width becomes in each runtime.
+
+Every command speaks `--bits` (weights) and `--kv-bits` (cache) in {4, 8, 16}; the exporters and runners turn
+them into types here and nowhere else. No torch, no runtime imports: the runners use this too.
+"""
+from __future__ import annotations
+
+BITS = (4, 8, 16)
+
+# llama.cpp: weight file types (gguf-py writes Q8_0/Q4_0 itself) and cache types (-ctk/-ctv).
+GGUF_WEIGHT_TYPE = {4: "q4_0", 8: "q8_0", 16: "f16", 32: "f32"}
+GGUF_CACHE_TYPE = {4: "q4_0", 8: "q8_0", 16: "f16", 32: "f32"}
+CACHE_BITS_OF_TYPE = {v: k for k, v in GGUF_CACHE_TYPE.items()}
+
+# The GGUF key that carries the cache type a build priced, so `edge-mla run` uses the same one.
+GGUF_CACHE_KEY = "edge_mla.cache_type"
+
+
+def check_bits(bits: int, what: str = "--bits") -> int:
+    if bits not in BITS:
+        raise ValueError(f"{what} {bits} is not supported: use {', '.join(map(str, BITS))}")
+    return bits
+
+
+def head_bits(weight_bits: int) -> int | None:
+    """The tied embedding / output head keeps 8 bits under 4-bit weights, as llama.cpp's q4_0 mix does (the
+    head is the most sensitive matrix); otherwise it follows the weights."""
+    return 8 if weight_bits == 4 else None
+
+
+def default_cache_bits(weight_bits: int, finetuned: bool) -> int:
+    """The cache follows the weights, except that a training-free conversion keeps 8 bits under 4-bit weights:
+    a 4-bit cache breaks it (docs/gguf.md: 1 of 32 greedy tokens kept with a q4_0 cache)."""
+    return 8 if weight_bits == 4 and not finetuned else weight_bits
+
+
+def gguf_cache_type(kv_bits: int) -> str:
+    return GGUF_CACHE_TYPE[check_bits(kv_bits, "--kv-bits")]
+
+
+def gguf_weight_type(bits: int) -> str:
+    return GGUF_WEIGHT_TYPE[check_bits(bits)]

@@ -3,22 +3,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 from . import budget as bud
 from . import precision, provenance
-from .convert import Plan, resolve_plan
+from .convert import resolve_plan
+from .plans import PLANS, Plan
+from .publish import refuse_existing, staged_folder
 
-# The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
-# the original in docs/conversion_quality.md (SmolLM2-135M). A shared rope head keeps every frequency (llama.cpp
-# runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).
-QUALITY_BOUND = 0.40
-TRAINING_FREE_PLAN = Plan(selection="shared", latent=256, weighting="attention")
-# With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original's perplexity).
-FINETUNED_PLAN = Plan(selection="shared", latent=128, weighting="attention")
 
 
 def step(i: int, n: int, what: str) -> None:
@@ -33,9 +27,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     precision.check_bits(bits)
     kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, bool(finetune_tokens)), "--kv-bits")
     device = bud.find_device(device_name, bud.load_devices(devices_file))
-    out = Path(out)
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out = refuse_existing(out, force)
     if finetune_tokens:
         import torch
         if not torch.cuda.is_available():
@@ -54,51 +46,53 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     context = context or min(limit, 4096)
     if context > limit:
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
-    plan = plan or (FINETUNED_PLAN if finetune_tokens else TRAINING_FREE_PLAN)
+    plan = plan or PLANS["finetuned" if finetune_tokens else "training-free"]
     full = resolve_plan(config, replace(plan, latent=None)).latent
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
-        from .convert import convert_source, describe
-        step(2, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
-        mla_dir, mla = convert_source(src, plan, staging / "mla")
+    from .convert import calibrate_and_convert, describe, load, save
+    from .export import gguf as gguf_export
+    from .export import onnx as onnx_export
+
+    weights, cache = precision.gguf_weight_type(bits), precision.gguf_cache_type(kv_bits)
+    with staged_folder(out) as staging:
+        # The original first, through the same exporters at the same bits: the conversion then changes the
+        # loaded model in place, so the source is read from disk once.
+        step(2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
+        original = staging / ".original"
+        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
+                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
+        orig_gguf = original / "original.gguf"
+        gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
+
+        step(3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
+        mla = calibrate_and_convert(src, plan)
         print("      " + describe(mla, config))
-        k = 3
+        mla_dir = save(src.model, src.tokenizer, staging / "mla")
+        k = 4
         if finetune_tokens:
             from .finetune import TrainConfig, finetune
             step(k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
             finetune(mla_dir, staging / "mla-ft", TrainConfig(tokens=finetune_tokens, distill=0.5), teacher=model)
             shutil.rmtree(mla_dir)
             os.replace(staging / "mla-ft", mla_dir)
+            src.model, src.tokenizer = load(mla_dir)
             k += 1
-        from .export import gguf as gguf_export
-        from .export import onnx as onnx_export
-        step(k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache)")
-        # 4-bit: the tied embedding/output head keeps 8 bits, as the GGUF's q4_0 mix does (llama.cpp's practice)
+        step(k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} weights, "
+                   f"{cache} cache)")
         onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                      head_bits=precision.head_bits(bits))
-        step(k + 1, n, f"exporting GGUF ({precision.gguf_weight_type(bits)} weights, "
-                       f"{precision.gguf_cache_type(kv_bits)} cache)")
+                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
         gguf_file = staging / "model.gguf"
-        gguf_export.export(str(mla_dir), gguf_file, weights=precision.gguf_weight_type(bits),
-                           cache_type=precision.gguf_cache_type(kv_bits))
-        step(k + 2, n, f"budgeting for {device.name} (the original measured through the same exporters)")
-        original = staging / ".original"
-        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                       head_bits=precision.head_bits(bits))
-        orig_gguf = original / "original.gguf"
-        gguf_export.export(model, orig_gguf, weights=precision.gguf_weight_type(bits),
-                           cache_type=precision.gguf_cache_type(kv_bits))
+        gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
+        step(k + 1, n, f"budgeting for {device.name}")
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
         summary["bits"], summary["kv_bits"] = bits, kv_bits
         shutil.rmtree(original)
         summary["plan"] = asdict(plan)
         summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
-                                                  calibration="built-in Wikipedia sample (gensim 4.4.0)")
+                                                  calibration=mla["calibration_text"])
         summary["finetune_tokens"] = finetune_tokens
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
         fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
@@ -106,14 +100,6 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             raise ValueError(no_fit_message(budgets, device, context))  # a device/context to change: exit 2
         from .report import write_reports
         write_reports(staging, summary, footprints, budgets, device, limit)
-        for path in [staging, *staging.rglob("*")]:  # temporary files are created private; publish readable
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     print(summary["verdict"])
     for b in budgets:
         print("  " + bud.format_budget(b))

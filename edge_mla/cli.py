@@ -6,7 +6,8 @@ import sys
 import time
 from pathlib import Path
 
-from . import lowrank, precision, rope
+from . import plans, precision
+from .publish import refuse_existing
 from .source import DEFAULT_MODEL
 
 # Exit codes (README): 0 done, 1 an unexpected error, 2 bad input (the message says what to change),
@@ -24,14 +25,12 @@ class HELP(argparse.HelpFormatter):
             return text
         return f"{text} (default: {action.default})"
 
-# The build's training-free default; see docs/conversion_quality.md for the measurements behind it.
-DEFAULT_SELECTION = "shared"
-DEFAULT_LATENT = 256
+DEFAULT_LATENT = plans.DEFAULT_LATENT  # (tests import it from here)
 
 
 def _plan_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
-    p.add_argument("--selection", default=DEFAULT_SELECTION, choices=rope.SELECTIONS,
+    p.add_argument("--selection", default=plans.PLANS["training-free"].selection, choices=plans.SELECTIONS,
                    help="which RoPE frequencies survive: per-KV-head selections of the paper, partition (disjoint "
                         "across KV heads), or shared (one rope key, TransMLA's RoRoPE)")
     p.add_argument("--rope-pairs", "-r", type=int, default=None,
@@ -42,9 +41,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     rank.add_argument("--latent", type=int, default=None,
                       help=f"total latent width C (default {DEFAULT_LATENT}, capped at full rank)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
-    p.add_argument("--svd", default="joint", choices=lowrank.METHODS,
+    p.add_argument("--svd", default="joint", choices=plans.SVD_METHODS,
                    help="joint: one SVD of keys and values together (MHA2MLA's SVD_joint); split: one each")
-    p.add_argument("--weighting", default="attention", choices=lowrank.WEIGHTINGS,
+    p.add_argument("--weighting", default="attention", choices=plans.WEIGHTINGS,
                    help="weights: the paper's plain SVD; activations/balanced/attention: calibrated on text, "
                         "each losing less than the one before (docs/conversion_quality.md)")
     p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --calib-length tokens")
@@ -77,9 +76,9 @@ def default_out(model: str, device: str) -> str:
 
 
 def _plan_from(args, config):
-    from .convert import Plan, latent_from_rank, resolve_plan
+    from .convert import latent_from_rank, resolve_plan
 
-    plan = Plan(args.selection, args.rope_pairs, None, args.svd, args.weighting)
+    plan = plans.Plan(args.selection, args.rope_pairs, None, args.svd, args.weighting)
     if args.rank is not None:
         plan.latent = latent_from_rank(config, args.rank)
     elif args.latent is not None:
@@ -94,9 +93,7 @@ def cmd_convert(args) -> int:
     from .convert import convert_source, describe
     from .source import load_source
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    out = refuse_existing(args.out, args.force)  # before the slow load
     src = load_source(args.model)
     plan = _plan_from(args, src.model.config)
     t0 = time.perf_counter()
@@ -107,25 +104,15 @@ def cmd_convert(args) -> int:
     return 0
 
 
-def _load_any(spec: str):
-    from .convert import load
-    from .source import load_source
-
-    path = Path(spec)
-    if path.is_dir() and (path / "config.json").exists():
-        import json
-        if "mla" in json.loads((path / "config.json").read_text()):
-            return load(path)
-    src = load_source(spec)
-    return src.model, src.tokenizer
-
-
 def cmd_eval(args) -> int:
     from .data import CORPUS_ABOUT, load_text, token_windows
     from .eval import generate_text, perplexity
     from .mla import set_absorbed
 
-    model, tokenizer = _load_any(args.model)
+    from .convert import load_any
+
+    src = load_any(args.model)
+    model, tokenizer = src.model, src.tokenizer
     set_absorbed(model, args.absorbed)
     if args.windows > 0:
         windows = token_windows(tokenizer, load_text(args.text, "heldout"), args.length, args.windows)
@@ -177,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
     p.add_argument("--latent", type=int, default=None, help="latent width C (default: the build's plan)")
-    p.add_argument("--selection", default=None, choices=rope.SELECTIONS,
+    p.add_argument("--selection", default=None, choices=plans.SELECTIONS,
                    help="RoPE selection (default: the build's plan, shared)")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -239,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .build import FINETUNED_PLAN, TRAINING_FREE_PLAN, build
+    from .build import build
 
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
-        base = FINETUNED_PLAN if args.finetune_tokens else TRAINING_FREE_PLAN
+        base = plans.PLANS["finetuned" if args.finetune_tokens else "training-free"]
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,

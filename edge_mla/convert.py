@@ -1,11 +1,9 @@
 """MHA2MLA: turn a loaded RoPE decoder into an MLA model (partial RoPE, then a low-rank latent), and save/load it."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -14,17 +12,9 @@ from tqdm.auto import tqdm
 from . import lowrank, rope
 from .calibration import LayerStats
 from .mla import MLAAttention, install_mla
+from .plans import Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
+from .publish import refuse_existing, staged_folder
 from .source import SourceError, check_architecture
-
-
-@dataclass
-class Plan:
-    selection: str = "shared"
-    rope_pairs: int | None = None  # r; None: the selection's default
-    latent: int | None = None  # total latent width C; None: full rank
-    svd: str = "joint"
-    weighting: str = "attention"
-    rope_components: int = 1  # shared head only: principal mixes per frequency that keep RoPE
 
 
 def head_dim_of(config) -> int:
@@ -179,22 +169,29 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
 
 def save(model, tokenizer, out: str | Path, overwrite: bool = False) -> Path:
     """Write config (with its `mla` section), safetensors and tokenizer; all or nothing."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    staging.chmod(0o755)  # mkdtemp makes it private; the published folder should not be
-    try:
+    out = refuse_existing(out, overwrite)
+    with staged_folder(out) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
+
+
+def is_converted(path: str | Path) -> bool:
+    """A folder written by `save`: a config.json with an `mla` section."""
+    config = Path(path) / "config.json"
+    return config.is_file() and "mla" in json.loads(config.read_text())
+
+
+def load_any(spec: str | Path):
+    """A converted folder (MLA layers; named after its source model) or any source model, as a source.Source."""
+    from .source import Source, load_source, source_gguf
+
+    if is_converted(spec):
+        model, tokenizer = load(spec)
+        mla = model.config.mla
+        return Source(model, tokenizer, mla.get("source") or Path(spec).name, Path(spec),
+                      source_gguf(mla.get("source_gguf") or mla.get("source")))
+    return load_source(str(spec))
 
 
 def load(folder: str | Path):
@@ -246,20 +243,28 @@ def timed(fn, *args, **kwargs):
 
 
 
-def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
-                   text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
-    """Calibrate -> convert -> save a loaded `source.Source`. Checks plan and output path before slow steps."""
+def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_length: int = 1024,
+                          text: str | None = None) -> dict:
+    """Calibrate on text, then convert a loaded `source.Source` in place; returns its MLA section."""
     from .calibration import collect_stats
-    from .data import load_text, token_windows
+    from .data import calibration_windows
 
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
     plan = resolve_plan(src.model.config, plan)
     stats = None
     if needs_calibration(plan):
-        windows = token_windows(src.tokenizer, load_text(text, "calibration"), calib_length, calib_windows)
+        windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
         stats = collect_stats(src.model, windows)
     mla = convert(src.model, plan, stats, source=src.name)
+    if src.gguf is not None:
+        mla["source_gguf"] = str(src.gguf)
     mla["calibration_tokens"] = 0 if stats is None else stats[0].count
+    mla["calibration_text"] = text or "built-in Wikipedia sample, calibration part (gensim 4.4.0)"
+    return mla
+
+
+def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
+                   text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
+    """Calibrate -> convert -> save a loaded `source.Source`. Checks plan and output path before slow steps."""
+    out = refuse_existing(out, overwrite)
+    mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text)
     return save(src.model, src.tokenizer, out, overwrite=overwrite), mla

@@ -10,15 +10,14 @@ for perplexity and never used to fit anything.
 from __future__ import annotations
 
 import bz2
-import os
 import re
-import tempfile
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
 
 import torch
 
+from .publish import staged_file
 from .source import cache_dir, pip_download
 
 GENSIM = "gensim==4.4.0"
@@ -148,12 +147,13 @@ def token_windows(tokenizer, text: str, length: int, count: int | None = None) -
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    with staged_file(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def calibration_windows(tokenizer, text: str | None = None, *, count: int, length: int) -> torch.Tensor:
+    """The windows every calibration step reads: `count` x `length` tokens of the calibration part of the
+    built-in Wikipedia sample, or of the user's text file."""
+    if tokenizer is None:
+        raise ValueError("calibration needs the model's tokenizer to read text")
+    return token_windows(tokenizer, load_text(text, "calibration"), length, count)

@@ -15,8 +15,7 @@ from __future__ import annotations
 
 import torch
 
-METHODS = ("joint", "split")
-WEIGHTINGS = ("weights", "activations", "balanced", "attention")
+from .plans import SVD_METHODS as METHODS, WEIGHTINGS  # noqa: F401
 RIDGE = 1e-4  # relative to the mean eigenvalue of E[x x^T]; keeps the Cholesky factor well conditioned
 
 

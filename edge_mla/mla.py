@@ -58,7 +58,7 @@ class MLAAttention(nn.Module):
         # transformers 5.24 renamed the decoder's `past_key_values` argument to `cache`; accept either
         past_key_values = cache if cache is not None else past_key_values
         B, T, _ = hidden_states.shape
-        H, G, N, R, C = self.num_heads, self.num_groups, self.nope_dim, self.rope_dim, self.latent_dim
+        H, N, R, C = self.num_heads, self.nope_dim, self.rope_dim, self.latent_dim
         if position_ids is None:
             start = past_key_values.get_seq_length(self.layer_idx) if past_key_values is not None else 0
             position_ids = torch.arange(start, start + T, device=hidden_states.device)[None].expand(B, T)

@@ -18,10 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-PER_HEAD_SELECTIONS = ("high", "low", "uniform", "2norm", "partition", "partition-2norm")
-SELECTIONS = PER_HEAD_SELECTIONS + ("shared",)
-# Selections whose kept frequencies are disjoint across KV heads: llama.cpp's single rope key runs them exactly.
-DISJOINT_SELECTIONS = ("partition", "partition-2norm", "shared")
+from .plans import DISJOINT_SELECTIONS, PER_HEAD_SELECTIONS, SELECTIONS  # noqa: F401
 
 
 @dataclass

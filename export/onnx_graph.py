@@ -373,7 +373,7 @@ def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
 
 def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     g = Graph()
-    V, E = dec.vocab_size, dec.hidden_size
+    V = dec.vocab_size
     ids = "input_ids"
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),

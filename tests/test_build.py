@@ -15,11 +15,10 @@ pytestmark = pytest.mark.usefixtures("llama_cpp_runs")
 
 
 @pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory):
-    from test_gguf import bpe_tokenizer, tiny
+def tiny_source(tmp_path_factory, tokenizer):
+    from test_gguf import tiny
 
     folder = tmp_path_factory.mktemp("src") / "tiny-llama"
-    tokenizer = bpe_tokenizer()
     tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
@@ -72,3 +71,23 @@ def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi5", "--context", "100000",
                      "--out", str(tmp_path / "b")])
     assert code == 2 and "beyond what" in capsys.readouterr().err
+
+
+def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tiny_source, capsys, monkeypatch):
+    from edge_mla import source
+
+    loads = []
+    real = source._load_folder
+    monkeypatch.setattr(source, "_load_folder", lambda folder: loads.append(folder) or real(folder))
+    out = tmp_path / "build"
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "8", "--context", "256",
+                     "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert len(loads) == 1  # one read of the source; both exporters and the baseline get the loaded objects
+    report = json.loads((out / "report.json").read_text())
+    priced = [f for f in report["footprints"] if f["runtime"] == "llama.cpp" and f["kind"] == "mla"][0]
+    assert "cache q8_0" in priced["detail"]
+    capsys.readouterr()
+    assert cli.main(["run", str(out / "model.gguf"), "-n", "2", "--threads", "1"]) == 0
+    assert "KV cache q8_0" in capsys.readouterr().err  # the cache type report.json priced
+    assert report["provenance"]["source"] == str(tiny_source) and report["provenance"]["versions"]["torch"]

@@ -13,7 +13,7 @@ import torch
 
 from conftest import prompt, stats_for, tiny_model
 from edge_mla import cli
-from edge_mla.convert import Plan, convert, save
+from edge_mla.convert import Plan, convert
 from edge_mla.runtimes import llamacpp
 from edge_mla.source import MissingDependency, load_source
 from test_cli import word_tokenizer

@@ -1,0 +1,34 @@
+"""Conversion plans: what MHA2MLA keeps of RoPE and how wide the latent is, as data, with the named plans the
+build chooses from. No torch here: the CLI reads the choices without loading anything."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PER_HEAD_SELECTIONS = ("high", "low", "uniform", "2norm", "partition", "partition-2norm")
+SELECTIONS = PER_HEAD_SELECTIONS + ("shared",)
+# Selections where no two KV heads keep the same frequency: llama.cpp's single rope key runs them exactly.
+DISJOINT_SELECTIONS = ("partition", "partition-2norm", "shared")
+SVD_METHODS = ("joint", "split")
+WEIGHTINGS = ("weights", "activations", "balanced", "attention")
+
+
+@dataclass
+class Plan:
+    selection: str = "shared"
+    rope_pairs: int | None = None  # r; None: the selection's default
+    latent: int | None = None  # total latent width C; None: full rank
+    svd: str = "joint"
+    weighting: str = "attention"
+    rope_components: int = 1  # shared head only: principal mixes per frequency that keep RoPE
+
+
+# The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
+# the original in docs/conversion_quality.md (SmolLM2-135M). A shared rope head keeps every frequency (llama.cpp
+# runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).
+QUALITY_BOUND = 0.40
+DEFAULT_LATENT = 256
+PLANS = {
+    "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),
+    # With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original).
+    "finetuned": Plan(selection="shared", latent=128, weighting="attention"),
+}

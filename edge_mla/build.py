@@ -7,11 +7,11 @@ import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from . import budget as bud
-from . import precision, provenance
-from .convert import resolve_plan
-from .plans import PLANS, Plan
-from .publish import refuse_existing, staged_folder
+from edge_mla import budget as bud
+from edge_mla import precision, provenance
+from edge_mla.convert import resolve_plan
+from edge_mla.plans import PLANS, Plan
+from edge_mla.publish import refuse_existing, staged_folder
 
 
 
@@ -22,7 +22,7 @@ def step(i: int, n: int, what: str) -> None:
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None) -> dict:
-    from .source import load_source
+    from edge_mla.source import load_source
 
     precision.check_bits(bits)
     kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, bool(finetune_tokens)), "--kv-bits")
@@ -51,9 +51,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
 
-    from .convert import calibrate_and_convert, describe, load, save
-    from .export import gguf as gguf_export
-    from .export import onnx as onnx_export
+    from edge_mla.convert import calibrate_and_convert, describe, load, save
+    from edge_mla.export import gguf as gguf_export
+    from edge_mla.export import onnx as onnx_export
 
     weights, cache = precision.gguf_weight_type(bits), precision.gguf_cache_type(kv_bits)
     with staged_folder(out) as staging:
@@ -72,7 +72,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         mla_dir = save(src.model, src.tokenizer, staging / "mla")
         k = 4
         if finetune_tokens:
-            from .finetune import TrainConfig, finetune
+            from edge_mla.finetune import TrainConfig, finetune
             step(k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
             finetune(mla_dir, staging / "mla-ft", TrainConfig(tokens=finetune_tokens, distill=0.5), teacher=model)
             shutil.rmtree(mla_dir)
@@ -98,7 +98,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
         if not fits:
             raise ValueError(no_fit_message(budgets, device, context))  # a device/context to change: exit 2
-        from .report import write_reports
+        from edge_mla.report import write_reports
         write_reports(staging, summary, footprints, budgets, device, limit)
     print(summary["verdict"])
     for b in budgets:

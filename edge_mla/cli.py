@@ -6,9 +6,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import plans, precision
-from .publish import refuse_existing
-from .source import DEFAULT_MODEL
+from edge_mla import plans, precision
+from edge_mla.publish import refuse_existing
+from edge_mla.source import DEFAULT_MODEL
 
 # Exit codes (README): 0 done, 1 an unexpected error, 2 bad input (the message says what to change),
 # 3 the model does not fit the device, 4 the runtime (llama.cpp) crashed, 130 interrupted.
@@ -70,13 +70,13 @@ def _kv_type(args) -> str | None:
 
 def default_out(model: str, device: str) -> str:
     """build-<the model's whole name>-<device>: a hub id keeps its name (dots included), a .gguf its stem."""
-    from .provenance import model_name
+    from edge_mla.provenance import model_name
 
     return f"build-{model_name(model) if model != DEFAULT_MODEL else DEFAULT_MODEL}-{device}"
 
 
 def _plan_from(args, config):
-    from .convert import latent_from_rank, resolve_plan
+    from edge_mla.convert import latent_from_rank, resolve_plan
 
     plan = plans.Plan(args.selection, args.rope_pairs, None, args.svd, args.weighting)
     if args.rank is not None:
@@ -90,8 +90,8 @@ def _plan_from(args, config):
 
 
 def cmd_convert(args) -> int:
-    from .convert import convert_source, describe
-    from .source import load_source
+    from edge_mla.convert import convert_source, describe
+    from edge_mla.source import load_source
 
     out = refuse_existing(args.out, args.force)  # before the slow load
     src = load_source(args.model)
@@ -105,11 +105,11 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .data import CORPUS_ABOUT, load_text, token_windows
-    from .eval import generate_text, perplexity
-    from .mla import set_absorbed
+    from edge_mla.data import CORPUS_ABOUT, load_text, token_windows
+    from edge_mla.eval import generate_text, perplexity
+    from edge_mla.mla import set_absorbed
 
-    from .convert import load_any
+    from edge_mla.convert import load_any
 
     src = load_any(args.model)
     model, tokenizer = src.model, src.tokenizer
@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from edge_mla import __version__
 
     parser = argparse.ArgumentParser(prog="edge-mla", description="Convert a RoPE decoder LLM to Multi-head "
                                      "Latent Attention and ship it to edge runtimes (ONNX, GGUF) with a memory "
@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_build(args) -> int:
-    from .build import build
+    from edge_mla.build import build
 
     plan = None
     if args.latent is not None or args.selection is not None:
@@ -240,7 +240,7 @@ def cmd_build(args) -> int:
 
 
 def cmd_budget(args) -> int:
-    from . import budget as bud
+    from edge_mla import budget as bud
 
     device = bud.find_device(args.device, bud.load_devices(args.devices))
     path = Path(args.model)
@@ -250,7 +250,7 @@ def cmd_budget(args) -> int:
         fp = bud.footprint_onnx(path)
     else:
         from transformers import AutoConfig
-        from .source import load_source
+        from edge_mla.source import load_source
         config = AutoConfig.from_pretrained(path) if (path / "config.json").exists() else load_source(args.model).model.config
         fp = bud.footprint_estimate(config, args.bits, args.bits / 8, "llama.cpp", name=path.name)
     result = bud.budget(fp, device, args.context)
@@ -259,7 +259,7 @@ def cmd_budget(args) -> int:
 
 
 def cmd_devices(args) -> int:
-    from . import budget as bud
+    from edge_mla import budget as bud
 
     for d in bud.load_devices(args.devices).values():
         aliases = f" (also: {', '.join(d.aliases)})" if d.aliases else ""
@@ -270,7 +270,7 @@ def cmd_devices(args) -> int:
 
 
 def cmd_finetune(args) -> int:
-    from .finetune import TrainConfig, finetune
+    from edge_mla.finetune import TrainConfig, finetune
 
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, lr=args.lr,
                       distill=args.distill, save_every=args.save_every, seed=args.seed,
@@ -292,9 +292,9 @@ def _export_module(name: str):
 
 def cmd_run(args) -> int:
     if str(args.path).endswith(".gguf"):
-        from .runtimes import llamacpp
+        from edge_mla.runtimes import llamacpp
         return llamacpp.run_cli(args)
-    from .runtimes import onnxruntime
+    from edge_mla.runtimes import onnxruntime
     return onnxruntime.run_cli(args)
 
 

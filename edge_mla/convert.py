@@ -9,12 +9,12 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from . import lowrank, rope
-from .calibration import LayerStats
-from .mla import MLAAttention, install_mla
-from .plans import Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
-from .publish import refuse_existing, staged_folder
-from .source import SourceError, check_architecture
+from edge_mla import lowrank, rope
+from edge_mla.calibration import LayerStats
+from edge_mla.mla import MLAAttention, install_mla
+from edge_mla.plans import Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
+from edge_mla.publish import refuse_existing, staged_folder
+from edge_mla.source import SourceError, check_architecture
 
 
 def head_dim_of(config) -> int:
@@ -184,7 +184,7 @@ def is_converted(path: str | Path) -> bool:
 
 def load_any(spec: str | Path):
     """A converted folder (MLA layers; named after its source model) or any source model, as a source.Source."""
-    from .source import Source, load_source, source_gguf
+    from edge_mla.source import Source, load_source, source_gguf
 
     if is_converted(spec):
         model, tokenizer = load(spec)
@@ -246,8 +246,8 @@ def timed(fn, *args, **kwargs):
 def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_length: int = 1024,
                           text: str | None = None) -> dict:
     """Calibrate on text, then convert a loaded `source.Source` in place; returns its MLA section."""
-    from .calibration import collect_stats
-    from .data import calibration_windows
+    from edge_mla.calibration import collect_stats
+    from edge_mla.data import calibration_windows
 
     plan = resolve_plan(src.model.config, plan)
     stats = None

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .publish import staged_file
-from .source import cache_dir, pip_download
+from edge_mla.publish import staged_file
+from edge_mla.source import cache_dir, pip_download
 
 GENSIM = "gensim==4.4.0"
 WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"

@@ -24,7 +24,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
-from . import convert as conversion
+from edge_mla import convert as conversion
 
 
 @dataclass
@@ -64,7 +64,7 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
 def read_data(paths: list[str] | None) -> list[str]:
     """Plain text files, JSONL files (a "text" field per line) or a `datasets` folder (save_to_disk);
     the built-in corpus (Wikipedia calibration split + public-domain books) when none is given."""
-    from .data import training_texts
+    from edge_mla.data import training_texts
 
     if not paths:
         return training_texts()
@@ -181,7 +181,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
 
     teacher_model = None
     if cfg.distill > 0:
-        from .source import load_source
+        from edge_mla.source import load_source
         spec = teacher or model.config.mla.get("source")
         if not spec:
             raise ValueError("distillation needs the original model: pass --teacher (a model folder, .gguf or name)")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from .plans import SVD_METHODS as METHODS, WEIGHTINGS  # noqa: F401
+from edge_mla.plans import SVD_METHODS as METHODS, WEIGHTINGS  # noqa: F401
 RIDGE = 1e-4  # relative to the mean eigenvalue of E[x x^T]; keeps the Cholesky factor well conditioned
 
 

@@ -5,7 +5,7 @@ import html
 import json
 from pathlib import Path
 
-from .budget import MB, Budget, Device, Footprint
+from edge_mla.budget import MB, Budget, Device, Footprint
 
 COLORS = {("mla", "llama.cpp"): "#1f77b4", ("mla", "onnxruntime"): "#2ca02c",
           ("original", "llama.cpp"): "#ff7f0e", ("original", "onnxruntime"): "#d62728"}

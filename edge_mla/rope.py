@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .plans import DISJOINT_SELECTIONS, PER_HEAD_SELECTIONS, SELECTIONS  # noqa: F401
+from edge_mla.plans import DISJOINT_SELECTIONS, PER_HEAD_SELECTIONS, SELECTIONS  # noqa: F401
 
 
 @dataclass

@@ -8,7 +8,7 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .publish import staged_file, staged_folder
+from edge_mla.publish import staged_file, staged_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 

@@ -20,31 +20,22 @@ from pathlib import Path
 import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFValueType, LlamaFileType
+from gguf import LlamaFileType
 
 from edge_mla import precision, provenance
 from edge_mla.data import calibration_windows
 from edge_mla.publish import refuse_existing, staged_file
+from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
+                                          check_biases, common_tensors, encode, latent_mean_squares, latent_scale,
+                                          mla_layer_tensors, plain_layer_tensors, rope_layout)
+from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
 WEIGHTS = ("f32", "f16", "q8_0", "q4_0", "q4_k")
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8_0": LlamaFileType.MOSTLY_Q8_0,
               "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_M}
-KV_A_QUANTIZED = QT.BF16  # attn_kv_a_mqa beside q8_0/q4_0/q4_k weights
 PROVENANCE_KEY = "edge_mla.provenance"  # JSON: source, plan, bits, calibration text, versions
 DEFAULT_ALIGN = 32  # q8_0/q4_0 caches need C and C + R to be multiples of their block size, 32
-# Latent-norm neutralisation: the latent rows are scaled by beta = 2^-k (exact in F32), k in [30, 60].
-BETA_EXP_RANGE = (30, 60)
-# mean(c^2) may grow this much over its calibration maximum (1024x in rms) and the norm still divides by
-# exactly sqrt(eps) in float32.
-HEADROOM = 2.0 ** 20
-# Split patterns of byte-level BPE tokenizers, and the names llama.cpp gives their pre-tokenizers.
-KNOWN_SPLITS = {
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "llama-bpe",
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+":
-        "qwen2",
-}
 
 
 def add_arguments(parser) -> None:
@@ -123,315 +114,6 @@ def load_model(spec) -> Loaded:
     return Loaded(src.model, src.tokenizer, dict(mla) if mla else None, src.path, src.name, src.gguf)
 
 
-# --- tokenizer ----------------------------------------------------------------------------------------------
-
-Field = tuple  # (key, value, GGUFValueType, sub_type or None)
-
-
-def tokenizer_fields_from_gguf(path: Path, n_vocab: int) -> list[Field]:
-    """Every tokenizer.* key of a GGUF, values and types as they are (the vocab loader ignores the arch)."""
-    reader = gguf.GGUFReader(path)
-    fields = []
-    for name, f in reader.fields.items():
-        if name.startswith("tokenizer."):
-            main = f.types[0]
-            fields.append((name, f.contents(), main, f.types[-1] if main == GGUFValueType.ARRAY else None))
-    tokens = next((v for k, v, *_ in fields if k == "tokenizer.ggml.tokens"), None)
-    if tokens is None:
-        raise ValueError(f"{path} has no tokenizer (tokenizer.ggml.tokens); give another --tokenizer-gguf")
-    if len(tokens) != n_vocab:
-        raise ValueError(f"the tokenizer in {path} has {len(tokens)} tokens but the model's embedding has {n_vocab} "
-                         "rows: it is not this model's tokenizer; give the right --tokenizer-gguf")
-    return fields
-
-
-def guess_pre(tokenizer_json: dict) -> str | None:
-    """llama.cpp's pre-tokenizer name for a byte-level BPE tokenizer.json, when its pre-tokenizer is a known one."""
-    pre = tokenizer_json.get("pre_tokenizer") or {}
-    parts = pre.get("pretokenizers", []) if pre.get("type") == "Sequence" else [pre]
-    kinds = [p.get("type") for p in parts]
-    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
-        return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
-        return "smollm"
-    if kinds == ["Split", "ByteLevel"] and not parts[1].get("use_regex", True):
-        return KNOWN_SPLITS.get((parts[0].get("pattern") or {}).get("Regex"))
-    return None
-
-
-def tokenizer_fields_from_hf(folder: Path, n_vocab: int, pre: str | None = None) -> list[Field]:
-    """tokenizer.* keys from HF tokenizer files, the way llama.cpp's converter builds them for byte-level BPE."""
-    try:
-        vocab = gguf.vocab.BpeVocab(folder)
-    except FileNotFoundError:
-        raise ValueError(f"{folder}: only byte-level BPE (GPT-2 style) HF tokenizers can be written to GGUF here. "
-                         "Give --tokenizer-gguf FILE, a GGUF of the source model, to copy its tokenizer") from None
-    tokenizer_json = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))
-    pre = pre or guess_pre(tokenizer_json)
-    if pre is None:
-        raise ValueError(f"{folder}: cannot tell which llama.cpp pre-tokenizer this tokenizer uses; pass "
-                         "--tokenizer-pre NAME (the name llama.cpp's convert_hf_to_gguf.py gives it) or "
-                         "--tokenizer-gguf FILE")
-    tokens, types = [], []
-    for text, _score, token_type in vocab.all_tokens():
-        tokens.append(text.decode("utf-8") if isinstance(text, bytes) else text)
-        types.append(int(token_type))
-    # Added tokens that duplicate vocab entries come out NORMAL; llama.cpp needs specials as CONTROL.
-    for added in tokenizer_json.get("added_tokens", []):
-        if added["id"] < len(types):
-            types[added["id"]] = int(gguf.TokenType.CONTROL if added.get("special")
-                                     else gguf.TokenType.USER_DEFINED)
-    if len(tokens) > n_vocab:
-        raise ValueError(f"{folder}: the tokenizer has {len(tokens)} tokens, more than the model's {n_vocab} "
-                         "embedding rows")
-    for i in range(len(tokens), n_vocab):  # embedding rows past the tokenizer (padding), as llama.cpp does
-        tokens.append(f"[PAD{i}]")
-        types.append(int(gguf.TokenType.USER_DEFINED))
-    scratch = gguf.GGUFWriter(None, "llama")
-    scratch.add_tokenizer_model(vocab.tokenizer_model)
-    scratch.add_tokenizer_pre(pre)
-    scratch.add_token_list(tokens)
-    scratch.add_token_types(types)
-    gguf.SpecialVocab(folder, load_merges=True, n_vocab=n_vocab).add_to_gguf(scratch, quiet=True)
-    return [(k, v.value, v.type, v.sub_type) for k, v in scratch.kv_data[0].items() if k.startswith("tokenizer.")]
-
-
-def tokenizer_fields(loaded: Loaded, n_vocab: int, tokenizer_gguf: str | None, pre: str | None) -> list[Field]:
-    if tokenizer_gguf:
-        return tokenizer_fields_from_gguf(Path(tokenizer_gguf), n_vocab)
-    if loaded.tokenizer_gguf is not None:
-        return tokenizer_fields_from_gguf(loaded.tokenizer_gguf, n_vocab)
-    if loaded.folder is not None and (loaded.folder / "tokenizer.json").exists():
-        return tokenizer_fields_from_hf(loaded.folder, n_vocab, pre)
-    if loaded.tokenizer is None:
-        raise ValueError("the model has no tokenizer; give --tokenizer-gguf FILE")
-    with tempfile.TemporaryDirectory() as tmp:
-        loaded.tokenizer.save_pretrained(tmp)
-        return tokenizer_fields_from_hf(Path(tmp), n_vocab, pre)
-
-
-# --- rope layout --------------------------------------------------------------------------------------------
-
-@dataclass
-class RopeLayout:
-    """Where the folder's rope pairs go in llama.cpp's one rope key: channel j has frequency
-    freq_base^(-2j/R) = B^(-2 stride j / d); pairs the model does not use stay zero."""
-    stride: int
-    rope_dim: int  # R' (padded)
-    latent_dim: int  # C' (padded)
-    freq_base: float
-    channel_of: list  # per layer: np.ndarray, channel of each of the folder's rope pairs
-
-
-def rope_layout(inv_freqs: list[np.ndarray], base: float, head_dim: int, latent_dim: int, align: int,
-                selection: str = "?") -> RopeLayout:
-    """Exact placement of per-layer rope frequencies on llama.cpp's geometric grid, or a clear error."""
-    if align < 1:
-        raise ValueError(f"--align must be at least 1, got {align}")
-    step = 2 * math.log(base) / head_dim  # source pair k has frequency exp(-step k)
-    grid = []
-    for i, f in enumerate(inv_freqs):
-        f = np.asarray(f, dtype=np.float64)
-        k = -np.log(f) / step
-        if np.any(np.abs(k - np.round(k)) > 1e-3) or np.any(np.round(k) < 0):
-            raise ValueError(f"layer {i}: the rope frequencies are not on the plain RoPE grid of base {base:g} "
-                             "(scaled RoPE such as llama3/yarn/linear?); llama.cpp's deepseek2 rope key cannot "
-                             "express them exactly")
-        k = np.round(k).astype(np.int64)
-        if len(set(k.tolist())) != len(k):
-            raise ValueError(
-                f"layer {i}: selection '{selection}' keeps the same rope frequency for more than one KV head, but "
-                "llama.cpp's deepseek2 has a single rope key whose pairs all have distinct frequencies, so this "
-                "model cannot be exported exactly. Convert with --selection partition (each KV head keeps its own "
-                "frequencies) or --selection shared (one rope key, rope_components 1) instead")
-        grid.append(k)
-    every = np.concatenate(grid)
-    stride = math.gcd(*every.tolist()) or 1
-    channels = int(every.max()) // stride + 1
-    latent = -(-latent_dim // align) * align
-    rope = 2 * channels
-    while (latent + rope) % align:
-        rope += 2  # zero channels at the low-frequency end: exact (their q and k rows are zero)
-    freq_base = float(base) ** (stride * rope / head_dim)
-    return RopeLayout(stride, rope, latent, freq_base, [k // stride for k in grid])
-
-
-# --- tensors ------------------------------------------------------------------------------------------------
-
-def _np(t) -> np.ndarray:
-    return t.detach().double().cpu().numpy()
-
-
-def _nonzero(t) -> float:
-    return 0.0 if t is None else float(t.detach().abs().max())
-
-
-def check_biases(model) -> None:
-    """deepseek2 has no attention biases: exact only when the ones that matter are zero."""
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        worst = {"q_proj": _nonzero(attn.q_proj.bias),
-                 "kv_a_proj (latent and rope key)": _nonzero(attn.kv_a_proj.bias),
-                 "v_up (value)": _nonzero(attn.v_up_bias),
-                 "o_proj": _nonzero(attn.o_proj.bias)}
-        bad = {k: v for k, v in worst.items() if v > 0}
-        if bad:
-            name, value = next(iter(bad.items()))
-            raise ValueError(
-                f"layer {i} has a nonzero {name} bias (max |b| = {value:.3g}): llama.cpp's deepseek2 has no attention "
-                "biases, so this model (Qwen2-style q/k/v biases) cannot be exported exactly (the key up-projection "
-                "bias alone would be fine: it cancels in softmax). Export the original model instead, or use "
-                "the ONNX export")
-    if getattr(model.config, "mlp_bias", False):
-        raise ValueError("the MLP has biases, which llama.cpp's deepseek2 FFN does not load; cannot export exactly")
-
-
-def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
-    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes)."""
-    H, G, N, R, C, d = (attn.num_heads, attn.num_groups, attn.nope_dim, attn.rope_dim, attn.latent_dim,
-                        attn.head_dim)
-    Rp, Cp, P = layout.rope_dim, layout.latent_dim, R // 2
-    E = attn.q_proj.weight.shape[1]
-    ch = layout.channel_of[layer]
-    # llama.cpp scales scores by 1/sqrt(N + R'); ours is softmax_scale (1/sqrt(d)), and a rope scaling
-    # factor multiplies cos and sin of both q and k.
-    alpha = attn.scaling * math.sqrt(N + Rp)
-    rope_gain = alpha * attn.rope_scaling ** 2
-    q = _np(attn.q_proj.weight).reshape(H, N + R, E)
-    q_out = np.zeros((H, N + Rp, E))
-    q_out[:, :N] = q[:, :N] * alpha
-    # NEOX pair p = rows (p, p + R/2) -> llama.cpp's NORM pair = rows (2j, 2j + 1) of channel j.
-    q_out[:, N + 2 * ch] = q[:, N:N + P] * rope_gain
-    q_out[:, N + 2 * ch + 1] = q[:, N + P:] * rope_gain
-    kv = _np(attn.kv_a_proj.weight)
-    kv_out = np.zeros((Cp + Rp, E))
-    kv_out[:C] = kv[:C] * beta  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
-    kv_out[Cp + 2 * ch] = kv[C:C + P]
-    kv_out[Cp + 2 * ch + 1] = kv[C + P:]
-    group = np.arange(H) // (H // G)
-    k_up, v_up = _np(attn.k_up), _np(attn.v_up)
-    k_b = np.zeros((H, Cp, N))
-    k_b[:, :C] = k_up[group].transpose(0, 2, 1)  # W_uk^T per query head
-    v_b = np.zeros((H, d, Cp))
-    v_b[:, :, :C] = v_up[group]
-    return {"attn_q.weight": q_out.reshape(H * (N + Rp), E), "attn_kv_a_mqa.weight": kv_out,
-            "attn_kv_a_norm.weight": np.full(Cp, math.sqrt(eps) / beta),
-            "attn_k_b.weight": k_b, "attn_v_b.weight": v_b, "attn_output.weight": _np(attn.o_proj.weight)}
-
-
-def _permute(w: np.ndarray, heads: int) -> np.ndarray:
-    """NEOX rows (i, i + d/2) of each head -> interleaved (2i, 2i + 1), as llama.cpp's Llama converter does."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
-    q, k = _np(attn.q_proj.weight), _np(attn.k_proj.weight)
-    out = {"attn_v.weight": _np(attn.v_proj.weight), "attn_output.weight": _np(attn.o_proj.weight)}
-    biases = {"attn_q.bias": attn.q_proj.bias, "attn_k.bias": attn.k_proj.bias, "attn_v.bias": attn.v_proj.bias,
-              "attn_output.bias": attn.o_proj.bias}
-    if arch == "llama":  # llama.cpp's llama uses interleaved rope; qwen2 keeps NEOX
-        q, k = _permute(q, n_head), _permute(k, n_kv)
-    out["attn_q.weight"], out["attn_k.weight"] = q, k
-    for name, b in biases.items():
-        if b is None:
-            continue
-        if arch == "qwen2" and name == "attn_output.bias":
-            if _nonzero(b) > 0:
-                raise ValueError("qwen2 in llama.cpp has no output-projection bias; cannot export exactly")
-            continue
-        b = _np(b)
-        if arch == "llama" and name in ("attn_q.bias", "attn_k.bias"):
-            b = _permute(b, n_head if name == "attn_q.bias" else n_kv)
-        out[name] = b
-    return out
-
-
-def common_tensors(model) -> dict:
-    tensors = {"token_embd.weight": _np(model.get_input_embeddings().weight),
-               "output_norm.weight": _np(model.model.norm.weight)}
-    if not model.config.tie_word_embeddings:
-        tensors["output.weight"] = _np(model.get_output_embeddings().weight)
-    for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        tensors.update({f"blk.{i}.attn_norm.weight": _np(layer.input_layernorm.weight),
-                        f"blk.{i}.ffn_norm.weight": _np(layer.post_attention_layernorm.weight),
-                        f"blk.{i}.ffn_gate.weight": _np(mlp.gate_proj.weight),
-                        f"blk.{i}.ffn_up.weight": _np(mlp.up_proj.weight),
-                        f"blk.{i}.ffn_down.weight": _np(mlp.down_proj.weight)})
-    return tensors
-
-
-def tensor_type(name: str, shape: tuple, weights: str) -> QT:
-    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa keeps an 8-bit exponent: its latent rows are
-    scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized
-    weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
-    q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
-    if len(shape) == 1 or weights in ("f32", "q4_k"):
-        return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
-    if name.endswith("attn_kv_a_mqa.weight"):
-        return QT.F32 if weights == "f16" else KV_A_QUANTIZED
-    if weights == "f16":
-        return QT.F16
-    qtype = QT.Q8_0 if weights == "q8_0" or name in ("token_embd.weight", "output.weight") else QT.Q4_0
-    return qtype if shape[-1] % 32 == 0 else QT.F16
-
-
-def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
-    qtype = tensor_type(name, array.shape, weights)
-    if qtype == QT.F32:
-        return array.astype(np.float32), qtype
-    if qtype == QT.F16:
-        return array.astype(np.float16), qtype
-    if qtype == QT.BF16:
-        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
-    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
-
-
-# --- latent norm --------------------------------------------------------------------------------------------
-
-def latent_mean_squares(model, windows, padded_latent: int) -> list[float]:
-    """Per layer, the largest mean(c^2) over calibration tokens, as llama.cpp's RMSNorm computes it over C'."""
-    import torch
-
-    worst = [0.0] * len(model.model.layers)
-
-    def hook(i, C):
-        def fn(module, args, output):
-            c = output[..., :C].double()
-            worst[i] = max(worst[i], float((c * c).sum(-1).max()) / padded_latent)
-        return fn
-
-    handles = [layer.self_attn.kv_a_proj.register_forward_hook(hook(i, layer.self_attn.latent_dim))
-               for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model.model(window[None], use_cache=False)  # the decoder only: no logits needed
-    finally:
-        for h in handles:
-            h.remove()
-    return worst
-
-
-def latent_scale(mean_squares: list[float], eps: float) -> tuple[float, float]:
-    """beta = 2^-k such that beta^2 mean(c^2) stays under float32's half-ulp of eps with HEADROOM to spare:
-    then RMSNorm(beta c) = beta c / sqrt(eps) exactly in float32. Returns (beta, headroom actually left)."""
-    m = max(mean_squares)
-    if not math.isfinite(m):
-        raise ValueError("the latent is not finite on the calibration text; the converted model is broken")
-    limit = eps * 2.0 ** -24  # below this, mean + eps rounds to eps in float32
-    k = BETA_EXP_RANGE[0]
-    while k <= BETA_EXP_RANGE[1] and 2.0 ** (-2 * k) * m * HEADROOM > limit:
-        k += 1
-    if k > BETA_EXP_RANGE[1]:
-        layer = int(np.argmax(mean_squares))
-        raise ValueError(f"layer {layer}: the latent's mean square reaches {m:.3g} on the calibration text, too large "
-                         f"to neutralise llama.cpp's latent RMSNorm exactly (needs beta < 2^-{BETA_EXP_RANGE[1]}). "
-                         "Check the conversion, or fine-tune the model with a latent norm")
-    beta = 2.0 ** -k
-    return beta, (limit / (beta * beta * m) if m > 0 else float("inf"))
-
-
 # --- writing ------------------------------------------------------------------------------------------------
 
 def _context_length(config) -> int:
@@ -487,7 +169,7 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
         raise ValueError(f"the model keeps no NoPE dims (nope_dim {N}); llama.cpp's deepseek2 needs at least one. "
                          "Convert with fewer rope pairs")
     selection = (mla.get("plan") or {}).get("selection", "?")
-    layout = rope_layout([_np(a.inv_freq) for a in layers], _rope_base(config), head_dim, C, align, selection)
+    layout = rope_layout([to_numpy(a.inv_freq) for a in layers], _rope_base(config), head_dim, C, align, selection)
     eps = _float_eps(config)
     beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim), eps)
     tensors = common_tensors(model)
@@ -533,7 +215,7 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
         for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
             tensors[f"blk.{i}.{key}"] = value
     default = base ** (-np.arange(0, head_dim, 2) / head_dim)
-    factors = default / _np(rotary.inv_freq)
+    factors = default / to_numpy(rotary.inv_freq)
     notes = []
     if np.abs(factors - 1).max() > 1e-5:  # llama3-style scaled frequencies: llama's rope_freqs divides theta
         if arch != "llama":

@@ -17,7 +17,7 @@ from edge_mla import provenance
 from edge_mla.data import calibration_windows
 from edge_mla.publish import refuse_existing, staged_folder
 
-from . import onnx_graph, onnx_quant
+from edge_mla.export import onnx_graph, onnx_quant
 
 META = "edge_mla_onnx.json"
 FORMAT = "edge-mla-onnx/1"

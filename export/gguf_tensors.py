@@ -1,0 +1,239 @@
+"""GGUF tensors: how an MLA (or original) model's weights map onto llama.cpp's deepseek2 (or llama/qwen2) tensors,
+the rope-key layout llama.cpp's single rope head needs, the latent-norm neutralisation, and each tensor's type.
+Why each mapping is exact: docs/gguf.md."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import gguf
+from gguf import GGMLQuantizationType as QT
+
+KV_A_QUANTIZED = QT.BF16  # attn_kv_a_mqa beside q8_0/q4_0/q4_k weights
+# Latent-norm neutralisation: the latent rows are scaled by beta = 2^-k (exact in F32), k in [30, 60].
+BETA_EXP_RANGE = (30, 60)
+# mean(c^2) may grow this much over its calibration maximum (1024x in rms) and the norm still divides by
+# exactly sqrt(eps) in float32.
+HEADROOM = 2.0 ** 20
+
+# --- rope layout --------------------------------------------------------------------------------------------
+
+@dataclass
+class RopeLayout:
+    """Where the folder's rope pairs go in llama.cpp's one rope key: channel j has frequency
+    freq_base^(-2j/R) = B^(-2 stride j / d); pairs the model does not use stay zero."""
+    stride: int
+    rope_dim: int  # R' (padded)
+    latent_dim: int  # C' (padded)
+    freq_base: float
+    channel_of: list  # per layer: np.ndarray, channel of each of the folder's rope pairs
+
+
+def rope_layout(inv_freqs: list[np.ndarray], base: float, head_dim: int, latent_dim: int, align: int,
+                selection: str = "?") -> RopeLayout:
+    """Exact placement of per-layer rope frequencies on llama.cpp's geometric grid, or a clear error."""
+    if align < 1:
+        raise ValueError(f"--align must be at least 1, got {align}")
+    step = 2 * math.log(base) / head_dim  # source pair k has frequency exp(-step k)
+    grid = []
+    for i, f in enumerate(inv_freqs):
+        f = np.asarray(f, dtype=np.float64)
+        k = -np.log(f) / step
+        if np.any(np.abs(k - np.round(k)) > 1e-3) or np.any(np.round(k) < 0):
+            raise ValueError(f"layer {i}: the rope frequencies are not on the plain RoPE grid of base {base:g} "
+                             "(scaled RoPE such as llama3/yarn/linear?); llama.cpp's deepseek2 rope key cannot "
+                             "express them exactly")
+        k = np.round(k).astype(np.int64)
+        if len(set(k.tolist())) != len(k):
+            raise ValueError(
+                f"layer {i}: selection '{selection}' keeps the same rope frequency for more than one KV head, but "
+                "llama.cpp's deepseek2 has a single rope key whose pairs all have distinct frequencies, so this "
+                "model cannot be exported exactly. Convert with --selection partition (each KV head keeps its own "
+                "frequencies) or --selection shared (one rope key, rope_components 1) instead")
+        grid.append(k)
+    every = np.concatenate(grid)
+    stride = math.gcd(*every.tolist()) or 1
+    channels = int(every.max()) // stride + 1
+    latent = -(-latent_dim // align) * align
+    rope = 2 * channels
+    while (latent + rope) % align:
+        rope += 2  # zero channels at the low-frequency end: exact (their q and k rows are zero)
+    freq_base = float(base) ** (stride * rope / head_dim)
+    return RopeLayout(stride, rope, latent, freq_base, [k // stride for k in grid])
+
+
+# --- tensors ------------------------------------------------------------------------------------------------
+
+def to_numpy(t) -> np.ndarray:
+    return t.detach().double().cpu().numpy()
+
+
+def _nonzero(t) -> float:
+    return 0.0 if t is None else float(t.detach().abs().max())
+
+
+def check_biases(model) -> None:
+    """deepseek2 has no attention biases: exact only when the ones that matter are zero."""
+    for i, layer in enumerate(model.model.layers):
+        attn = layer.self_attn
+        worst = {"q_proj": _nonzero(attn.q_proj.bias),
+                 "kv_a_proj (latent and rope key)": _nonzero(attn.kv_a_proj.bias),
+                 "v_up (value)": _nonzero(attn.v_up_bias),
+                 "o_proj": _nonzero(attn.o_proj.bias)}
+        bad = {k: v for k, v in worst.items() if v > 0}
+        if bad:
+            name, value = next(iter(bad.items()))
+            raise ValueError(
+                f"layer {i} has a nonzero {name} bias (max |b| = {value:.3g}): llama.cpp's deepseek2 has no attention "
+                "biases, so this model (Qwen2-style q/k/v biases) cannot be exported exactly (the key up-projection "
+                "bias alone would be fine: it cancels in softmax). Export the original model instead, or use "
+                "the ONNX export")
+    if getattr(model.config, "mlp_bias", False):
+        raise ValueError("the MLP has biases, which llama.cpp's deepseek2 FFN does not load; cannot export exactly")
+
+
+def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
+    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes)."""
+    H, G, N, R, C, d = (attn.num_heads, attn.num_groups, attn.nope_dim, attn.rope_dim, attn.latent_dim,
+                        attn.head_dim)
+    Rp, Cp, P = layout.rope_dim, layout.latent_dim, R // 2
+    E = attn.q_proj.weight.shape[1]
+    ch = layout.channel_of[layer]
+    # llama.cpp scales scores by 1/sqrt(N + R'); ours is softmax_scale (1/sqrt(d)), and a rope scaling
+    # factor multiplies cos and sin of both q and k.
+    alpha = attn.scaling * math.sqrt(N + Rp)
+    rope_gain = alpha * attn.rope_scaling ** 2
+    q = to_numpy(attn.q_proj.weight).reshape(H, N + R, E)
+    q_out = np.zeros((H, N + Rp, E))
+    q_out[:, :N] = q[:, :N] * alpha
+    # NEOX pair p = rows (p, p + R/2) -> llama.cpp's NORM pair = rows (2j, 2j + 1) of channel j.
+    q_out[:, N + 2 * ch] = q[:, N:N + P] * rope_gain
+    q_out[:, N + 2 * ch + 1] = q[:, N + P:] * rope_gain
+    kv = to_numpy(attn.kv_a_proj.weight)
+    kv_out = np.zeros((Cp + Rp, E))
+    kv_out[:C] = kv[:C] * beta  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
+    kv_out[Cp + 2 * ch] = kv[C:C + P]
+    kv_out[Cp + 2 * ch + 1] = kv[C + P:]
+    group = np.arange(H) // (H // G)
+    k_up, v_up = to_numpy(attn.k_up), to_numpy(attn.v_up)
+    k_b = np.zeros((H, Cp, N))
+    k_b[:, :C] = k_up[group].transpose(0, 2, 1)  # W_uk^T per query head
+    v_b = np.zeros((H, d, Cp))
+    v_b[:, :, :C] = v_up[group]
+    return {"attn_q.weight": q_out.reshape(H * (N + Rp), E), "attn_kv_a_mqa.weight": kv_out,
+            "attn_kv_a_norm.weight": np.full(Cp, math.sqrt(eps) / beta),
+            "attn_k_b.weight": k_b, "attn_v_b.weight": v_b, "attn_output.weight": to_numpy(attn.o_proj.weight)}
+
+
+def _permute(w: np.ndarray, heads: int) -> np.ndarray:
+    """NEOX rows (i, i + d/2) of each head -> interleaved (2i, 2i + 1), as llama.cpp's Llama converter does."""
+    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
+    q, k = to_numpy(attn.q_proj.weight), to_numpy(attn.k_proj.weight)
+    out = {"attn_v.weight": to_numpy(attn.v_proj.weight), "attn_output.weight": to_numpy(attn.o_proj.weight)}
+    biases = {"attn_q.bias": attn.q_proj.bias, "attn_k.bias": attn.k_proj.bias, "attn_v.bias": attn.v_proj.bias,
+              "attn_output.bias": attn.o_proj.bias}
+    if arch == "llama":  # llama.cpp's llama uses interleaved rope; qwen2 keeps NEOX
+        q, k = _permute(q, n_head), _permute(k, n_kv)
+    out["attn_q.weight"], out["attn_k.weight"] = q, k
+    for name, b in biases.items():
+        if b is None:
+            continue
+        if arch == "qwen2" and name == "attn_output.bias":
+            if _nonzero(b) > 0:
+                raise ValueError("qwen2 in llama.cpp has no output-projection bias; cannot export exactly")
+            continue
+        b = to_numpy(b)
+        if arch == "llama" and name in ("attn_q.bias", "attn_k.bias"):
+            b = _permute(b, n_head if name == "attn_q.bias" else n_kv)
+        out[name] = b
+    return out
+
+
+def common_tensors(model) -> dict:
+    tensors = {"token_embd.weight": to_numpy(model.get_input_embeddings().weight),
+               "output_norm.weight": to_numpy(model.model.norm.weight)}
+    if not model.config.tie_word_embeddings:
+        tensors["output.weight"] = to_numpy(model.get_output_embeddings().weight)
+    for i, layer in enumerate(model.model.layers):
+        mlp = layer.mlp
+        tensors.update({f"blk.{i}.attn_norm.weight": to_numpy(layer.input_layernorm.weight),
+                        f"blk.{i}.ffn_norm.weight": to_numpy(layer.post_attention_layernorm.weight),
+                        f"blk.{i}.ffn_gate.weight": to_numpy(mlp.gate_proj.weight),
+                        f"blk.{i}.ffn_up.weight": to_numpy(mlp.up_proj.weight),
+                        f"blk.{i}.ffn_down.weight": to_numpy(mlp.down_proj.weight)})
+    return tensors
+
+
+def tensor_type(name: str, shape: tuple, weights: str) -> QT:
+    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa keeps an 8-bit exponent: its latent rows are
+    scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized
+    weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
+    q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
+    if len(shape) == 1 or weights in ("f32", "q4_k"):
+        return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
+    if name.endswith("attn_kv_a_mqa.weight"):
+        return QT.F32 if weights == "f16" else KV_A_QUANTIZED
+    if weights == "f16":
+        return QT.F16
+    qtype = QT.Q8_0 if weights == "q8_0" or name in ("token_embd.weight", "output.weight") else QT.Q4_0
+    return qtype if shape[-1] % 32 == 0 else QT.F16
+
+
+def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
+    qtype = tensor_type(name, array.shape, weights)
+    if qtype == QT.F32:
+        return array.astype(np.float32), qtype
+    if qtype == QT.F16:
+        return array.astype(np.float16), qtype
+    if qtype == QT.BF16:
+        return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+    return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
+
+
+# --- latent norm --------------------------------------------------------------------------------------------
+
+def latent_mean_squares(model, windows, padded_latent: int) -> list[float]:
+    """Per layer, the largest mean(c^2) over calibration tokens, as llama.cpp's RMSNorm computes it over C'."""
+    import torch
+
+    worst = [0.0] * len(model.model.layers)
+
+    def hook(i, C):
+        def fn(module, args, output):
+            c = output[..., :C].double()
+            worst[i] = max(worst[i], float((c * c).sum(-1).max()) / padded_latent)
+        return fn
+
+    handles = [layer.self_attn.kv_a_proj.register_forward_hook(hook(i, layer.self_attn.latent_dim))
+               for i, layer in enumerate(model.model.layers)]
+    try:
+        with torch.no_grad():
+            for window in windows:
+                model.model(window[None], use_cache=False)  # the decoder only: no logits needed
+    finally:
+        for h in handles:
+            h.remove()
+    return worst
+
+
+def latent_scale(mean_squares: list[float], eps: float) -> tuple[float, float]:
+    """beta = 2^-k such that beta^2 mean(c^2) stays under float32's half-ulp of eps with HEADROOM to spare:
+    then RMSNorm(beta c) = beta c / sqrt(eps) exactly in float32. Returns (beta, headroom actually left)."""
+    m = max(mean_squares)
+    if not math.isfinite(m):
+        raise ValueError("the latent is not finite on the calibration text; the converted model is broken")
+    limit = eps * 2.0 ** -24  # below this, mean + eps rounds to eps in float32
+    k = BETA_EXP_RANGE[0]
+    while k <= BETA_EXP_RANGE[1] and 2.0 ** (-2 * k) * m * HEADROOM > limit:
+        k += 1
+    if k > BETA_EXP_RANGE[1]:
+        layer = int(np.argmax(mean_squares))
+        raise ValueError(f"layer {layer}: the latent's mean square reaches {m:.3g} on the calibration text, too large "
+                         f"to neutralise llama.cpp's latent RMSNorm exactly (needs beta < 2^-{BETA_EXP_RANGE[1]}). "
+                         "Check the conversion, or fine-tune the model with a latent norm")
+    beta = 2.0 ** -k
+    return beta, (limit / (beta * beta * m) if m > 0 else float("inf"))

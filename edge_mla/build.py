@@ -15,13 +15,23 @@ from edge_mla.publish import refuse_existing, staged_folder
 
 
 
+_T0 = [time.perf_counter()]
+
+
 def step(i: int, n: int, what: str) -> None:
-    print(f"[{i}/{n}] {what}", flush=True)
+    """Progress: the step, with the time and peak memory so far (where the time and memory go)."""
+    import resource
+
+    if i == 1:
+        _T0[0] = time.perf_counter()
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"[{i}/{n}] {what}  ({time.perf_counter() - _T0[0]:.0f} s, peak RSS {peak_mb:.0f} MB so far)", flush=True)
 
 
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
-          devices_file: str | None = None, kv_bits: int | None = None) -> dict:
+          devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
+          quality_length: int = 512) -> dict:
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
@@ -85,9 +95,22 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
         gguf_file = staging / "model.gguf"
         gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
-        step(k + 1, n, f"budgeting for {device.name}")
+        step(k + 1, n, f"budgeting for {device.name}" + (
+            f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
+            "tokens per text)" if quality_windows else ""))
+        if quality_windows:
+            quality_rows = measure_quality({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
+                                            "original": {"gguf": orig_gguf, "onnx": orig_onnx}},
+                                           src.tokenizer, cache, kv_bits, quality_windows, quality_length)
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
+        if quality_windows:
+            from edge_mla.quality import TEXTS, as_dicts, ratios
+            summary["quality"] = as_dicts(quality_rows)
+            summary["quality_texts"] = TEXTS
+            summary["quality_ratio"] = ratios(quality_rows)
+            for key, value in summary["quality_ratio"].items():
+                summary["key_figures"][f"perplexity MLA / original ({key})"] = f"{value:.2f}x"
         summary["bits"], summary["kv_bits"] = bits, kv_bits
         shutil.rmtree(original)
         summary["plan"] = asdict(plan)
@@ -103,18 +126,34 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     print(summary["verdict"])
     for b in budgets:
         print("  " + bud.format_budget(b))
-    print(f"wrote {out}/ (report.html, report.json, onnx/, model.gguf, mla/) in {summary['build_seconds']:.0f} s")
+    import resource
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"wrote {out}/ (report.html, report.json, onnx/, model.gguf, mla/) in {summary['build_seconds']:.0f} s, "
+          f"peak RSS {peak_mb:.0f} MB")
     return summary
+
+
+def measure_quality(files: dict, tokenizer, gguf_cache: str, kv_bits: int, count: int, length: int) -> list:
+    """Perplexity of both builds through both runtimes; llama.cpp rows only where llama-cpp-python is installed."""
+    from edge_mla.quality import measure
+
+    try:
+        import llama_cpp  # noqa: F401
+    except ImportError:
+        print("      (llama-cpp-python is not installed: GGUF perplexity skipped; ./install.sh llama adds it)")
+        files = {model: {"onnx": paths["onnx"]} for model, paths in files.items()}
+    onnx_cache = {4: "int4", 8: "int8", 16: "float16"}[kv_bits]
+    return measure(files, tokenizer, kv_type=gguf_cache, onnx_cache=onnx_cache, count=count, length=length)
 
 
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,
            context: int, orig_onnx: Path, orig_gguf: Path):
     mla_onnx = bud.footprint_onnx(onnx_dir)
+    from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+
     mla_gguf = bud.footprint_gguf(gguf_file)  # the cache type the file records: the build's
-    try:
-        orig_gguf_fp = bud.footprint_gguf(orig_gguf)
-    except ValueError:  # a head width the quantized cache's blocks do not divide: llama.cpp runs it with f16
-        orig_gguf_fp = bud.footprint_gguf(orig_gguf, "f16")
+    orig_info = check_gguf(orig_gguf)
+    orig_gguf_fp = bud.footprint_gguf(orig_gguf, runnable_cache_type(orig_info, orig_info.cache_type))
     footprints = [mla_gguf, mla_onnx]
     for fp in (orig_gguf_fp, bud.footprint_onnx(orig_onnx)):
         fp.name = "original"

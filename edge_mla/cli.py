@@ -166,6 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latent", type=int, default=None, help="latent width C (default: the build's plan)")
     p.add_argument("--selection", default=None, choices=plans.SELECTIONS,
                    help="RoPE selection (default: the build's plan, shared)")
+    p.add_argument("--quality-windows", type=int, default=4,
+                   help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip)")
+    p.add_argument("--quality-length", type=int, default=512, help="tokens per quality window")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
@@ -235,7 +238,7 @@ def cmd_build(args) -> int:
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits)
+          args.kv_bits, args.quality_windows, args.quality_length)
     return 0
 
 
@@ -298,8 +301,21 @@ def cmd_run(args) -> int:
     return onnxruntime.run_cli(args)
 
 
+def _interrupt_on_sigterm() -> None:
+    """A killed build (SIGTERM: `kill`, a CI timeout) cleans up like Ctrl-C does: no half-written output."""
+    import signal
+    import threading
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, interrupt)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _interrupt_on_sigterm()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -141,6 +142,19 @@ def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: 
     }
 
 
+@contextmanager
+def one_thread():
+    """The conversion's linear algebra (SVDs, eigendecompositions of matrices of a few hundred rows) on one thread:
+    threading buys nothing at that size, and when the cores are busy OpenMP's spin-waits made one SVD 100x slower
+    (measured on 2 cores with another job running: 20 s against 0.15 s)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @torch.no_grad()
 def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "") -> dict:
     """Convert `model` in place; returns the MLA section that its config now carries."""
@@ -155,14 +169,17 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     inv_freq = rotary.inv_freq.detach().double()
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
     layers = model.model.layers
-    maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config) for i, layer in enumerate(layers)]
+    with one_thread():
+        maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config)
+                for i, layer in enumerate(layers)]
     mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
     first = layers[0].self_attn
     mla["qkv_bias"] = first.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
     mla["o_bias"] = first.o_proj.bias is not None  # Llama with attention_bias
-    for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
-        layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
-                                        inv_freq, i)
+    with one_thread():
+        for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
+            layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
+                                            inv_freq, i)
     config.mla = mla
     return mla
 

@@ -54,6 +54,29 @@ def memory_plot(footprints: list[Footprint], device: Device, max_context: int, w
     return "\n".join(parts)
 
 
+def quality_table(rows: list[dict]) -> str:
+    """Perplexity per text (columns) for each model and runtime (rows), the MLA build's ratio to the original."""
+    if not rows:
+        return ""
+    texts = list(dict.fromkeys(r["text"] for r in rows))
+    ppl = {(r["model"], r["runtime"], r["text"]): r for r in rows}
+    lines = []
+    for model, runtime in dict.fromkeys((r["model"], r["runtime"]) for r in rows):
+        cells = []
+        for text in texts:
+            r = ppl.get((model, runtime, text))
+            base = ppl.get(("original", runtime, text))
+            ratio = f" ({r['perplexity'] / base['perplexity']:.2f}x)" if r and base and model == "mla" else ""
+            cells.append(f"<td>{r['perplexity']:.2f}{ratio}</td>" if r else "<td>-</td>")
+        cache = next(r["cache"] for r in rows if (r["model"], r["runtime"]) == (model, runtime))
+        lines.append(f"<tr><td>{'MLA' if model == 'mla' else 'original'}</td><td>{runtime}</td><td>{cache}</td>"
+                     + "".join(cells) + "</tr>")
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
+    return (f"<h2>Quality: held-out perplexity through the runtimes (lower is better)</h2><table><tr><th>model</th>"
+            f"<th>runtime</th><th>cache</th>{head}</tr>{''.join(lines)}</table><p>Both builds at the same bits, "
+            f"scored on the same token windows; in brackets the MLA build's perplexity over the original's.</p>")
+
+
 def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budgets: list[Budget],
                   device: Device, max_context: int) -> None:
     (folder / "report.json").write_text(json.dumps(summary, indent=1))
@@ -62,6 +85,7 @@ def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budg
         f"<td>{b.memory_mb:.0f}</td><td>{'yes' if b.fits else '<b>no</b>'}</td><td>{b.max_context}</td>"
         f"<td>{b.decode_tokens_per_s_bound:.0f}</td></tr>" for b in budgets)
     facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary["key_figures"].items())
+    quality = quality_table(summary.get("quality") or [])
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge-mla build: {html.escape(device.name)}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
@@ -73,6 +97,7 @@ td:first-child,th:first-child{{text-align:left}}table{{border-collapse:collapse}
 <h2>At context {summary['context']}</h2>
 <table><tr><th>model</th><th>runtime</th><th>weights MB</th><th>KV MB</th><th>total MB</th><th>fits</th>
 <th>longest context</th><th>decode tok/s bound</th></tr>{rows}</table>
+{quality}
 <p>Memory = runtime base + weight files + context x (KV per token + runtime work per token); the runtime terms
 were measured (docs/budget.md). The speed bound divides the device's peak bandwidth by the bytes read per token.
 Device figures and their sources: <code>edge-mla devices</code>.</p></body></html>"""

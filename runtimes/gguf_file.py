@@ -206,6 +206,16 @@ def check_gguf(path: str | Path) -> GGUFInfo:
     return info
 
 
+def runnable_cache_type(info: GGUFInfo, wanted: str) -> str:
+    """`wanted`, or f16 where its blocks do not divide this file's cache rows (llama.cpp would refuse it: a tiny
+    model's head of 16, say); the caller records which one it used."""
+    try:
+        check_kv_type(info, wanted)
+        return wanted
+    except ValueError:
+        return "f16"
+
+
 def check_kv_type(info: GGUFInfo, kv_type: str) -> None:
     """A quantized cache needs its block size to divide the cached rows (llama.cpp refuses the context)."""
     if kv_type not in KV_TYPES:

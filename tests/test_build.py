@@ -81,7 +81,7 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     monkeypatch.setattr(source, "_load_folder", lambda folder: loads.append(folder) or real(folder))
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "8", "--context", "256",
-                     "-o", str(out)])
+                     "-o", str(out), "--quality-windows", "1", "--quality-length", "64"])
     assert code == 0, capsys.readouterr().err
     assert len(loads) == 1  # one read of the source; both exporters and the baseline get the loaded objects
     report = json.loads((out / "report.json").read_text())
@@ -91,3 +91,10 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     assert cli.main(["run", str(out / "model.gguf"), "-n", "2", "--threads", "1"]) == 0
     assert "KV cache q8_0" in capsys.readouterr().err  # the cache type report.json priced
     assert report["provenance"]["source"] == str(tiny_source) and report["provenance"]["versions"]["torch"]
+    # perplexity of both builds through both runtimes on both texts, side by side
+    rows = {(r["model"], r["runtime"], r["text"]): r for r in report["quality"]}
+    assert len(rows) == 8 and all(r["perplexity"] > 1 and r["tokens"] == 63 for r in rows.values())
+    assert rows[("mla", "llama.cpp", "abc-news")]["cache"] == "q8_0"
+    assert set(report["quality_ratio"]) == {"llama.cpp, wikipedia-heldout", "llama.cpp, abc-news",
+                                            "onnxruntime, wikipedia-heldout", "onnxruntime, abc-news"}
+    assert "Quality: held-out perplexity" in (out / "report.html").read_text()

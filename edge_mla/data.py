@@ -26,6 +26,10 @@ WIKI_MEMBER = "gensim/test/test_data/enwiki-latest-pages-articles1.xml-p00000001
 CORPUS_ABOUT = ("English Wikipedia sample from the PyPI package gensim 4.4.0 (test data), text CC BY-SA 3.0; "
                 "held-out part = last 20% of articles")
 HELDOUT_SHARE = 0.2
+# A second text of another domain that nothing is fitted on: the Lee corpus of ABC (Australian) news stories from
+# 2001, one story per line, in the same wheel.
+NEWS_MEMBER = "gensim/test/test_data/lee_background.cor"
+NEWS_ABOUT = "Lee background corpus (ABC news stories), PyPI package gensim 4.4.0 (test data); never used for fitting"
 ARTICLE_SEP = "\n\n\n"
 
 
@@ -66,6 +70,16 @@ def wiki_articles() -> list[str]:
             articles = _extract_articles(zf.read(WIKI_MEMBER))
         write_text_atomic(cached, ARTICLE_SEP.join(articles))
     return cached.read_text(encoding="utf-8").split(ARTICLE_SEP)
+
+
+def news_text() -> str:
+    """The Lee news corpus as plain text (stories joined by newlines), cached after the first call."""
+    cached = cache_dir() / "text" / "lee_background.txt"
+    if not cached.exists():
+        wheel = pip_download(GENSIM, cache_dir() / "downloads")
+        with zipfile.ZipFile(wheel) as zf:
+            write_text_atomic(cached, zf.read(NEWS_MEMBER).decode("utf-8"))
+    return cached.read_text(encoding="utf-8")
 
 
 def split_text(part: str) -> str:

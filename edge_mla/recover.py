@@ -4,8 +4,9 @@
   inputs and outputs are kept; then each MLA attention block is trained alone (Adam) to reproduce the original
   block's output from the original block's input. No backward pass through the model, no logits: cheap enough for
   a CPU build.
-- llama.cpp's q4_0 round trip (blocks of 32, one fp16 scale each), bit-exact with gguf-py, to emulate a 4-bit
-  cache inside MLAAttention (its `cache_quant` hook), optionally straight-through during recovery.
+- llama.cpp's q4_0 round trip (blocks of 32, one fp16 scale each), bit-exact with gguf-py, over the cached row as
+  llama.cpp lays it out, to emulate a 4-bit cache inside MLAAttention (its `cache_quant` hook), optionally
+  straight-through during recovery.
 - Transforms that are exact in float and change what a blockwise 4-bit cache loses: an orthogonal rotation of the
   latent and per-pair scales of the rope key.
 """
@@ -40,15 +41,40 @@ def q4_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
     return out.reshape(shape).to(x.dtype)
 
 
-def q4_0_ste(x: torch.Tensor) -> torch.Tensor:
-    """q4_0 round trip in the forward, identity in the backward (straight-through estimator)."""
-    return x + (q4_0_roundtrip(x) - x).detach()
+def straight_through(fn):
+    """`fn` in the forward, identity in the backward (straight-through estimator): training through a cache
+    quantizer."""
+    def apply(x):
+        return x + (fn(x) - x).detach()
+    return apply
 
 
-def latent_only(fn, latent_dim: int):
-    """Apply `fn` to the latent part of the cached row and keep the rope key as is (a 16-bit rope-key cache)."""
+def neox_to_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """Rope dims laid out NEOX (pair j = dims j, j + R/2) -> interleaved (2j, 2j + 1), llama.cpp's NORM layout:
+    what llama.cpp caches, so which values share a q4_0 block."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.stack([x1, x2], -1).flatten(-2)
+
+
+def interleaved_to_neox(x: torch.Tensor) -> torch.Tensor:
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.cat([pairs[..., 0], pairs[..., 1]], -1)
+
+
+def q4_0_rope(x: torch.Tensor) -> torch.Tensor:
+    """q4_0 round trip of a NEOX rope vector as llama.cpp stores it: blocks of 32 over interleaved pairs."""
+    return interleaved_to_neox(q4_0_roundtrip(neox_to_interleaved(x)))
+
+
+def mla_cache_q4_0(latent_dim: int, rope: bool = True):
+    """The q4_0 round trip of llama.cpp's MLA cache row [c | k_pe] (its k_pe is interleaved); rope=False keeps the
+    rope key as is (a 16-bit rope-key cache beside a 4-bit latent, which ONNX can do and llama.cpp cannot)."""
+    if latent_dim % Q4_BLOCK:
+        raise ValueError(f"q4_0 needs a latent width that is a multiple of {Q4_BLOCK}, got {latent_dim}")
+
     def apply(entry):
-        return torch.cat([fn(entry[..., :latent_dim]), entry[..., latent_dim:]], -1)
+        latent, k_rope = entry[..., :latent_dim], entry[..., latent_dim:]
+        return torch.cat([q4_0_roundtrip(latent), q4_0_rope(k_rope) if rope else k_rope], -1)
     return apply
 
 
@@ -59,9 +85,10 @@ def set_cache_quant(model, fn) -> None:
 
 
 @contextlib.contextmanager
-def original_cache_quant(model, fn):
-    """The original (non-MLA) model with its K (after RoPE) and V passed through `fn` along head_dim, as a
-    quantized K/V cache does: the same-bits reference. transformers Llama-style models only."""
+def original_cache_quant(model, key_fn=q4_0_rope, value_fn=q4_0_roundtrip):
+    """The original (non-MLA) model with its K (after RoPE, per head) and V passed through key_fn / value_fn, as a
+    quantized K/V cache does: the same-bits reference (llama.cpp caches K with interleaved rope pairs, hence
+    q4_0_rope). transformers Llama-style models only."""
     import importlib
 
     module = importlib.import_module(type(model.model).__module__)
@@ -69,9 +96,10 @@ def original_cache_quant(model, fn):
 
     def quantized_rotary(q, k, *args, **kwargs):
         q, k = rotary(q, k, *args, **kwargs)
-        return q, fn(k)
+        return q, key_fn(k)
 
-    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: fn(out)) for layer in model.model.layers]
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: value_fn(out))
+             for layer in model.model.layers]
     module.apply_rotary_pos_emb = quantized_rotary
     try:
         yield model
@@ -138,15 +166,15 @@ def scale_rope_pairs(attn: MLAAttention, scales: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def rope_pair_scales(attn: MLAAttention, x: torch.Tensor, power: float = 0.5) -> torch.Tensor:
-    """Per-pair scales that balance the rope key's pair norms against the queries' (SmoothQuant's rule):
-    s_j = (rms|q pair j| / rms|k pair j|)^power, with rms over tokens (and query heads). x: [tokens, E]."""
-    H, N, R, C = attn.num_heads, attn.nope_dim, attn.rope_dim, attn.latent_dim
+def rope_pair_scales(attn: MLAAttention, x: torch.Tensor, power: float = 1.0) -> torch.Tensor:
+    """Per-pair scales that even out the rope key's pair magnitudes, s_j = rms|k pair j|^-power (rms over tokens
+    x: [tokens, E]), so that a loud pair does not set the q4_0 step of the 15 others in its block; the query
+    carries 1/s_j, whose error does not matter (it is never cached)."""
+    R, C = attn.rope_dim, attn.latent_dim
     k = attn.kv_a_proj(x)[:, C:].double()
-    q = attn.q_proj(x).view(-1, H, N + R)[..., N:].double()
-    pair_rms = lambda t: t.view(*t.shape[:-1], 2, R // 2).pow(2).sum(-2).flatten(0, -2).mean(0).sqrt()  # noqa: E731
-    s = (pair_rms(q) / pair_rms(k).clamp_min(1e-12)) ** power
-    return s / s.max()  # only ratios matter; keep the largest pair as it is
+    rms = k.view(-1, 2, R // 2).pow(2).sum(1).mean(0).sqrt()
+    s = rms.clamp_min(1e-12) ** -power
+    return s / s.max()  # only ratios matter; keep the quietest pair as it is
 
 
 # ----------------------------------------------------------------------------- layer-wise distillation
@@ -185,8 +213,8 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                     batch: int = 1, params: str = "all", seed: int = 0) -> dict:
     """Adam on one MLA block so that attn(x) matches the original block's output y (x, y: [n, T, E]), with a cosine
-    learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. q4_0_ste) is used as
-    set. Returns relative MSE (over all windows) before and after, and seconds."""
+    learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. a straight_through
+    quantizer) is used as set. Returns relative MSE (over all windows) before and after, and seconds."""
     t0 = time.perf_counter()
     dtype = attn.o_proj.weight.dtype
     attn.float()
@@ -223,17 +251,18 @@ def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def recover_layerwise(original, mla_model, windows: torch.Tensor, steps: int = 200, lr: float = 1e-3,
-                      batch: int = 1, params: str = "all", ste: bool = False) -> list[dict]:
+                      batch: int = 1, params: str = "all", cache_quant=None) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
-    `original`, on calibration token windows [n, T]. With ste=True the blocks train through a q4_0 cache
-    (straight-through), so they learn a row that survives 4 bits. Returns one stats dict per layer."""
+    `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
+    the blocks train through that cache quantizer, so they learn a row that survives it. Returns one stats dict
+    per layer."""
     ins, outs = collect_attention_io(original, windows)
     layers = mla_layers(mla_model)
     stats = []
     t0 = time.perf_counter()
     for i, attn in enumerate(layers):
         saved = attn.cache_quant
-        attn.cache_quant = q4_0_ste if ste else saved
+        attn.cache_quant = cache_quant
         s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i)
         attn.cache_quant = saved
         ins[i] = outs[i] = None  # free as we go

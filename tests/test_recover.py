@@ -20,10 +20,11 @@ def logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-def converted(kind, latent=32, rope_pairs=4):
+def converted(kind, latent=32, rope_pairs=4, components=1):
     model = tiny_model(kind)
     original = copy.deepcopy(model)
-    convert(model, Plan(selection="shared", rope_pairs=rope_pairs, latent=latent), stats_for(original))
+    convert(model, Plan(selection="shared", rope_pairs=rope_pairs, latent=latent, rope_components=components),
+            stats_for(original))
     return original, model
 
 
@@ -39,9 +40,9 @@ def test_q4_0_roundtrip_equals_gguf_py_bit_exactly():
     assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
 
 
-def test_q4_0_ste_passes_gradients_through():
+def test_straight_through_passes_gradients_through():
     x = torch.randn(3, 64, requires_grad=True)
-    y = recover.q4_0_ste(x)
+    y = recover.straight_through(recover.q4_0_roundtrip)(x)
     assert torch.equal(y.detach(), recover.q4_0_roundtrip(x.detach()))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
@@ -50,6 +51,26 @@ def test_q4_0_ste_passes_gradients_through():
 def test_q4_0_needs_whole_blocks():
     with pytest.raises(ValueError, match="multiple of 32"):
         recover.q4_0_roundtrip(torch.zeros(2, 40))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        recover.mla_cache_q4_0(48)
+
+
+def test_rope_q4_0_uses_llama_cpp_interleaved_blocks():
+    x = torch.randn(5, 64)
+    assert torch.equal(recover.interleaved_to_neox(recover.neox_to_interleaved(x)), x)
+    assert torch.equal(recover.neox_to_interleaved(torch.arange(8.0)), torch.tensor([0., 4, 1, 5, 2, 6, 3, 7]))
+    x[:, 0] = 100.0  # an outlier in pair 0: in llama.cpp's layout it shares a block with pairs 0..15 only
+    q = recover.q4_0_rope(x)
+    y = x.clone()
+    y[:, 0] = 0.0
+    late = torch.cat([torch.arange(16, 32), torch.arange(48, 64)])  # NEOX dims of pairs 16..31
+    assert torch.equal(q[:, late], recover.q4_0_rope(y)[:, late])  # their block never saw the outlier
+    assert not torch.equal(q[:, 1:16], recover.q4_0_rope(y)[:, 1:16])
+    row = torch.randn(2, 3, 96)
+    q = recover.mla_cache_q4_0(32)(row)
+    assert torch.equal(q[..., :32], recover.q4_0_roundtrip(row[..., :32]))
+    assert torch.equal(q[..., 32:], recover.q4_0_rope(row[..., 32:]))
+    assert torch.equal(recover.mla_cache_q4_0(32, rope=False)(row)[..., 32:], row[..., 32:])
 
 
 @pytest.mark.parametrize("rotation", ["hadamard", "block", "random"])
@@ -82,13 +103,13 @@ def test_rope_pair_scales_are_exact(kind):
 
 
 def test_cache_quant_changes_the_model_and_goes_away():
-    _, model = converted("llama-mha", latent=48, rope_pairs=8)  # C + R = 64: two q4_0 blocks
+    _, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)  # C + R = 64: two q4_0 blocks
     ids = prompt()
     before = logits(model, ids)
-    recover.set_cache_quant(model, recover.q4_0_roundtrip)
+    recover.set_cache_quant(model, recover.mla_cache_q4_0(32))
     quantized = logits(model, ids)
     assert (quantized - before).abs().max() > 1e-3
-    recover.set_cache_quant(model, recover.latent_only(torch.round, 48))
+    recover.set_cache_quant(model, recover.mla_cache_q4_0(32, rope=False))
     latent_only = logits(model, ids)
     assert not torch.equal(latent_only, quantized) and not torch.equal(latent_only, before)
     recover.set_cache_quant(model, None)
@@ -99,7 +120,7 @@ def test_original_cache_quant_is_a_reference_and_restores():
     model = tiny_model("llama-gqa")  # head_dim 16 is less than a q4_0 block: any quantizer shows the hook works
     ids = prompt()
     before = logits(model, ids)
-    with recover.original_cache_quant(model, lambda t: t.round()):
+    with recover.original_cache_quant(model, torch.round, torch.round):
         changed = logits(model, ids)
     assert (changed - before).abs().max() > 1e-3
     assert torch.equal(logits(model, ids), before)
@@ -107,10 +128,11 @@ def test_original_cache_quant_is_a_reference_and_restores():
 
 @pytest.mark.parametrize("ste", [False, True])
 def test_layerwise_recovery_lowers_the_attention_error(ste):
-    original, model = converted("llama-mha", latent=16, rope_pairs=8)  # C + R = 32: one q4_0 block
+    original, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)
     windows = calibration_windows(n=4, length=32)
     flags = [p.requires_grad for p in model.parameters()]
-    stats = recover.recover_layerwise(original, model, windows, steps=60, lr=3e-3, ste=ste)
+    quant = recover.straight_through(recover.mla_cache_q4_0(32)) if ste else None
+    stats = recover.recover_layerwise(original, model, windows, steps=60, lr=3e-3, cache_quant=quant)
     assert len(stats) == len(mla_layers(model))
     for s in stats:
         assert s["mse_after"] < 0.8 * s["mse_before"]

@@ -1,6 +1,6 @@
 """What the CPU recovery step and the 4-bit cache levers buy: perplexity on two texts per cache width.
 
-    python benchmarks/recovery_quality.py [--widths 128:32,160:16] [--steps 150] [--json out.json]
+    python benchmarks/recovery_quality.py [--widths 128:32,160:16] [--steps 300] [--json out.json]
 
 For each latent width C and rope pairs r (R = 2r): the training-free conversion, then layer-wise teacher-forced
 distillation (edge_mla.recover) on calibration Wikipedia, plain or through a q4_0 cache (straight-through), each
@@ -33,8 +33,8 @@ def main() -> None:
     ap.add_argument("--widths", default="256:32,128:32,160:16,64:32", help="C:r pairs (cache C + 2r per layer)")
     ap.add_argument("--modes", default="none,float,ste",
                     help="recovery: none (training-free), float (float cache), ste (through the q4_0 cache)")
-    ap.add_argument("--steps", type=int, default=150, help="Adam steps per layer")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
+    ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=1, help="windows per step")
     ap.add_argument("--params", default="all", help="MLA parameters trained: all, or e.g. kv_a_proj,k_up,v_up")
     ap.add_argument("--calib-windows", type=int, default=16, help="recovery text: calibration windows")
@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=8, help="evaluation windows per text")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-transforms", action="store_true",
-                    help="skip the exact q4_0-friendly transforms (rope pair scales, block Hadamard of the latent)")
+                    help="skip the exact q4_0-friendly transform (a Hadamard within each 32-block of the latent)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
     args = ap.parse_args()
@@ -71,7 +71,6 @@ def main() -> None:
     score(src.model, model="original", C=None, R=None, recovery="-", recover_s=0.0, cache="fp32")
     with rc.original_cache_quant(src.model):
         score(src.model, model="original", C=None, R=None, recovery="-", recover_s=0.0, cache="q4_0")
-    pair_x = rc.collect_attention_io(src.model, calib[:2])[0] if not args.no_transforms else None
     for width in args.widths.split(","):
         C, r = (int(v) for v in width.split(":"))
         base = copy.deepcopy(src.model)
@@ -79,8 +78,7 @@ def main() -> None:
         base.eval()
         R = mla_layers(base)[0].rope_dim
         if not args.no_transforms:  # exact in float; only what a 4-bit cache loses changes
-            for i, attn in enumerate(mla_layers(base)):
-                rc.scale_rope_pairs(attn, rc.rope_pair_scales(attn, pair_x[i].flatten(0, 1)))
+            for attn in mla_layers(base):
                 rc.rotate_latent(attn, rc.block_hadamard(C))
         q4 = rc.mla_cache_q4_0(C)
         for mode in args.modes.split(","):

@@ -7,8 +7,10 @@
 - llama.cpp's q4_0 round trip (blocks of 32, one fp16 scale each), bit-exact with gguf-py, over the cached row as
   llama.cpp lays it out, to emulate a 4-bit cache inside MLAAttention (its `cache_quant` hook), optionally
   straight-through during recovery.
-- Transforms that are exact in float and change what a blockwise 4-bit cache loses: an orthogonal rotation of the
-  latent and per-pair scales of the rope key.
+- An orthogonal rotation of the latent, exact in float, that changes what a blockwise 4-bit cache loses (measured
+  best: a Hadamard within each 32-block, block_hadamard). Per-pair scales of the rope key (exact too: a scale
+  commutes with each pair's rotation) that even out its pairs' magnitudes were measured to hurt, so they are not
+  here (docs/recovery.md).
 """
 from __future__ import annotations
 
@@ -147,36 +149,6 @@ def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
     attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
 
 
-@torch.no_grad()
-def scale_rope_pairs(attn: MLAAttention, scales: torch.Tensor) -> None:
-    """k_rope pair j -> s_j k_rope pair j, every head's q_rope pair j -> q / s_j: a scale commutes with the pair's
-    rotation, so scores are unchanged; only the cached rope key's magnitudes (and their rounding) change."""
-    H, N, R = attn.num_heads, attn.nope_dim, attn.rope_dim
-    s = scales.double().repeat(2)  # NEOX: pair j is dims j and j + R/2
-    C = attn.latent_dim
-    w, b = attn.kv_a_proj.weight, attn.kv_a_proj.bias
-    w[C:] = (w[C:].double() * s[:, None]).to(w.dtype)
-    if b is not None:
-        b[C:] = (b[C:].double() * s).to(b.dtype)
-    wq, bq = attn.q_proj.weight.view(H, N + R, -1), attn.q_proj.bias
-    wq[:, N:] = (wq[:, N:].double() / s[:, None]).to(wq.dtype)
-    if bq is not None:
-        bq = bq.view(H, N + R)
-        bq[:, N:] = (bq[:, N:].double() / s).to(bq.dtype)
-
-
-@torch.no_grad()
-def rope_pair_scales(attn: MLAAttention, x: torch.Tensor, power: float = 1.0) -> torch.Tensor:
-    """Per-pair scales that even out the rope key's pair magnitudes, s_j = rms|k pair j|^-power (rms over tokens
-    x: [tokens, E]), so that a loud pair does not set the q4_0 step of the 15 others in its block; the query
-    carries 1/s_j, whose error does not matter (it is never cached)."""
-    R, C = attn.rope_dim, attn.latent_dim
-    k = attn.kv_a_proj(x)[:, C:].double()
-    rms = k.view(-1, 2, R // 2).pow(2).sum(1).mean(0).sqrt()
-    s = rms.clamp_min(1e-12) ** -power
-    return s / s.max()  # only ratios matter; keep the quietest pair as it is
-
-
 # ----------------------------------------------------------------------------- layer-wise distillation
 
 @torch.no_grad()
@@ -250,13 +222,14 @@ def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> 
     return err / y.pow(2).sum().item()
 
 
-def recover_layerwise(original, mla_model, windows: torch.Tensor, steps: int = 200, lr: float = 1e-3,
-                      batch: int = 1, params: str = "all", cache_quant=None) -> list[dict]:
+def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: int = 300, lr: float = 1e-4,
+                      batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
     `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
-    the blocks train through that cache quantizer, so they learn a row that survives it. Returns one stats dict
-    per layer."""
-    ins, outs = collect_attention_io(original, windows)
+    the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
+    collect_attention_io, taken before an in-place conversion) replaces `original` and `windows` (and is consumed, layer
+    by layer): no second copy of the model is needed. Returns one stats dict per layer."""
+    ins, outs = io if io is not None else collect_attention_io(original, windows)
     layers = mla_layers(mla_model)
     stats = []
     t0 = time.perf_counter()

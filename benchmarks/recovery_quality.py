@@ -58,8 +58,8 @@ def main() -> None:
     calib = token_windows(tok, split_text("calibration"), args.calib_length, args.calib_windows)
     rows: list[dict] = []
 
-    def score(model, **row):
-        row.update({name: perplexity(model, w) for name, w in texts.items()})
+    def score(net, **row):
+        row.update({name: perplexity(net, w) for name, w in texts.items()})
         rows.append(row)
         show(rows, row)
         if args.json:

@@ -43,6 +43,7 @@ class MLAAttention(nn.Module):
         self.register_buffer("inv_freq", torch.zeros(R // 2), persistent=True)
         self.absorbed = False
         self.is_causal = True
+        self.cache_quant = None  # optional fn over the cached row (recover.q4_0_roundtrip emulates a q4_0 cache)
 
     def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """NEOX rotation of the R rope dims with this layer's own per-pair frequencies. x: [B, *, T, R]."""
@@ -68,6 +69,8 @@ class MLAAttention(nn.Module):
         kv = self.kv_a_proj(hidden_states)[:, None]  # [B, 1, T, C+R]
         latent, k_rope = kv.split([C, R], dim=-1)
         entry = torch.cat([latent, self._rotate(k_rope, position_ids)], -1)
+        if self.cache_quant is not None:  # the runtime writes the row to its cache first, then attends over it
+            entry = self.cache_quant(entry)
         if past_key_values is not None:
             entry, _ = past_key_values.update(entry, entry[..., :0], self.layer_idx)
         mask = attention_mask

@@ -1,0 +1,245 @@
+"""CPU recovery of a converted model, and the 4-bit cache it must survive.
+
+- Layer-wise teacher-forced distillation: the original model runs once over calibration text and its attention
+  inputs and outputs are kept; then each MLA attention block is trained alone (Adam) to reproduce the original
+  block's output from the original block's input. No backward pass through the model, no logits: cheap enough for
+  a CPU build.
+- llama.cpp's q4_0 round trip (blocks of 32, one fp16 scale each), bit-exact with gguf-py, over the cached row as
+  llama.cpp lays it out, to emulate a 4-bit cache inside MLAAttention (its `cache_quant` hook), optionally
+  straight-through during recovery.
+- An orthogonal rotation of the latent, exact in float, that changes what a blockwise 4-bit cache loses (measured
+  best: a Hadamard within each 32-block, block_hadamard). Per-pair scales of the rope key (exact too: a scale
+  commutes with each pair's rotation) that even out its pairs' magnitudes were measured to hurt, so they are not
+  here (docs/recovery.md).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .mla import MLAAttention, mla_layers
+
+Q4_BLOCK = 32
+
+
+# ----------------------------------------------------------------------------- q4_0 cache emulation
+
+def q4_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
+    """Quantize to ggml's q4_0 and back along the last dim (a multiple of 32), exactly as gguf-py's
+    quants.quantize/dequantize(Q4_0) does: scale = the signed value of largest magnitude / -8, stored as fp16."""
+    shape = x.shape
+    if shape[-1] % Q4_BLOCK:
+        raise ValueError(f"q4_0 needs rows that are a multiple of {Q4_BLOCK} numbers, got {shape[-1]}")
+    blocks = x.detach().float().reshape(-1, Q4_BLOCK)
+    peak = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
+    d = peak / -8
+    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
+    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15)  # two separate float32 ops, as numpy does (no FMA)
+    out = d.half().float() * (q - 8)
+    return out.reshape(shape).to(x.dtype)
+
+
+def straight_through(fn):
+    """`fn` in the forward, identity in the backward (straight-through estimator): training through a cache
+    quantizer."""
+    def apply(x):
+        return x + (fn(x) - x).detach()
+    return apply
+
+
+def neox_to_interleaved(x: torch.Tensor) -> torch.Tensor:
+    """Rope dims laid out NEOX (pair j = dims j, j + R/2) -> interleaved (2j, 2j + 1), llama.cpp's NORM layout:
+    what llama.cpp caches, so which values share a q4_0 block."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.stack([x1, x2], -1).flatten(-2)
+
+
+def interleaved_to_neox(x: torch.Tensor) -> torch.Tensor:
+    pairs = x.unflatten(-1, (-1, 2))
+    return torch.cat([pairs[..., 0], pairs[..., 1]], -1)
+
+
+def q4_0_rope(x: torch.Tensor) -> torch.Tensor:
+    """q4_0 round trip of a NEOX rope vector as llama.cpp stores it: blocks of 32 over interleaved pairs."""
+    return interleaved_to_neox(q4_0_roundtrip(neox_to_interleaved(x)))
+
+
+def mla_cache_q4_0(latent_dim: int, rope: bool = True):
+    """The q4_0 round trip of llama.cpp's MLA cache row [c | k_pe] (its k_pe is interleaved); rope=False keeps the
+    rope key as is (a 16-bit rope-key cache beside a 4-bit latent, which ONNX can do and llama.cpp cannot)."""
+    if latent_dim % Q4_BLOCK:
+        raise ValueError(f"q4_0 needs a latent width that is a multiple of {Q4_BLOCK}, got {latent_dim}")
+
+    def apply(entry):
+        latent, k_rope = entry[..., :latent_dim], entry[..., latent_dim:]
+        return torch.cat([q4_0_roundtrip(latent), q4_0_rope(k_rope) if rope else k_rope], -1)
+    return apply
+
+
+def set_cache_quant(model, fn) -> None:
+    """Every MLA layer passes its cached row [c | k_rope] through `fn` (None: float cache)."""
+    for layer in mla_layers(model):
+        layer.cache_quant = fn
+
+
+@contextlib.contextmanager
+def original_cache_quant(model, key_fn=q4_0_rope, value_fn=q4_0_roundtrip):
+    """The original (non-MLA) model with its K (after RoPE, per head) and V passed through key_fn / value_fn, as a
+    quantized K/V cache does: the same-bits reference (llama.cpp caches K with interleaved rope pairs, hence
+    q4_0_rope). transformers Llama-style models only."""
+    import importlib
+
+    module = importlib.import_module(type(model.model).__module__)
+    rotary = module.apply_rotary_pos_emb
+
+    def quantized_rotary(q, k, *args, **kwargs):
+        q, k = rotary(q, k, *args, **kwargs)
+        return q, key_fn(k)
+
+    hooks = [layer.self_attn.v_proj.register_forward_hook(lambda m, a, out: value_fn(out))
+             for layer in model.model.layers]
+    module.apply_rotary_pos_emb = quantized_rotary
+    try:
+        yield model
+    finally:
+        module.apply_rotary_pos_emb = rotary
+        for h in hooks:
+            h.remove()
+
+
+# ----------------------------------------------------------------------------- exact transforms
+
+def hadamard(n: int) -> torch.Tensor:
+    """Orthonormal Sylvester Hadamard matrix, n a power of two."""
+    if n & (n - 1):
+        raise ValueError(f"a Hadamard matrix needs a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h / math.sqrt(n)
+
+
+def block_hadamard(n: int, block: int = Q4_BLOCK) -> torch.Tensor:
+    """Hadamard within each q4_0 block: spreads outliers over their block, keeps blocks' magnitudes apart."""
+    return torch.block_diag(*[hadamard(block)] * (n // block))
+
+
+def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return q * torch.sign(torch.diagonal(r))
+
+
+@torch.no_grad()
+def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
+    """c -> Q c for an orthogonal Q (C x C): the latent rows of kv_a become Q W_dkv and the up-projections
+    W_up Q^T, so k_nope and v are unchanged; only what the cache holds (and how it rounds) changes."""
+    C = attn.latent_dim
+    q = rotation.to(torch.float64)
+    w = attn.kv_a_proj.weight
+    w[:C] = (q @ w[:C].double()).to(w.dtype)
+    if attn.kv_a_proj.bias is not None:
+        b = attn.kv_a_proj.bias
+        b[:C] = (q @ b[:C].double()).to(b.dtype)
+    attn.k_up.copy_(torch.einsum("gnc,dc->gnd", attn.k_up.double(), q).to(attn.k_up.dtype))
+    attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
+
+
+# ----------------------------------------------------------------------------- layer-wise distillation
+
+@torch.no_grad()
+def collect_attention_io(model, windows: torch.Tensor, desc: str = "teacher pass") -> tuple[list, list]:
+    """One pass of the original model over windows [n, T]: per layer, its attention inputs (after the input norm)
+    and outputs, each [n, T, E] float32 on the CPU."""
+    layers = model.model.layers
+    ins = [[] for _ in layers]
+    outs = [[] for _ in layers]
+
+    def make_hook(i):
+        def hook(module, args, kwargs, output):
+            x = kwargs.get("hidden_states", args[0] if args else None)
+            ins[i].append(x.detach().float().cpu())
+            outs[i].append(output[0].detach().float().cpu())
+        return hook
+
+    handles = [layer.self_attn.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        for i, window in enumerate(windows):
+            model(window[None].to(model.device), use_cache=False)
+            print(f"\r{desc}: {i + 1}/{len(windows)} windows", end="", flush=True)
+        print()
+    finally:
+        for h in handles:
+            h.remove()
+    return [torch.cat(t) for t in ins], [torch.cat(t) for t in outs]
+
+
+def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
+    return (F.mse_loss(pred, target) / target.pow(2).mean()).item()
+
+
+def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
+                    batch: int = 1, params: str = "all", seed: int = 0) -> dict:
+    """Adam on one MLA block so that attn(x) matches the original block's output y (x, y: [n, T, E]), with a cosine
+    learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. a straight_through
+    quantizer) is used as set. Returns relative MSE (over all windows) before and after, and seconds."""
+    t0 = time.perf_counter()
+    dtype = attn.o_proj.weight.dtype
+    attn.float()
+    chosen = [p for name, p in attn.named_parameters() if params == "all" or name.split(".")[0] in params.split(",")]
+    flags = [p.requires_grad for p in attn.parameters()]
+    for p in attn.parameters():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    before = evaluate_attention(attn, x, y)
+    opt = torch.optim.Adam(chosen, lr=lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
+    g = torch.Generator().manual_seed(seed)
+    scale = y.pow(2).mean()  # normalized loss: the same learning rate suits every layer
+    for _ in range(steps):
+        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
+        out = attn(x[idx])[0]
+        loss = F.mse_loss(out, y[idx]) / scale
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    for p, flag in zip(attn.parameters(), flags):
+        p.requires_grad_(flag)
+    after = evaluate_attention(attn, x, y)
+    attn.to(dtype)
+    return {"mse_before": before, "mse_after": after, "seconds": time.perf_counter() - t0}
+
+
+@torch.no_grad()
+def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> float:
+    err = sum(F.mse_loss(attn(x[i:i + 1])[0], y[i:i + 1], reduction="sum").item() for i in range(x.shape[0]))
+    return err / y.pow(2).sum().item()
+
+
+def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: int = 300, lr: float = 1e-4,
+                      batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None) -> list[dict]:
+    """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
+    `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
+    the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
+    collect_attention_io, taken before an in-place conversion) replaces `original` and `windows` (and is consumed, layer
+    by layer): no second copy of the model is needed. Returns one stats dict per layer."""
+    ins, outs = io if io is not None else collect_attention_io(original, windows)
+    layers = mla_layers(mla_model)
+    stats = []
+    t0 = time.perf_counter()
+    for i, attn in enumerate(layers):
+        saved = attn.cache_quant
+        attn.cache_quant = cache_quant
+        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i)
+        attn.cache_quant = saved
+        ins[i] = outs[i] = None  # free as we go
+        stats.append({"layer": i, **s})
+        print(f"recovering layer {i + 1}/{len(layers)}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
+              f"({s['seconds']:.1f}s, {time.perf_counter() - t0:.0f}s total)", flush=True)
+    return stats

@@ -1,0 +1,137 @@
+"""CPU recovery and 4-bit cache emulation: exact transforms are exact, q4_0 matches gguf-py, recovery helps."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType
+from gguf.quants import dequantize, quantize
+
+from conftest import calibration_windows, prompt, stats_for, tiny_model
+from edge_mla import recover
+from edge_mla.convert import Plan, convert
+from edge_mla.mla import mla_layers
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(ids, use_cache=False).logits
+
+
+def converted(kind, latent=32, rope_pairs=4, components=1):
+    model = tiny_model(kind)
+    original = copy.deepcopy(model)
+    convert(model, Plan(selection="shared", rope_pairs=rope_pairs, latent=latent, rope_components=components),
+            stats_for(original))
+    return original, model
+
+
+def test_q4_0_roundtrip_equals_gguf_py_bit_exactly():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 256, generator=g) * torch.logspace(-3, 2, 256)  # blocks of very different magnitudes
+    x[0, :32] = 0  # an all-zero block
+    x[1, :32] = 1.5  # ties: every value has the largest magnitude
+    x[2, 0], x[2, 1] = -3.0, 3.0  # a tie of opposite signs: the first one sets the sign of the scale
+    x[3, 32:64] = torch.arange(-16, 16) / 2.0  # values on exact half steps (the trunc(x / d + 8.5) rounding)
+    ref = dequantize(quantize(x.numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    ours = recover.q4_0_roundtrip(x).numpy()
+    assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
+
+
+def test_straight_through_passes_gradients_through():
+    x = torch.randn(3, 64, requires_grad=True)
+    y = recover.straight_through(recover.q4_0_roundtrip)(x)
+    assert torch.equal(y.detach(), recover.q4_0_roundtrip(x.detach()))
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+
+
+def test_q4_0_needs_whole_blocks():
+    with pytest.raises(ValueError, match="multiple of 32"):
+        recover.q4_0_roundtrip(torch.zeros(2, 40))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        recover.mla_cache_q4_0(48)
+
+
+def test_rope_q4_0_uses_llama_cpp_interleaved_blocks():
+    x = torch.randn(5, 64)
+    assert torch.equal(recover.interleaved_to_neox(recover.neox_to_interleaved(x)), x)
+    assert torch.equal(recover.neox_to_interleaved(torch.arange(8.0)), torch.tensor([0., 4, 1, 5, 2, 6, 3, 7]))
+    x[:, 0] = 100.0  # an outlier in pair 0: in llama.cpp's layout it shares a block with pairs 0..15 only
+    q = recover.q4_0_rope(x)
+    y = x.clone()
+    y[:, 0] = 0.0
+    late = torch.cat([torch.arange(16, 32), torch.arange(48, 64)])  # NEOX dims of pairs 16..31
+    assert torch.equal(q[:, late], recover.q4_0_rope(y)[:, late])  # their block never saw the outlier
+    assert not torch.equal(q[:, 1:16], recover.q4_0_rope(y)[:, 1:16])
+    row = torch.randn(2, 3, 96)
+    q = recover.mla_cache_q4_0(32)(row)
+    assert torch.equal(q[..., :32], recover.q4_0_roundtrip(row[..., :32]))
+    assert torch.equal(q[..., 32:], recover.q4_0_rope(row[..., 32:]))
+    assert torch.equal(recover.mla_cache_q4_0(32, rope=False)(row)[..., 32:], row[..., 32:])
+
+
+@pytest.mark.parametrize("rotation", ["hadamard", "block", "random"])
+def test_latent_rotation_is_exact(kind, rotation):
+    _, model = converted(kind, latent=32)
+    ids = prompt()
+    before = logits(model, ids)
+    q = {"hadamard": recover.hadamard(32), "block": recover.block_hadamard(32, block=8),
+         "random": recover.random_orthogonal(32, seed=3)}[rotation]
+    assert torch.allclose(q @ q.T, torch.eye(32, dtype=q.dtype), atol=1e-12)
+    cached = []
+    for layer in mla_layers(model):
+        recover.rotate_latent(layer, q)
+        layer.cache_quant = lambda e: cached.append(e) or e
+    after = logits(model, ids)
+    assert (after - before).abs().max() < 1e-5
+    assert cached, "the rotation must reach the cached row"
+
+
+def test_cache_quant_changes_the_model_and_goes_away():
+    _, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)  # C + R = 64: two q4_0 blocks
+    ids = prompt()
+    before = logits(model, ids)
+    recover.set_cache_quant(model, recover.mla_cache_q4_0(32))
+    quantized = logits(model, ids)
+    assert (quantized - before).abs().max() > 1e-3
+    recover.set_cache_quant(model, recover.mla_cache_q4_0(32, rope=False))
+    latent_only = logits(model, ids)
+    assert not torch.equal(latent_only, quantized) and not torch.equal(latent_only, before)
+    recover.set_cache_quant(model, None)
+    assert torch.equal(logits(model, ids), before)
+
+
+def test_original_cache_quant_is_a_reference_and_restores():
+    model = tiny_model("llama-gqa")  # head_dim 16 is less than a q4_0 block: any quantizer shows the hook works
+    ids = prompt()
+    before = logits(model, ids)
+    with recover.original_cache_quant(model, torch.round, torch.round):
+        changed = logits(model, ids)
+    assert (changed - before).abs().max() > 1e-3
+    assert torch.equal(logits(model, ids), before)
+
+
+@pytest.mark.parametrize("ste", [False, True])
+def test_layerwise_recovery_lowers_the_attention_error(ste):
+    original, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)
+    windows = calibration_windows(n=4, length=32)
+    flags = [p.requires_grad for p in model.parameters()]
+    quant = recover.straight_through(recover.mla_cache_q4_0(32)) if ste else None
+    stats = recover.recover_layerwise(original, model, windows, steps=60, lr=3e-3, cache_quant=quant)
+    assert len(stats) == len(mla_layers(model))
+    for s in stats:
+        assert s["mse_after"] < 0.8 * s["mse_before"]
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(layer.cache_quant is None for layer in mla_layers(model))
+
+
+def test_recovery_from_teacher_io_taken_before_an_in_place_conversion():
+    model = tiny_model("llama-mha")
+    stats = stats_for(model)
+    io = recover.collect_attention_io(model, calibration_windows(n=4, length=32))
+    convert(model, Plan(selection="shared", rope_pairs=8, latent=32, rope_components=2), stats)
+    out = recover.recover_layerwise(None, model, None, steps=60, lr=3e-3, io=io)
+    assert all(s["mse_after"] < 0.8 * s["mse_before"] for s in out)

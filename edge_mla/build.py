@@ -8,13 +8,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edge_mla import budget as bud
-from edge_mla import precision, provenance
-from edge_mla.convert import resolve_plan
+from edge_mla import precision, provenance, recover
+from edge_mla.convert import head_dim_of, resolve_plan
+from edge_mla.data import calibration_windows
 from edge_mla.plans import PLANS, Plan
 from edge_mla.publish import refuse_existing, staged_folder
 
 
 
+# Teacher text for the CPU recovery: 16 x 512 calibration tokens (docs/recovery.md; held-out text is never used).
+RECOVER_WINDOWS, RECOVER_LENGTH = 16, 512
 _T0 = [time.perf_counter()]
 
 
@@ -31,11 +34,13 @@ def step(i: int, n: int, what: str) -> None:
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
-          quality_length: int = 512) -> dict:
+          quality_length: int = 512, recover_steps: int = 300) -> dict:
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
-    kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, bool(finetune_tokens)), "--kv-bits")
+    recover_steps = 0 if finetune_tokens else recover_steps  # the fine-tune recovers more, and on the GPU
+    trained = bool(finetune_tokens or recover_steps)
+    kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, trained), "--kv-bits")
     device = bud.find_device(device_name, bud.load_devices(devices_file))
     out = refuse_existing(out, force)
     if finetune_tokens:
@@ -47,7 +52,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         raise ValueError(f"no LLM fits {device.name}: {device.usable_mb} MB usable and no runtime that runs an LLM "
                          "there; even a 135M-parameter model at 4 bits needs about 90 MB. Pick a device with at least "
                          "256 MB of RAM (e.g. rpi-zero-2w)")
-    n = 6 if finetune_tokens else 5
+    n = 6 if trained else 5
     t0 = time.perf_counter()
     step(1, n, f"loading {model}")
     src = load_source(model)
@@ -56,7 +61,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     context = context or min(limit, 4096)
     if context > limit:
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
-    plan = plan or PLANS["finetuned" if finetune_tokens else "training-free"]
+    plan = plan or PLANS["finetuned" if finetune_tokens else "recovered" if recover_steps else "training-free"]
+    if plan.rope_pairs is not None:  # a model with narrower heads keeps all its frequencies
+        plan = replace(plan, rope_pairs=min(plan.rope_pairs, head_dim_of(config) // 2))
     full = resolve_plan(config, replace(plan, latent=None)).latent
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
@@ -76,11 +83,21 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         orig_gguf = original / "original.gguf"
         gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
+        if recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
+            teacher = recover.collect_attention_io(
+                src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
+                desc="      teacher pass (original attention on calibration text)")
         step(3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
         mla = calibrate_and_convert(src, plan)
         print("      " + describe(mla, config))
-        mla_dir = save(src.model, src.tokenizer, staging / "mla")
         k = 4
+        if recover_steps:
+            step(k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards the "
+                       f"original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
+            mla["recovery"] = recover.recover_converted(src.model, teacher, steps=recover_steps, cache_bits=kv_bits)
+            del teacher
+            k += 1
+        mla_dir = save(src.model, src.tokenizer, staging / "mla")
         if finetune_tokens:
             from edge_mla.finetune import TrainConfig, finetune
             step(k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
@@ -117,6 +134,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
                                                   calibration=mla["calibration_text"])
         summary["finetune_tokens"] = finetune_tokens
+        summary["recovery"] = mla.get("recovery")
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
         fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
         if not fits:

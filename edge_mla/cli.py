@@ -158,8 +158,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", required=True, help="target device, required (`edge-mla devices` lists them)")
     p.add_argument("--bits", type=int, default=4, choices=precision.BITS, help="weight bits")
     p.add_argument("--kv-bits", type=int, default=None, choices=precision.BITS,
-                   help="cache bits (default: --bits, but 8 for a 4-bit build without fine-tuning: a 4-bit cache "
-                        "breaks a training-free conversion, docs/gguf.md)")
+                   help="cache bits (default: --bits; but 8 under 4-bit weights with --recover-steps 0: a 4-bit cache "
+                        "breaks a training-free conversion, docs/recovery.md)")
+    p.add_argument("--recover-steps", type=int, default=300,
+                   help="CPU recovery: steps per attention block of layer-wise distillation towards the original, "
+                        "through the chosen cache (0: a training-free build, latent 256, docs/recovery.md)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
     p.add_argument("-o", "--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
@@ -234,11 +237,12 @@ def cmd_build(args) -> int:
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
-        base = plans.PLANS["finetuned" if args.finetune_tokens else "training-free"]
+        base = plans.PLANS["finetuned" if args.finetune_tokens else "recovered" if args.recover_steps
+                           else "training-free"]
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits, args.quality_windows, args.quality_length)
+          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps)
     return 0
 
 

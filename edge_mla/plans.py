@@ -29,6 +29,10 @@ QUALITY_BOUND = 0.40
 DEFAULT_LATENT = 256
 PLANS = {
     "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),
+    # The build's default: recovered on the CPU layer by layer, through the 4-bit cache (docs/recovery.md). C + R =
+    # 160 + 32 = 192 is half the original's 384 numbers per token per layer; the rope key keeps the 16 highest
+    # frequencies (a narrow rope key suits a q4_0 row: measured 18.11 against 20.89 for C=128, R=64).
+    "recovered": Plan(selection="shared", rope_pairs=16, latent=160, weighting="attention"),
     # With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original).
     "finetuned": Plan(selection="shared", latent=128, weighting="attention"),
 }

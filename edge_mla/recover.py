@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .mla import MLAAttention, mla_layers
+from edge_mla.mla import MLAAttention, mla_layers
 
 Q4_BLOCK = 32
 
@@ -243,3 +243,27 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
         print(f"recovering layer {i + 1}/{len(layers)}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
               f"({s['seconds']:.1f}s, {time.perf_counter() - t0:.0f}s total)", flush=True)
     return stats
+
+
+def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16) -> dict:
+    """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
+    (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
+    original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
+    when cache_bits is 4. Returns a summary for report.json."""
+    layers = mla_layers(model)
+    C = layers[0].latent_dim
+    aligned = C % Q4_BLOCK == 0
+    if aligned:
+        rotation = block_hadamard(C)
+        for attn in layers:
+            rotate_latent(attn, rotation)
+    quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
+    t0 = time.perf_counter()
+    tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
+    stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io)
+    return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
+            "latent_rotation": "block Hadamard (32)" if aligned else None,
+            "trained_through": "q4_0 cache (straight-through)" if quant else "float cache",
+            "seconds": round(time.perf_counter() - t0, 1),
+            "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
+            "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

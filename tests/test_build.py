@@ -27,7 +27,7 @@ def tiny_source(tmp_path_factory, tokenizer):
 def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4",
-                     "--context", "256", "--out", str(out)])
+                     "--context", "256", "--out", str(out), "--recover-steps", "0"])  # the training-free build
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
@@ -98,3 +98,24 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     assert set(report["quality_ratio"]) == {"llama.cpp, wikipedia-heldout", "llama.cpp, abc-news",
                                             "onnxruntime, wikipedia-heldout", "onnxruntime, abc-news"}
     assert "Quality: held-out perplexity" in (out / "report.html").read_text()
+
+
+def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tiny_source, capsys):
+    out = tmp_path / "build"
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--context", "256", "-o", str(out),
+                     "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "[4/6] recovering on the CPU" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    assert report["bits"] == 4 and report["kv_bits"] == 4  # --bits 4 means a 4-bit cache too
+    recovery = report["recovery"]
+    assert recovery["steps_per_layer"] == 20 and recovery["relative_mse_after"] < recovery["relative_mse_before"]
+    assert llama_cpp_gguf_cache(out / "model.gguf") == "q4_0"
+    assert json.loads((out / "onnx" / "edge_mla_onnx.json").read_text())["cache"]["dtype"] == "int4"
+
+
+def llama_cpp_gguf_cache(path) -> str:
+    from edge_mla.runtimes.gguf_file import check_gguf
+
+    return check_gguf(path).cache_type

@@ -182,8 +182,20 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
     return (F.mse_loss(pred, target) / target.pow(2).mean()).item()
 
 
+# The projections the runtimes store at 4 bits under --bits 4 (blocks of 32 along the input dimension, in llama.cpp's
+# q4_0 and onnxruntime's MatMulNBits alike); the per-head up-projections stay 8-bit (gguf_tensors).
+FOUR_BIT_WEIGHTS = ("q_proj.weight", "o_proj.weight")
+
+
+def q4_0_weights(attn: MLAAttention) -> dict:
+    """Straight-through q4_0 round trips of the block's 4-bit weights, for torch.func.functional_call."""
+    ste = straight_through(q4_0_roundtrip)
+    return {name: ste(p) for name, p in attn.named_parameters()
+            if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+
+
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                    batch: int = 1, params: str = "all", seed: int = 0) -> dict:
+                    batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16) -> dict:
     """Adam on one MLA block so that attn(x) matches the original block's output y (x, y: [n, T, E]), with a cosine
     learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. a straight_through
     quantizer) is used as set. Returns relative MSE (over all windows) before and after, and seconds."""
@@ -203,7 +215,10 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
     scale = y.pow(2).mean()  # normalized loss: the same learning rate suits every layer
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        out = attn(x[idx])[0]
+        if weight_bits == 4:  # train through the 4-bit weights the runtimes will hold
+            out = torch.func.functional_call(attn, q4_0_weights(attn), (x[idx],))[0]
+        else:
+            out = attn(x[idx])[0]
         loss = F.mse_loss(out, y[idx]) / scale
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,7 +238,8 @@ def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: int = 300, lr: float = 1e-4,
-                      batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None) -> list[dict]:
+                      batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None,
+                      weight_bits: int = 16) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
     `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
     the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
@@ -236,7 +252,7 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
     for i, attn in enumerate(layers):
         saved = attn.cache_quant
         attn.cache_quant = cache_quant
-        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i)
+        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i, weight_bits=weight_bits)
         attn.cache_quant = saved
         ins[i] = outs[i] = None  # free as we go
         stats.append({"layer": i, **s})
@@ -245,7 +261,8 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
     return stats
 
 
-def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16) -> dict:
+def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
+                      weight_bits: int = 16) -> dict:
     """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
     (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
     original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
@@ -260,10 +277,12 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
     quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
     t0 = time.perf_counter()
     tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
-    stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io)
+    stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io,
+                              weight_bits=weight_bits)
     return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
             "latent_rotation": "block Hadamard (32)" if aligned else None,
-            "trained_through": "q4_0 cache (straight-through)" if quant else "float cache",
+            "trained_through": ("q4_0 cache" if quant else "float cache") + (
+                f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if weight_bits == 4 else "") + " (straight-through)",
             "seconds": round(time.perf_counter() - t0, 1),
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

@@ -135,3 +135,31 @@ def test_recovery_from_teacher_io_taken_before_an_in_place_conversion():
     convert(model, Plan(selection="shared", rope_pairs=8, latent=32, rope_components=2), stats)
     out = recover.recover_layerwise(None, model, None, steps=60, lr=3e-3, io=io)
     assert all(s["mse_after"] < 0.8 * s["mse_before"] for s in out)
+
+
+def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
+    model = tiny_model("llama-gqa")
+    stats = stats_for(model)
+    x, y = (t[0] for t in recover.collect_attention_io(model, calibration_windows(n=4, length=32)))
+    convert(model, Plan(selection="shared", latent=32), stats)
+    attn = mla_layers(model)[0]
+
+    def error_with_4_bit_weights():
+        with torch.no_grad():
+            out = torch.func.functional_call(attn, recover.q4_0_weights(attn), (x,))[0]
+        return float(((out - y) ** 2).mean() / (y ** 2).mean())
+
+    assert set(recover.q4_0_weights(attn)) == {"q_proj.weight", "o_proj.weight"}
+    before = error_with_4_bit_weights()
+    recover.train_attention(attn, x, y, steps=60, lr=3e-3, weight_bits=4)
+    assert error_with_4_bit_weights() < 0.8 * before
+
+
+def test_gguf_keeps_the_per_head_up_projections_at_8_bits_under_q4_0():
+    from gguf import GGMLQuantizationType as QT
+
+    from edge_mla.export.gguf_tensors import tensor_type
+
+    assert tensor_type("blk.0.attn_k_b.weight", (9, 160, 64), "q4_0") == QT.Q8_0
+    assert tensor_type("blk.0.attn_v_b.weight", (9, 64, 160), "q4_0") == QT.Q8_0
+    assert tensor_type("blk.0.attn_q.weight", (864, 576), "q4_0") == QT.Q4_0

@@ -9,7 +9,6 @@ per token from DRAM at the device's peak bandwidth: real decoding is slower, nev
 from __future__ import annotations
 
 import difflib
-import json
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field
@@ -105,12 +104,10 @@ def footprint_gguf(path: str | Path, cache_type: str | None = None) -> Footprint
 
 def footprint_onnx(folder: str | Path) -> Footprint:
     """From an `edge-mla export onnx` folder: its files, and the cache layout its JSON states."""
+    from edge_mla.runtimes.onnxruntime import read_meta
+
     folder = Path(folder)
-    meta_file = folder / "edge_mla_onnx.json"
-    if not meta_file.is_file():
-        raise ValueError(f"{folder} is not an edge-mla ONNX export (no edge_mla_onnx.json); "
-                         "export one with `edge-mla export onnx`")
-    meta = json.loads(meta_file.read_text())
+    meta = read_meta(folder)
     weights = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     cache = meta["cache"]
     kind = "mla" if meta["architecture"] == "mla" else "original"

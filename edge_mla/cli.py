@@ -63,6 +63,12 @@ def _kv_args(p: argparse.ArgumentParser, help_default: str) -> None:
                    help="the same as llama.cpp names it (-ctk/-ctv), instead of --kv-bits")
 
 
+def onnx_export_folder(path: Path) -> bool:
+    from edge_mla.runtimes.onnxruntime import is_export
+
+    return path.is_dir() and is_export(path)
+
+
 def _kv_type(args) -> str | None:
     """The llama.cpp cache type asked for (--kv-type, or --kv-bits); None: the one the file records."""
     return args.kv_type or (precision.GGUF_CACHE_TYPE[args.kv_bits] if args.kv_bits else None)
@@ -253,7 +259,7 @@ def cmd_budget(args) -> int:
     path = Path(args.model)
     if path.suffix == ".gguf":
         fp = bud.footprint_gguf(path, _kv_type(args))
-    elif path.is_dir() and (path / "edge_mla_onnx.json").exists():
+    elif onnx_export_folder(path):
         fp = bud.footprint_onnx(path)
     else:
         from transformers import AutoConfig

@@ -23,7 +23,6 @@ from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
 from edge_mla import precision, provenance
-from edge_mla.data import calibration_windows
 from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
                                           check_biases, common_tensors, encode, latent_mean_squares, latent_scale,
@@ -252,6 +251,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     n_vocab = loaded.model.get_input_embeddings().weight.shape[0]
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:
+        from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
         windows = calibration_windows(loaded.tokenizer, text, count=calib_windows, length=calib_length)
         arch, keys, tensors, notes = mla_export(loaded, align, windows)
     else:
@@ -327,3 +327,4 @@ def _llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = No
     rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
     if rc != 0:
         raise ValueError(f"llama.cpp's quantizer failed on {src} (code {rc})")
+

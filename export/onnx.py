@@ -14,12 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from edge_mla import provenance
-from edge_mla.data import calibration_windows
 from edge_mla.publish import refuse_existing, staged_folder
+from edge_mla.runtimes.onnxruntime import META
 
 from edge_mla.export import onnx_graph, onnx_quant
 
-META = "edge_mla_onnx.json"
 FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
@@ -358,6 +357,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16)
     calib = None
     if kv_bits in (4, 8):
+        from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
         windows = calibration_windows(tokenizer, calib_text, count=calib_windows, length=calib_length)
         opts.cache_scales = calibrate_scales(model, dec, kv_bits, windows)
         calib = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]),
@@ -397,3 +397,4 @@ def smoke_test(folder: Path) -> None:
     logits = dec.forward(np.array([int(logits[-1].argmax())], np.int64))
     if not np.isfinite(logits).all():
         raise ValueError(f"the exported model gives non-finite logits; please report this ({folder})")
+

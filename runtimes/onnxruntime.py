@@ -19,7 +19,12 @@ def _version(v: str) -> tuple:
     return tuple(int(p) for p in v.split("+")[0].split(".")[:3] if p.isdigit())
 
 
+def is_export(folder: str | Path) -> bool:
+    return (Path(folder) / META).is_file()
+
+
 def read_meta(folder: str | Path) -> dict:
+    """The export's metadata file (written by export/onnx.py): the one place its name and reading live."""
     folder = Path(folder)
     if not (folder / META).exists():
         raise ValueError(f"{folder} is not an ONNX export of edge-mla (no {META}); make one with "

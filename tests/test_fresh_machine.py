@@ -106,3 +106,17 @@ def test_budget_exits_with_the_documented_code_when_it_does_not_fit(tmp_path, ca
     capsys.readouterr()
     code = cli.main(["budget", str(folder), "--device", "speck", "--devices", str(devices), "--context", "256"])
     assert code == cli.EXIT_DOES_NOT_FIT and "DOES NOT FIT" in capsys.readouterr().out
+
+
+def test_run_of_an_onnx_export_does_not_import_torch(tmp_path):
+    import subprocess
+    import sys
+
+    from test_onnx import converted, export
+
+    folder = export(converted("llama-gqa"), tmp_path / "onnx", weight_bits=32, kv_bits=32)
+    code = ("import sys; from edge_mla import cli; "
+            f"rc = cli.main(['run', {str(folder)!r}, '-p', 'w5 w6', '-n', '3', '--threads', '1']); "
+            "assert rc == 0, rc; assert 'torch' not in sys.modules, 'torch was imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -287,28 +287,3 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
 
-
-# Openings for the original's own text (self-distillation data): varied registers, none from the held-out texts.
-OPENINGS = ("The", "In the news today,", "Once upon a time", "Dear Sir,", "The results show that",
-            "How do I", "Breaking:", "Yesterday the council", "def main():", "My favourite recipe",
-            "The history of", "According to the report,", "She said", "In 2019,", "Q:", "Chapter 1")
-
-
-@torch.no_grad()
-def generated_windows(model, tokenizer, count: int, length: int, seed: int = 0, batch: int = 8) -> torch.Tensor:
-    """[count, length] tokens that the original model writes itself (sampled at temperature 1 from varied
-    openings): teacher text that teaches the model back rather than one domain."""
-    torch.manual_seed(seed)
-    rows = []
-    for start in range(0, count, batch):
-        n = min(batch, count - start)
-        prompts = [OPENINGS[(start + i) % len(OPENINGS)] for i in range(n)]
-        ids = [tokenizer(p, add_special_tokens=False).input_ids[:4] for p in prompts]
-        width = min(len(i) for i in ids)
-        prompt = torch.tensor([i[:width] for i in ids])
-        out = model.generate(prompt, max_new_tokens=length - width, min_new_tokens=length - width, do_sample=True,
-                             temperature=1.0, top_k=0, top_p=1.0, pad_token_id=tokenizer.eos_token_id or 0)
-        rows.append(out[:, :length])
-        print(f"\r      generating teacher text: {start + n}/{count} windows", end="", flush=True)
-    print()
-    return torch.cat(rows)

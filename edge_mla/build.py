@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import time
 from dataclasses import asdict, replace
@@ -14,21 +15,17 @@ from edge_mla.data import calibration_windows
 from edge_mla.plans import PLANS, Plan
 from edge_mla.publish import refuse_existing, staged_folder
 
-
-
 # Teacher text for the CPU recovery: 16 x 512 calibration tokens (docs/recovery.md; held-out text is never used).
 RECOVER_WINDOWS, RECOVER_LENGTH = 16, 512
-_T0 = [time.perf_counter()]
 
 
-def step(i: int, n: int, what: str) -> None:
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def step(t0: float, i: int, n: int, what: str) -> None:
     """Progress: the step, with the time and peak memory so far (where the time and memory go)."""
-    import resource
-
-    if i == 1:
-        _T0[0] = time.perf_counter()
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(f"[{i}/{n}] {what}  ({time.perf_counter() - _T0[0]:.0f} s, peak RSS {peak_mb:.0f} MB so far)", flush=True)
+    print(f"[{i}/{n}] {what}  ({time.perf_counter() - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MB so far)", flush=True)
 
 
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
@@ -54,7 +51,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                          "256 MB of RAM (e.g. rpi-zero-2w)")
     n = 6 if trained else 5
     t0 = time.perf_counter()
-    step(1, n, f"loading {model}")
+    step(t0, 1, n, f"loading {model}")
     src = load_source(model)
     config = src.model.config
     limit = int(config.max_position_embeddings)
@@ -76,7 +73,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     with staged_folder(out) as staging:
         # The original first, through the same exporters at the same bits: the conversion then changes the
         # loaded model in place, so the source is read from disk once.
-        step(2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
+        step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
         original = staging / ".original"
         orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
                                        head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
@@ -87,13 +84,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             teacher = recover.collect_attention_io(
                 src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
                 desc="      teacher pass (original attention on calibration text)")
-        step(3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
+        step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
         mla = calibrate_and_convert(src, plan)
         print("      " + describe(mla, config))
         k = 4
         if recover_steps:
-            step(k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards the "
-                       f"original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
+            step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards the "
+                           f"original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
             # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%,
             # docs/recovery.md)
             mla["recovery"] = recover.recover_converted(src.model, teacher, steps=recover_steps, cache_bits=kv_bits)
@@ -102,19 +99,19 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         mla_dir = save(src.model, src.tokenizer, staging / "mla")
         if finetune_tokens:
             from edge_mla.finetune import TrainConfig, finetune
-            step(k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
+            step(t0, k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
             finetune(mla_dir, staging / "mla-ft", TrainConfig(tokens=finetune_tokens, distill=0.5), teacher=model)
             shutil.rmtree(mla_dir)
             os.replace(staging / "mla-ft", mla_dir)
             src.model, src.tokenizer = load(mla_dir)
             k += 1
-        step(k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} weights, "
-                   f"{cache} cache)")
+        step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
+                       f"weights, {cache} cache)")
         onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
         gguf_file = staging / "model.gguf"
         gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
-        step(k + 1, n, f"budgeting for {device.name}" + (
+        step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
             "tokens per text)" if quality_windows else ""))
         if quality_windows:
@@ -146,10 +143,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     print(summary["verdict"])
     for b in budgets:
         print("  " + bud.format_budget(b))
-    import resource
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"wrote {out}/ (report.html, report.json, onnx/, model.gguf, mla/) in {summary['build_seconds']:.0f} s, "
-          f"peak RSS {peak_mb:.0f} MB")
+          f"peak RSS {peak_rss_mb():.0f} MB")
     return summary
 
 
@@ -162,8 +157,8 @@ def measure_quality(files: dict, tokenizer, gguf_cache: str, kv_bits: int, count
     except ImportError:
         print("      (llama-cpp-python is not installed: GGUF perplexity skipped; ./install.sh llama adds it)")
         files = {model: {"onnx": paths["onnx"]} for model, paths in files.items()}
-    onnx_cache = {4: "int4", 8: "int8", 16: "float16"}[kv_bits]
-    return measure(files, tokenizer, kv_type=gguf_cache, onnx_cache=onnx_cache, count=count, length=length)
+    return measure(files, tokenizer, kv_type=gguf_cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits], count=count,
+                   length=length)
 
 
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,

@@ -25,6 +25,7 @@ class HELP(argparse.HelpFormatter):
             return text
         return f"{text} (default: {action.default})"
 
+
 DEFAULT_LATENT = plans.DEFAULT_LATENT  # (tests import it from here)
 
 
@@ -111,11 +112,10 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from edge_mla.convert import load_any
     from edge_mla.data import CORPUS_ABOUT, load_text, token_windows
     from edge_mla.eval import generate_text, perplexity
     from edge_mla.mla import set_absorbed
-
-    from edge_mla.convert import load_any
 
     src = load_any(args.model)
     model, tokenizer = src.model, src.tokenizer

@@ -11,6 +11,9 @@ BITS = (4, 8, 16)
 GGUF_WEIGHT_TYPE = {4: "q4_0", 8: "q8_0", 16: "f16", 32: "f32"}
 GGUF_CACHE_TYPE = {4: "q4_0", 8: "q8_0", 16: "f16", 32: "f32"}
 CACHE_BITS_OF_TYPE = {v: k for k, v in GGUF_CACHE_TYPE.items()}
+# onnxruntime: the cache dtype an ONNX export states in its metadata file.
+ONNX_CACHE_DTYPE = {4: "int4", 8: "int8", 16: "float16", 32: "float32"}
+ONNX_CACHE_BITS = {v: k for k, v in ONNX_CACHE_DTYPE.items()}
 
 # The GGUF key that carries the cache type a build priced, so `edge-mla run` uses the same one.
 GGUF_CACHE_KEY = "edge_mla.cache_type"

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_mla import provenance
+from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.runtimes.onnxruntime import META
 
@@ -296,7 +296,7 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
     cache = {
         "kind": "latent" if dec.kind == "mla" else "kv",
         "mode": "inplace" if opts.body == "gqa" else "concat",
-        "dtype": {4: "int4", 8: "int8", 16: "float16", 32: "float32"}[opts.kv_bits],
+        "dtype": precision.ONNX_CACHE_DTYPE[opts.kv_bits],
         "storage_dtype": kv_name,
         "layout": "[batch, heads, tokens, width]; latent: one head, width = latent_dim + rope_dim numbers "
                   "([c | rotated k_rope]), int4 packed two per byte (low nibble first, code + 8)",

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_mla.precision import ONNX_CACHE_BITS
+
 META = "edge_mla_onnx.json"
 
 
@@ -180,7 +182,7 @@ def generate(decoder: OnnxDecoder, tokenizer: Tokenizer, prompt_ids: list[int], 
 def run_cli(args) -> int:
     folder = Path(args.path)
     meta = read_meta(folder)
-    exported = {"int4": 4, "int8": 8, "float16": 16, "float32": 32}[meta["cache"]["dtype"]]
+    exported = ONNX_CACHE_BITS[meta["cache"]["dtype"]]
     asked = getattr(args, "kv_bits", None)
     if getattr(args, "kv_type", None) or (asked and asked != exported):
         raise ValueError(f"an ONNX export's cache precision is fixed when it is exported (this one: "

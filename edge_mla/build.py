@@ -31,7 +31,7 @@ def step(t0: float, i: int, n: int, what: str) -> None:
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
-          quality_length: int = 512, recover_steps: int = 300) -> dict:
+          quality_length: int = 512, recover_steps: int = 300, speed_prompt: int = 256) -> dict:
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
@@ -113,11 +113,22 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
-            "tokens per text)" if quality_windows else ""))
+            "tokens per text)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
+        files = runnable_files({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
+                                "original": {"gguf": orig_gguf, "onnx": orig_onnx}})
         if quality_windows:
-            quality_rows = measure_quality({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
-                                            "original": {"gguf": orig_gguf, "onnx": orig_onnx}},
-                                           src.tokenizer, cache, kv_bits, quality_windows, quality_length)
+            from edge_mla.quality import measure
+            quality_rows = measure(files, src.tokenizer, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
+                                   count=quality_windows, length=quality_length)
+        speeds = {}
+        speed_prompt = min(speed_prompt, limit - 32)  # a tiny model's context bounds the prompt
+        if speed_prompt > 0:
+            from edge_mla import speed
+            from edge_mla.quality import text_windows
+            print(f"      speed of both builds on this machine ({speed_prompt}-token prompt, then 32 tokens)")
+            prompt = text_windows(src.tokenizer, "wikipedia-heldout", 1, speed_prompt)[0].tolist()
+            speed_rows = speed.measure(files, prompt, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits])
+            speeds = speed.by_runtime(speed_rows)
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
         if quality_windows:
@@ -128,6 +139,14 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             for key, value in summary["quality_ratio"].items():
                 summary["key_figures"][f"perplexity MLA / original ({key})"] = f"{value:.2f}x"
         summary["bits"], summary["kv_bits"] = bits, kv_bits
+        if speeds:
+            summary["speed"] = speed.as_dicts(speed_rows)
+        summary["runtimes"] = speeds
+        from edge_mla import verdict
+        summary["verdicts"] = verdict.verdicts(footprints, device, verdict.contexts_for(context, limit),
+                                               summary.get("quality_ratio", {}), speeds)
+        summary["recommendation"] = verdict.recommendation(summary["verdicts"])
+        summary["run_commands"] = verdict.run_commands(gguf_file.name, onnx_dir.name, cache, context)
         shutil.rmtree(original)
         summary["plan"] = asdict(plan)
         summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
@@ -143,22 +162,23 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     print(summary["verdict"])
     for b in budgets:
         print("  " + bud.format_budget(b))
+    for v in summary["verdicts"]:
+        if v["context"] == context:
+            print("  " + v["text"])
+    print(summary["recommendation"])
     print(f"wrote {out}/ (report.html, report.json, onnx/, model.gguf, mla/) in {summary['build_seconds']:.0f} s, "
           f"peak RSS {peak_rss_mb():.0f} MB")
     return summary
 
 
-def measure_quality(files: dict, tokenizer, gguf_cache: str, kv_bits: int, count: int, length: int) -> list:
-    """Perplexity of both builds through both runtimes; llama.cpp rows only where llama-cpp-python is installed."""
-    from edge_mla.quality import measure
-
+def runnable_files(files: dict) -> dict:
+    """The files this machine can measure: llama.cpp's only where llama-cpp-python is installed."""
     try:
         import llama_cpp  # noqa: F401
     except ImportError:
-        print("      (llama-cpp-python is not installed: GGUF perplexity skipped; ./install.sh llama adds it)")
-        files = {model: {"onnx": paths["onnx"]} for model, paths in files.items()}
-    return measure(files, tokenizer, kv_type=gguf_cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits], count=count,
-                   length=length)
+        print("      (llama-cpp-python is not installed: GGUF perplexity and speed skipped; ./install.sh llama adds it)")
+        return {model: {"onnx": paths["onnx"]} for model, paths in files.items()}
+    return files
 
 
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,

@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-windows", type=int, default=4,
                    help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip)")
     p.add_argument("--quality-length", type=int, default=512, help="tokens per quality window")
+    p.add_argument("--speed-prompt", type=int, default=256,
+                   help="prompt tokens for the prefill/decode speed of both builds on this machine (0: skip)")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
@@ -248,7 +250,7 @@ def cmd_build(args) -> int:
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps)
+          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, args.speed_prompt)
     return 0
 
 

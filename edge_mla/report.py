@@ -77,6 +77,36 @@ def quality_table(rows: list[dict]) -> str:
             f"scored on the same token windows; in brackets the MLA build's perplexity over the original's.</p>")
 
 
+def verdict_section(summary: dict) -> str:
+    """Which model to pick, per runtime and context; the measured speeds; the commands that run the files."""
+    verdicts = summary.get("verdicts") or []
+    if not verdicts:
+        return ""
+    lines = "".join(
+        f"<tr><td>{v['runtime']}</td><td>{v['context']}</td><td>{v['mla_mb']:.0f}</td><td>{v['original_mb']:.0f}</td>"
+        f"<td>{v.get('perplexity_ratio', float('nan')):.2f}x</td><td>{v['decode_bound_mla']:.0f} / "
+        f"{v['decode_bound_original']:.0f}</td><td><b>{'MLA' if v['choice'] == 'mla' else v['choice']}</b></td></tr>"
+        for v in verdicts)
+    speed = "".join(
+        f"<tr><td>{runtime}</td><td>{s['prefill_tokens_per_s'].get('mla', 0):.0f} / "
+        f"{s['prefill_tokens_per_s'].get('original', 0):.0f} ({s.get('prefill_ratio', float('nan')):.2f}x)</td>"
+        f"<td>{s['decode_tokens_per_s'].get('mla', 0):.1f} / {s['decode_tokens_per_s'].get('original', 0):.1f} "
+        f"({s.get('decode_ratio', float('nan')):.2f}x)</td></tr>" for runtime, s in (summary.get("runtimes") or {}).items())
+    if speed:
+        first = next(iter(summary["runtimes"].values()))
+        speed = (f"<h3>Speed measured on the build machine ({first['prompt_tokens']}-token prompt, then 32 tokens, "
+                 f"{first['threads']} threads; MLA / original)</h3><table><tr><th>runtime</th><th>prefill tok/s</th>"
+                 f"<th>decode tok/s</th></tr>{speed}</table>")
+    commands = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
+                       for k, v in (summary.get("run_commands") or {}).items())
+    texts = "".join(f"<li>{html.escape(v['text'])}</li>" for v in verdicts)
+    return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>"
+            f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
+            f"original (worst text)</th><th>decode bound on the device, tok/s (MLA / original)</th><th>choice</th>"
+            f"</tr>{lines}</table><ul>{texts}</ul>"
+            f"{speed}<h3>Run the files with the settings priced</h3><ul>{commands}</ul>")
+
+
 def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budgets: list[Budget],
                   device: Device, max_context: int) -> None:
     (folder / "report.json").write_text(json.dumps(summary, indent=1))
@@ -85,7 +115,7 @@ def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budg
         f"<td>{b.memory_mb:.0f}</td><td>{'yes' if b.fits else '<b>no</b>'}</td><td>{b.max_context}</td>"
         f"<td>{b.decode_tokens_per_s_bound:.0f}</td></tr>" for b in budgets)
     facts = "".join(f"<li>{html.escape(str(k))}: {html.escape(str(v))}</li>" for k, v in summary["key_figures"].items())
-    quality = quality_table(summary.get("quality") or [])
+    quality = quality_table(summary.get("quality") or []) + verdict_section(summary)
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>edge-mla build: {html.escape(device.name)}</title>
 <style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}td,th{{padding:4px 10px;text-align:right}}
 td:first-child,th:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>

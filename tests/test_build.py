@@ -27,7 +27,7 @@ def tiny_source(tmp_path_factory, tokenizer):
 def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4",
-                     "--context", "256", "--out", str(out), "--recover-steps", "0"])  # the training-free build
+                     "--context", "256", "--out", str(out), "--recover-steps", "0", "--speed-prompt", "0"])  # training-free
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
@@ -98,12 +98,25 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     assert set(report["quality_ratio"]) == {"llama.cpp, wikipedia-heldout", "llama.cpp, abc-news",
                                             "onnxruntime, wikipedia-heldout", "onnxruntime, abc-news"}
     assert "Quality: held-out perplexity" in (out / "report.html").read_text()
+    # speed of both builds in both runtimes, measured side by side, and a verdict per runtime and context
+    assert {(r["model"], r["runtime"]) for r in report["speed"]} == {(m, r) for m in ("mla", "original")
+                                                                    for r in ("llama.cpp", "onnxruntime")}
+    assert all(r["decode_tokens_per_s"] > 0 and r["prefill_tokens_per_s"] > 0 for r in report["speed"])
+    for runtime in ("llama.cpp", "onnxruntime"):
+        speeds = report["runtimes"][runtime]
+        assert speeds["decode_ratio"] == pytest.approx(
+            speeds["decode_tokens_per_s"]["mla"] / speeds["decode_tokens_per_s"]["original"], rel=1e-2)
+    verdicts = {(v["runtime"], v["context"]): v for v in report["verdicts"]}
+    assert {c for _, c in verdicts} >= {256} and {r for r, _ in verdicts} == {"llama.cpp", "onnxruntime"}
+    assert all(v["choice"] in ("mla", "original", "neither") and v["text"] for v in verdicts.values())
+    assert report["recommendation"] and "-ctk q8_0" in report["run_commands"]["llama.cpp"]
+    assert "Which to use" in (out / "report.html").read_text()
 
 
 def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--context", "256", "-o", str(out),
-                     "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64"])
+                     "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64", "--speed-prompt", "0"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "[4/6] recovering on the CPU" in captured.out

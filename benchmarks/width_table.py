@@ -1,0 +1,107 @@
+"""Cache width x cache bits x CPU recovery, through the runtimes themselves (issue 11's table).
+
+    python benchmarks/width_table.py [--widths 320,256,192,128] [--json docs/results/width_table.json]
+
+For each C + R (R = 32: the build's rope key, the 16 highest frequencies; C = width - 32), the conversion the
+build runs, training-free and then recovered on the CPU (`recover.recover_converted`, through the q4_0 cache, 300
+steps per layer as the build does), each exported at 4-bit weights as the build exports it (GGUF q4_0 with
+attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 / q4_0
+caches and by onnxruntime with float16 / int8 / int4 caches, on the build's two texts (`quality.TEXTS`, the same
+token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
+the same caches. Rows are written to --json after each model so an interrupted run keeps what it measured.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import tempfile
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import torch
+
+from edge_mla import precision, recover
+from edge_mla.build import RECOVER_LENGTH, RECOVER_WINDOWS
+from edge_mla.convert import calibrate_and_convert, save
+from edge_mla.data import calibration_windows
+from edge_mla.export import gguf as gguf_export
+from edge_mla.export import onnx as onnx_export
+from edge_mla.plans import PLANS
+from edge_mla.quality import measure
+from edge_mla.source import load_source
+
+CACHE_BITS = (16, 8, 4)
+ROPE_DIM = 2 * PLANS["recovered"].rope_pairs
+
+
+def export_and_score(src, name: str, folder: Path, *, original: bool, windows: int, length: int) -> list[dict]:
+    """Export `src` at 4-bit weights (one GGUF, one ONNX per cache width) and score every cache on both texts."""
+    gguf_file = folder / f"{name}.gguf"
+    gguf_export.export(src, gguf_file, weights=precision.gguf_weight_type(4), cache_type="q4_0")
+    rows = []
+    for bits in CACHE_BITS:
+        onnx_dir = onnx_export.export(str(folder / name), folder / f"{name}-onnx-{bits}", weight_bits=4,
+                                      kv_bits=bits, head_bits=precision.head_bits(4), original=original,
+                                      model=src.model, tokenizer=src.tokenizer)
+        found = measure({name: {"gguf": gguf_file, "onnx": onnx_dir}}, src.tokenizer,
+                        kv_type=precision.gguf_cache_type(bits), onnx_cache=precision.ONNX_CACHE_DTYPE[bits],
+                        count=windows, length=length)
+        rows += [{**asdict(r), "cache_bits": bits} for r in found]
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--widths", default="192,128,256,320", help="C + R per layer (R = %d)" % ROPE_DIM)
+    ap.add_argument("--steps", type=int, default=300, help="recovery steps per layer (the build's default)")
+    ap.add_argument("--windows", type=int, default=4, help="token windows per text (the build's default)")
+    ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--json", default="docs/results/width_table.json")
+    args = ap.parse_args()
+
+    t_start = time.perf_counter()
+    base = load_source(args.model)
+    base.model.eval()
+    result = {"command": "python benchmarks/" + Path(__file__).name, "model": args.model,
+              "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "rows": []}
+
+    def record(rows: list[dict], **extra) -> None:
+        result["rows"] += [{**r, **extra} for r in rows]
+        result["seconds"] = round(time.perf_counter() - t_start)
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        save(base.model, base.tokenizer, tmp / "original")
+        print("original at 4-bit weights", flush=True)
+        record(export_and_score(base, "original", tmp, original=True, windows=args.windows, length=args.length),
+               width=None, recovery=None)
+        teacher = recover.collect_attention_io(
+            base.model, calibration_windows(base.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
+        for width in (int(w) for w in args.widths.split(",")):
+            latent = width - ROPE_DIM
+            src = copy.deepcopy(base)
+            t0 = time.perf_counter()
+            mla = calibrate_and_convert(src, replace(PLANS["recovered"], latent=latent))
+            convert_s = time.perf_counter() - t0
+            for steps in (0, args.steps):
+                name = f"mla-{width}-{'recovered' if steps else 'free'}"
+                if steps:
+                    info = recover.recover_converted(src.model, (list(teacher[0]), list(teacher[1])), steps=steps,
+                                                     cache_bits=4)
+                    print(f"{name}: recovery {info['seconds']:.0f} s", flush=True)
+                save(src.model, src.tokenizer, tmp / name)
+                rows = export_and_score(src, name, tmp, original=False, windows=args.windows, length=args.length)
+                record(rows, width=width, latent=latent, rope=ROPE_DIM, recovery_steps=steps,
+                       convert_seconds=round(convert_s), recovery_seconds=info["seconds"] if steps else 0)
+            del src, mla
+    print(f"wrote {args.json} ({result['seconds']} s)")
+
+
+if __name__ == "__main__":
+    main()

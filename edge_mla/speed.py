@@ -1,0 +1,106 @@
+"""Speed through the runtimes themselves, measured on the build machine: prefill and decode tokens/s of an
+exported file (GGUF in llama.cpp, ONNX in onnxruntime), the MLA build and the original side by side.
+
+Prefill: one prompt of held-out text from an empty cache. Decode: greedy tokens one at a time after it. Each file
+is measured `repeats` times, the files interleaved, and the best pass kept: the pass least disturbed by other work
+on a shared machine, so the ratio of two files is fair. These are speeds on the build machine, not on the target
+device; the report puts the device's bandwidth bound beside them.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+
+@dataclass
+class SpeedRow:
+    model: str  # "mla" or "original"
+    runtime: str  # "llama.cpp" or "onnxruntime"
+    prompt_tokens: int
+    decode_tokens: int
+    prefill_tokens_per_s: float
+    decode_tokens_per_s: float
+    threads: int
+    cache: str
+
+
+def gguf_speed(path: str, prompt: list[int], decode_tokens: int, kv_type: str, threads: int) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of a GGUF in llama.cpp; run it through llamacpp.run_isolated."""
+    from edge_mla.runtimes import llamacpp
+
+    model = llamacpp.open_model(path, n_ctx=len(prompt) + decode_tokens, threads=threads, kv_type=kv_type,
+                                n_batch=len(prompt))
+    model.llm.reset()
+    t0 = time.perf_counter()
+    model.llm.eval(list(prompt))
+    prefill = len(prompt) / (time.perf_counter() - t0)
+    return prefill, llamacpp.greedy_continue(model, decode_tokens)[1]
+
+
+def onnx_speed(folder: str, prompt: list[int], decode_tokens: int, threads: int) -> tuple[float, float]:
+    """(prefill, decode) tokens/s of an ONNX export in onnxruntime, with edge-mla's runner."""
+    from edge_mla.runtimes.onnxruntime import OnnxDecoder
+
+    decoder = OnnxDecoder(folder, threads=threads, context=len(prompt) + decode_tokens)
+    decoder.forward(np.asarray(prompt[:8], np.int64))  # first-run setup (allocations, kernel choice) not timed
+    decoder.reset(len(prompt) + decode_tokens)
+    t0 = time.perf_counter()
+    token = int(decoder.forward(np.asarray(prompt, np.int64))[-1].argmax())
+    prefill = len(prompt) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for _ in range(decode_tokens):
+        token = int(decoder.forward(np.array([token], np.int64))[-1].argmax())
+    return prefill, decode_tokens / (time.perf_counter() - t0)
+
+
+def measure(files: dict, prompt: list[int], *, kv_type: str, onnx_cache: str, decode_tokens: int = 32,
+            threads: int | None = None, repeats: int = 2, progress=print) -> list[SpeedRow]:
+    """Speeds of every file. files: {model: {"gguf": path, "onnx": folder}} (either may be missing)."""
+    import os
+
+    from edge_mla.runtimes import llamacpp
+    from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+
+    threads = threads or os.cpu_count() or 1
+    best: dict[tuple, tuple[float, float, str]] = {}
+    for _ in range(repeats):
+        for model, paths in files.items():
+            for runtime, path in (("llama.cpp", paths.get("gguf")), ("onnxruntime", paths.get("onnx"))):
+                if path is None:
+                    continue
+                if runtime == "llama.cpp":
+                    cache = runnable_cache_type(check_gguf(path), kv_type)
+                    got = llamacpp.run_isolated(gguf_speed, str(path), prompt, decode_tokens, cache, threads)
+                else:
+                    cache, got = onnx_cache, onnx_speed(str(path), prompt, decode_tokens, threads)
+                old = best.get((model, runtime), (0.0, 0.0, cache))
+                best[(model, runtime)] = (max(old[0], got[0]), max(old[1], got[1]), cache)
+    rows = [SpeedRow(model, runtime, len(prompt), decode_tokens, round(p, 1), round(d, 1), threads, cache)
+            for (model, runtime), (p, d, cache) in best.items()]
+    for r in rows:
+        progress(f"      speed {r.model:8s} {r.runtime:11s} prefill {r.prefill_tokens_per_s:7.1f} tok/s, decode "
+                 f"{r.decode_tokens_per_s:6.1f} tok/s ({r.prompt_tokens}-token prompt, {threads} threads)")
+    return rows
+
+
+def by_runtime(rows: list[SpeedRow]) -> dict:
+    """report.json's per-runtime speeds: {runtime: {"decode_tokens_per_s": {model: x}, "prefill_...": ...,
+    "decode_ratio": MLA / original, "prefill_ratio": ...}}."""
+    out: dict = {}
+    for r in rows:
+        entry = out.setdefault(r.runtime, {"decode_tokens_per_s": {}, "prefill_tokens_per_s": {},
+                                           "prompt_tokens": r.prompt_tokens, "threads": r.threads})
+        entry["decode_tokens_per_s"][r.model] = r.decode_tokens_per_s
+        entry["prefill_tokens_per_s"][r.model] = r.prefill_tokens_per_s
+    for entry in out.values():
+        for what in ("decode", "prefill"):
+            speeds = entry[f"{what}_tokens_per_s"]
+            if "mla" in speeds and speeds.get("original"):
+                entry[f"{what}_ratio"] = round(speeds["mla"] / speeds["original"], 3)
+    return out
+
+
+def as_dicts(rows: list[SpeedRow]) -> list[dict]:
+    return [asdict(r) for r in rows]

@@ -1,0 +1,102 @@
+"""The report's answer to the user's question: on this device, at this context, is the MLA build the better choice
+than the original model at the same bits? One verdict per runtime and context, from the memory model, the measured
+perplexities (quality.py) and the measured speeds (speed.py); and the commands that run each file with the settings
+that were priced.
+"""
+from __future__ import annotations
+
+from edge_mla.budget import MB, Device, Footprint
+
+CONTEXTS = (512, 2048, 4096, 8192)
+# Perplexity within this of the original's counts as "no worse": the run-to-run spread of 4 x 512-token windows
+# between runtimes and cache types is of this order.
+SAME_QUALITY = 0.02
+
+
+def contexts_for(context: int, limit: int) -> list[int]:
+    return sorted({c for c in CONTEXTS if c <= limit} | {context})
+
+
+def worst_ratio(quality_ratio: dict, runtime: str) -> tuple[float, str] | None:
+    """The largest MLA / original perplexity ratio over the texts measured in `runtime`, and its text."""
+    found = [(ratio, key.split(", ", 1)[1]) for key, ratio in quality_ratio.items() if key.startswith(runtime + ",")]
+    return max(found) if found else None
+
+
+def verdict(mla: Footprint, original: Footprint, device: Device, context: int, quality: tuple | None,
+            speed: dict | None) -> dict:
+    usable = device.usable_mb
+    mla_mb, orig_mb = mla.memory_bytes(context) / MB, original.memory_bytes(context) / MB
+    saves = orig_mb - mla_mb
+    mla_fits, orig_fits = mla_mb <= usable, orig_mb <= usable
+    bound = lambda fp: device.bandwidth_gbs * 1e9 / (fp.weights_bytes + fp.kv_bytes_per_token * context)  # noqa: E731
+    row = {"runtime": mla.runtime, "context": context, "mla_mb": round(mla_mb, 1), "original_mb": round(orig_mb, 1),
+           "saves_mb": round(saves, 1), "mla_fits": mla_fits, "original_fits": orig_fits,
+           "decode_bound_mla": round(bound(mla), 1), "decode_bound_original": round(bound(original), 1)}
+    cost = ""
+    if quality:
+        ratio, text = quality
+        row["perplexity_ratio"], row["perplexity_text"] = ratio, text
+        cost = f"{100 * (ratio - 1):+.0f}% perplexity ({text})"
+    if speed and "decode_ratio" in speed:
+        row["decode_ratio_measured"] = speed["decode_ratio"]
+        cost += f"{', ' if cost else ''}{speed['decode_ratio']:.2f}x the decode speed (measured on the build machine)"
+    where = f"at {context} tokens in {mla.runtime}"
+    if not mla_fits and not orig_fits:
+        row["choice"], text = "neither", f"{where} neither fits {device.name} ({mla_mb:.0f} / {orig_mb:.0f} MB of " \
+                                         f"{usable:.0f} MB usable)"
+    elif mla_fits and not orig_fits:
+        row["choice"], text = "mla", f"{where} only the MLA build fits: {mla_mb:.0f} MB against {orig_mb:.0f} MB " \
+                                     f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if cost else "")
+    elif orig_fits and not mla_fits:
+        row["choice"], text = "original", f"{where} only the original fits ({orig_mb:.0f} MB against {mla_mb:.0f} MB)"
+    elif saves <= 0:
+        row["choice"], text = "original", f"{where} the original is the better choice: it needs {-saves:.0f} MB " \
+                                          f"less" + (f", and MLA would cost {cost}" if cost else "")
+    elif quality and quality[0] <= 1 + SAME_QUALITY:
+        row["choice"], text = "mla", f"{where} MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) at the same " \
+                                     f"quality ({cost})"
+    else:
+        # Both fit: the saving only frees memory for other work, so the better model is the original, unless
+        # that memory is what the user needs.
+        row["choice"] = "original"
+        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) for {cost or 'unmeasured quality'}"
+                f": the original is the better choice unless that memory is needed elsewhere")
+    row["text"] = text
+    return row
+
+
+def verdicts(footprints: list[Footprint], device: Device, contexts: list[int], quality_ratio: dict,
+             speeds: dict) -> list[dict]:
+    """One verdict per runtime (the MLA file against the original exported the same way) and context."""
+    rows = []
+    for mla in (fp for fp in footprints if fp.kind == "mla"):
+        original = next(fp for fp in footprints if fp.kind == "original" and fp.runtime == mla.runtime
+                        and fp.name == "original")
+        for context in contexts:
+            if context <= min(mla.max_context or context, original.max_context or context):
+                rows.append(verdict(mla, original, device, context, worst_ratio(quality_ratio, mla.runtime),
+                                    speeds.get(mla.runtime)))
+    return rows
+
+
+def recommendation(rows: list[dict]) -> str:
+    """One sentence over every runtime and context: where (if anywhere) the MLA build is the better choice."""
+    wins = [r for r in rows if r["choice"] == "mla"]
+    if not wins:
+        return ("On this device the original model at the same bits is the better choice at every context priced; "
+                "the MLA build pays where memory is short (longer contexts, smaller devices, larger models).")
+    first = min(wins, key=lambda r: r["context"])
+    return f"The MLA build is the better choice from {first['context']} tokens in {first['runtime']}: {first['text']}."
+
+
+def run_commands(gguf_name: str, onnx_name: str, cache_type: str, context: int) -> dict:
+    """The commands that run each file with the settings the budget priced."""
+    quantized = cache_type not in ("f16", "f32")
+    llama = f"-m {gguf_name} -c {context} -ctk {cache_type} -ctv {cache_type}" + (" -fa on" if quantized else "")
+    return {
+        "llama.cpp": f"llama-cli {llama}",
+        "llama.cpp server": f"llama-server {llama}",
+        "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context}",
+        "edge-mla (onnxruntime)": f"edge-mla run {onnx_name} --context {context}",
+    }

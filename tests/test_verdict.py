@@ -1,0 +1,61 @@
+"""The report's verdict: which model a user should pick per runtime and context, from memory, quality and speed."""
+from __future__ import annotations
+
+from edge_mla.budget import MB, RUNTIME_BASE_BYTES, RUNTIME_BYTES_PER_TOKEN, Device, Footprint
+from edge_mla.verdict import contexts_for, recommendation, run_commands, verdict, verdicts
+
+RUNTIME = "llama.cpp"
+
+
+def device(usable_mb: float) -> Device:
+    return Device("d", "Dev", usable_mb * 2, usable_mb, 10.0, "cpu", [RUNTIME], "test")
+
+
+def footprint(kind: str, weights_mb: float, kv_per_token: float) -> Footprint:
+    return Footprint("original" if kind == "original" else "model.gguf", RUNTIME, kind, int(weights_mb * MB),
+                     kv_per_token, 8192)
+
+
+def memory_mb(fp: Footprint, context: int) -> float:
+    return (RUNTIME_BASE_BYTES[RUNTIME] + fp.weights_bytes + context * (fp.kv_bytes_per_token
+                                                                      + RUNTIME_BYTES_PER_TOKEN[RUNTIME])) / MB
+
+
+MLA, ORIGINAL = footprint("mla", 103, 3240), footprint("original", 92, 6480)  # SmolLM2's shape at 4 bits
+
+
+def test_both_fit_and_mla_is_worse_then_the_original_is_the_choice_but_the_saving_is_stated():
+    v = verdict(MLA, ORIGINAL, device(8000), 8192, (1.17, "abc-news"), {"decode_ratio": 0.8})
+    saved = memory_mb(ORIGINAL, 8192) - memory_mb(MLA, 8192)
+    assert saved > 0 and v["saves_mb"] == round(saved, 1)
+    assert v["choice"] == "original" and f"saves {saved:.0f} MB" in v["text"] and "+17% perplexity" in v["text"]
+    assert "0.80x the decode speed" in v["text"]
+
+
+def test_short_context_mla_needs_more_memory():
+    v = verdict(MLA, ORIGINAL, device(8000), 512, (1.17, "abc-news"), None)
+    assert v["saves_mb"] < 0 and v["choice"] == "original" and "needs" in v["text"]
+
+
+def test_only_mla_fits():
+    context = 8192
+    usable = (memory_mb(MLA, context) + memory_mb(ORIGINAL, context)) / 2
+    v = verdict(MLA, ORIGINAL, device(usable), context, (1.17, "abc-news"), None)
+    assert v["mla_fits"] and not v["original_fits"] and v["choice"] == "mla" and "only the MLA build fits" in v["text"]
+    assert verdict(MLA, ORIGINAL, device(10), context, None, None)["choice"] == "neither"
+
+
+def test_same_quality_and_less_memory_is_an_mla_win_and_the_recommendation_names_where_it_starts():
+    rows = verdicts([MLA, ORIGINAL], device(8000), contexts_for(4096, 8192), {"llama.cpp, wiki": 1.01}, {})
+    by_context = {r["context"]: r for r in rows}
+    assert sorted(by_context) == [512, 2048, 4096, 8192]
+    assert by_context[512]["choice"] == "original" and by_context[8192]["choice"] == "mla"
+    first = min(c for c, r in by_context.items() if r["choice"] == "mla")
+    assert recommendation(rows).startswith(f"The MLA build is the better choice from {first} tokens")
+    assert "original model at the same bits is the better choice" in recommendation(rows[:1])
+
+
+def test_run_commands_carry_the_priced_cache():
+    cmds = run_commands("model.gguf", "onnx", "q4_0", 4096)
+    assert "-ctk q4_0" in cmds["llama.cpp"] and "-fa on" in cmds["llama.cpp"] and "-c 4096" in cmds["llama.cpp"]
+    assert "-fa" not in run_commands("model.gguf", "onnx", "f16", 512)["llama.cpp"]

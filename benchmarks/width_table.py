@@ -6,7 +6,8 @@ For each C + R (R = 32: the build's rope key, the 16 highest frequencies; C = wi
 build runs, training-free and then recovered on the CPU (`recover.recover_converted`, through the q4_0 cache, 300
 steps per layer as the build does), each exported at 4-bit weights as the build exports it (GGUF q4_0 with
 attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 / q4_0
-caches and by onnxruntime with float16 / int8 / int4 caches, on the build's two texts (`quality.TEXTS`, the same
+caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each; default the build's int4,
+as each export costs minutes on 2 cores), on the build's two texts (`quality.TEXTS`, the same
 token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
 the same caches. Rows are written to --json after each model so an interrupted run keeps what it measured.
 """
@@ -37,18 +38,22 @@ CACHE_BITS = (16, 8, 4)
 ROPE_DIM = 2 * PLANS["recovered"].rope_pairs
 
 
-def export_and_score(src, name: str, folder: Path, *, original: bool, windows: int, length: int) -> list[dict]:
-    """Export `src` at 4-bit weights (one GGUF, one ONNX per cache width) and score every cache on both texts."""
+def export_and_score(src, name: str, folder: Path, *, original: bool, windows: int, length: int,
+                     onnx_caches: list[int], threads: int) -> list[dict]:
+    """Export `src` at 4-bit weights (one GGUF; one ONNX per cache width asked for) and score every cache on both
+    texts."""
     gguf_file = folder / f"{name}.gguf"
     gguf_export.export(src, gguf_file, weights=precision.gguf_weight_type(4), cache_type="q4_0")
     rows = []
     for bits in CACHE_BITS:
-        onnx_dir = onnx_export.export(str(folder / name), folder / f"{name}-onnx-{bits}", weight_bits=4,
-                                      kv_bits=bits, head_bits=precision.head_bits(4), original=original,
-                                      model=src.model, tokenizer=src.tokenizer)
-        found = measure({name: {"gguf": gguf_file, "onnx": onnx_dir}}, src.tokenizer,
-                        kv_type=precision.gguf_cache_type(bits), onnx_cache=precision.ONNX_CACHE_DTYPE[bits],
-                        count=windows, length=length)
+        files = {"gguf": gguf_file}
+        if bits in onnx_caches:
+            files["onnx"] = onnx_export.export(str(folder / name), folder / f"{name}-onnx-{bits}", weight_bits=4,
+                                               kv_bits=bits, head_bits=precision.head_bits(4), original=original,
+                                               model=src.model, tokenizer=src.tokenizer)
+        found = measure({name: files}, src.tokenizer, kv_type=precision.gguf_cache_type(bits),
+                        onnx_cache=precision.ONNX_CACHE_DTYPE[bits], count=windows, length=length,
+                        threads=threads)
         rows += [{**asdict(r), "cache_bits": bits} for r in found]
     return rows
 
@@ -56,12 +61,17 @@ def export_and_score(src, name: str, folder: Path, *, original: bool, windows: i
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
-    ap.add_argument("--widths", default="192,128,256,320", help="C + R per layer (R = %d)" % ROPE_DIM)
+    ap.add_argument("--widths", default="128,256,320,192", help="C + R per layer (R = %d)" % ROPE_DIM)
     ap.add_argument("--steps", type=int, default=300, help="recovery steps per layer (the build's default)")
     ap.add_argument("--windows", type=int, default=4, help="token windows per text (the build's default)")
     ap.add_argument("--length", type=int, default=512)
+    ap.add_argument("--onnx-caches", default="4", help="onnxruntime cache bits to export and score (of 16,8,4)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for torch and the runtimes (1: a shared machine; oversubscribed cores spin)")
     ap.add_argument("--json", default="docs/results/width_table.json")
     args = ap.parse_args()
+    onnx_caches = [int(b) for b in args.onnx_caches.split(",")]
+    torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
     base = load_source(args.model)
@@ -79,7 +89,8 @@ def main() -> None:
         tmp = Path(tmp)
         save(base.model, base.tokenizer, tmp / "original")
         print("original at 4-bit weights", flush=True)
-        record(export_and_score(base, "original", tmp, original=True, windows=args.windows, length=args.length),
+        record(export_and_score(base, "original", tmp, original=True, windows=args.windows, length=args.length,
+                                onnx_caches=onnx_caches, threads=args.threads),
                width=None, recovery=None)
         teacher = recover.collect_attention_io(
             base.model, calibration_windows(base.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
@@ -96,7 +107,8 @@ def main() -> None:
                                                      cache_bits=4)
                     print(f"{name}: recovery {info['seconds']:.0f} s", flush=True)
                 save(src.model, src.tokenizer, tmp / name)
-                rows = export_and_score(src, name, tmp, original=False, windows=args.windows, length=args.length)
+                rows = export_and_score(src, name, tmp, original=False, windows=args.windows, length=args.length,
+                                        onnx_caches=onnx_caches, threads=args.threads)
                 record(rows, width=width, latent=latent, rope=ROPE_DIM, recovery_steps=steps,
                        convert_seconds=round(convert_s), recovery_seconds=info["seconds"] if steps else 0)
             del src, mla

@@ -31,7 +31,8 @@ def step(t0: float, i: int, n: int, what: str) -> None:
 def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
-          quality_length: int = 512, recover_steps: int = 300, speed_prompt: int = 256) -> dict:
+          quality_length: int = 512, recover_steps: int = 300, speed_prompt: int = 256,
+          max_quality_loss: float | None = None) -> dict:
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
@@ -84,18 +85,51 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             teacher = recover.collect_attention_io(
                 src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
                 desc="      teacher pass (original attention on calibration text)")
-        step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
-        mla = calibrate_and_convert(src, plan)
-        print("      " + describe(mla, config))
-        k = 4
+        attempts = [plan]
+        if max_quality_loss is not None:
+            import copy
+
+            from edge_mla import target
+            from edge_mla.eval import perplexity
+            held_out = target.check_windows(src.tokenizer)
+            reference = perplexity(src.model, held_out, desc="quality check")
+            attempts = target.widths(plan, full, 2 * config.num_key_value_heads * head_dim_of(config))
+            pristine = copy.deepcopy(src.model)  # each wider try converts the original again
+            tried = []
+        for i, plan in enumerate(attempts):
+            last = i == len(attempts) - 1
+            step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
+            mla = calibrate_and_convert(src, plan)
+            print("      " + describe(mla, config))
+            k = 4
+            if recover_steps:
+                step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards "
+                               f"the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
+                # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%,
+                # docs/recovery.md). A later, wider try needs the teacher again: it gets copies of the lists.
+                io = teacher if last else (list(teacher[0]), list(teacher[1]))
+                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps, cache_bits=kv_bits)
+                k += 1
+            if max_quality_loss is None:
+                break
+            ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
+            tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
+            met = ratio <= 1 + max_quality_loss
+            print(f"      quality check: perplexity {100 * (ratio - 1):+.1f}% over the original on held-out "
+                  f"calibration text (target {100 * max_quality_loss:+.0f}%): {'met' if met else 'missed'}")
+            if met or last:
+                if not met:
+                    print(f"      no latent width up to {plan.latent} reached the target; keeping the widest. A GPU "
+                          "fine-tune (--finetune-tokens) recovers more")
+                mla["quality_target"] = {"max_loss": max_quality_loss, "met": met, "tried": tried,
+                                         "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
+                                                       "calibration text (read by no other step)"}
+                break
+            src.model = copy.deepcopy(pristine)
         if recover_steps:
-            step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards the "
-                           f"original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
-            # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%,
-            # docs/recovery.md)
-            mla["recovery"] = recover.recover_converted(src.model, teacher, steps=recover_steps, cache_bits=kv_bits)
             del teacher
-            k += 1
+        if max_quality_loss is not None:
+            del pristine
         mla_dir = save(src.model, src.tokenizer, staging / "mla")
         if finetune_tokens:
             from edge_mla.finetune import TrainConfig, finetune

@@ -178,6 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quality-windows", type=int, default=4,
                    help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip)")
     p.add_argument("--quality-length", type=int, default=512, help="tokens per quality window")
+    p.add_argument("--max-quality-loss", default=None,
+                   help="pick the latent width: the narrowest (from the plan's, in steps of 64) whose perplexity on "
+                        "held-out calibration text is within this of the original's, e.g. 10%% (each try costs a "
+                        "conversion and recovery)")
     p.add_argument("--speed-prompt", type=int, default=256,
                    help="prompt tokens for the prefill/decode speed of both builds on this machine (0: skip)")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
@@ -249,8 +253,11 @@ def cmd_build(args) -> int:
                            else "training-free"]
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
+    from edge_mla.target import parse_loss
+    loss = parse_loss(args.max_quality_loss) if args.max_quality_loss is not None else None
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, args.speed_prompt)
+          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, args.speed_prompt,
+          loss)
     return 0
 
 

@@ -116,7 +116,8 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
 def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--context", "256", "-o", str(out),
-                     "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64", "--speed-prompt", "0"])
+                     "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64", "--speed-prompt", "0",
+                     "--max-quality-loss", "1000%"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "[4/6] recovering on the CPU" in captured.out
@@ -126,6 +127,10 @@ def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tin
     assert recovery["steps_per_layer"] == 20 and recovery["relative_mse_after"] < recovery["relative_mse_before"]
     assert llama_cpp_gguf_cache(out / "model.gguf") == "q4_0"
     assert json.loads((out / "onnx" / "edge_mla_onnx.json").read_text())["cache"]["dtype"] == "int4"
+    # the quality target was checked on held-out calibration text and met at the first width
+    checked = report["mla"]["quality_target"]
+    assert checked["met"] and checked["max_loss"] == 10 and len(checked["tried"]) == 1
+    assert 0.5 < checked["tried"][0]["perplexity_ratio"] < 11 and "quality check: perplexity" in captured.out
 
 
 def llama_cpp_gguf_cache(path) -> str:

@@ -5,9 +5,8 @@ SmolLM2-135M (random weights of its shape are as good for timing and need no dow
     python benchmarks/finetune_speed.py --model smollm2-135m --latent 128 --json docs/results/finetune_speed.json
 
 Variants: `before` is the loop as it was (output-head loss in checkpointed chunks: student and teacher logits
-computed twice; attention through SDPA with a value narrower than the key and grouped heads, which no fused kernel
-takes); then the flash-shaped attention (mla._flash), the one-pass head loss (finetune.HeadLoss), larger
-micro-batches, torch.compile, no teacher, the q4_0 cache in the forward pass.
+computed twice); then the one-pass head loss (finetune.HeadLoss), larger micro-batches, torch.compile, no teacher
+(what distillation costs), the q4_0 cache in the forward pass (what quantization-aware training costs).
 """
 from __future__ import annotations
 
@@ -24,7 +23,6 @@ from torch.utils.checkpoint import checkpoint
 from edge_mla import finetune as ft
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert
-from edge_mla.mla import MLAAttention
 from edge_mla.recover import set_cache_quant
 
 
@@ -50,10 +48,6 @@ class OldLossModel(ft.LossModel):
         return total / targets.numel()
 
 
-def grouped_sdpa(self, q, k, v, is_causal):  # the attention call as it was
-    return F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=self.scaling, enable_gqa=True)
-
-
 def source_model(spec: str):
     if spec.startswith("random:"):  # a config.json: random weights of that shape
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -64,7 +58,7 @@ def source_model(spec: str):
     return load_source(spec).model
 
 
-def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=False, old_attention=False,
+def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=False,
                compile=False, cache_quant=None, warmup=3, steps=8) -> dict:
     model = copy.deepcopy(student).cuda().train()
     set_cache_quant(model, cache_quant)
@@ -76,24 +70,18 @@ def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=Fals
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=g).cuda() for _ in range(4)]
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
-    saved = MLAAttention._flash
-    if old_attention:
-        MLAAttention._flash = grouped_sdpa
-    try:
-        torch.cuda.synchronize()
-        t_start = time.perf_counter()
-        for i in range(warmup + steps):
-            if i == warmup:
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                warm_s, t0 = time.perf_counter() - t_start, time.perf_counter()
-            b = batches[i % len(batches)]
-            loss, _ = ft.train_step(loss_model, teacher if distill else None, opt, b[:, :-1], b[:, 1:], 1.0, autocast)
-            loss.item()  # the real loop reads the loss every step
-        torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
-    finally:
-        MLAAttention._flash = saved
+    torch.cuda.synchronize()
+    t_start = time.perf_counter()
+    for i in range(warmup + steps):
+        if i == warmup:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            warm_s, t0 = time.perf_counter() - t_start, time.perf_counter()
+        b = batches[i % len(batches)]
+        loss, _ = ft.train_step(loss_model, teacher if distill else None, opt, b[:, :-1], b[:, 1:], 1.0, autocast)
+        loss.item()  # the real loop reads the loss every step
+    torch.cuda.synchronize()
+    dt = time.perf_counter() - t0
     return {"tokens_per_s": round(steps * micro_batch * seq_len / dt), "step_ms": round(1000 * dt / steps, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "warmup_s": round(warm_s, 1)}
 
@@ -110,26 +98,12 @@ def teacher_forward_ms(teacher, micro_batch, seq_len, steps=8) -> float:
     return round(1000 * (time.perf_counter() - t0) / steps, 1)
 
 
-@torch.no_grad()
-def flash_check(student) -> float:
-    """Relative difference of the logits between the flash-shaped and the grouped attention call, on the GPU."""
-    model = copy.deepcopy(student).cuda().eval()
-    x = torch.randint(0, model.config.vocab_size, (2, 512), device="cuda")
-    new = model(x, use_cache=False).logits
-    saved, MLAAttention._flash = MLAAttention._flash, grouped_sdpa
-    try:
-        old = model(x, use_cache=False).logits
-    finally:
-        MLAAttention._flash = saved
-    return ((new - old).norm() / old.norm()).item()
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m", help="built-in name, or random:CONFIG_JSON")
     ap.add_argument("--latent", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--variants", default="before,flash,headloss,mb32,mb64,compile,no-teacher,q4-cache")
+    ap.add_argument("--variants", default="before,headloss,mb32,mb64,compile,no-teacher,q4-cache")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from edge_mla.finetune import cache_quantizer
@@ -142,8 +116,7 @@ def main() -> None:
     teacher.requires_grad_(False)
     C = student.config.mla["latent_dim"]
     plans = {
-        "before": dict(micro_batch=16, distill=0.5, old_loss=True, old_attention=True),
-        "flash": dict(micro_batch=16, distill=0.5, old_loss=True),
+        "before": dict(micro_batch=16, distill=0.5, old_loss=True),
         "headloss": dict(micro_batch=16, distill=0.5),
         "mb32": dict(micro_batch=32, distill=0.5),
         "mb64": dict(micro_batch=64, distill=0.5),
@@ -153,8 +126,7 @@ def main() -> None:
     }
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
               "latent": args.latent, "seq_len": args.seq_len,
-              "teacher_forward_ms_mb16": teacher_forward_ms(teacher, 16, args.seq_len),
-              "flash_vs_grouped_logits_rel_diff": flash_check(student), "rows": []}
+              "teacher_forward_ms_mb16": teacher_forward_ms(teacher, 16, args.seq_len), "rows": []}
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     for name in args.variants.split(","):
         try:

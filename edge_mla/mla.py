@@ -95,21 +95,8 @@ class MLAAttention(nn.Module):
             v = v + self.v_up_bias[None, :, None]
         k = torch.cat([k_nope, k_rope[:, None].expand(B, G, S, R)], -1)
         q = torch.cat([q_nope, q_rope], -1)
-        if q.is_cuda and mask is None:
-            return self._flash(q, k, v, is_causal)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=self.scaling,
                                               enable_gqa=G != self.num_heads)
-
-    def _flash(self, q, k, v, is_causal):
-        """The same attention in the shapes flash attention takes (one width for q, k and v; as many KV heads as
-        query heads): zero columns change no score and give output columns that are cut off. Training on a GPU
-        would otherwise run SDPA's unfused math kernel, since v is narrower than q and k."""
-        rep, d = self.num_heads // self.num_groups, v.shape[-1]
-        width = max(q.shape[-1], d)
-        k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
-        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=self.scaling)
-        return out[..., :d]
 
     def _absorbed(self, q_nope, q_rope, entry, mask, is_causal):
         H, G = self.num_heads, self.num_groups

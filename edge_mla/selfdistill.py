@@ -75,6 +75,7 @@ def generate_texts(model, tokenizer, tokens: int, corpus: list[str], *, batch: i
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    batch = min(batch, 3 * -(-tokens // new_tokens))  # no larger than the text asked for needs
     texts, made = [], 0
     while made < tokens:
         prompts = make_prompts(tokenizer, corpus, batch, rng)

@@ -194,19 +194,6 @@ def test_finetune_trains_through_the_q4_0_cache(tmp_path, q4_dir, text_file, mon
     assert all(layer.self_attn.cache_quant is None for layer in trained.model.layers)
 
 
-def test_flash_layout_attention_equals_grouped_attention(q4_dir):
-    """The GPU training path (_flash: q, k, v padded to one width, KV heads repeated) computes the same attention."""
-    model, _ = load(q4_dir)
-    attn = model.model.layers[0].self_attn
-    g = torch.Generator().manual_seed(1)
-    H, G, W, d, T = attn.num_heads, attn.num_groups, attn.nope_dim + attn.rope_dim, attn.head_dim, 12
-    q, k = torch.randn(2, H, T, W, generator=g), torch.randn(2, G, T, W, generator=g)
-    v = torch.randn(2, G, T, d, generator=g)
-    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=attn.scaling,
-                                                           enable_gqa=G != H)
-    assert torch.allclose(attn._flash(q, k, v, True), ref, atol=1e-6)
-
-
 def test_self_distillation_text(q4_dir):
     """The original model writes chat turns (its template), corpus continuations and free text; pack() reads them."""
     from edge_mla import finetune as ft
@@ -221,3 +208,21 @@ def test_self_distillation_text(q4_dir):
     assert texts == generate_texts(model, tok, 200, corpus, batch=6, new_tokens=20, seed=0)  # reproducible
     path = write_jsonl(q4_dir.parent / "gen.jsonl", texts)
     assert ft.read_data([str(path)]) == texts
+
+
+def test_finetune_with_self_distillation_text(tmp_path, text_file):
+    """--self-distill-tokens: the original model writes text once, kept beside the checkpoints, so that a resumed run
+    trains on the same text."""
+    original = tiny_model("llama-gqa")
+    original.save_pretrained(tmp_path / "orig")
+    word_tokenizer().save_pretrained(tmp_path / "orig")
+    convert(original, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
+    mla = save(original, word_tokenizer(), tmp_path / "mla")
+    cfg = TrainConfig(tokens=4 * 4 * 32, seq_len=32, micro_batch=4, lr=3e-3, distill=0.5, self_distill_tokens=300)
+    partial = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(tmp_path / "orig"), stop_after=2)
+    generated = tmp_path / "ft.checkpoints" / "generated.jsonl"
+    written = generated.read_text()
+    assert partial["stopped"] and len(written.splitlines()) >= 3
+    resumed = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(tmp_path / "orig"), resume=True)
+    assert len(resumed["history"]) == 4 and resumed["config"]["self_distill_tokens"] == 300
+    assert not generated.exists()  # removed with the checkpoints once the run is done

@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir", help="converted model folder")
     p.add_argument("-o", "--out", required=True, help="output folder for the fine-tuned model")
     p.add_argument("--data", nargs="*", default=None,
-                   help="text files, .jsonl files (field 'text') or a datasets folder (default: built-in corpus)")
+                   help="text files, .jsonl files (field 'text'), datasets folders, or 'builtin' for the built-in "
+                        "corpus (the default when none is given)")
     p.add_argument("--tokens", type=int, required=True, help="training budget in tokens")
     p.add_argument("--seq-len", type=int, default=1024, help="tokens per training sequence")
     p.add_argument("--micro-batch", type=int, default=8, help="sequences per process per step")
@@ -215,6 +216,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distill", type=float, default=0.0,
                    help="weight of KL to the original model's logits (0: plain next-token loss)")
     p.add_argument("--teacher", default=None, help="original model for --distill (default: the conversion's source)")
+    p.add_argument("--cache-bits", type=int, choices=(16, 4), default=16,
+                   help="train through this cache: 4 = llama.cpp's q4_0 round trip of the cached row (straight-through)")
+    p.add_argument("--self-distill-tokens", type=int, default=0,
+                   help="add this many tokens of text sampled from the original model to the training text (GPU)")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
@@ -296,7 +301,8 @@ def cmd_finetune(args) -> int:
 
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, lr=args.lr,
                       distill=args.distill, save_every=args.save_every, seed=args.seed,
-                      grad_checkpointing=args.grad_checkpointing, compile=args.compile)
+                      grad_checkpointing=args.grad_checkpointing, compile=args.compile, cache_bits=args.cache_bits,
+                      self_distill_tokens=args.self_distill_tokens)
     summary = finetune(args.model_dir, args.out, cfg, data=args.data, teacher=args.teacher, resume=args.resume,
                        overwrite=args.force)
     last = summary["history"][-1] if summary["history"] else {}

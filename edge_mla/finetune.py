@@ -4,7 +4,10 @@ One code path for one process and for several: start it with `torchrun --nproc_p
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs); every rank takes its share of the same global batch, so the
 loss curve does not depend on the number of processes. bf16 autocast on GPU (fp32 master weights), optional
 gradient checkpointing, the paper's schedule (linear warm-up, constant, 1-sqrt decay to zero), checkpoints and
-resume. Distillation adds KL(teacher || student) on the original model's logits (X-EcoMLA).
+resume. Distillation adds KL(teacher || student) on the original model's logits (X-EcoMLA). Options that make the
+recovery stick at deployment: `cache_bits=4` trains through llama.cpp's q4_0 round trip of the cached row
+[c | k_rope] (straight-through), and `self_distill_tokens` adds text sampled from the original model itself
+(edge_mla/selfdistill.py) to the training text, so the model is taught back rather than a domain.
 """
 from __future__ import annotations
 
@@ -19,12 +22,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 from tqdm.auto import tqdm
 
 from edge_mla import convert as conversion
+from edge_mla.recover import mla_cache_q4_0, set_cache_quant, straight_through
 
 
 @dataclass
@@ -42,7 +44,9 @@ class TrainConfig:
     seed: int = 0
     grad_checkpointing: bool = False
     compile: bool = False
-    loss_chunk: int = 2048  # tokens per chunk of the output head: full logits of a 49k vocabulary do not fit
+    loss_chunk: int = 4096  # tokens per chunk of the output head: full logits of a 49k vocabulary are never held
+    cache_bits: int = 16  # 4: train through llama.cpp's q4_0 cache row (straight-through); 16: float cache
+    self_distill_tokens: int = 0  # tokens of text sampled from the original model, added to the training text
 
 
 # ----------------------------------------------------------------------------- data
@@ -61,9 +65,12 @@ def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:
     return torch.tensor(ids[: rows * (seq_len + 1)]).view(rows, seq_len + 1)
 
 
+BUILTIN_DATA = "builtin"  # --data name of the built-in corpus, to mix it with other text
+
+
 def read_data(paths: list[str] | None) -> list[str]:
-    """Plain text files, JSONL files (a "text" field per line) or a `datasets` folder (save_to_disk);
-    the built-in corpus (Wikipedia calibration split + public-domain books) when none is given."""
+    """Plain text files, JSONL files (a "text" field per line), `datasets` folders (save_to_disk) or "builtin":
+    the built-in corpus (Wikipedia calibration split + public-domain books), also what no paths means."""
     from edge_mla.data import training_texts
 
     if not paths:
@@ -71,7 +78,9 @@ def read_data(paths: list[str] | None) -> list[str]:
     texts = []
     for name in paths:
         path = Path(name)
-        if path.is_dir():
+        if name == BUILTIN_DATA:
+            texts.extend(training_texts())
+        elif path.is_dir():
             import datasets
             ds = datasets.load_from_disk(str(path))
             ds = ds["train"] if isinstance(ds, datasets.DatasetDict) else ds
@@ -99,19 +108,50 @@ def batch_rows(step: int, global_batch: int, n_rows: int, seed: int) -> torch.Te
 
 # ----------------------------------------------------------------------------- loss
 
-def _chunk_loss(hidden, weight, targets, teacher_hidden, teacher_weight, distill):
-    logits = (hidden @ weight.T).float()
-    ce = F.cross_entropy(logits, targets, reduction="sum")
-    if teacher_hidden is None:
-        return ce
-    teacher = (teacher_hidden @ teacher_weight.T).float()
-    kl = F.kl_div(logits.log_softmax(-1), teacher.log_softmax(-1), log_target=True, reduction="sum")
-    return (1 - distill) * ce + distill * kl
+class HeadLoss(torch.autograd.Function):
+    """Output head and loss in one pass over chunks of tokens: (1 - w) x cross-entropy + w x KL(teacher || student)
+    (w = distill; the teacher's logits from its last hidden states and head, computed once per chunk). The gradient
+    of either term with respect to the logits is softmax(student) - target (the one-hot next token, the teacher's
+    distribution), so it is formed in the same pass and turned into the hidden and head gradients at once: no
+    logits are kept for the backward pass and none are recomputed; only one chunk's logits are ever held."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, distill: float, chunk: int):
+        n = targets.numel()
+        w = weight.to(hidden.dtype)
+        grad_h = torch.empty_like(hidden)
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        for i in range(0, n, chunk):
+            h, t = hidden[i:i + chunk], targets[i:i + chunk]
+            logp = (h @ w.T).float().log_softmax(-1)
+            rows = torch.arange(t.numel(), device=t.device)
+            ce = -logp[rows, t].sum()
+            grad = logp.exp()
+            if teacher_hidden is None:
+                total += ce
+                grad[rows, t] -= 1
+            else:
+                t_logp = (teacher_hidden[i:i + chunk] @ teacher_weight.to(teacher_hidden.dtype).T).float().log_softmax(-1)
+                t_p = t_logp.exp()
+                total += (1 - distill) * ce + distill * (t_p * (t_logp - logp)).sum()
+                grad -= distill * t_p
+                grad[rows, t] -= 1 - distill
+            grad = (grad / n).to(h.dtype)
+            grad_h[i:i + chunk] = grad @ w
+            grad_w += (grad.T @ h).float()
+        ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
+        return total / n
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
 
 
 class LossModel(nn.Module):
-    """Wraps the causal LM so that DDP sees one forward that returns the loss; the output head runs in
-    checkpointed chunks, so neither student nor teacher logits are ever held whole."""
+    """Wraps the causal LM so that DDP sees one forward that returns the loss; the output head and loss run in
+    chunks (HeadLoss), so neither student nor teacher logits are ever held whole."""
 
     def __init__(self, model, chunk: int, distill: float):
         super().__init__()
@@ -119,15 +159,19 @@ class LossModel(nn.Module):
 
     def forward(self, inputs, targets, teacher_hidden=None, teacher_weight=None):
         hidden = self.model.model(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
-        targets = targets.flatten()
         teacher_hidden = teacher_hidden.flatten(0, 1) if teacher_hidden is not None else None
-        weight = self.model.lm_head.weight
-        total = hidden.new_zeros((), dtype=torch.float32)
-        for i in range(0, hidden.shape[0], self.chunk):
-            t_h = teacher_hidden[i:i + self.chunk] if teacher_hidden is not None else None
-            total = total + checkpoint(_chunk_loss, hidden[i:i + self.chunk], weight, targets[i:i + self.chunk],
-                                       t_h, teacher_weight, self.distill, use_reentrant=False)
-        return total / targets.numel()
+        return HeadLoss.apply(hidden, self.model.lm_head.weight, targets.flatten(), teacher_hidden, teacher_weight,
+                              self.distill, self.chunk)
+
+
+def cache_quantizer(bits: int, latent_dim: int):
+    """What training passes every cached row [c | k_rope] through: nothing (16: float cache) or llama.cpp's q4_0
+    round trip in the forward pass and the identity in the backward pass (4: straight-through)."""
+    if bits == 16:
+        return None
+    if bits == 4:
+        return straight_through(mla_cache_q4_0(latent_dim))
+    raise ValueError(f"cache bits must be 16 (float cache) or 4 (llama.cpp's q4_0 cache), got {bits}")
 
 
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
@@ -141,6 +185,21 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- loop
 
+def train_step(runner, teacher_model, opt, inputs, targets, clip: float, autocast):
+    """One optimizer step: the teacher's last hidden states (no grad), the student's loss, backward, clipping."""
+    with autocast:
+        t_hidden = None
+        if teacher_model is not None:
+            with torch.no_grad():
+                t_hidden = teacher_model.model(inputs, use_cache=False).last_hidden_state
+        loss = runner(inputs, targets, t_hidden, teacher_model.lm_head.weight if teacher_model else None)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss, grad_norm
+
+
 def _dist_setup() -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -153,6 +212,19 @@ def _dist_setup() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return rank, world, device
+
+
+def generated_texts(teacher_model, tokenizer, cfg: TrainConfig, path: Path, corpus: list[str], rank: int,
+                    world: int) -> list[str]:
+    """Text sampled from the original model (rank 0 writes it once beside the checkpoints, so a resumed run
+    trains on the same text; the other ranks read it)."""
+    from edge_mla.selfdistill import generate_texts, write_jsonl
+
+    if rank == 0 and not path.exists():
+        write_jsonl(path, generate_texts(teacher_model, tokenizer, cfg.self_distill_tokens, corpus, seed=cfg.seed))
+    if world > 1:
+        dist.barrier()
+    return read_data([str(path)])
 
 
 def checkpoint_dir(out: Path) -> Path:
@@ -175,17 +247,25 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     if resume and not latest.exists() and rank == 0:
         print(f"no checkpoint in {ckpts}; starting from {model_dir}")
     model, tokenizer = conversion.load(start_dir)
-    rows = pack(tokenizer, read_data(data), cfg.seq_len)
-    global_batch = cfg.micro_batch * world
-    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
-
+    set_cache_quant(model, cache_quantizer(cfg.cache_bits, model.config.mla["latent_dim"]))
     teacher_model = None
-    if cfg.distill > 0:
+    if cfg.distill > 0 or cfg.self_distill_tokens > 0:
         from edge_mla.source import load_source
         spec = teacher or model.config.mla.get("source")
         if not spec:
-            raise ValueError("distillation needs the original model: pass --teacher (a model folder, .gguf or name)")
+            raise ValueError("distillation and self-distillation text need the original model: pass --teacher "
+                             "(a model folder, .gguf or name)")
         teacher_model = load_source(spec).model.to(device).eval().requires_grad_(False)
+    texts = read_data(data)
+    if cfg.self_distill_tokens > 0:
+        texts += generated_texts(teacher_model, tokenizer, cfg, ckpts / "generated.jsonl", texts, rank, world)
+    rows = pack(tokenizer, texts, cfg.seq_len)
+    global_batch = cfg.micro_batch * world
+    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
+    if cfg.distill == 0 and teacher_model is not None:  # it only wrote the text
+        teacher_model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
     model.to(device).train()
     if cfg.grad_checkpointing:
@@ -221,16 +301,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
         inputs, targets = batch[:, :-1], batch[:, 1:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        with autocast:
-            t_hidden = None
-            if teacher_model is not None:
-                with torch.no_grad():
-                    t_hidden = teacher_model.model(inputs, use_cache=False).last_hidden_state
-            loss = runner(inputs, targets, t_hidden, teacher_model.lm_head.weight if teacher_model else None)
-        loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, grad_norm = train_step(runner, teacher_model, opt, inputs, targets, cfg.clip, autocast)
         step += 1
         reported = loss.detach().clone()
         if world > 1:
@@ -252,6 +323,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history,
                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
     if rank == 0:
+        set_cache_quant(model, None)
         model.to("cpu").float()
         model.config.mla["finetune"] = {k: v for k, v in summary.items() if k != "history"}
         conversion.save(model, tokenizer, out, overwrite=overwrite)

@@ -45,10 +45,16 @@ def q4_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
 
 def straight_through(fn):
     """`fn` in the forward, identity in the backward (straight-through estimator): training through a cache
-    quantizer."""
-    def apply(x):
-        return x + (fn(x) - x).detach()
-    return apply
+    quantizer. The forward value is fn(x) bit for bit (x + (fn(x) - x).detach() would round)."""
+    class StraightThrough(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return fn(x)
+
+        @staticmethod
+        def backward(ctx, grad):
+            return grad
+    return StraightThrough.apply
 
 
 def neox_to_interleaved(x: torch.Tensor) -> torch.Tensor:

@@ -94,3 +94,135 @@ def test_schedule_and_batches():
     assert lrs[-1] == pytest.approx(0.0) and all(a >= b for a, b in zip(lrs[80:], lrs[81:]))
     seen = torch.cat([batch_rows(s, 4, 10, 0) for s in range(5)])  # 2 epochs of 10 rows
     assert sorted(seen[:10].tolist()) == list(range(10)) and sorted(seen[10:].tolist()) == list(range(10))
+
+
+def reference_head_loss(hidden, weight, targets, teacher_hidden, teacher_weight, distill):
+    """The loss as plain autograd computes it: full logits, cross-entropy and KL(teacher || student)."""
+    import torch.nn.functional as F
+
+    logp = (hidden @ weight.T).log_softmax(-1)
+    ce = F.nll_loss(logp, targets)
+    if teacher_hidden is None:
+        return ce
+    t_logp = (teacher_hidden @ teacher_weight.T).log_softmax(-1)
+    return (1 - distill) * ce + distill * F.kl_div(logp, t_logp, log_target=True, reduction="batchmean")
+
+
+@pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
+def test_head_loss_matches_autograd(distill):
+    from edge_mla.finetune import HeadLoss
+
+    g = torch.Generator().manual_seed(0)
+    n, e, v = 37, 16, 50  # 37 tokens in chunks of 8: a short last chunk
+    hidden = torch.randn(n, e, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(v, e, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, v, (n,), generator=g)
+    t_hidden = torch.randn(n, e, generator=g, dtype=torch.float64) if distill else None
+    t_weight = torch.randn(v, e, generator=g, dtype=torch.float64) if distill else None
+    ours = HeadLoss.apply(hidden, weight, targets, t_hidden, t_weight, distill, 8)
+    ours_grads = torch.autograd.grad(2.5 * ours, (hidden, weight))
+    ref = reference_head_loss(hidden, weight, targets, t_hidden, t_weight, distill)
+    ref_grads = torch.autograd.grad(2.5 * ref, (hidden, weight))
+    assert ours.item() == pytest.approx(ref.item(), rel=1e-6)  # the logits are float32, as on the GPU
+    for a, b in zip(ours_grads, ref_grads):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_quantization_aware_cache_is_llama_cpp_q4_0_and_straight_through():
+    """The row training sees is, bit for bit, gguf-py's q4_0 of the row llama.cpp caches ([c | k_pe], k_pe with
+    interleaved rope pairs); gradients pass unchanged."""
+    import numpy as np
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from edge_mla.finetune import cache_quantizer
+    from edge_mla.recover import interleaved_to_neox, neox_to_interleaved
+
+    C, R = 64, 32
+    g = torch.Generator().manual_seed(3)
+    row = (torch.randn(2, 1, 9, C + R, generator=g) * torch.logspace(-2, 1, C + R)).requires_grad_()
+    quantized = cache_quantizer(4, C)(row)
+    llama_row = torch.cat([row[..., :C], neox_to_interleaved(row[..., C:])], -1).detach().numpy()
+    ref = torch.from_numpy(dequantize(quantize(llama_row, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+                           .astype(np.float32))
+    expected = torch.cat([ref[..., :C], interleaved_to_neox(ref[..., C:])], -1)
+    assert torch.equal(quantized.detach().view(torch.int32), expected.view(torch.int32))
+    quantized.sum().backward()
+    assert torch.equal(row.grad, torch.ones_like(row))
+    assert cache_quantizer(16, C) is None
+    with pytest.raises(ValueError, match="16 .* or 4"):
+        cache_quantizer(8, C)
+
+
+@pytest.fixture
+def q4_dir(tmp_path):
+    """A tiny converted model whose cached row fits q4_0 blocks: C = 32, R = 32 (head width 64)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import VOCAB, stats_for
+    from edge_mla.source import Source, _finish
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         initializer_range=0.1, tie_word_embeddings=False)
+    model = _finish(Source(AutoModelForCausalLM.from_config(config), None, "tiny", None)).model
+    convert(model, Plan(selection="shared", rope_pairs=16, latent=32), stats_for(model))
+    return save(model, word_tokenizer(), tmp_path / "mla-q4")
+
+
+def test_finetune_trains_through_the_q4_0_cache(tmp_path, q4_dir, text_file, monkeypatch):
+    """cache_bits=4 puts the quantizer in every MLA layer while training (the first loss is that of the q4_0 cache)
+    and leaves none in the saved model."""
+    from edge_mla import finetune as ft
+    from edge_mla.recover import mla_cache_q4_0, set_cache_quant
+
+    cfg = TrainConfig(tokens=2 * 4 * 32, seq_len=32, micro_batch=4, lr=1e-3, cache_bits=4)
+    summary = finetune(q4_dir, tmp_path / "ft4", cfg, data=[str(text_file)])
+    model, tok = load(q4_dir)
+    batch = ft.pack(tok, ft.read_data([str(text_file)]), 32)
+    first = batch[ft.batch_rows(0, 4, batch.shape[0], 0)]
+    losses = {}
+    for bits in (16, 4):
+        set_cache_quant(model, mla_cache_q4_0(32) if bits == 4 else None)
+        with torch.no_grad():
+            losses[bits] = ft.LossModel(model, 4096, 0.0)(first[:, :-1], first[:, 1:]).item()
+    assert losses[4] != losses[16]
+    assert summary["history"][0]["loss"] == pytest.approx(losses[4], rel=1e-5)
+    trained, _ = load(tmp_path / "ft4")
+    assert trained.config.mla["finetune"]["config"]["cache_bits"] == 4
+    assert all(layer.self_attn.cache_quant is None for layer in trained.model.layers)
+
+
+def test_self_distillation_text(q4_dir):
+    """The original model writes chat turns (its template), corpus continuations and free text; pack() reads them."""
+    from edge_mla import finetune as ft
+    from edge_mla.selfdistill import generate_texts, write_jsonl
+
+    model, tok = load(q4_dir)
+    tok.chat_template = "{% for m in messages %}<s> {{ m['content'] }} </s>{% endfor %}<s>"
+    corpus = [" ".join(f"w{3 + i % 90}" for i in range(300))]
+    texts = generate_texts(model, tok, 200, corpus, batch=6, new_tokens=20, seed=0)
+    assert len(texts) >= 6 and sum(len(tok(t, add_special_tokens=False).input_ids) for t in texts) >= 200
+    assert any(t.startswith("<s>") for t in texts)  # chat turns keep their special tokens
+    assert texts == generate_texts(model, tok, 200, corpus, batch=6, new_tokens=20, seed=0)  # reproducible
+    path = write_jsonl(q4_dir.parent / "gen.jsonl", texts)
+    assert ft.read_data([str(path)]) == texts
+
+
+def test_finetune_with_self_distillation_text(tmp_path, text_file):
+    """--self-distill-tokens: the original model writes text once, kept beside the checkpoints, so that a resumed run
+    trains on the same text."""
+    original = tiny_model("llama-gqa")
+    original.save_pretrained(tmp_path / "orig")
+    word_tokenizer().save_pretrained(tmp_path / "orig")
+    convert(original, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
+    mla = save(original, word_tokenizer(), tmp_path / "mla")
+    cfg = TrainConfig(tokens=4 * 4 * 32, seq_len=32, micro_batch=4, lr=3e-3, distill=0.5, self_distill_tokens=300)
+    partial = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(tmp_path / "orig"), stop_after=2)
+    generated = tmp_path / "ft.checkpoints" / "generated.jsonl"
+    written = generated.read_text()
+    assert partial["stopped"] and len(written.splitlines()) >= 3
+    resumed = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(tmp_path / "orig"), resume=True)
+    assert len(resumed["history"]) == 4 and resumed["config"]["self_distill_tokens"] == 300
+    assert not generated.exists()  # removed with the checkpoints once the run is done

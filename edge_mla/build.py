@@ -76,7 +76,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
         original = staging / ".original"
         orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
+                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer,
+                                      genai=True)  # + onnxruntime-genai's files (docs/phones.md)
         orig_gguf = original / "original.gguf"
         gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 

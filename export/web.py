@@ -32,6 +32,7 @@ VENDOR = {  # npm package -> (folder in SITE/vendor, files it needs)
     "@huggingface/tokenizers": ("tokenizers", ["dist/tokenizers.min.mjs"]),
 }
 MODEL_FILES = ("tokenizer.json", "tokenizer_config.json", META)
+WEIGHTS = ("float16", "as-exported")
 MIT = """Permission is hereby granted, free of charge, to any person obtaining a copy of this software and associated
 documentation files (the "Software"), to deal in the Software without restriction, including without limitation the
 rights to use, copy, modify, merge, publish, distribute, sublicense, and/or sell copies of the Software, and to
@@ -50,6 +51,9 @@ OTHERWISE, ARISING FROM, OUT OF OR IN CONNECTION WITH THE SOFTWARE OR THE USE OR
 def add_arguments(parser) -> None:
     parser.add_argument("folder", help="ONNX export folder (edge-mla export onnx, or a build's onnx/)")
     parser.add_argument("-o", "--out", required=True, help="site folder to write")
+    parser.add_argument("--weights", default="float16", choices=WEIGHTS,
+                        help="float16: 4/8-bit MatMulNBits weights dequantized (the WASM build's float GEMM decodes "
+                             "~6x faster than its MatMulNBits; ~2.5x the download); as-exported: the export's files")
     parser.add_argument("--serve", type=int, default=None, metavar="PORT",
                         help="then serve the site on 127.0.0.1:PORT with the headers that allow WASM threads")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -99,16 +103,72 @@ def runs(meta: dict) -> str:
     return f"MLA: LatentAttention ({body}), {cache['dtype']} latent cache of {cache['bytes_per_token']} B/token"
 
 
-def build_site(folder: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """Write the site for the export in `folder` at `out`, all or nothing."""
+def dequantized_weights(model: onnx.ModelProto, dtype: str = "float16") -> tuple[onnx.ModelProto, int]:
+    """Every MatMulNBits as MatMul over its dequantized weight stored as `dtype` (onnxruntime casts float16 to float32
+    once, at load): the same quantized values, computed by the WASM build's float GEMM, which is ~6x faster than its
+    MatMulNBits (docs/phones.md). float32 is exact; float16 rounds each weight to 11 bits. Returns the model and the
+    count of weights replaced."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    def unpack(packed, bits: int):
+        """uint8 bytes -> codes, low bits first (MatMulNBits' and its zero points' packing)."""
+        if bits == 8:
+            return packed.astype(np.int32)
+        return np.stack([packed & 0x0F, packed >> 4], -1).reshape(*packed.shape[:-1], -1).astype(np.int32)
+
+    init = {i.name: i for i in model.graph.initializer}
+    nodes, dropped, count = [], set(), 0
+    for node in model.graph.node:
+        if node.op_type != "MatMulNBits":
+            nodes.append(node)
+            continue
+        a = {x.name: helper.get_attribute_value(x) for x in node.attribute}
+        K, N, bits, block = a["K"], a["N"], a["bits"], a["block_size"]
+        inputs = list(node.input) + [""] * (6 - len(node.input))
+        if inputs[4] or any(n and n not in init for n in inputs[1:4]):
+            raise ValueError(f"{node.name}: MatMulNBits with g_idx or computed weights cannot be dequantized")
+        codes = unpack(numpy_helper.to_array(init[inputs[1]]), bits).reshape(N, -1, block)  # [N, blocks, block]
+        blocks = codes.shape[1]
+        scales = numpy_helper.to_array(init[inputs[2]]).astype(np.float32).reshape(N, blocks)
+        if not inputs[3]:
+            zero = np.full((N, blocks), 2 ** (bits - 1), np.float32)
+        else:
+            z = numpy_helper.to_array(init[inputs[3]])
+            zero = (z.astype(np.float32) if z.dtype != np.uint8 else
+                    unpack(z.reshape(N, -1), bits)[:, :blocks].astype(np.float32)).reshape(N, blocks)
+        weight = ((codes - zero[..., None]) * scales[..., None]).reshape(N, -1)[:, :K]
+        name = f"{inputs[1]}.{dtype}"
+        model.graph.initializer.append(numpy_helper.from_array(np.ascontiguousarray(weight.T).astype(dtype), name))
+        cast = helper.make_node("Cast", [name], [name + "/float"], name=node.name + "/cast", to=onnx.TensorProto.FLOAT)
+        out = node.output[0] if not inputs[5] else node.output[0] + "/nobias"
+        nodes += [cast, helper.make_node("MatMul", [inputs[0], name + "/float"], [out], name=node.name)]
+        if inputs[5]:
+            nodes.append(helper.make_node("Add", [out, inputs[5]], [node.output[0]], name=node.name + "/bias"))
+        dropped.update(n for n in inputs[1:4] if n)
+        count += 1
+    used = {n for node in nodes for n in node.input}
+    keep = [i for i in model.graph.initializer if i.name not in dropped or i.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return model, count
+
+
+def build_site(folder: str | Path, out: str | Path, weights: str = "float16", overwrite: bool = False) -> Path:
+    """Write the site for the export in `folder` at `out`, all or nothing. `weights`: "float16" stores MatMulNBits
+    weights dequantized (fast in the browser, a larger download), "as-exported" copies the export's model files."""
     folder, out = Path(folder), Path(out)
     meta = read_meta(folder)
+    if weights not in WEIGHTS:
+        raise ValueError(f"--weights {weights} is not supported: choose one of {', '.join(WEIGHTS)}")
     refuse_existing(out, overwrite)
     missing = [f for f in (meta["model"], *MODEL_FILES) if not (folder / f).exists()]
     if missing:
         raise ValueError(f"{folder} lacks {', '.join(missing)}: re-export it with `edge-mla export onnx`")
     modules = npm_packages()
-    external = sorted(f.name for f in folder.glob(meta["model"] + ".data*"))
     with staged_folder(out) as site:
         for name in PAGE_FILES:
             shutil.copy(TEMPLATE / name, site / name)
@@ -118,11 +178,27 @@ def build_site(folder: str | Path, out: str | Path, overwrite: bool = False) -> 
                 shutil.copy(modules / package / f, site / "vendor" / target / Path(f).name)
         (site / "THIRD_PARTY_LICENSES.txt").write_text(licenses(modules))
         (site / "model").mkdir()
-        for name in (meta["model"], *external, *MODEL_FILES):
+        for name in MODEL_FILES:
             shutil.copy(folder / name, site / "model" / name)
+        converted = 0
+        if weights == "float16":
+            import onnx
+
+            model, converted = dequantized_weights(onnx.load(str(folder / meta["model"])))
+            if converted:
+                onnx.save_model(model, str(site / "model" / meta["model"]), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=meta["model"] + ".data", size_threshold=1024)
+                meta["weights"]["web"] = (f"{converted} MatMulNBits weights dequantized to float16 for the "
+                                          "browser (edge-mla web --weights float16)")
+                (site / "model" / META).write_text(json.dumps(meta, indent=1))
+        if not converted:
+            for f in [meta["model"], *(f.name for f in folder.glob(meta["model"] + ".data*"))]:
+                shutil.copy(folder / f, site / "model" / f)
+        external = sorted(f.name for f in (site / "model").glob(meta["model"] + ".data*"))
         files = sorted(str(p.relative_to(site)) for p in site.rglob("*") if p.is_file())
         (site / "site.json").write_text(json.dumps({
             "title": f"{meta.get('source') or folder.name} ({meta['architecture']})", "runs": runs(meta),
+            "weights": meta["weights"].get("web", f"as exported ({meta['weights'].get('format')})"),
             "external_data": external, "files": files + ["site.json"]}, indent=1))
     return out
 
@@ -156,7 +232,7 @@ def serve(site: str | Path, port: int = 0) -> http.server.ThreadingHTTPServer:
 
 
 def main(args) -> int:
-    out = build_site(args.folder, args.out, overwrite=args.force)
+    out = build_site(args.folder, args.out, weights=args.weights, overwrite=args.force)
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     print(f"wrote {out}/ ({size / 1e6:.1f} MB): open index.html through any static web server")
     if args.serve is not None:

@@ -25,7 +25,8 @@ async function load() {
     executionProviders: ["wasm"],
     externalData: site.external_data.map((f) => ({ path: f, data: "model/" + f })),
   });
-  $("model").textContent = `${site.title} · ${site.runs} · ${ort.env.wasm.numThreads} thread(s)`;
+  $("model").textContent = `${site.title} · ${site.runs} · weights: ${site.weights} · ` +
+    `onnxruntime-web ${ort.env.versions.web} (WebAssembly, ${ort.env.wasm.numThreads} thread(s))`;
   return { site, meta, tokenizer, session };
 }
 

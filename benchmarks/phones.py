@@ -1,7 +1,8 @@
 """The same ONNX export run three ways, on one chat prompt with greedy decoding: edge-mla's own onnxruntime runner,
 onnxruntime-genai (genai.onnx + genai_config.json, the runtime of genai's Android/iOS packages) and the web page
 (onnxruntime-web, WebAssembly) in headless Chromium. Prints a table (tokens equal?, decode tokens/s, peak RSS,
-cache allocated) and writes JSON.
+cache allocated) and writes JSON. The page runs the site's model files (MatMulNBits dequantized to float16 by
+default), so its tokens are compared with the runner on those same files ("runner-site").
 
     python benchmarks/phones.py --onnx build-smollm2-135m-rpi5/onnx --out docs/results/phones.json
 
@@ -85,6 +86,7 @@ def main() -> None:
     p.add_argument("--new", type=int, default=64, help="tokens to generate")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--context", type=int, default=2048, help="cache length the native runtimes allocate")
+    p.add_argument("--web-weights", default="float16", help="edge-mla web --weights")
     p.add_argument("--out", default=None, help="JSON results")
     args = p.parse_args()
 
@@ -100,23 +102,34 @@ def main() -> None:
         ids = Tokenizer(folder, meta).encode(args.prompt, chat=bool(meta.get("chat")))
         rows = {"runner": measure("runner", folder, ids, args.new, args.threads, args.context),
                 "genai": measure("genai", folder, ids, args.new, args.threads, args.context)}
-        site = web.build_site(folder, Path(work) / "site")
+        site = web.build_site(folder, Path(work) / "site", weights=args.web_weights)
+        rows["runner-site"] = measure("runner", site / "model", ids, args.new, args.threads, args.context)
         page = web.headless_run(site, {"prompt": args.prompt, "tokens": args.new, "threads": args.threads,
                                        "chat": "1" if meta.get("chat") else "0"}, timeout=600)
         rows["web"] = {"tokens": page["tokens"], "tokens_per_second": page["tokens_per_second"],
                        "threads": page["threads"], "cache_allocated_bytes": page["cache_bytes"]}
-        text = Tokenizer(folder, meta).decode(rows["runner"]["tokens"])
+        tokenizer = Tokenizer(folder, meta)
+        for row in rows.values():
+            row["text"] = tokenizer.decode(row["tokens"])
+        text = rows["runner"]["text"]
+        site_mb = sum(f.stat().st_size for f in site.rglob("*") if f.is_file()) / 1e6
     import onnxruntime
     import onnxruntime_genai
 
-    expected = rows["runner"]["tokens"]
-    print(f"prompt {len(ids)} tokens (chat: {bool(meta.get('chat'))}), runner's answer: {text!r}")
-    print(f"{'runtime':<8} {'same tokens':>11} {'tokens':>6} {'decode tok/s':>12} {'peak RSS MB':>11} "
-          f"{'cache allocated':>16}")
+    # genai runs the export's files, the page the site's (float16 weights by default): each against the runner on
+    # the same files
+    reference = {"runner": "runner", "genai": "runner", "runner-site": "runner", "web": "runner-site"}
+    for name, row in rows.items():
+        row["same_tokens_as"] = {reference[name]: row["tokens"] == rows[reference[name]]["tokens"]}
+    print(f"prompt {len(ids)} tokens (chat: {bool(meta.get('chat'))}); site {site_mb:.0f} MB "
+          f"(--weights {args.web_weights})")
+    print(f"{'runtime':<12} {'same tokens as':>20} {'tokens':>6} {'decode tok/s':>12} {'peak RSS MB':>11} "
+          f"{'cache allocated':>16}  text")
     for name, row in rows.items():
         rss = f"{row['peak_rss_mb']:.0f}" if "peak_rss_mb" in row else "-"
-        print(f"{name:<8} {str(row['tokens'] == expected):>11} {len(row['tokens']):>6} "
-              f"{row['tokens_per_second']:>12.1f} {rss:>11} {row['cache_allocated_bytes'] / 1e6:>13.2f} MB")
+        (ref, same), = row["same_tokens_as"].items()
+        print(f"{name:<12} {ref + ': ' + str(same):>20} {len(row['tokens']):>6} {row['tokens_per_second']:>12.1f} "
+              f"{rss:>11} {row['cache_allocated_bytes'] / 1e6:>13.2f} MB  {row['text'][:60]!r}")
     if args.out:
         Path(args.out).write_text(json.dumps({
             "command": "python benchmarks/phones.py " + " ".join(sys.argv[1:]), "prompt": args.prompt,
@@ -124,7 +137,7 @@ def main() -> None:
             "text": text, "cache": meta["cache"]["dtype"], "cache_bytes_per_token": meta["cache"]["bytes_per_token"],
             "versions": {"onnxruntime": onnxruntime.__version__, "onnxruntime-genai": onnxruntime_genai.__version__,
                          "onnxruntime-web": "1.30.0"},
-            "rows": {k: {**v, "same_tokens_as_runner": v["tokens"] == expected} for k, v in rows.items()}}, indent=1))
+            "site_mb": site_mb, "web_weights": args.web_weights, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

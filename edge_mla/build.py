@@ -76,8 +76,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
         original = staging / ".original"
         orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer,
-                                      genai=True)  # + onnxruntime-genai's files (docs/phones.md)
+                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
         orig_gguf = original / "original.gguf"
         gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
@@ -109,7 +108,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
                        f"weights, {cache} cache)")
         onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
+                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer,
+                                      genai=True)  # + onnxruntime-genai's files (docs/phones.md)
         gguf_file = staging / "model.gguf"
         gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
         step(t0, k + 1, n, f"budgeting for {device.name}" + (

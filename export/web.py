@@ -205,7 +205,14 @@ def build_site(folder: str | Path, out: str | Path, weights: str = "float16", ov
 
 class Handler(http.server.SimpleHTTPRequestHandler):
     """Static files with the headers that make the page cross-origin isolated (WASM threads need them); a POST
-    stores its body in `server.reports` (the page's `?report=` result)."""
+    stores its body in `server.reports` (the page's `?report=` result). With `server.offline` set, GET requests get
+    no answer (the connection is dropped, as when the network is down) while reports still arrive."""
+
+    def do_GET(self):
+        if self.server.offline:
+            self.close_connection = True
+            return
+        super().do_GET()
 
     def end_headers(self):
         self.send_header("Cross-Origin-Opener-Policy", "same-origin")
@@ -226,7 +233,7 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 def serve(site: str | Path, port: int = 0) -> http.server.ThreadingHTTPServer:
     """Serve `site` on 127.0.0.1 (port 0: any free port) in a background thread; `.shutdown()` stops it."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", port), partial(Handler, directory=str(site)))
-    server.reports = []
+    server.reports, server.offline = [], False
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
 
@@ -246,9 +253,14 @@ def main(args) -> int:
     return 0
 
 
-def headless_run(site: str | Path, query: dict, timeout: float = 300, browser: str | None = None) -> dict:
+def headless_run(site: str | Path, query: dict, timeout: float = 300, browser: str | None = None,
+                 profile: str | Path | None = None, offline: bool = False, server=None) -> dict:
     """Load the page in headless Chromium with `query` (prompt, tokens, threads, ...) and return what it reports:
-    prompt_ids, tokens, text, tokens_per_second, ... (tests and benchmarks/web_decode.py drive the page this way)."""
+    prompt_ids, tokens, text, tokens_per_second, ... (tests and benchmarks/phones.py drive the page this way).
+
+    `profile`: a browser profile folder to keep between runs; with one, the page also installs its service worker
+    before reporting (offline_ready). `offline`: the server answers no file request, as when the network is down
+    (give the same `server` and `profile` as the run that installed the worker)."""
     import tempfile
     import time
     from urllib.parse import urlencode
@@ -256,12 +268,17 @@ def headless_run(site: str | Path, query: dict, timeout: float = 300, browser: s
     browser = browser or shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
     if browser is None:
         raise ValueError("no Chromium found: apt-get install chromium (Debian), or pass its path")
-    server = serve(site)
-    url = f"http://127.0.0.1:{server.server_address[1]}/?" + urlencode({**query, "report": "/report", "offline": "0"})
-    with tempfile.TemporaryDirectory() as profile:
+    own_server = server is None
+    server = server or serve(site)
+    server.reports.clear()
+    server.offline = offline
+    query = {**query, "report": "/report", **({} if profile else {"offline": "0"})}
+    url = f"http://127.0.0.1:{server.server_address[1]}/?" + urlencode(query)
+    with tempfile.TemporaryDirectory() as scratch:
         proc = subprocess.Popen([browser, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
-                                 "--disable-extensions", f"--user-data-dir={profile}", "--remote-debugging-port=0",
-                                 url], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                 "--disable-extensions", f"--user-data-dir={profile or scratch}",
+                                 "--remote-debugging-port=0", url],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             deadline = time.monotonic() + timeout
             while not server.reports and time.monotonic() < deadline and proc.poll() is None:
@@ -273,7 +290,9 @@ def headless_run(site: str | Path, query: dict, timeout: float = 300, browser: s
             except subprocess.TimeoutExpired:
                 proc.kill()
                 _, err = proc.communicate()
-            server.shutdown()
+            if own_server:
+                server.shutdown()
+                server.server_close()
     if not server.reports:
         raise RuntimeError(f"the page reported nothing within {timeout} s; Chromium said:\n{(err or '')[-3000:]}")
     return server.reports[0]

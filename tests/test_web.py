@@ -54,6 +54,21 @@ def test_page_generates_the_runners_greedy_tokens(exported, site, weights):
     assert got["cache_bytes"] == (len(expected["prompt_ids"]) + len(got["tokens"]) - 1) * meta["cache"]["bytes_per_token"]
 
 
+def test_page_works_offline_once_loaded(tmp_path, site):
+    folder, site_dir = site
+    server = web.serve(site_dir)
+    try:
+        query = {"prompt": PROMPT, "tokens": 8, "threads": 1}
+        online = web.headless_run(site_dir, query, timeout=120, profile=tmp_path / "profile", server=server)
+        assert online["offline_ready"]
+        offline = web.headless_run(site_dir, query, timeout=120, profile=tmp_path / "profile", server=server,
+                                   offline=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert offline["tokens"] == online["tokens"] == runner(folder, PROMPT, 8)["tokens"]
+
+
 def test_dequantized_weights_are_the_exported_values(tmp_path, exported):
     """MatMulNBits -> MatMul over the dequantized weight: exact in float32 (float16, the site's default, rounds)."""
     import numpy as np

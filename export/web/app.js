@@ -127,8 +127,8 @@ async function main() {
     event.preventDefault();
     run(model, $("prompt").value, Number($("tokens").value), $("chat").checked);
   });
+  let report = null;
   if (params.has("prompt")) {
-    let report;
     try {
       report = await run(model, $("prompt").value, Number($("tokens").value), $("chat").checked);
     } catch (err) {
@@ -136,11 +136,17 @@ async function main() {
       $("output").dataset.state = "error";
       report = { error: String(err) };
     }
-    // `?report=PATH`: POST the result to the page's own server (how tests and benchmarks read it)
-    if (params.has("report")) await fetch(params.get("report"), { method: "POST", body: JSON.stringify(report) });
   }
   // after the first run, so that storing the files for offline use does not compete with it
-  if ("serviceWorker" in navigator && params.get("offline") !== "0") navigator.serviceWorker.register("sw.js");
+  if ("serviceWorker" in navigator && params.get("offline") !== "0") {
+    await navigator.serviceWorker.register("sw.js");
+    await navigator.serviceWorker.ready;  // installed: every file is stored
+    if (report) report.offline_ready = true;
+  }
+  // `?report=PATH`: POST the result to the page's own server (how tests and benchmarks read it)
+  if (report && params.has("report")) {
+    await fetch(params.get("report"), { method: "POST", body: JSON.stringify(report) });
+  }
 }
 
 main();

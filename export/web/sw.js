@@ -6,7 +6,7 @@ self.addEventListener("install", (event) => {
   event.waitUntil((async () => {
     const site = await (await fetch("site.json", { cache: "no-cache" })).json();
     const cache = await caches.open(CACHE);
-    await cache.addAll(site.files);
+    await cache.addAll(["./", ...site.files]);  // "./": the page's own address
     await self.skipWaiting();
   })());
 });

@@ -34,27 +34,24 @@ def add_arguments(parser) -> None:
     parser.add_argument("folder", help="ONNX export folder (edge-mla export onnx)")
 
 
-def _kv_function(function: onnx.FunctionProto) -> onnx.FunctionProto:
-    """LatentAttention(query, entry, past, ...) -> (output, present, present_alias) rewritten to take and return a
-    separate key and value cache: GQA's past_value input and present_value output get their own names."""
-    kv = copy.deepcopy(function)
-    kv.name = KV_FUNCTION
-    if list(kv.output)[1:] != ["present", "present_alias"]:
+def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
+    """LatentAttention(..., past (input `at`), ...) -> (output, present, present_alias) rewritten to take and return
+    a separate key and value cache: the GroupQueryAttention in its body reads past_key and past_value (its inputs 3
+    and 4) and writes present_key and present_value from their own buffers."""
+    past, presents = function.input[at], list(function.output[1:])
+    if len(presents) != 2 or not any(n.op_type == "GroupQueryAttention" for n in function.node):
         raise ValueError("onnxruntime-genai needs the in-place cache of the gqa attention body; re-export with "
                          "`edge-mla export onnx --attention gqa`")
-    inputs = list(kv.input)
-    at = inputs.index("past")
-    del kv.input[:]
-    kv.input.extend(inputs[:at] + ["past_key", "past_value"] + inputs[at + 1:])
-    del kv.output[:]
-    kv.output.extend([function.output[0], "present_key", "present_value"])
-    renamed = {"present": "present_key", "present_alias": "present_value"}
+    kv = copy.deepcopy(function)
+    kv.name = KV_FUNCTION
+    inputs = list(function.input)
+    kv.input[:] = inputs[:at] + ["past_key", "past_value"] + inputs[at + 1:]
+    renamed = dict(zip(presents, ["present_key", "present_value"]))
+    kv.output[:] = [function.output[0], "present_key", "present_value"]
     for node in kv.node:
-        for j, name in enumerate(node.input):
-            if name == "past":  # GroupQueryAttention's inputs 3 and 4 are past_key and past_value
-                node.input[j] = "past_value" if node.op_type == "GroupQueryAttention" and j == 4 else "past_key"
-        for j, name in enumerate(node.output):
-            node.output[j] = renamed.get(name, name)
+        node.input[:] = ["past_value" if n == past and node.op_type == "GroupQueryAttention" and j == 4 else
+                         "past_key" if n == past else n for j, n in enumerate(node.input)]
+        node.output[:] = [renamed.get(n, n) for n in node.output]
     kv.doc_string = ("LatentAttention with the latent cache in two buffers (onnxruntime-genai's key and value "
                      "caches): GroupQueryAttention's past_key and past_value each hold the [c | k_rope] rows.")
     return kv
@@ -65,48 +62,46 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     position (the logits_to_keep input becomes the new token count)."""
     model = copy.deepcopy(model)
     graph = model.graph
+    mla = meta["architecture"] == "mla"
     rename: dict[str, str] = {}
-    added_inputs = []
-    for i, t in enumerate(_per_layer(meta)):
-        if meta["architecture"] == "mla":
-            rename[t[0]["past"]] = PAST.format("key") % i
-            rename[t[0]["present"][0]] = PRESENT.format("key") % i
-            rename[t[0]["present"][1]] = PRESENT.format("value") % i
-            added_inputs.append((t[0]["past"], PAST.format("value") % i))
+    value_of: dict[str, str] = {}  # MLA: the past input -> the name of its twin, genai's value cache
+    for i, tensors in enumerate(_per_layer(meta)):
+        if mla:
+            t = tensors[0]
+            rename[t["past"]] = PAST.format("key") % i
+            value_of[t["past"]] = PAST.format("value") % i
+            rename.update(zip(t["present"], [PRESENT.format("key") % i, PRESENT.format("value") % i]))
         else:
-            for part, tensor in zip(("key", "value"), t):
-                rename[tensor["past"]] = PAST.format(part) % i
-                rename[tensor["present"][0]] = PRESENT.format(part) % i
+            for part, t in zip(("key", "value"), tensors):
+                rename[t["past"]] = PAST.format(part) % i
+                rename[t["present"][0]] = PRESENT.format(part) % i
 
     for value in list(graph.input):
-        if value.name in rename:
-            for old, new in added_inputs:
-                if old == value.name:
-                    twin = copy.deepcopy(value)
-                    twin.name = new
-                    graph.input.append(twin)
-            value.name = rename[value.name]
+        if value.name in value_of:
+            twin = copy.deepcopy(value)
+            twin.name = value_of[value.name]
+            graph.input.append(twin)
+        value.name = rename.get(value.name, value.name)
     for value in graph.output:
         value.name = rename.get(value.name, value.name)
-    value_of = dict(added_inputs)
+    at = None
     for node in graph.node:
-        if node.op_type == "LatentAttention":  # past -> (past key, past value) in the KV function's signature
-            past = node.input[2]
-            inputs = list(node.input)
-            del node.input[:]
-            node.input.extend(inputs[:2] + [rename[past], value_of[past]] + inputs[3:])
+        inputs = list(node.input)
+        if node.op_type == "LatentAttention":  # past -> (past key, past value), the KV function's signature
+            at = next(j for j, n in enumerate(inputs) if n in value_of)
+            inputs[at:at + 1] = [inputs[at], value_of[inputs[at]]]
             node.op_type = KV_FUNCTION
-        node.input[:] = [rename.get(n, n) for n in node.input]
+        node.input[:] = [rename.get(n, n) for n in inputs]
         node.output[:] = [rename.get(n, n) for n in node.output]
-    if meta["architecture"] == "mla":
+    if mla:
         function = next(f for f in model.functions if f.name == "LatentAttention")
-        model.functions.append(_kv_function(function))
+        model.functions.append(_kv_function(function, at))
         model.functions.remove(function)
 
     # logits for every new position, as genai allocates them: logits_to_keep = the new token count
     keep = next(v for v in graph.input if v.name == "logits_to_keep")
     graph.input.remove(keep)
-    graph.initializer.extend([onnx.numpy_helper.from_array(np.array(1, np.int64), "genai/one")])
+    graph.initializer.append(onnx.numpy_helper.from_array(np.array(1, np.int64), "genai/one"))
     graph.node.insert(0, helper.make_node("Shape", ["input_ids"], ["genai/ids_shape"], name="genai/ids_shape"))
     graph.node.insert(1, helper.make_node("Gather", ["genai/ids_shape", "genai/one"], ["logits_to_keep"], axis=0,
                                           name="genai/logits_to_keep"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import onnx
 import pytest
 
 from conftest import tiny_model
@@ -50,6 +51,7 @@ def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_
     config = json.loads((folder / CONFIG).read_text())
     meta = json.loads((folder / "edge_mla_onnx.json").read_text())
     assert config["model"]["decoder"]["filename"] == MODEL and config["search"]["past_present_share_buffer"]
+    onnx.checker.check_model(str(folder / MODEL), full_check=True)
     # genai's key and value caches both hold the latent row: twice the runner's single buffer
     assert meta["genai"]["cache_bytes_per_token"] == 2 * meta["cache"]["bytes_per_token"]
     expected = runner_greedy(folder, PROMPT, NEW)

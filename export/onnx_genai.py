@@ -30,10 +30,6 @@ PRESENT = "present.%d.{}"
 KV_FUNCTION = "LatentAttentionKV"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("folder", help="ONNX export folder (edge-mla export onnx)")
-
-
 def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
     """LatentAttention(..., past (input `at`), ...) -> (output, present, present_alias) rewritten to take and return
     a separate key and value cache: the GroupQueryAttention in its body reads past_key and past_value (its inputs 3
@@ -197,10 +193,3 @@ def add_genai(folder: str | Path) -> Path:
             tmp.unlink(missing_ok=True)
     return folder / MODEL
 
-
-def main(args) -> int:
-    path = add_genai(args.folder)
-    info = read_meta(path.parent)["genai"]
-    print(f"wrote {path} and {CONFIG}: onnxruntime-genai cache {info['cache_bytes_per_token']} bytes/token "
-          f"({info['cache_layout']})")
-    return 0

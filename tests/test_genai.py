@@ -77,5 +77,5 @@ def test_cli_export_genai_of_the_plain_body_is_refused_and_leaves_nothing(capsys
     code = cli.main(["export", "onnx", str(folder), "--out", str(out), "--bits", "32", "--kv-bits", "32",
                      "--attention", "plain", "--genai"])
     assert code == cli.EXIT_BAD_INPUT
-    assert "--attention gqa" in capsys.readouterr().err
+    assert "--attention plain" in capsys.readouterr().err
     assert not out.exists()

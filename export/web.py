@@ -20,9 +20,13 @@ import subprocess
 import threading
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.runtimes.onnxruntime import META, read_meta
+
+if TYPE_CHECKING:
+    import onnx  # imported where used: `edge-mla` builds its parser without it
 
 TEMPLATE = Path(__file__).parent / "web"
 PAGE_FILES = ("index.html", "app.js", "sw.js")

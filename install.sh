@@ -2,6 +2,7 @@
 # Set up edge-mla in ./.venv from nothing, with the tested dependency set (constraints.txt).
 #   ./install.sh              the package (convert, export, budget, run ONNX)
 #   ./install.sh llama,test   plus extras: llama = llama-cpp-python (compiles llama.cpp, ~10 min on 2 cores)
+#                             phones = onnxruntime-genai (docs/phones.md)
 set -euo pipefail
 cd "$(dirname "$0")"
 extras="${1:-}"

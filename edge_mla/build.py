@@ -142,7 +142,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
                        f"weights, {cache} cache)")
         onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
+                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer,
+                                      genai=True)  # + onnxruntime-genai's files (docs/phones.md)
         gguf_file = staging / "model.gguf"
         gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
         step(t0, k + 1, n, f"budgeting for {device.name}" + (

@@ -236,6 +236,11 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(q)
         q.set_defaults(func=module.main)
 
+    web = _export_module("web")
+    p = sub.add_parser("web", help="a static web page that runs an ONNX export in the browser (onnxruntime-web)")
+    web.add_arguments(p)
+    p.set_defaults(func=web.main)
+
     p = sub.add_parser("run", help="run an exported model: a .gguf file (llama.cpp) or an ONNX folder (onnxruntime)")
     p.add_argument("path", help="exported .gguf file or ONNX export folder")
     p.add_argument("-p", "--prompt", default="The capital of France is", help="text to continue")

@@ -53,6 +53,8 @@ def add_arguments(parser) -> None:
                                                            "Wikipedia calibration part)")
     parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the cache scales")
     parser.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--genai", action="store_true", help="also write onnxruntime-genai's genai.onnx and "
+                                                             "genai_config.json (docs/phones.md)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
 
@@ -62,7 +64,7 @@ def main(args) -> int:
                  block_size=args.block_size, symmetric=not args.asymmetric, head_bits=args.head_bits,
                  weight_method=args.weight_method, accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
                  calib_text=args.calib_text, calib_windows=args.calib_windows, calib_length=args.calib_length,
-                 overwrite=args.force)
+                 overwrite=args.force, genai=args.genai)
     meta = json.loads((out / META).read_text())
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
     cache = meta["cache"]
@@ -338,13 +340,15 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
-           model=None, tokenizer=None) -> Path:
+           model=None, tokenizer=None, genai: bool = False) -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded."""
     import onnx
 
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
+    if genai and body != "gqa":
+        raise ValueError("--genai needs the in-place cache of the gqa attention body: drop --attention plain")
     refuse_existing(out, overwrite)
     if model is None:
         model, tokenizer = load_model(model_dir, original)
@@ -385,6 +389,9 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
         tokenizer.save_pretrained(staging)
         (staging / META).write_text(json.dumps(meta, indent=1))
         smoke_test(staging)
+        if genai:
+            from edge_mla.export.onnx_genai import add_genai
+            add_genai(staging)
     return out
 
 

@@ -46,6 +46,7 @@ def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, c
     dec = OnnxDecoder(out / "onnx", threads=1, context=32)
     logits = dec.forward(np.array([[5, 6, 7, 8]], dtype=np.int64))
     assert np.isfinite(logits).all()
+    assert (out / "onnx" / "genai_config.json").exists() and (out / "onnx" / "genai.onnx").exists()  # phones.md
 
     # GGUF: loads in llama.cpp with its 4-bit cache and generates
     from edge_mla.runtimes import llamacpp

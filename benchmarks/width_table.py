@@ -9,7 +9,7 @@ attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored 
 caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each; default the build's int4,
 as each export costs minutes on 2 cores), on the build's two texts (`quality.TEXTS`, the same
 token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
-the same caches. Rows are written to --json after each model so an interrupted run keeps what it measured.
+the same caches. Rows are written to --json after each model; a rerun with the same --json resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -78,6 +78,9 @@ def main() -> None:
     base.model.eval()
     result = {"command": "python benchmarks/" + Path(__file__).name, "model": args.model,
               "machine": f"{platform.machine()}, {torch.get_num_threads()} threads", "rows": []}
+    if Path(args.json).exists():  # resume: what an earlier, interrupted run measured is kept, not redone
+        result["rows"] = json.loads(Path(args.json).read_text())["rows"]
+    done = {r["model"] for r in result["rows"]}
 
     def record(rows: list[dict], **extra) -> None:
         result["rows"] += [{**r, **extra} for r in rows]
@@ -85,33 +88,42 @@ def main() -> None:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1))
 
+    widths = [int(w) for w in args.widths.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        save(base.model, base.tokenizer, tmp / "original")
-        print("original at 4-bit weights", flush=True)
-        record(export_and_score(base, "original", tmp, original=True, windows=args.windows, length=args.length,
-                                onnx_caches=onnx_caches, threads=args.threads),
-               width=None, recovery=None)
-        teacher = recover.collect_attention_io(
-            base.model, calibration_windows(base.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
-        for width in (int(w) for w in args.widths.split(",")):
-            latent = width - ROPE_DIM
-            src = copy.deepcopy(base)
-            t0 = time.perf_counter()
-            mla = calibrate_and_convert(src, replace(PLANS["recovered"], latent=latent))
-            convert_s = time.perf_counter() - t0
-            for steps in (0, args.steps):
+        if "original" not in done:
+            save(base.model, base.tokenizer, tmp / "original")
+            print("original at 4-bit weights", flush=True)
+            record(export_and_score(base, "original", tmp, original=True, windows=args.windows,
+                                    length=args.length, onnx_caches=onnx_caches, threads=args.threads),
+                   width=None, recovery=None)
+        teacher = None
+        # Every width training-free first (minutes each), then recovered (the recovery is the slow part).
+        for steps in (0, args.steps):
+            for width in widths:
                 name = f"mla-{width}-{'recovered' if steps else 'free'}"
+                if name in done:
+                    continue
+                if steps and teacher is None:
+                    teacher = recover.collect_attention_io(
+                        base.model, calibration_windows(base.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
+                latent = width - ROPE_DIM
+                src = copy.deepcopy(base)
+                t0 = time.perf_counter()
+                calibrate_and_convert(src, replace(PLANS["recovered"], latent=latent))
+                convert_s = time.perf_counter() - t0
+                recovery_s = 0.0
                 if steps:
                     info = recover.recover_converted(src.model, (list(teacher[0]), list(teacher[1])), steps=steps,
                                                      cache_bits=4)
-                    print(f"{name}: recovery {info['seconds']:.0f} s", flush=True)
+                    recovery_s = info["seconds"]
+                    print(f"{name}: recovery {recovery_s:.0f} s", flush=True)
                 save(src.model, src.tokenizer, tmp / name)
                 rows = export_and_score(src, name, tmp, original=False, windows=args.windows, length=args.length,
                                         onnx_caches=onnx_caches, threads=args.threads)
                 record(rows, width=width, latent=latent, rope=ROPE_DIM, recovery_steps=steps,
-                       convert_seconds=round(convert_s), recovery_seconds=info["seconds"] if steps else 0)
-            del src, mla
+                       convert_seconds=round(convert_s), recovery_seconds=recovery_s)
+                del src
     print(f"wrote {args.json} ({result['seconds']} s)")
 
 

@@ -58,6 +58,28 @@ def export_and_score(src, name: str, folder: Path, *, original: bool, windows: i
     return rows
 
 
+def markdown(result: dict) -> str:
+    """One row per model and cache bits: perplexity per text in each runtime, and MLA / original at the same bits."""
+    cell = {(r["model"], r["cache_bits"], r["runtime"], r["text"]): r["perplexity"] for r in result["rows"]}
+    meta = {r["model"]: r for r in result["rows"]}
+    lines = ["| model | C + R | recovery (s) | cache bits | llama.cpp wiki | llama.cpp news | onnxruntime wiki | "
+             "onnxruntime news |", "|---|---|---|---|---|---|---|---|"]
+    for model in dict.fromkeys(r["model"] for r in result["rows"]):
+        m = meta[model]
+        for bits in CACHE_BITS:
+            cells = []
+            for runtime in ("llama.cpp", "onnxruntime"):
+                for text in ("wikipedia-heldout", "abc-news"):
+                    ppl, base = cell.get((model, bits, runtime, text)), cell.get(("original", bits, runtime, text))
+                    ratio = f" ({ppl / base:.2f}x)" if ppl and base and model != "original" else ""
+                    cells.append(f"{ppl:.2f}{ratio}" if ppl else "-")
+            if all(c == "-" for c in cells):
+                continue
+            recovery = f"{m.get('recovery_seconds', 0):.0f}" if m.get("recovery_steps") else "-"
+            lines.append(f"| {model} | {m.get('width') or '-'} | {recovery} | {bits} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -69,7 +91,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for torch and the runtimes (1: a shared machine; oversubscribed cores spin)")
     ap.add_argument("--json", default="docs/results/width_table.json")
+    ap.add_argument("--table", action="store_true", help="only print the markdown table of --json")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(Path(args.json).read_text())))
+        return
     onnx_caches = [int(b) for b in args.onnx_caches.split(",")]
     torch.set_num_threads(args.threads)
 
@@ -124,6 +150,7 @@ def main() -> None:
                 record(rows, width=width, latent=latent, rope=ROPE_DIM, recovery_steps=steps,
                        convert_seconds=round(convert_s), recovery_seconds=recovery_s)
                 del src
+    print(markdown(result))
     print(f"wrote {args.json} ({result['seconds']} s)")
 
 

@@ -179,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip)")
     p.add_argument("--quality-length", type=int, default=512, help="tokens per quality window")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
+    p.add_argument("--formats", default="onnx,gguf",
+                   help="outputs, comma-separated: onnx, gguf or both; checked against the model before any work "
+                        "(docs/models.md)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
 
@@ -239,7 +242,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_build(args) -> int:
     from edge_mla.build import build
+    from edge_mla.preflight import parse_formats
 
+    formats = parse_formats(args.formats)
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
@@ -248,7 +253,7 @@ def cmd_build(args) -> int:
         plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps)
+          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, formats)
     return 0
 
 

@@ -110,8 +110,10 @@ def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | Non
         new.k_up_bias.copy_(torch.einsum("gnk,k->gn", maps.k_nope, b_k))
         new.v_up_bias.copy_(b_v.view(n_kv, d))
     new.o_proj.load_state_dict(attn.o_proj.state_dict())
-    # A NoPE layer under a per-head selection keeps its rope rows unrotated: frequency 0, the identity.
-    new.inv_freq.copy_(inv_freq[maps.freq_index] if getattr(attn, "use_rope", True) else 0.0)
+    # A NoPE layer under a per-head selection keeps its rope rows unrotated: frequency 0, the identity. (Under
+    # the shared head its rope rows are zero and it keeps the others' frequencies: one grid for llama.cpp.)
+    rotated = getattr(attn, "use_rope", True) or plan.selection == "shared"
+    new.inv_freq.copy_(inv_freq[maps.freq_index] if rotated else torch.zeros(len(maps.freq_index)))
     return new.to(attn.o_proj.weight.dtype)
 
 

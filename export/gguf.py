@@ -25,8 +25,8 @@ from gguf import LlamaFileType
 from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
-                                          check_biases, common_tensors, encode, latent_mean_squares, latent_scale,
-                                          mla_layer_tensors, plain_layer_tensors, rope_layout)
+                                          check_biases, check_nope_dim, common_tensors, encode, latent_mean_squares,
+                                          latent_scale, mla_layer_tensors, plain_layer_tensors, rope_layout)
 from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
@@ -161,14 +161,10 @@ def _common_keys(config, n_vocab: int, n_head_kv: int) -> list:
 def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, list[str]]:
     model, mla = loaded.model, loaded.mla
     config = model.config
-    check_biases(model)
     layers = [layer.self_attn for layer in model.model.layers]
     head_dim, N, C, R = mla["head_dim"], mla["nope_dim"], mla["latent_dim"], mla["rope_dim"]
-    if N < 1:
-        raise ValueError(f"the model keeps no NoPE dims (nope_dim {N}); llama.cpp's deepseek2 needs at least one. "
-                         "Convert with fewer rope pairs")
+    layout = check_mla(loaded, align)
     selection = (mla.get("plan") or {}).get("selection", "?")
-    layout = rope_layout([to_numpy(a.inv_freq) for a in layers], _rope_base(config), head_dim, C, align, selection)
     eps = _float_eps(config)
     beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim), eps)
     tensors = common_tensors(model)
@@ -196,6 +192,41 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     return "deepseek2", keys, tensors, notes
 
 
+def check_mla(loaded: Loaded, align: int) -> RopeLayout:
+    """Everything deepseek2 needs of a converted model, checked before any work: biases, FFN, NoPE width, and the
+    rope key's place on llama.cpp's grid (returned)."""
+    model, mla = loaded.model, loaded.mla
+    check_biases(model)
+    check_nope_dim(mla["nope_dim"])
+    selection = (mla.get("plan") or {}).get("selection", "?")
+    return rope_layout([to_numpy(layer.self_attn.inv_freq) for layer in model.model.layers],
+                       _rope_base(model.config), mla.get("rotary_dim", mla["head_dim"]), mla["latent_dim"], align,
+                       selection)
+
+
+def check_plain(model) -> None:
+    """What the plain llama/qwen2 export of an original model cannot write; raises before any work."""
+    from edge_mla import families
+
+    config = model.config
+    rotary = model.model.rotary_emb
+    if abs(float(getattr(rotary, "attention_scaling", 1.0)) - 1.0) > 1e-6:
+        raise ValueError("the model's RoPE scales attention (yarn/longrope); llama.cpp's plain export does not "
+                         "reproduce it exactly")
+    if getattr(config, "mlp_bias", False):
+        raise ValueError("the MLP has biases, which this export does not write")
+    if families.has_qk_norm(model):
+        raise ValueError(f"the original {config.model_type} has per-head q/k norms, which edge-mla's plain "
+                         "llama/qwen2 GGUF export does not write")
+    if not all(families.rope_layers(config)):
+        raise ValueError("the original model has layers without RoPE (SmolLM3), which edge-mla's plain llama GGUF "
+                         "export does not write")
+    if families.rotary_pairs(config) * 2 != (getattr(config, "head_dim", None)
+                                             or config.hidden_size // config.num_attention_heads):
+        raise ValueError("the original model rotates only part of each head (partial rotary), which edge-mla's "
+                         "plain llama GGUF export does not write")
+
+
 def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     model = loaded.model
     config = model.config
@@ -204,11 +235,7 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     H, Hkv = config.num_attention_heads, config.num_key_value_heads
     base = _rope_base(config)
     rotary = model.model.rotary_emb
-    if abs(float(getattr(rotary, "attention_scaling", 1.0)) - 1.0) > 1e-6:
-        raise ValueError("the model's RoPE scales attention (yarn/longrope); llama.cpp's plain export does not "
-                         "reproduce it exactly")
-    if getattr(config, "mlp_bias", False):
-        raise ValueError("the MLP has biases, which this export does not write")
+    check_plain(model)
     tensors = common_tensors(model)
     for i, layer in enumerate(model.model.layers):
         for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
@@ -248,6 +275,10 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     if weights == "q4_k":
         _quantizer()  # fail before the slow steps if llama.cpp is missing
     loaded = load_model(model)
+    if loaded.mla is not None:
+        check_mla(loaded, align)  # refuse before the calibration pass and the tokenizer
+    else:
+        check_plain(loaded.model)
     n_vocab = loaded.model.get_input_embeddings().weight.shape[0]
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:

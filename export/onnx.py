@@ -129,10 +129,30 @@ def _np(t) -> np.ndarray | None:
     return None if t is None else t.detach().float().cpu().numpy()
 
 
-def _common(model) -> dict:
-    cfg = model.config
+def check_config(cfg) -> None:
+    """What the decoder graph cannot express, from the configuration alone (the preflight calls it too)."""
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"activation '{cfg.hidden_act}' is not supported by the ONNX export (SiLU MLPs only)")
+    if getattr(cfg, "mlp_bias", False):
+        raise ValueError("MLP biases are not supported by the ONNX export")
+
+
+def check_original(model) -> None:
+    """What the baseline (original attention, GroupQueryAttention) export cannot express."""
+    from edge_mla import families
+
+    check_config(model.config)
+    if families.has_qk_norm(model):
+        raise ValueError(f"the original {model.config.model_type} has per-head q/k norms, which the baseline ONNX "
+                         "export (GroupQueryAttention) does not express")
+    if not all(families.rope_layers(model.config)):
+        raise ValueError("the original model has layers without RoPE (SmolLM3), which the baseline ONNX export "
+                         "(one rotary table for every layer) does not express")
+
+
+def _common(model) -> dict:
+    cfg = model.config
+    check_config(cfg)
     m = model.model
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
                 eps=float(cfg.rms_norm_eps), embed=_np(m.embed_tokens.weight), final_norm=_np(m.norm.weight),
@@ -201,6 +221,7 @@ def decoder_from_original(model) -> onnx_graph.Decoder:
     from edge_mla.convert import head_dim_of
 
     cfg = model.config
+    check_original(model)
     d = head_dim_of(cfg)
     layers = []
     for layer in model.model.layers:

@@ -194,7 +194,7 @@ def test_build_refuses_before_any_work(tmp_path, tokenizer, capsys, monkeypatch,
     from edge_mla import convert as convert_module
 
     config_class, extra = {"llama3": (LlamaConfig, {"rope_parameters": LLAMA3}),
-                           "qwen2.5": (Qwen2Config, {}), "smollm3": (SmolLM3Config, {})}[family]
+                           "qwen2.5": (Qwen2Config, {}), "smollm3": (SmolLM3Config, {"no_rope_layers": [1, 0]})}[family]
     folder = tiny_folder(tmp_path, tokenizer, config_class, **extra)
     monkeypatch.setattr(convert_module, "calibrate_and_convert", lambda *a, **k: pytest.fail("conversion ran"))
     capsys.readouterr()
@@ -226,7 +226,8 @@ def test_export_gguf_refuses_a_converted_llama3_before_any_work(tmp_path, tokeni
 
     folder = tiny_folder(tmp_path, tokenizer, LlamaConfig, rope_parameters=LLAMA3)
     src = load_source(str(folder))
-    mla_dir, _ = convert_source(src, Plan("shared", None, 24, weighting="weights"), tmp_path / "mla")
+    mla_dir, _ = convert_source(src, Plan("shared", None, 24, weighting="weights"), tmp_path / "mla",
+                                calib_windows=2, calib_length=64)
     import edge_mla.data as data
     monkeypatch.setattr(data, "calibration_windows", lambda *a, **k: pytest.fail("calibration ran"))
     capsys.readouterr()

@@ -35,6 +35,7 @@ FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8
               "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_M}
 PROVENANCE_KEY = "edge_mla.provenance"  # JSON: source, plan, bits, calibration text, versions
 DEFAULT_ALIGN = 32  # q8_0/q4_0 caches need C and C + R to be multiples of their block size, 32
+POSITION_FREE_FACTOR = 1e30  # rope_freqs factor of a frequency-0 pair: position * theta / 1e30 rounds to 0
 
 
 def add_arguments(parser) -> None:
@@ -215,33 +216,45 @@ def check_plain(model) -> None:
                          "reproduce it exactly")
     if getattr(config, "mlp_bias", False):
         raise ValueError("the MLP has biases, which this export does not write")
-    if families.has_qk_norm(model):
-        raise ValueError(f"the original {config.model_type} has per-head q/k norms, which edge-mla's plain "
-                         "llama/qwen2 GGUF export does not write")
-    if not all(families.rope_layers(config)):
-        raise ValueError("the original model has layers without RoPE (SmolLM3), which edge-mla's plain llama GGUF "
-                         "export does not write")
-    if families.rotary_pairs(config) * 2 != (getattr(config, "head_dim", None)
-                                             or config.hidden_size // config.num_attention_heads):
-        raise ValueError("the original model rotates only part of each head (partial rotary), which edge-mla's "
-                         "plain llama GGUF export does not write")
+    uses_rope = families.rope_layers(config)
+    if not all(uses_rope) and uses_rope != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(len(uses_rope))]:
+        raise ValueError(f"the original model's layers without RoPE are not every {SMOLLM3_NOPE_STEP}th layer, the "
+                         "only pattern llama.cpp's smollm3 runs")
+    if plain_arch(config) != "llama" and families.rotary_pairs(config) * 2 != families.head_dim(config):
+        raise ValueError(f"{plain_arch(config)} in llama.cpp has no per-frequency factors for a partial rotary")
+
+
+# llama.cpp's smollm3 skips RoPE in every 4th layer, a constant of its loader (no GGUF key says so)
+SMOLLM3_NOPE_STEP = 4
+
+
+def plain_arch(config) -> str:
+    """llama.cpp's architecture for an original model: qwen2 (biases), qwen3 (q/k norms), smollm3 (NoPE layers),
+    otherwise llama."""
+    from edge_mla import families
+
+    if config.model_type in ("qwen2", "qwen3"):
+        return config.model_type
+    return "smollm3" if not all(families.rope_layers(config)) else "llama"
 
 
 def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     model = loaded.model
     config = model.config
-    arch = "qwen2" if config.model_type == "qwen2" else "llama"
+    check_plain(model)
+    arch = plain_arch(config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     H, Hkv = config.num_attention_heads, config.num_key_value_heads
     base = _rope_base(config)
     rotary = model.model.rotary_emb
-    check_plain(model)
     tensors = common_tensors(model)
     for i, layer in enumerate(model.model.layers):
         for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
             tensors[f"blk.{i}.{key}"] = value
     default = base ** (-np.arange(0, head_dim, 2) / head_dim)
-    factors = default / to_numpy(rotary.inv_freq)
+    inv_freq = to_numpy(rotary.inv_freq)
+    # A position-free pair (partial rotary) has frequency 0: a factor so large that its angle stays 0 in float32.
+    factors = np.where(inv_freq > 0, default / np.where(inv_freq > 0, inv_freq, 1.0), POSITION_FREE_FACTOR)
     notes = []
     if np.abs(factors - 1).max() > 1e-5:  # llama3-style scaled frequencies: llama's rope_freqs divides theta
         if arch != "llama":

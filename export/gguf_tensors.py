@@ -156,9 +156,11 @@ def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
     out = {"attn_v.weight": to_numpy(attn.v_proj.weight), "attn_output.weight": to_numpy(attn.o_proj.weight)}
     biases = {"attn_q.bias": attn.q_proj.bias, "attn_k.bias": attn.k_proj.bias, "attn_v.bias": attn.v_proj.bias,
               "attn_output.bias": attn.o_proj.bias}
-    if arch == "llama":  # llama.cpp's llama uses interleaved rope; qwen2 keeps NEOX
+    if arch in ("llama", "smollm3"):  # llama.cpp's llama/smollm3 use interleaved rope; qwen2/qwen3 keep NEOX
         q, k = _permute(q, n_head), _permute(k, n_kv)
     out["attn_q.weight"], out["attn_k.weight"] = q, k
+    if arch == "qwen3":
+        out["attn_q_norm.weight"], out["attn_k_norm.weight"] = to_numpy(attn.q_norm.weight), to_numpy(attn.k_norm.weight)
     for name, b in biases.items():
         if b is None:
             continue
@@ -167,7 +169,7 @@ def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
                 raise ValueError("qwen2 in llama.cpp has no output-projection bias; cannot export exactly")
             continue
         b = to_numpy(b)
-        if arch == "llama" and name in ("attn_q.bias", "attn_k.bias"):
+        if arch in ("llama", "smollm3") and name in ("attn_q.bias", "attn_k.bias"):
             b = _permute(b, n_head if name == "attn_q.bias" else n_kv)
         out[name] = b
     return out

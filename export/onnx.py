@@ -142,12 +142,10 @@ def check_original(model) -> None:
     from edge_mla import families
 
     check_config(model.config)
-    if families.has_qk_norm(model):
-        raise ValueError(f"the original {model.config.model_type} has per-head q/k norms, which the baseline ONNX "
-                         "export (GroupQueryAttention) does not express")
-    if not all(families.rope_layers(model.config)):
-        raise ValueError("the original model has layers without RoPE (SmolLM3), which the baseline ONNX export "
-                         "(one rotary table for every layer) does not express")
+    scaled = abs(float(getattr(model.model.rotary_emb, "attention_scaling", 1.0)) - 1.0) > 1e-6
+    if scaled and families.rotary_pairs(model.config) * 2 != families.head_dim(model.config):
+        raise ValueError("RoPE attention scaling with a partial rotary: the baseline's rotary table would scale the "
+                         "position-free dims too")
 
 
 def _common(model) -> dict:
@@ -220,6 +218,8 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
 def decoder_from_original(model) -> onnx_graph.Decoder:
     from edge_mla.convert import head_dim_of
 
+    from edge_mla import families
+
     cfg = model.config
     check_original(model)
     d = head_dim_of(cfg)
@@ -229,7 +229,9 @@ def decoder_from_original(model) -> onnx_graph.Decoder:
         entry = _layer_common(layer)
         entry.update(q=_np(a.q_proj.weight), k=_np(a.k_proj.weight), v=_np(a.v_proj.weight), o=_np(a.o_proj.weight),
                      q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias),
-                     o_bias=_np(a.o_proj.bias))
+                     o_bias=_np(a.o_proj.bias), rotary=bool(getattr(a, "use_rope", True)))  # SmolLM3: NoPE layers
+        if families.has_qk_norm(model):  # Qwen3: per-head RMSNorm of q and k before RoPE
+            entry.update(q_norm=_np(a.q_norm.weight), k_norm=_np(a.k_norm.weight))
         layers.append(entry)
     rotary = model.model.rotary_emb
     return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=layers, softmax_scale=d ** -0.5,

@@ -65,7 +65,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     full = resolve_plan(config, replace(plan, latent=None)).latent
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
-    for note in preflight.check(src.model, plan, formats, originals=True):  # every exporter, before any work
+    plan, notes = preflight.check(src.model, plan, formats, originals=True)  # every exporter, before any work
+    for note in notes:
         print("      " + note)
 
     from edge_mla.convert import calibrate_and_convert, describe, load, save

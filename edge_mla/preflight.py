@@ -58,34 +58,54 @@ def check_gguf(model, plan, align: int) -> None:
                 align, plan.selection)
 
 
-def check(model, plan, formats: tuple[str, ...], *, originals: bool = False, align: int = 32) -> list[str]:
+def fit_rope_key(model, plan, formats: tuple[str, ...]) -> tuple[object, list[str]]:
+    """For GGUF, a shared rope key keeps only the leading frequencies on llama.cpp's grid: under llama3 scaling the
+    unscaled high frequencies; the scaled low ones go to the latent (position-free), as every frequency past
+    --rope-pairs does. Returns (plan, notes)."""
+    from dataclasses import replace
+
+    from edge_mla.convert import resolve_plan
+    from edge_mla.export.gguf import _rope_base
+
+    plan = resolve_plan(model.config, plan)
+    if "gguf" not in formats or plan.selection != "shared":
+        return plan, []
+    inv = model.model.rotary_emb.inv_freq.detach()
+    on_grid = families.grid_pairs(inv[:families.rotary_pairs(model.config)], _rope_base(model.config),
+                                  2 * families.rotary_pairs(model.config))
+    if 1 <= on_grid < plan.rope_pairs:
+        return replace(plan, rope_pairs=on_grid), [
+            f"rope key: the {on_grid} highest frequencies keep RoPE (the others are scaled, which llama.cpp's "
+            f"deepseek2 cannot express, and move to the latent); --formats onnx keeps {plan.rope_pairs}"]
+    return plan, []
+
+
+def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
+          align: int = 32) -> tuple[object, list[str]]:
     """Raise ValueError (one line: the problem, then the fix) if an exporter in `formats` cannot take the
     converted model, or, with `originals` (the build), the original exported the same way to compare.
-    Returns notes on what the conversion approximates."""
-    from edge_mla.convert import resolve_plan
+    Returns the plan (its rope key fitted to GGUF, fit_rope_key) and notes on what the conversion approximates."""
     from edge_mla.export import gguf as gguf_export
     from edge_mla.export import onnx as onnx_export
 
-    plan = resolve_plan(model.config, plan)
-    others = [f for f in FORMATS if f != "gguf" and f in formats] or ["onnx"]
-    checks = {"onnx": [onnx_export.check_config] + ([onnx_export.check_original] if originals else []),
-              "gguf": [lambda m: check_gguf(m, plan, align)] + ([gguf_export.check_plain] if originals else [])}
-    baselines = (onnx_export.check_original, gguf_export.check_plain)
-    for fmt in formats:
-        for fn in checks[fmt]:
-            try:
-                fn(model.config if fn is onnx_export.check_config else model)
-            except ValueError as err:
-                if fn in baselines:
-                    what, fix = ("the original, exported to compare", "convert with `edge-mla convert` and export "
-                                 "the MLA model alone with `edge-mla export`")
-                else:
-                    what = "the MLA model"
-                    fix = (f"build only {', '.join(others)} with --formats {','.join(others)}" if fmt == "gguf"
-                           else "none yet for ONNX")
-                raise ValueError(f"{fmt.upper()} cannot carry {what}: {str(err).rstrip('.')}. Fix: {fix} "
-                                 "(docs/models.md)") from None
-    notes = []
+    plan, notes = fit_rope_key(model, plan, formats)
+    mla, original = "the MLA model", "the original, exported to compare"
+    steps = []  # (format, what it would carry, the exporter's check)
+    if "onnx" in formats:
+        steps.append(("onnx", mla, lambda: onnx_export.check_config(model.config)))
+        if originals:
+            steps.append(("onnx", original, lambda: onnx_export.check_original(model)))
+    if "gguf" in formats:
+        steps.append(("gguf", mla, lambda: check_gguf(model, plan, align)))
+        if originals:
+            steps.append(("gguf", original, lambda: gguf_export.check_plain(model)))
+    for fmt, what, fn in steps:
+        try:
+            fn()
+        except ValueError as err:
+            other = next(f for f in FORMATS if f != fmt)
+            raise ValueError(f"{fmt.upper()} cannot carry {what}: {str(err).rstrip('.')}. Fix: build {other} only "
+                             f"with --formats {other} (docs/models.md)") from None
     if families.has_qk_norm(model):
         notes.append("q/k norms: approximated by calibrated per-head constants (docs/models.md)")
-    return notes
+    return plan, notes

@@ -40,12 +40,17 @@ def rope_layout(inv_freqs: list[np.ndarray], base: float, head_dim: int, latent_
     grid = []
     for i, f in enumerate(inv_freqs):
         f = np.asarray(f, dtype=np.float64)
-        k = -np.log(f) / step
-        if np.any(np.abs(k - np.round(k)) > 1e-3) or np.any(np.round(k) < 0):
+        with np.errstate(divide="ignore"):
+            k = -np.log(f) / step
+        off = ~np.isfinite(k) | (np.abs(k - np.round(k)) > 1e-3) | (np.round(k) < 0)
+        if np.any(off):
+            fix = (f"; its first {int(np.argmax(off))} rope pairs are on the grid: --rope-pairs "
+                   f"{int(np.argmax(off))} with --selection shared keeps those" if selection == "shared" and
+                   np.argmax(off) > 0 else "")
             raise ValueError(f"layer {i}: the rope frequencies are not on the plain RoPE grid of base {base:g} "
                              "(scaled RoPE such as llama3/yarn/linear, or a layer without RoPE under a per-head "
                              "selection); llama.cpp's deepseek2 rope key has no per-frequency factors and cannot "
-                             "express them exactly")
+                             f"express them exactly{fix}")
         k = np.round(k).astype(np.int64)
         if len(set(k.tolist())) != len(k):
             raise ValueError(

@@ -191,33 +191,33 @@ def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, devic
         if fp:
             fp.name = "original"
             footprints.append(fp)
-    mla_main, orig_main = mla_gguf or mla_onnx, orig_gguf_fp or orig_onnx_fp
-    plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
-    original_cfg = type(config).from_dict(plain)
-    fp16 = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp")
-    footprints.append(bud.Footprint("original, fp16 cache", orig_main.runtime, "original", orig_main.weights_bytes,
-                                    fp16.kv_bytes_per_token, fp16.max_context,
-                                    "same weights, llama.cpp's default f16 cache"))
+    if orig_gguf_fp:  # llama.cpp's usual f16 cache, for scale
+        plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
+        fp16 = bud.footprint_estimate(type(config).from_dict(plain), 16, 2.0, "llama.cpp")
+        footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", orig_gguf_fp.weights_bytes,
+                                        fp16.kv_bytes_per_token, fp16.max_context,
+                                        "same weights, llama.cpp's default f16 cache"))
     budgets = [bud.budget(fp, device, context) for fp in footprints]
     best = max((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.max_context)
     orig = max((b for b in budgets if b.model.startswith("original")), key=lambda b: b.max_context)
     verdict = (f"{'Fits' if best.fits else 'Does not fit'}: {model} as MLA on {device.name}, "
                f"{best.memory_mb:.0f} MB at {context} tokens ({best.runtime}); longest context {best.max_context}")
-    per_token_orig = orig_main.kv_bytes_per_token
-    fp16_orig = fp16.kv_bytes_per_token
     files = {"onnx": onnx_dir.name if onnx_dir else None, "gguf": gguf_file.name if gguf_file else None}
     key_figures = {}
     if mla_gguf:
+        per_token_orig = orig_gguf_fp.kv_bytes_per_token
         key_figures["KV cache per token (GGUF, MLA)"] = (
             f"{mla_gguf.kv_bytes_per_token:.0f} B vs {per_token_orig:.0f} B original "
             f"({100 * mla_gguf.kv_bytes_per_token / per_token_orig:.0f}%)")
     if mla_onnx:
         key_figures["KV cache per token (ONNX, MLA)"] = f"{mla_onnx.kv_bytes_per_token:.0f} B"
-    key_figures["KV cache per token, original with its usual fp16 cache"] = (
-        f"{fp16_orig:.0f} B ({fp16_orig / mla_main.kv_bytes_per_token:.1f}x the MLA "
-        f"{'GGUF' if mla_gguf else 'ONNX export'}'s)")
-    key_figures[f"weights ({' / '.join(k.upper() for k, v in files.items() if v)})"] = " / ".join(
-        f"{fp.weights_bytes / bud.MB:.0f} MB" for fp in (mla_gguf, mla_onnx) if fp)
+    if mla_gguf:
+        fp16_orig = fp16.kv_bytes_per_token
+        key_figures["KV cache per token, original with its usual fp16 cache"] = (
+            f"{fp16_orig:.0f} B ({fp16_orig / mla_gguf.kv_bytes_per_token:.1f}x the MLA GGUF's)")
+    weights = {"GGUF": mla_gguf, "ONNX": mla_onnx}
+    key_figures[f"weights ({' / '.join(k for k, fp in weights.items() if fp)})"] = " / ".join(
+        f"{fp.weights_bytes / bud.MB:.0f} MB" for fp in weights.values() if fp)
     key_figures["longest context that fits (MLA / original)"] = f"{best.max_context} / {orig.max_context}"
     key_figures["decode bound at this context"] = f"{best.decode_tokens_per_s_bound:.0f} tokens/s"
     summary = {

@@ -260,9 +260,11 @@ def describe(mla: dict, config) -> str:
     layers = config.num_hidden_layers
     per_token = mla["latent_dim"] + mla["rope_dim"]
     original = 2 * config.num_key_value_heads * mla["head_dim"]
+    approximated = "".join(f"; approximated: {what}" for what in (mla.get("approximations") or {}).values()
+                           if isinstance(what, str))
     return (f"MLA: latent {mla['latent_dim']} + rope key {mla['rope_dim']} = {per_token} numbers per token per layer "
             f"(original {original}, {100 * per_token / original:.1f}%); {layers} layers, "
-            f"{per_token * layers * 2} bytes/token at fp16")
+            f"{per_token * layers * 2} bytes/token at fp16{approximated}")
 
 
 def timed(fn, *args, **kwargs):

@@ -32,7 +32,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
           quality_length: int = 512, recover_steps: int = 300, speed_prompt: int = 256,
-          max_quality_loss: float | None = None) -> dict:
+          max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf")) -> dict:
+    from edge_mla import families, preflight
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
@@ -61,10 +62,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
     plan = plan or PLANS["finetuned" if finetune_tokens else "recovered" if recover_steps else "training-free"]
     if plan.rope_pairs is not None:  # a model with narrower heads keeps all its frequencies
-        plan = replace(plan, rope_pairs=min(plan.rope_pairs, head_dim_of(config) // 2))
+        plan = replace(plan, rope_pairs=min(plan.rope_pairs, families.rotary_pairs(config)))
     full = resolve_plan(config, replace(plan, latent=None)).latent
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
+    plan, notes = preflight.check(src.model, plan, formats, originals=True)  # every exporter, before any work
+    for note in notes:
+        print("      " + note)
 
     from edge_mla.convert import calibrate_and_convert, describe, load, save
     from edge_mla.export import gguf as gguf_export
@@ -76,10 +80,14 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         # loaded model in place, so the source is read from disk once.
         step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
         original = staging / ".original"
-        orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                       head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer)
-        orig_gguf = original / "original.gguf"
-        gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
+        orig_onnx = orig_gguf = onnx_dir = gguf_file = None
+        if "onnx" in formats:
+            orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
+                                           head_bits=precision.head_bits(bits), model=src.model,
+                                           tokenizer=src.tokenizer)
+        if "gguf" in formats:
+            orig_gguf = original / "original.gguf"
+            gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
         if recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
             teacher = recover.collect_attention_io(
@@ -141,11 +149,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             k += 1
         step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
                        f"weights, {cache} cache)")
-        onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                      head_bits=precision.head_bits(bits), model=src.model, tokenizer=src.tokenizer,
-                                      genai=True)  # + onnxruntime-genai's files (docs/phones.md)
-        gguf_file = staging / "model.gguf"
-        gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
+        if "onnx" in formats:  # + onnxruntime-genai's files (docs/phones.md)
+            onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
+                                          head_bits=precision.head_bits(bits), model=src.model,
+                                          tokenizer=src.tokenizer, genai=True)
+        if "gguf" in formats:
+            gguf_file = staging / "model.gguf"
+            gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
             "tokens per text)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
@@ -181,8 +191,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary["verdicts"] = verdict.verdicts(footprints, device, verdict.contexts_for(context, limit),
                                                summary.get("quality_ratio", {}), speeds)
         summary["recommendation"] = verdict.recommendation(summary["verdicts"])
-        summary["run_commands"] = verdict.run_commands(gguf_file.name, onnx_dir.name, cache, context)
-        shutil.rmtree(original)
+        summary["run_commands"] = verdict.run_commands(gguf_file.name if gguf_file else None,
+                                                       onnx_dir.name if onnx_dir else None, cache, context)
+        shutil.rmtree(original, ignore_errors=True)
         summary["plan"] = asdict(plan)
         summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
                                                   calibration=mla["calibration_text"])
@@ -201,7 +212,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if v["context"] == context:
             print("  " + v["text"])
     print(summary["recommendation"])
-    print(f"wrote {out}/ (report.html, report.json, onnx/, model.gguf, mla/) in {summary['build_seconds']:.0f} s, "
+    written = [*(["onnx/"] if "onnx" in formats else []), *(["model.gguf"] if "gguf" in formats else [])]
+    print(f"wrote {out}/ (report.html, report.json, {', '.join(written)}, mla/) in {summary['build_seconds']:.0f} s, "
           f"peak RSS {peak_rss_mb():.0f} MB")
     return summary
 
@@ -218,43 +230,56 @@ def runnable_files(files: dict) -> dict:
 
 def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,
            context: int, orig_onnx: Path, orig_gguf: Path):
-    mla_onnx = bud.footprint_onnx(onnx_dir)
     from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
 
-    mla_gguf = bud.footprint_gguf(gguf_file)  # the cache type the file records: the build's
-    orig_info = check_gguf(orig_gguf)
-    orig_gguf_fp = bud.footprint_gguf(orig_gguf, runnable_cache_type(orig_info, orig_info.cache_type))
-    footprints = [mla_gguf, mla_onnx]
-    for fp in (orig_gguf_fp, bud.footprint_onnx(orig_onnx)):
-        fp.name = "original"
-        footprints.append(fp)
-    plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
-    original_cfg = type(config).from_dict(plain)
-    fp16 = bud.footprint_estimate(original_cfg, 16, 2.0, "llama.cpp")
-    footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", footprints[2].weights_bytes,
-                                    fp16.kv_bytes_per_token, fp16.max_context,
-                                    "same weights, llama.cpp's default f16 cache"))
+    # --formats may leave one runtime out: its rows are then absent
+    mla_onnx = bud.footprint_onnx(onnx_dir) if onnx_dir else None
+    mla_gguf = bud.footprint_gguf(gguf_file) if gguf_file else None  # the cache type the file records: the build's
+    orig_gguf_fp = orig_onnx_fp = None
+    if orig_gguf:
+        orig_info = check_gguf(orig_gguf)
+        orig_gguf_fp = bud.footprint_gguf(orig_gguf, runnable_cache_type(orig_info, orig_info.cache_type))
+    if orig_onnx:
+        orig_onnx_fp = bud.footprint_onnx(orig_onnx)
+    footprints = [fp for fp in (mla_gguf, mla_onnx) if fp]
+    for fp in (orig_gguf_fp, orig_onnx_fp):
+        if fp:
+            fp.name = "original"
+            footprints.append(fp)
+    if orig_gguf_fp:  # llama.cpp's usual f16 cache, for scale
+        plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
+        fp16 = bud.footprint_estimate(type(config).from_dict(plain), 16, 2.0, "llama.cpp")
+        footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", orig_gguf_fp.weights_bytes,
+                                        fp16.kv_bytes_per_token, fp16.max_context,
+                                        "same weights, llama.cpp's default f16 cache"))
     budgets = [bud.budget(fp, device, context) for fp in footprints]
     best = max((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.max_context)
     orig = max((b for b in budgets if b.model.startswith("original")), key=lambda b: b.max_context)
     verdict = (f"{'Fits' if best.fits else 'Does not fit'}: {model} as MLA on {device.name}, "
                f"{best.memory_mb:.0f} MB at {context} tokens ({best.runtime}); longest context {best.max_context}")
-    per_token_orig = footprints[2].kv_bytes_per_token
-    fp16_orig = fp16.kv_bytes_per_token
+    files = {"onnx": onnx_dir.name if onnx_dir else None, "gguf": gguf_file.name if gguf_file else None}
+    key_figures = {}
+    if mla_gguf:
+        per_token_orig = orig_gguf_fp.kv_bytes_per_token
+        key_figures["KV cache per token (GGUF, MLA)"] = (
+            f"{mla_gguf.kv_bytes_per_token:.0f} B vs {per_token_orig:.0f} B original "
+            f"({100 * mla_gguf.kv_bytes_per_token / per_token_orig:.0f}%)")
+    if mla_onnx:
+        key_figures["KV cache per token (ONNX, MLA)"] = f"{mla_onnx.kv_bytes_per_token:.0f} B"
+    if mla_gguf:
+        fp16_orig = fp16.kv_bytes_per_token
+        key_figures["KV cache per token, original with its usual fp16 cache"] = (
+            f"{fp16_orig:.0f} B ({fp16_orig / mla_gguf.kv_bytes_per_token:.1f}x the MLA GGUF's)")
+    weights = {"GGUF": mla_gguf, "ONNX": mla_onnx}
+    key_figures[f"weights ({' / '.join(k for k, fp in weights.items() if fp)})"] = " / ".join(
+        f"{fp.weights_bytes / bud.MB:.0f} MB" for fp in weights.values() if fp)
+    key_figures["longest context that fits (MLA / original)"] = f"{best.max_context} / {orig.max_context}"
+    key_figures["decode bound at this context"] = f"{best.decode_tokens_per_s_bound:.0f} tokens/s"
     summary = {
         "model": model, "device": asdict(device), "context": context, "verdict": verdict,
-        "mla": mla, "files": {"onnx": str(onnx_dir.name), "gguf": gguf_file.name},
+        "mla": mla, "files": {k: v for k, v in files.items() if v},
         "footprints": [asdict(fp) for fp in footprints], "budgets": [b.as_dict() for b in budgets],
-        "key_figures": {
-            "KV cache per token (GGUF, MLA)": f"{mla_gguf.kv_bytes_per_token:.0f} B vs {per_token_orig:.0f} B original "
-                                              f"({100 * mla_gguf.kv_bytes_per_token / per_token_orig:.0f}%)",
-            "KV cache per token (ONNX, MLA)": f"{mla_onnx.kv_bytes_per_token:.0f} B",
-            "KV cache per token, original with its usual fp16 cache": f"{fp16_orig:.0f} B "
-                                                                      f"({fp16_orig / mla_gguf.kv_bytes_per_token:.1f}x the MLA GGUF's)",
-            "weights (GGUF / ONNX)": f"{mla_gguf.weights_bytes / bud.MB:.0f} MB / {mla_onnx.weights_bytes / bud.MB:.0f} MB",
-            "longest context that fits (MLA / original)": f"{best.max_context} / {orig.max_context}",
-            "decode bound at this context": f"{best.decode_tokens_per_s_bound:.0f} tokens/s",
-        },
+        "key_figures": key_figures,
     }
     return summary, footprints, budgets
 

@@ -185,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--speed-prompt", type=int, default=256,
                    help="prompt tokens for the prefill/decode speed of both builds on this machine (0: skip)")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
+    p.add_argument("--formats", default="onnx,gguf",
+                   help="outputs, comma-separated: onnx, gguf or both; checked against the model before any work "
+                        "(docs/models.md)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_build)
 
@@ -255,7 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_build(args) -> int:
     from edge_mla.build import build
+    from edge_mla.preflight import parse_formats
 
+    formats = parse_formats(args.formats)
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
@@ -267,7 +272,7 @@ def cmd_build(args) -> int:
     loss = parse_loss(args.max_quality_loss) if args.max_quality_loss is not None else None
     build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
           args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, args.speed_prompt,
-          loss)
+          loss, formats)
     return 0
 
 

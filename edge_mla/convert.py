@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from edge_mla import lowrank, rope
+from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
 from edge_mla.mla import MLAAttention, install_mla
 from edge_mla.plans import Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
@@ -26,8 +26,9 @@ def resolve_plan(config, plan: Plan) -> Plan:
     """Fill defaults and check every number against the model, before any work is done."""
     check_architecture(config)
     d, n_kv, E = head_dim_of(config), config.num_key_value_heads, config.hidden_size
-    r = plan.rope_pairs if plan.rope_pairs is not None else rope.default_rope_pairs(plan.selection, d)
-    rope.check_rope_pairs(plan.selection, r, d, n_kv)
+    rotary = families.rotary_pairs(config)  # partial rotary: only these pairs can keep RoPE
+    r = plan.rope_pairs if plan.rope_pairs is not None else min(rope.default_rope_pairs(plan.selection, d), rotary)
+    rope.check_rope_pairs(plan.selection, r, 2 * rotary, n_kv)
     if plan.selection == "shared":
         if not 1 <= plan.rope_components <= n_kv:
             raise ValueError(f"rope components must be between 1 and the number of KV heads ({n_kv})")
@@ -37,7 +38,7 @@ def resolve_plan(config, plan: Plan) -> Plan:
     if plan.weighting not in lowrank.WEIGHTINGS:
         raise ValueError(f"unknown weighting '{plan.weighting}': choose one of {', '.join(lowrank.WEIGHTINGS)}")
     rows_k, rows_v = n_kv * nope, n_kv * d
-    if plan.selection == "shared":
+    if plan.selection == "shared" and all(families.rope_layers(config)):
         rows_k -= 2 * r * plan.rope_components  # the rope components are taken out of the keys: that much less rank
     top = lowrank.full_rank(rows_k, rows_v, E, plan.svd) if plan.svd in lowrank.METHODS else 0
     latent = plan.latent if plan.latent is not None else top
@@ -56,15 +57,20 @@ def needs_calibration(plan: Plan) -> bool:
     return plan.weighting != "weights" or plan.selection in ("2norm", "partition-2norm", "shared")
 
 
-def layer_maps(plan: Plan, attn, stats: LayerStats | None, config) -> rope.RopeMaps:
+def layer_maps(plan: Plan, attn, stats: LayerStats | None, config, uses_rope: bool = True) -> rope.RopeMaps:
     d, n_kv = head_dim_of(config), config.num_key_value_heads
     heads_per_group = config.num_attention_heads // n_kv
+    rotary = families.rotary_pairs(config)
+    if plan.selection == "shared" and not uses_rope:  # a NoPE layer: zero rope rows, every dim in the latent
+        like = rope.shared_head_maps(torch.eye(n_kv, dtype=torch.float64).expand(d // 2, n_kv, n_kv), plan.rope_pairs,
+                                     d, plan.rope_components)
+        return rope.position_free_maps(like, d)
     if plan.selection == "shared":
         b_k = attn.k_proj.bias.detach() if attn.k_proj.bias is not None else None
         cov = rope.key_pair_covariance(attn.k_proj.weight.detach(), b_k, stats.second_moment, stats.mean, n_kv, d)
         return rope.shared_head_maps(rope.shared_head_rotations(cov), plan.rope_pairs, d, plan.rope_components)
-    scores = stats.pair_scores(heads_per_group) if stats is not None else None
-    kept = rope.kept_pairs(plan.selection, plan.rope_pairs, n_kv, d // 2, scores)
+    scores = stats.pair_scores(heads_per_group)[:, :rotary] if stats is not None else None
+    kept = rope.kept_pairs(plan.selection, plan.rope_pairs, n_kv, rotary, scores)
     return rope.per_head_maps(kept, d)
 
 
@@ -104,7 +110,10 @@ def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | Non
         new.k_up_bias.copy_(torch.einsum("gnk,k->gn", maps.k_nope, b_k))
         new.v_up_bias.copy_(b_v.view(n_kv, d))
     new.o_proj.load_state_dict(attn.o_proj.state_dict())
-    new.inv_freq.copy_(inv_freq[maps.freq_index])
+    # A NoPE layer under a per-head selection keeps its rope rows unrotated: frequency 0, the identity. (Under
+    # the shared head its rope rows are zero and it keeps the others' frequencies: one grid for llama.cpp.)
+    rotated = getattr(attn, "use_rope", True) or plan.selection == "shared"
+    new.inv_freq.copy_(inv_freq[maps.freq_index] if rotated else torch.zeros(len(maps.freq_index)))
     return new.to(attn.o_proj.weight.dtype)
 
 
@@ -139,6 +148,9 @@ def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: 
         "o_bias": False,
         "plan": asdict(plan),
         "cache_numbers_per_token_per_layer": plan.latent + rope_dim,
+        "rotary_dim": 2 * families.rotary_pairs(config),  # the rope grid's width: freq = base^(-2k/rotary_dim)
+        "source_architecture": families.source_architecture(config),
+        "nope_layers": [i for i, on in enumerate(families.rope_layers(config)) if not on],
     }
 
 
@@ -169,8 +181,9 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     inv_freq = rotary.inv_freq.detach().double()
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
     layers = model.model.layers
+    uses_rope = families.rope_layers(config)
     with one_thread():
-        maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config)
+        maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config, uses_rope[i])
                 for i, layer in enumerate(layers)]
     mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
     first = layers[0].self_attn
@@ -247,9 +260,11 @@ def describe(mla: dict, config) -> str:
     layers = config.num_hidden_layers
     per_token = mla["latent_dim"] + mla["rope_dim"]
     original = 2 * config.num_key_value_heads * mla["head_dim"]
+    approximated = "".join(f"; approximated: {what}" for what in (mla.get("approximations") or {}).values()
+                           if isinstance(what, str))
     return (f"MLA: latent {mla['latent_dim']} + rope key {mla['rope_dim']} = {per_token} numbers per token per layer "
             f"(original {original}, {100 * per_token / original:.1f}%); {layers} layers, "
-            f"{per_token * layers * 2} bytes/token at fp16")
+            f"{per_token * layers * 2} bytes/token at fp16{approximated}")
 
 
 def timed(fn, *args, **kwargs):
@@ -267,11 +282,17 @@ def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_len
     from edge_mla.data import calibration_windows
 
     plan = resolve_plan(src.model.config, plan)
+    approximations = None
+    if families.has_qk_norm(src.model):  # Qwen3: the q/k norms become calibrated constants (an approximation)
+        windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
+        approximations = families.fold_qk_norms(src.model, windows)
     stats = None
     if needs_calibration(plan):
         windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
         stats = collect_stats(src.model, windows)
     mla = convert(src.model, plan, stats, source=src.name)
+    if approximations:
+        mla["approximations"] = approximations
     if src.gguf is not None:
         mla["source_gguf"] = str(src.gguf)
     mla["calibration_tokens"] = 0 if stats is None else stats[0].count

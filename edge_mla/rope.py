@@ -105,6 +105,17 @@ def per_head_maps(kept: torch.Tensor, head_dim: int) -> RopeMaps:
     return RopeMaps(q_nope, q_rope, k_nope, k_rope, torch.tensor([f for f, _ in pairs], dtype=torch.long))
 
 
+def position_free_maps(like: RopeMaps, head_dim: int) -> RopeMaps:
+    """Maps for a layer without RoPE (SmolLM3's NoPE layers) under the shared rope head: every key dim is NoPE
+    and the rope rows are zero, so the layer has the same widths as the others and scores exactly q . k."""
+    n_kv, d = like.q_nope.shape[0], head_dim
+    q_nope = torch.eye(d, dtype=torch.float64).expand(n_kv, d, d).clone()
+    k_nope = torch.zeros(n_kv, d, n_kv * d, dtype=torch.float64)
+    for g in range(n_kv):
+        k_nope[g, :, g * d:(g + 1) * d] = torch.eye(d, dtype=torch.float64)
+    return RopeMaps(q_nope, torch.zeros_like(like.q_rope), k_nope, torch.zeros_like(like.k_rope), like.freq_index)
+
+
 def key_pair_covariance(w_k: torch.Tensor, b_k: torch.Tensor | None, xx: torch.Tensor, mean: torch.Tensor,
                         n_kv: int, head_dim: int) -> torch.Tensor:
     """Per frequency pair, the KV-head x KV-head second moment of the keys, (d/2, n_kv, n_kv), float64."""

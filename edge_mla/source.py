@@ -22,8 +22,9 @@ BUILTIN = {
     },
 }
 
-# Decoder architectures whose attention is q/k/v/o projections + RoPE (optionally with q/k/v biases).
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+# Decoder architectures whose attention is q/k/v/o projections + RoPE (optionally with q/k/v biases); Phi-3's fused
+# projections, SmolLM3's NoPE layers and Qwen3's q/k norms are brought to that form by families.py.
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2", "phi3", "smollm3", "qwen3")
 
 
 class SourceError(ValueError):
@@ -103,9 +104,13 @@ def pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
 
 
 def check_architecture(config) -> None:
+    from edge_mla.families import REFUSED
+
     model_type = getattr(config, "model_type", None)
     if model_type in SUPPORTED_ARCHITECTURES:
         return
+    if model_type in REFUSED:
+        raise SourceError(f"architecture '{model_type}' is not supported: {REFUSED[model_type]} (docs/models.md)")
     rope = "RoPE" if getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None) else "non-RoPE"
     raise SourceError(
         f"architecture '{model_type}' ({rope}) is not supported: edge-mla converts RoPE decoders with plain "
@@ -230,6 +235,9 @@ def _load_hub(repo_id: str) -> Source:
 
 
 def _finish(source: Source) -> Source:
+    from edge_mla.families import normalize
+
+    source.model = normalize(source.model)  # Phi-3 -> Llama with split projections (exact)
     # Our attention module speaks the sdpa mask convention; make the whole model use it.
     source.model.config._attn_implementation = "sdpa"
     source.model.eval()

@@ -90,13 +90,14 @@ def recommendation(rows: list[dict]) -> str:
     return f"The MLA build is the better choice from {first['context']} tokens in {first['runtime']}: {first['text']}."
 
 
-def run_commands(gguf_name: str, onnx_name: str, cache_type: str, context: int) -> dict:
-    """The commands that run each file with the settings the budget priced."""
-    quantized = cache_type not in ("f16", "f32")
-    llama = f"-m {gguf_name} -c {context} -ctk {cache_type} -ctv {cache_type}" + (" -fa on" if quantized else "")
-    return {
-        "llama.cpp": f"llama-cli {llama}",
-        "llama.cpp server": f"llama-server {llama}",
-        "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context}",
-        "edge-mla (onnxruntime)": f"edge-mla run {onnx_name} --context {context}",
-    }
+def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, context: int) -> dict:
+    """The commands that run each file with the settings the budget priced (files the build wrote)."""
+    commands = {}
+    if gguf_name:
+        quantized = cache_type not in ("f16", "f32")
+        llama = f"-m {gguf_name} -c {context} -ctk {cache_type} -ctv {cache_type}" + (" -fa on" if quantized else "")
+        commands.update({"llama.cpp": f"llama-cli {llama}", "llama.cpp server": f"llama-server {llama}",
+                         "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context}"})
+    if onnx_name:
+        commands["edge-mla (onnxruntime)"] = f"edge-mla run {onnx_name} --context {context}"
+    return commands

@@ -25,8 +25,8 @@ from gguf import LlamaFileType
 from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
-                                          check_biases, common_tensors, encode, latent_mean_squares, latent_scale,
-                                          mla_layer_tensors, plain_layer_tensors, rope_layout)
+                                          check_biases, check_nope_dim, common_tensors, encode, latent_mean_squares,
+                                          latent_scale, mla_layer_tensors, plain_layer_tensors, rope_layout)
 from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
@@ -35,6 +35,7 @@ FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16, "q8
               "q4_0": LlamaFileType.MOSTLY_Q4_0, "q4_k": LlamaFileType.MOSTLY_Q4_K_M}
 PROVENANCE_KEY = "edge_mla.provenance"  # JSON: source, plan, bits, calibration text, versions
 DEFAULT_ALIGN = 32  # q8_0/q4_0 caches need C and C + R to be multiples of their block size, 32
+POSITION_FREE_FACTOR = 1e30  # rope_freqs factor of a frequency-0 pair: position * theta / 1e30 rounds to 0
 
 
 def add_arguments(parser) -> None:
@@ -161,14 +162,10 @@ def _common_keys(config, n_vocab: int, n_head_kv: int) -> list:
 def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, list[str]]:
     model, mla = loaded.model, loaded.mla
     config = model.config
-    check_biases(model)
     layers = [layer.self_attn for layer in model.model.layers]
     head_dim, N, C, R = mla["head_dim"], mla["nope_dim"], mla["latent_dim"], mla["rope_dim"]
-    if N < 1:
-        raise ValueError(f"the model keeps no NoPE dims (nope_dim {N}); llama.cpp's deepseek2 needs at least one. "
-                         "Convert with fewer rope pairs")
+    layout = check_mla(loaded, align)
     selection = (mla.get("plan") or {}).get("selection", "?")
-    layout = rope_layout([to_numpy(a.inv_freq) for a in layers], _rope_base(config), head_dim, C, align, selection)
     eps = _float_eps(config)
     beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim), eps)
     tensors = common_tensors(model)
@@ -196,25 +193,68 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     return "deepseek2", keys, tensors, notes
 
 
-def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
-    model = loaded.model
+def check_mla(loaded: Loaded, align: int) -> RopeLayout:
+    """Everything deepseek2 needs of a converted model, checked before any work: biases, FFN, NoPE width, and the
+    rope key's place on llama.cpp's grid (returned)."""
+    model, mla = loaded.model, loaded.mla
+    check_biases(model)
+    check_nope_dim(mla["nope_dim"])
+    selection = (mla.get("plan") or {}).get("selection", "?")
+    return rope_layout([to_numpy(layer.self_attn.inv_freq) for layer in model.model.layers],
+                       _rope_base(model.config), mla.get("rotary_dim", mla["head_dim"]), mla["latent_dim"], align,
+                       selection)
+
+
+def check_plain(model) -> None:
+    """What the plain llama/qwen2 export of an original model cannot write; raises before any work."""
+    from edge_mla import families
+
     config = model.config
-    arch = "qwen2" if config.model_type == "qwen2" else "llama"
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    H, Hkv = config.num_attention_heads, config.num_key_value_heads
-    base = _rope_base(config)
     rotary = model.model.rotary_emb
     if abs(float(getattr(rotary, "attention_scaling", 1.0)) - 1.0) > 1e-6:
         raise ValueError("the model's RoPE scales attention (yarn/longrope); llama.cpp's plain export does not "
                          "reproduce it exactly")
     if getattr(config, "mlp_bias", False):
         raise ValueError("the MLP has biases, which this export does not write")
+    uses_rope = families.rope_layers(config)
+    if not all(uses_rope) and uses_rope != [(i + 1) % SMOLLM3_NOPE_STEP != 0 for i in range(len(uses_rope))]:
+        raise ValueError(f"the original model's layers without RoPE are not every {SMOLLM3_NOPE_STEP}th layer, the "
+                         "only pattern llama.cpp's smollm3 runs")
+    if plain_arch(config) != "llama" and families.rotary_pairs(config) * 2 != families.head_dim(config):
+        raise ValueError(f"{plain_arch(config)} in llama.cpp has no per-frequency factors for a partial rotary")
+
+
+# llama.cpp's smollm3 skips RoPE in every 4th layer, a constant of its loader (no GGUF key says so)
+SMOLLM3_NOPE_STEP = 4
+
+
+def plain_arch(config) -> str:
+    """llama.cpp's architecture for an original model: qwen2 (biases), qwen3 (q/k norms), smollm3 (NoPE layers),
+    otherwise llama."""
+    from edge_mla import families
+
+    if config.model_type in ("qwen2", "qwen3"):
+        return config.model_type
+    return "smollm3" if not all(families.rope_layers(config)) else "llama"
+
+
+def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
+    model = loaded.model
+    config = model.config
+    check_plain(model)
+    arch = plain_arch(config)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    H, Hkv = config.num_attention_heads, config.num_key_value_heads
+    base = _rope_base(config)
+    rotary = model.model.rotary_emb
     tensors = common_tensors(model)
     for i, layer in enumerate(model.model.layers):
         for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
             tensors[f"blk.{i}.{key}"] = value
     default = base ** (-np.arange(0, head_dim, 2) / head_dim)
-    factors = default / to_numpy(rotary.inv_freq)
+    inv_freq = to_numpy(rotary.inv_freq)
+    # A position-free pair (partial rotary) has frequency 0: a factor so large that its angle stays 0 in float32.
+    factors = np.where(inv_freq > 0, default / np.where(inv_freq > 0, inv_freq, 1.0), POSITION_FREE_FACTOR)
     notes = []
     if np.abs(factors - 1).max() > 1e-5:  # llama3-style scaled frequencies: llama's rope_freqs divides theta
         if arch != "llama":
@@ -248,6 +288,10 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     if weights == "q4_k":
         _quantizer()  # fail before the slow steps if llama.cpp is missing
     loaded = load_model(model)
+    if loaded.mla is not None:
+        check_mla(loaded, align)  # refuse before the calibration pass and the tokenizer
+    else:
+        check_plain(loaded.model)
     n_vocab = loaded.model.get_input_embeddings().weight.shape[0]
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:

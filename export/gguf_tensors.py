@@ -32,18 +32,25 @@ class RopeLayout:
 
 def rope_layout(inv_freqs: list[np.ndarray], base: float, head_dim: int, latent_dim: int, align: int,
                 selection: str = "?") -> RopeLayout:
-    """Exact placement of per-layer rope frequencies on llama.cpp's geometric grid, or a clear error."""
+    """Exact placement of per-layer rope frequencies on llama.cpp's geometric grid, or a clear error. `head_dim`
+    is the width the source's RoPE grid is defined over (the rotated width under partial rotary)."""
     if align < 1:
         raise ValueError(f"--align must be at least 1, got {align}")
     step = 2 * math.log(base) / head_dim  # source pair k has frequency exp(-step k)
     grid = []
     for i, f in enumerate(inv_freqs):
         f = np.asarray(f, dtype=np.float64)
-        k = -np.log(f) / step
-        if np.any(np.abs(k - np.round(k)) > 1e-3) or np.any(np.round(k) < 0):
+        with np.errstate(divide="ignore"):
+            k = -np.log(f) / step
+        off = ~np.isfinite(k) | (np.abs(k - np.round(k)) > 1e-3) | (np.round(k) < 0)
+        if np.any(off):
+            fix = (f"; its first {int(np.argmax(off))} rope pairs are on the grid: --rope-pairs "
+                   f"{int(np.argmax(off))} with --selection shared keeps those" if selection == "shared" and
+                   np.argmax(off) > 0 else "")
             raise ValueError(f"layer {i}: the rope frequencies are not on the plain RoPE grid of base {base:g} "
-                             "(scaled RoPE such as llama3/yarn/linear?); llama.cpp's deepseek2 rope key cannot "
-                             "express them exactly")
+                             "(scaled RoPE such as llama3/yarn/linear, or a layer without RoPE under a per-head "
+                             "selection); llama.cpp's deepseek2 rope key has no per-frequency factors and cannot "
+                             f"express them exactly{fix}")
         k = np.round(k).astype(np.int64)
         if len(set(k.tolist())) != len(k):
             raise ValueError(
@@ -73,24 +80,42 @@ def _nonzero(t) -> float:
     return 0.0 if t is None else float(t.detach().abs().max())
 
 
+def check_attention_biases(layer: int, biases: dict) -> None:
+    """deepseek2 has no attention biases: exact only when the ones that matter are zero. `biases`: name -> tensor
+    or None, for the converted layer (q_proj, kv_a_proj, v_up, o_proj) or, before conversion, the original's
+    (q_proj, k_proj, v_proj, o_proj: the key bias reaches the rope key)."""
+    for name, bias in biases.items():
+        value = _nonzero(bias)
+        if value > 0:
+            raise ValueError(
+                f"layer {layer} has a nonzero {name} bias (max |b| = {value:.3g}): llama.cpp's deepseek2 has no "
+                "attention biases, so this model (Qwen2/Qwen2.5-style q/k/v biases) cannot be exported exactly as "
+                "GGUF (only a key bias that stays out of the rope key would cancel in softmax); the ONNX export "
+                "carries the biases exactly")
+
+
 def check_biases(model) -> None:
-    """deepseek2 has no attention biases: exact only when the ones that matter are zero."""
+    """The converted model's attention and FFN biases, as deepseek2 needs them."""
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        worst = {"q_proj": _nonzero(attn.q_proj.bias),
-                 "kv_a_proj (latent and rope key)": _nonzero(attn.kv_a_proj.bias),
-                 "v_up (value)": _nonzero(attn.v_up_bias),
-                 "o_proj": _nonzero(attn.o_proj.bias)}
-        bad = {k: v for k, v in worst.items() if v > 0}
-        if bad:
-            name, value = next(iter(bad.items()))
-            raise ValueError(
-                f"layer {i} has a nonzero {name} bias (max |b| = {value:.3g}): llama.cpp's deepseek2 has no attention "
-                "biases, so this model (Qwen2-style q/k/v biases) cannot be exported exactly (the key up-projection "
-                "bias alone would be fine: it cancels in softmax). Export the original model instead, or use "
-                "the ONNX export")
-    if getattr(model.config, "mlp_bias", False):
+        check_attention_biases(i, {"q_proj": attn.q_proj.bias, "kv_a_proj (latent and rope key)": attn.kv_a_proj.bias,
+                                   "v_up (value)": attn.v_up_bias, "o_proj": attn.o_proj.bias})
+    check_ffn(model.config)
+
+
+def check_ffn(config) -> None:
+    """deepseek2's dense FFN is SiLU(gate) * up -> down without biases."""
+    if getattr(config, "mlp_bias", False):
         raise ValueError("the MLP has biases, which llama.cpp's deepseek2 FFN does not load; cannot export exactly")
+    act = getattr(config, "hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"the FFN activation is '{act}', but llama.cpp's deepseek2 FFN is SiLU-gated")
+
+
+def check_nope_dim(nope_dim: int) -> None:
+    if nope_dim < 1:
+        raise ValueError(f"the model keeps no NoPE dims (nope_dim {nope_dim}); llama.cpp's deepseek2 needs at least "
+                         "one. Convert with fewer rope pairs")
 
 
 def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
@@ -136,9 +161,11 @@ def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
     out = {"attn_v.weight": to_numpy(attn.v_proj.weight), "attn_output.weight": to_numpy(attn.o_proj.weight)}
     biases = {"attn_q.bias": attn.q_proj.bias, "attn_k.bias": attn.k_proj.bias, "attn_v.bias": attn.v_proj.bias,
               "attn_output.bias": attn.o_proj.bias}
-    if arch == "llama":  # llama.cpp's llama uses interleaved rope; qwen2 keeps NEOX
+    if arch in ("llama", "smollm3"):  # llama.cpp's llama/smollm3 use interleaved rope; qwen2/qwen3 keep NEOX
         q, k = _permute(q, n_head), _permute(k, n_kv)
     out["attn_q.weight"], out["attn_k.weight"] = q, k
+    if arch == "qwen3":
+        out["attn_q_norm.weight"], out["attn_k_norm.weight"] = to_numpy(attn.q_norm.weight), to_numpy(attn.k_norm.weight)
     for name, b in biases.items():
         if b is None:
             continue
@@ -147,7 +174,7 @@ def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
                 raise ValueError("qwen2 in llama.cpp has no output-projection bias; cannot export exactly")
             continue
         b = to_numpy(b)
-        if arch == "llama" and name in ("attn_q.bias", "attn_k.bias"):
+        if arch in ("llama", "smollm3") and name in ("attn_q.bias", "attn_k.bias"):
             b = _permute(b, n_head if name == "attn_q.bias" else n_kv)
         out[name] = b
     return out

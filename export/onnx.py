@@ -131,10 +131,28 @@ def _np(t) -> np.ndarray | None:
     return None if t is None else t.detach().float().cpu().numpy()
 
 
-def _common(model) -> dict:
-    cfg = model.config
+def check_config(cfg) -> None:
+    """What the decoder graph cannot express, from the configuration alone (the preflight calls it too)."""
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"activation '{cfg.hidden_act}' is not supported by the ONNX export (SiLU MLPs only)")
+    if getattr(cfg, "mlp_bias", False):
+        raise ValueError("MLP biases are not supported by the ONNX export")
+
+
+def check_original(model) -> None:
+    """What the baseline (original attention, GroupQueryAttention) export cannot express."""
+    from edge_mla import families
+
+    check_config(model.config)
+    scaled = abs(float(getattr(model.model.rotary_emb, "attention_scaling", 1.0)) - 1.0) > 1e-6
+    if scaled and families.rotary_pairs(model.config) * 2 != families.head_dim(model.config):
+        raise ValueError("RoPE attention scaling with a partial rotary: the baseline's rotary table would scale the "
+                         "position-free dims too")
+
+
+def _common(model) -> dict:
+    cfg = model.config
+    check_config(cfg)
     m = model.model
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
                 eps=float(cfg.rms_norm_eps), embed=_np(m.embed_tokens.weight), final_norm=_np(m.norm.weight),
@@ -202,7 +220,10 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
 def decoder_from_original(model) -> onnx_graph.Decoder:
     from edge_mla.convert import head_dim_of
 
+    from edge_mla import families
+
     cfg = model.config
+    check_original(model)
     d = head_dim_of(cfg)
     layers = []
     for layer in model.model.layers:
@@ -210,7 +231,9 @@ def decoder_from_original(model) -> onnx_graph.Decoder:
         entry = _layer_common(layer)
         entry.update(q=_np(a.q_proj.weight), k=_np(a.k_proj.weight), v=_np(a.v_proj.weight), o=_np(a.o_proj.weight),
                      q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias),
-                     o_bias=_np(a.o_proj.bias))
+                     o_bias=_np(a.o_proj.bias), rotary=bool(getattr(a, "use_rope", True)))  # SmolLM3: NoPE layers
+        if families.has_qk_norm(model):  # Qwen3: per-head RMSNorm of q and k before RoPE
+            entry.update(q_norm=_np(a.q_norm.weight), k_norm=_np(a.k_norm.weight))
         layers.append(entry)
     rotary = model.model.rotary_emb
     return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=layers, softmax_scale=d ** -0.5,

@@ -275,6 +275,12 @@ def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
     return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
 
 
+def _head_norm(g: Graph, x: str, w: np.ndarray, eps: float, d: int, name: str) -> str:
+    """RMSNorm of every d-wide head of x [B, S, heads * d]."""
+    heads = g.op("Reshape", [x, g.const([0, 0, -1, d])])
+    return g.op("Reshape", [_rms_norm(g, heads, w, eps, name), g.const([0, 0, -1])])
+
+
 def _skip_norm(g: Graph, x: str, residual: str, w: np.ndarray, eps: float, name: str) -> tuple[str, str]:
     """(RMSNorm(x + residual), x + residual) in one com.microsoft kernel."""
     outs = [g.fresh(name + "/out"), g.fresh(name + "/sum")]
@@ -357,9 +363,14 @@ def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     b = None if layer.get("q_bias") is None else np.concatenate([layer["q_bias"], layer["k_bias"], layer["v_bias"]])
     qkv = _matmul(g, x, w, f"layers.{i}.attn.qkv", opts, b)
     q, k, v = g.op("Split", [qkv, g.const([H * d, K * d, K * d])], 3, axis=-1)
+    if layer.get("q_norm") is not None:  # per-head RMSNorm before the rotary (Qwen3)
+        q = _head_norm(g, q, layer["q_norm"], dec.eps, d, f"layers.{i}.attn.q_norm")
+        k = _head_norm(g, k, layer["k_norm"], dec.eps, d, f"layers.{i}.attn.k_norm")
     quantized = opts.kv_bits in (4, 8)
-    inputs = [q, k, v, f"past_key.{i}", f"past_value.{i}", seqlens_k, total, rope[0], rope[1]]
-    attrs = dict(num_heads=H, kv_num_heads=K, scale=float(dec.softmax_scale), do_rotary=1, local_window_size=-1)
+    rotary = layer.get("rotary", True)  # SmolLM3's NoPE layers: no rotation
+    inputs = [q, k, v, f"past_key.{i}", f"past_value.{i}", seqlens_k, total, *(rope if rotary else ("", ""))]
+    attrs = dict(num_heads=H, kv_num_heads=K, scale=float(dec.softmax_scale), do_rotary=int(rotary),
+                 local_window_size=-1)
     if quantized:
         ks, vs = opts.cache_scales[i]
         inputs += ["", "", "", g.weight(f"layers.{i}.attn.k_scale", ks.astype(np.float32)),

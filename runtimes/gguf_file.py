@@ -15,7 +15,7 @@ from edge_mla.precision import GGUF_CACHE_KEY
 QT = GGMLQuantizationType
 # Cache types llama.cpp can hold; the numbers are ggml's type ids, the same as gguf-py's.
 KV_TYPES = {"f32": QT.F32, "f16": QT.F16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
-ARCHS = ("deepseek2", "llama", "qwen2")
+ARCHS = ("deepseek2", "llama", "qwen2", "qwen3", "smollm3")
 
 class GGUFError(ValueError):
     """A GGUF that llama.cpp would refuse or run wrongly; the message names the problem."""
@@ -94,6 +94,8 @@ def _expected_llama(k: dict, arch: str, names: set) -> dict:
             b + "attn_norm.weight": (E,), b + "attn_q.weight": (E, H * dk), b + "attn_k.weight": (E, Hkv * dk),
             b + "attn_v.weight": (E, Hkv * dv), b + "attn_output.weight": (H * dv, E), b + "ffn_norm.weight": (E,),
             b + "ffn_gate.weight": (E, F), b + "ffn_up.weight": (E, F), b + "ffn_down.weight": (F, E)})
+        if arch == "qwen3":  # per-head q/k RMSNorm weights
+            shapes.update({b + "attn_q_norm.weight": (dk,), b + "attn_k_norm.weight": (dk,)})
         biases = {"attn_q.bias": H * dk, "attn_k.bias": Hkv * dk, "attn_v.bias": Hkv * dv}
         if arch == "llama":
             biases["attn_output.bias"] = E

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edge_mla.export import onnx_quant
+
 DOMAIN = "ai.edge_mla"  # the project's own ONNX domain
 MS = "com.microsoft"
 OPSET = 21  # ai.onnx; onnxruntime >= 1.20 loads it
@@ -136,64 +138,113 @@ def latent_attention_gqa() -> onnx.FunctionProto:
                    "Reference body: GroupQueryAttention with kv_num_heads=1.")
 
 
-def latent_attention_plain() -> onnx.FunctionProto:
-    """Body of plain ai.onnx ops, for a float cache on any onnxruntime: the cache grows by Concat (not in place).
+def int4_codes_table() -> np.ndarray:
+    """[256, 2]: the two signed int4 codes a cache byte holds (low nibble first, stored as code + 8)."""
+    b = np.arange(256)
+    return np.stack([(b & 15) - 8, (b >> 4) - 8], 1).astype(np.float32)
 
-    Heads are folded into rows, so one MatMul scores every head against the cache: q [B, S*H, D] x cache^T.
-    Row r = s*H + h sits at position P + s (P = cached tokens) and sees keys 0..P+s.
+
+def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
+    """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float).
+
+    The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterND at
+    positions P .. P+S-1 (P = total - S); bound to the same buffer as the past, the cache updates in place. Heads
+    are folded into rows, so one MatMul scores every head's latent query against the cached rows,
+    q [B, S*H, W] x rows^T [B, W, T], and one more takes the attended latent, probs x rows. The cache scales
+    multiply the query (and the attended latent) instead of every cached row; int4 rows are widened by one
+    table lookup. Row r = s*H + h sits at position P + s and sees keys 0 .. P+s.
+    The body is written for the model's own `kv_bits` (a model-local function: one export, one cache type).
     """
-    def const(name, **value):
-        return helper.make_node("Constant", [], [name], **value)
+    nodes: list[onnx.NodeProto] = []
 
     def node(op, inputs, output, **attrs):
-        return helper.make_node(op, inputs, [output], **attrs)
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
 
-    scale = helper.make_node("Constant", [], ["scale_v"], value_float=1.0)
+    def const(name, **value):
+        return node("Constant", [], name, **value)
+
+    scale = helper.make_node("Constant", [], ["softmax_scale"], value_float=1.0)
     scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
-    nodes = _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [
-        scale, const("zero1", value_ints=[0]), const("one1", value_ints=[1]), const("two1", value_ints=[2]),
-        const("minus1", value_ints=[-1]), const("zero0", value_int=0), const("one0", value_int=1),
-        const("neg", value_float=-1e30),
-        # present = past ++ entry, in the cache dtype; attention runs in the query's dtype
-        node("Unsqueeze", ["entry", "one1"], "entry4"),
-        node("CastLike", ["entry4", "past"], "entry4c"),
-        node("Concat", ["past", "entry4c"], "present", axis=2),  # [B, 1, P+S, D]
-        node("Squeeze", ["present", "one1"], "kv_c"),
-        node("CastLike", ["kv_c", "query"], "kv"),  # [B, T, D]
-        node("Shape", ["entry"], "entry_shape"),
-        node("Gather", ["entry_shape", "two1"], "width", axis=0),
-        node("Concat", ["zero1", "minus1", "width"], "qshape", axis=0),
-        node("Reshape", ["query", "qshape"], "q"),  # [B, S*H, D]
-        node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1]),
-        node("MatMul", ["q", "kv_t"], "raw"),
-        node("Mul", ["raw", "scale_v"], "scores"),
-        # causal mask from shapes
-        node("Shape", ["q"], "q_shape"),
-        node("Gather", ["q_shape", "one0"], "rows", axis=0),
-        node("Shape", ["past"], "past_shape"),
-        node("Gather", ["past_shape", "two1"], "p", axis=0),
-        node("Shape", ["kv"], "kv_shape"),
-        node("Gather", ["kv_shape", "one0"], "t", axis=0),
-        node("Range", ["zero0", "rows", "one0"], "r"),
-        node("Div", ["r", "heads"], "r_step"),
-        node("Add", ["r_step", "p"], "r_pos"),
-        node("Unsqueeze", ["r_pos", "one1"], "r_col"),  # [S*H, 1]
-        node("Range", ["zero0", "t", "one0"], "keys"),  # [T]
-        node("LessOrEqual", ["keys", "r_col"], "allowed"),  # [S*H, T]
-        node("Where", ["allowed", "scores", "neg"], "masked"),
-        node("Softmax", ["masked"], "probs", axis=-1),
-        node("Slice", ["kv", "zero1", "c", "two1"], "values"),  # [B, T, C]
-        node("MatMul", ["probs", "values"], "att"),  # [B, S*H, C]
-        node("Slice", ["entry_shape", "zero1", "two1"], "bs"),
-        node("Concat", ["bs", "minus1"], "oshape", axis=0),
-        node("Reshape", ["att", "oshape"], "output"),
-    ]
+    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [scale]
+    for name, v in [("zero1", [0]), ("one1", [1]), ("two1", [2]), ("minus1", [-1]), ("last1", [-1])]:
+        const(name, value_ints=v)
+    const("zero0", value_int=0), const("one0", value_int=1), const("neg", value_float=-1e30)
+    # lengths: T = total, S = new rows, P = T - S cached before them
+    const("scalar_shape", value=onnx.numpy_helper.from_array(np.zeros(0, np.int64)))
+    node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), "scalar_shape"], "t")
+    node("Shape", ["entry"], "entry_shape")
+    node("Gather", ["entry_shape", "zero0"], "b", axis=0)
+    node("Gather", ["entry_shape", "one0"], "s", axis=0)
+    node("Sub", ["t", "s"], "p")
+    # the new rows in the cache's code
+    if kv_bits:
+        node("Reshape", ["cache_scale", "last1"], "cs")  # [W]
+        node("Div", ["entry", "cs"], "scaled")
+        lo, hi = onnx_quant.CODE_RANGE[kv_bits]
+        const("lo", value_float=float(lo)), const("hi", value_float=float(hi))
+        node("Clip", [node("Round", ["scaled"], "rounded"), "lo", "hi"], "codes")
+    if kv_bits == 4:  # two codes per byte, low nibble first, stored as code + 8
+        const("pair_shape", value_ints=[0, 0, -1, 2]), const("eight", value_float=8.0)
+        const("nibbles", value_floats=[1.0, 16.0])
+        node("Reshape", [node("Add", ["codes", "eight"], "unsigned"), "pair_shape"], "pairs")
+        node("ReduceSum", [node("Mul", ["pairs", "nibbles"], "weighted"), "minus1"], "packed", keepdims=0)
+        node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
+    elif kv_bits == 8:
+        node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
+    else:
+        node("CastLike", ["entry", "past"], "rows_new")
+    # ScatterND indices [B, S, 3] = (b, 0, P + s)
+    node("Concat", [node("Unsqueeze", ["b", "zero1"], "b1"), node("Unsqueeze", ["s", "zero1"], "s1")], "bs", axis=0)
+    node("Unsqueeze", [node("Range", ["zero0", "b", "one0"], "batch_ids"), "one1"], "batch_col")  # [B, 1]
+    node("Unsqueeze", [node("Range", ["p", "t", "one0"], "positions"), "zero1"], "pos_row")  # [1, S]
+    node("Expand", ["batch_col", "bs"], "bb")
+    node("Expand", ["pos_row", "bs"], "pp")
+    node("Mul", ["bb", "zero0"], "zz")
+    node("Concat", [node("Unsqueeze", [x, "minus1"], x + "3") for x in ("bb", "zz", "pp")], "idx", axis=-1)
+    node("ScatterND", ["past", "idx", "rows_new"], "present")
+    # the T cached rows, widened to float codes (int) or values (float): [B, T, W]
+    node("Unsqueeze", ["t", "zero1"], "t1")
+    node("Slice", ["present", "zero1", "t1", "two1"], "cached")  # [B, 1, T, stored width]
+    node("Squeeze", ["cached", "one1"], "cached3")
+    if kv_bits == 4:
+        const("table", value=onnx.numpy_helper.from_array(int4_codes_table()))
+        node("Gather", ["table", node("Cast", ["cached3"], "byte_ids", to=TensorProto.INT32)], "unpacked", axis=0)
+        const("row_shape", value_ints=[0, 0, -1])
+        node("Reshape", ["unpacked", "row_shape"], "kv")
+    else:
+        node("CastLike", ["cached3", "query"], "kv")
+    # q [B, S*H, W], scaled by the softmax scale (and by the cache scales: q . (code * s) = (q * s) . code)
+    node("Shape", ["kv"], "kv_shape")
+    node("Gather", ["kv_shape", "two1"], "width", axis=0)
+    node("Concat", ["zero1", "minus1", "width"], "qshape", axis=0)
+    node("Reshape", ["query", "qshape"], "q")
+    node("Mul", ["q", "softmax_scale"], "qs")
+    if kv_bits:
+        node("Mul", ["qs", "cs"], "qs_c")
+    node("MatMul", ["qs_c" if kv_bits else "qs", node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1])], "scores")
+    # causal mask: row r (position P + r // H) sees keys 0 .. P + r // H
+    node("Shape", ["q"], "q_shape")
+    node("Gather", ["q_shape", "one0"], "rows", axis=0)
+    node("Range", ["zero0", "rows", "one0"], "r")
+    node("Add", [node("Div", ["r", "heads"], "r_step"), "p"], "r_pos")
+    node("Unsqueeze", ["r_pos", "one1"], "r_col")  # [S*H, 1]
+    node("Range", ["zero0", "t", "one0"], "keys")  # [T]
+    node("LessOrEqual", ["keys", "r_col"], "allowed")  # [S*H, T]
+    node("Where", ["allowed", "scores", "neg"], "masked")
+    node("Softmax", ["masked"], "probs", axis=-1)
+    node("MatMul", ["probs", "kv"], "att_all")  # [B, S*H, W]; the value is the latent, the first C channels
+    node("Slice", ["att_all", "zero1", "c", "two1"], "att")
+    if kv_bits:
+        node("Mul", ["att", node("Slice", ["cs", "zero1", "c", "zero1"], "cs_latent")], "att_s")
+    node("Concat", ["b1", "s1", "minus1"], "oshape", axis=0)
+    node("Reshape", ["att_s" if kv_bits else "att", "oshape"], "output")
     return helper.make_function(
         DOMAIN, "LatentAttention",
         ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
         ["output", "present"], nodes, [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
-                   "Reference body: plain ops, cache grown by Concat.")
+                   "Reference body: one MatMul of all heads against the cached rows, one against the latent.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,7 +285,7 @@ class Decoder:
 @dataclass
 class Options:
     kv_bits: int = 32
-    body: str = "gqa"  # LatentAttention body: "gqa" (in-place cache) or "plain" (float cache grown by Concat)
+    body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
 
@@ -378,13 +429,12 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
                  helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
-    past_len = "past_sequence" if opts.body == "plain" else "cache_capacity"
     for t in cache_tensors(dec, opts):
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(t["dtype"]))
-        g.inputs.append(helper.make_tensor_value_info(t["past"], elem, ["batch", t["heads"], past_len, t["width"]]))
-        present_len = "total_sequence" if opts.body == "plain" else "cache_capacity"
+        shape = ["batch", t["heads"], "cache_capacity", t["width"]]
+        g.inputs.append(helper.make_tensor_value_info(t["past"], elem, shape))
         for name in t["present"]:
-            g.outputs.append(helper.make_tensor_value_info(name, elem, ["batch", t["heads"], present_len, t["width"]]))
+            g.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     # Lengths and positions: GQA's seqlens_k = tokens so far - 1 per row, total = mask length; positions of the
     # new tokens are the last S of 0..T-1 (batch rows without left padding).
@@ -432,6 +482,8 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     functions = []
     if dec.kind == "mla":
         opsets.append(helper.make_opsetid(DOMAIN, 1))
-        functions.append(latent_attention_gqa() if opts.body == "gqa" else latent_attention_plain())
+        quantized = opts.kv_bits in (4, 8)
+        functions.append(latent_attention_gqa() if opts.body == "gqa" else
+                         latent_attention_matmul(opts.kv_bits if quantized else 0))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

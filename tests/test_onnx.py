@@ -72,7 +72,7 @@ def onnx_greedy(folder, ids: torch.Tensor, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("kind,body", [("llama-gqa", "gqa"), ("qwen2", "gqa"), ("llama-mha", "gqa"), ("llama-bias", "gqa"),
-                                       ("llama-gqa", "plain"), ("qwen2", "plain")])
+                                       ("llama-gqa", "matmul"), ("qwen2", "matmul"), ("llama-bias", "matmul")])
 def test_float_export_equals_pytorch(tmp_path, kind, body):
     model = converted(kind)
     folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
@@ -217,7 +217,6 @@ def test_runner_imports_neither_torch_nor_the_converter():
     (["--weight-bits", 3], "--weight-bits 3 is not supported"),
     (["--kv-bits", 2], "--kv-bits 2 is not supported"),
     (["--block-size", 24], "power of two"),
-    (["--attention", "plain", "--kv-bits", 4], "float cache only"),
 ])
 def test_unsupported_settings_are_refused(capsys, tmp_path, converted_dir, args, message):
     out = tmp_path / "onnx"

@@ -169,6 +169,39 @@ def test_quantized_exports_run_and_stay_close(tmp_path, mla_model, text_file, we
         assert types["MatMulNBits"] == 4 * mla_model.config.num_hidden_layers + 1 and types["GatherBlockQuantized"] == 1
 
 
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
+    """Both LatentAttention bodies over the same quantized cache: the same codes in the buffer, the same logits
+    in one prefill, in chunks and token by token."""
+    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64)
+    folders = {body: export(mla_model, tmp_path / body, body=body, **common) for body in ("gqa", "matmul")}
+    ids = prompt()[0].numpy()
+    got = {}
+    for body, folder in folders.items():
+        decoder = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=7)
+        logits = [decoder.forward(ids[:20], keep=20)] + [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))]
+        got[body] = np.concatenate(logits), decoder.buffers["past.1"].numpy()[0, 0, :len(ids)]
+    assert np.abs(got["matmul"][0] - got["gqa"][0]).max() < 1e-3
+    same = np.mean(got["matmul"][1] == got["gqa"][1])
+    assert same > 0.999, same  # the same codes in the buffer (a rounding tie may go the other way)
+
+
+@pytest.mark.parametrize("body", ["gqa", "matmul"])
+def test_chunked_prefill_equals_one_piece(tmp_path, mla_model, body):
+    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
+    ids = prompt()[0].numpy()
+    whole = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=0)
+    chunked = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=6)  # 6 does not divide the prompt
+    for keep in (len(ids), 9, 1):
+        whole.reset(64), chunked.reset(64)
+        a, b = whole.forward(ids, keep=keep), chunked.forward(ids, keep=keep)
+        assert a.shape == b.shape == (keep, VOCAB) and np.abs(a - b).max() < 1e-4
+    cache = [d.buffers["past.1"].numpy()[:, :, :len(ids)] for d in (whole, chunked)]
+    assert np.abs(cache[0] - cache[1]).max() < 1e-4
+    token = np.array([int(a[-1].argmax())])
+    assert np.abs(whole.forward(token) - chunked.forward(token)).max() < 1e-4
+
+
 def test_cache_is_one_buffer_updated_in_place(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     decoder = OnnxDecoder(folder, threads=1, context=32)

@@ -136,9 +136,10 @@ def _common(model) -> dict:
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"activation '{cfg.hidden_act}' is not supported by the ONNX export (SiLU MLPs only)")
     m = model.model
+    embed, lm_head = _np(m.embed_tokens.weight), _np(model.lm_head.weight)
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-                eps=float(cfg.rms_norm_eps), embed=_np(m.embed_tokens.weight), final_norm=_np(m.norm.weight),
-                lm_head=_np(model.lm_head.weight), max_positions=int(cfg.max_position_embeddings))
+                eps=float(cfg.rms_norm_eps), embed=embed, final_norm=_np(m.norm.weight), lm_head=lm_head,
+                tied=bool(np.array_equal(embed, lm_head)), max_positions=int(cfg.max_position_embeddings))
 
 
 def _layer_common(layer) -> dict:
@@ -357,7 +358,9 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     if body != "gqa" and dec.kind != "mla":
         raise ValueError(f"--attention {body} applies to MLA models; the baseline always uses GroupQueryAttention")
 
-    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16)
+    quantized = weight_bits in (4, 8)
+    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
+                              tie_head=dec.tied and not quantized)
     calib = None
     if kv_bits in (4, 8):
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
@@ -367,15 +370,19 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                  "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
     proto = onnx_graph.build_model(dec, opts)
     weights = {"bits": weight_bits, "calib": calib}
-    if weight_bits in (4, 8):
+    shared = dec.tied and (not quantized or symmetric)
+    if quantized:
         weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
         proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits,
-                                            weight_method)
+                                            weight_method, share_embedding=shared)
+        head = head_bits or weight_bits
         weights.update(format="MatMulNBits", method=weight_method, block_size=block_size, symmetric=symmetric,
-                       accuracy_level=accuracy_level, head_bits=head_bits or weight_bits,
-                       embedding="GatherBlockQuantized int4" if weight_bits == 4 else "float16")
+                       accuracy_level=accuracy_level, head_bits=head,
+                       embedding=f"the output head's int{head} table (GatherBlockQuantized)" if shared else
+                       "GatherBlockQuantized int4" if weight_bits == 4 else "float32")
     else:
-        weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32")
+        weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32",
+                       embedding="shared with the output head" if shared else "separate")
     mla = getattr(model.config, "mla", None)
     source = mla.get("source") if mla else str(model_dir)  # a converted folder may be a deleted staging path
     meta = metadata(dec, opts, model, tokenizer, weights, source)

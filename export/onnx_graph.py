@@ -262,6 +262,7 @@ class Decoder:
     embed: np.ndarray  # [V, E]
     final_norm: np.ndarray
     lm_head: np.ndarray  # [V, E]
+    tied: bool = False  # lm_head is the embedding table: stored once
     layers: list[dict] = field(default_factory=list)
     softmax_scale: float = 1.0
     rope_scaling: float = 1.0  # factor on cos and sin
@@ -288,6 +289,9 @@ class Options:
     body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
+    # a tied head reads the embedding initializer (float weights); quantized exports keep a separate head here and
+    # share one quantized table after quantization (onnx_quant.share_embedding)
+    tie_head: bool = False
 
 
 def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
@@ -473,7 +477,12 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     # logits only for the last `logits_to_keep` positions (1 when generating; S for perplexity)
     keep = g.op("Neg", [g.op("Unsqueeze", ["logits_to_keep", g.const([0])])])
     h = g.op("Slice", [h, keep, g.const([np.iinfo(np.int64).max]), g.const([1])])
-    g.op("Identity", [_matmul(g, h, dec.lm_head, "lm_head", opts)], ["logits"])
+    if dec.tied and opts.tie_head:  # logits = h E^T over the embedding initializer (onnxruntime folds the Transpose)
+        table = g.op("Cast", [embed], to=TensorProto.FLOAT) if opts.fp16_weights else embed
+        head = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])], name="lm_head")
+    else:
+        head = _matmul(g, h, dec.lm_head, "lm_head", opts)
+    g.op("Identity", [head], ["logits"])
     g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", V]))
 
     graph = helper.make_graph(g.nodes, "edge_mla_decoder", g.inputs, g.outputs, g.initializers,

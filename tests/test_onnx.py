@@ -202,6 +202,52 @@ def test_chunked_prefill_equals_one_piece(tmp_path, mla_model, body):
     assert np.abs(whole.forward(token) - chunked.forward(token)).max() < 1e-4
 
 
+def tied(model):
+    """The tiny model with its output head tied to the embedding, as SmolLM2's is."""
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return model
+
+
+def initializer_shapes(folder) -> list[tuple]:
+    return [tuple(t.dims) for t in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer]
+
+
+@pytest.mark.parametrize("body", ["gqa", "matmul"])
+def test_tied_embedding_is_stored_once_and_exact(tmp_path, body):
+    model = tied(converted("llama-gqa"))
+    folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
+    hidden = model.config.hidden_size
+    shapes = initializer_shapes(folder)
+    assert (hidden, VOCAB) not in shapes and (VOCAB, hidden) in shapes  # the head reads the embedding transposed
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    got = OnnxDecoder(folder, threads=1, context=64).forward(ids[0].numpy(), keep=ids.shape[1])
+    assert np.abs(got - expected).max() < 1e-3
+
+
+@needs_quantizer
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_tied_embedding_shares_the_quantized_head_table(tmp_path, text_file, head_bits):
+    model = tied(converted("llama-gqa"))
+    folder = export(model, tmp_path / "onnx", weight_bits=4, kv_bits=4, head_bits=head_bits,
+                    calib_text=str(text_file), calib_windows=4, calib_length=64)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
+    assert gather.input[0] == head.input[1]  # one packed table
+    assert not any(n.op_type == "Gather" and n.name == "embed_tokens" for n in graph.node)
+    assert not any(t.name == "embed_tokens.weight" for t in graph.initializer)
+    ids = prompt()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).logits[0], -1).numpy()
+    got = OnnxDecoder(folder, threads=1, context=64).forward(ids[0].numpy(), keep=ids.shape[1])
+    got = got - got.max(-1, keepdims=True)
+    got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.8  # "the same model, quantized"
+
+
 def test_cache_is_one_buffer_updated_in_place(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     decoder = OnnxDecoder(folder, threads=1, context=32)

@@ -360,7 +360,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
 
     quantized = weight_bits in (4, 8)
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
-                              tie_head=dec.tied and not quantized)
+                              tie_head=dec.tied and not quantized, up_bits=weight_bits, block_size=block_size)
     calib = None
     if kv_bits in (4, 8):
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it

@@ -292,6 +292,8 @@ class Options:
     # a tied head reads the embedding initializer (float weights); quantized exports keep a separate head here and
     # share one quantized table after quantization (onnx_quant.share_embedding)
     tie_head: bool = False
+    up_bits: int = 32  # MLA k_up / v_up: 4 or 8 (blocks of block_size), 16 or 32 (float)
+    block_size: int = 32
 
 
 def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
@@ -321,6 +323,35 @@ def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.
     if bias is not None:
         y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))], name=name + "/bias")
     return y
+
+
+def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
+    """A per-group up-projection [G, K, M] (x [.., K] @ w[g]) at the weights' precision: int4/int8 blocks of
+    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only);
+    fp16 through a Cast; onnxruntime folds either into a float constant at load (the runner asks it to fold
+    DequantizeLinear too)."""
+    w = w.astype(np.float32)
+    if opts.up_bits == 16:
+        return g.op("Cast", [g.weight(name, w.astype(np.float16))], to=TensorProto.FLOAT, name=name + "/cast")
+    if opts.up_bits not in (4, 8):
+        return g.weight(name, w)
+    G, K, M = w.shape
+    bs = opts.block_size
+    blocks = -(-K // bs)
+    padded = np.pad(w, ((0, 0), (0, blocks * bs - K), (0, 0))).reshape(G, blocks, bs, M)
+    lo, hi = onnx_quant.CODE_RANGE[opts.up_bits]
+    scale = np.abs(padded).max(2) / hi  # [G, blocks, M]
+    scale[scale == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
+    codes = np.clip(np.rint(padded / scale[:, :, None]), lo, hi).astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
+    if opts.up_bits == 4:  # two per byte, low nibble first
+        flat = np.append(codes.ravel(), np.int8(0)) if codes.size % 2 else codes.ravel()
+        raw = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()
+        tensor = helper.make_tensor(name + ".codes", TensorProto.INT4, codes.shape, raw, raw=True)
+    else:
+        tensor = onnx.numpy_helper.from_array(codes, name + ".codes")
+    g.initializers.append(tensor)
+    return g.op("DequantizeLinear", [tensor.name, g.weight(name + ".scales", scale.astype(np.float32))],
+                axis=1, block_size=bs, name=name + "/dequantize")
 
 
 def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
@@ -379,7 +410,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
-    q_lat = g.op("MatMul", [grouped, g.weight(f"layers.{i}.attn.k_up", layer["k_up"])], name=f"layers.{i}.attn.absorb_k")
+    q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],
+                 name=f"layers.{i}.attn.absorb_k")
     q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, H, R])])
     query = g.op("Concat", [g.op("Reshape", [q_lat, g.const([0, 0, H, C])]), q_rope], axis=-1)
     query = g.op("Reshape", [query, g.const([0, 0, H * (C + R)])])
@@ -398,7 +430,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
     att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
     v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
-    out = g.op("MatMul", [att, g.weight(f"layers.{i}.attn.v_up", v_up_t)], name=f"layers.{i}.attn.absorb_v")
+    out = g.op("MatMul", [att, _up_projection(g, f"layers.{i}.attn.v_up", v_up_t, opts)],
+               name=f"layers.{i}.attn.absorb_v")
     if layer.get("v_up_bias") is not None:
         out = g.op("Add", [out, g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
     out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])

@@ -56,6 +56,8 @@ class OnnxDecoder:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # fold DequantizeLinear of constants (the int4/int8 MLA up-projections) into float weights once, at load
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(self.folder / self.meta["model"]), options,
                                             providers=["CPUExecutionProvider"])
         self.cache = self.meta["cache"]

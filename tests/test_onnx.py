@@ -248,6 +248,34 @@ def test_tied_embedding_shares_the_quantized_head_table(tmp_path, text_file, hea
     assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.8  # "the same model, quantized"
 
 
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_up_projections_are_stored_at_the_weight_bits(bits):
+    """k_up / v_up through DequantizeLinear: onnxruntime gives back exactly the block-quantized weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edge_mla.export import onnx_graph
+
+    w = np.random.default_rng(0).standard_normal((3, 40, 24)).astype(np.float32)  # K = 40: a partial last block
+    g = onnx_graph.Graph()
+    out = onnx_graph._up_projection(g, "w", w, onnx_graph.Options(up_bits=bits, block_size=32))
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "t", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                          g.initializers), opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    if bits == 16:
+        expected = w.astype(np.float16).astype(np.float32)
+    else:
+        hi = 2 ** (bits - 1) - 1
+        expected = np.empty_like(w)
+        for start in (0, 32):
+            block = w[:, start:start + 32]
+            scale = np.abs(block).max(1, keepdims=True) / hi
+            expected[:, start:start + 32] = np.clip(np.rint(block / scale), -hi - 1, hi) * scale
+    assert np.abs(got - expected).max() < 1e-6
+    assert np.abs(got - w).max() < {4: 0.5, 8: 0.05, 16: 0.01}[bits]
+
+
 def test_cache_is_one_buffer_updated_in_place(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     decoder = OnnxDecoder(folder, threads=1, context=32)

@@ -25,15 +25,17 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, symmetr
     # the quantizer logs one INFO line per weight; keep the export quiet
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    done = [name for name in matmuls if ".absorb_" in name]
-    passes = []  # (bits, op types, nodes to include, RTN or HQQ)
-    if head_bits and head_bits != bits:
-        passes.append((head_bits, ("MatMul",), ["lm_head"], "rtn"))
-        done.append("lm_head")
+    absorbed = [name for name in matmuls if ".absorb_" in name]
+    # Each pass names the nodes it must leave alone: the quantizer takes a node that is in nodes_to_include OR
+    # of a listed op type, so an include list alone would quantize every MatMul in the head's pass.
+    passes = []  # (bits, op types, nodes to exclude, RTN or HQQ)
+    head_apart = bool(head_bits and head_bits != bits)
+    if head_apart:
+        passes.append((head_bits, ("MatMul",), [m for m in matmuls if m != "lm_head"], "rtn"))
     if bits == 4 and not share_embedding:
-        passes.append((4, ("Gather",), None, "rtn"))
-    passes.append((bits, ("MatMul",), [m for m in matmuls if m not in done], method))
-    for nbits, op_types, include, algo in passes:
+        passes.append((4, ("Gather",), [], "rtn"))
+    passes.append((bits, ("MatMul",), absorbed + (["lm_head"] if head_apart else []), method))
+    for nbits, op_types, exclude, algo in passes:
         if algo == "hqq":
             config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=nbits, op_types_to_quantize=op_types)
         else:
@@ -41,7 +43,7 @@ def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, symmetr
                                                     accuracy_level=accuracy_level, bits=nbits,
                                                     op_types_to_quantize=op_types)
         quantizer = q.MatMulNBitsQuantizer(model, bits=nbits, block_size=block_size, is_symmetric=symmetric,
-                                           accuracy_level=accuracy_level, nodes_to_include=include,
+                                           accuracy_level=accuracy_level, nodes_to_exclude=exclude,
                                            op_types_to_quantize=op_types, algo_config=config)
         quantizer.process()
         model = quantizer.model.model

@@ -237,6 +237,10 @@ def test_tied_embedding_shares_the_quantized_head_table(tmp_path, text_file, hea
     gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
     head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
     assert gather.input[0] == head.input[1]  # one packed table
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert bits.pop(head.name) == bits.pop(gather.name) == head_bits
+    assert set(bits.values()) == {4} and len(bits) == 4 * model.config.num_hidden_layers  # the rest at 4 bits
     assert not any(n.op_type == "Gather" and n.name == "embed_tokens" for n in graph.node)
     assert not any(t.name == "embed_tokens.weight" for t in graph.initializer)
     ids = prompt()

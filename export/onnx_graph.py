@@ -292,7 +292,7 @@ class Options:
     # a tied head reads the embedding initializer (float weights); quantized exports keep a separate head here and
     # share one quantized table after quantization (onnx_quant.share_embedding)
     tie_head: bool = False
-    up_bits: int = 32  # MLA k_up / v_up: 4 or 8 (blocks of block_size), 16 or 32 (float)
+    up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
     block_size: int = 32
 
 

@@ -132,7 +132,7 @@ def main() -> int:
     p.add_argument("--kv-bits", type=int, default=4, help="cache bits of both exports (the build's --kv-bits)")
     p.add_argument("--original-kv-bits", type=int, default=None, help="the original's cache bits, if not --kv-bits")
     p.add_argument("--bodies", nargs="+", default=["gqa", "matmul"], help="LatentAttention bodies to measure")
-    p.add_argument("--prefill-chunk", type=int, default=256, help="prompt tokens per run (0: one piece)")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per run (0: one piece)")
     p.add_argument("--source", default="smollm2-135m", help="the original model it was converted from")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "edge_mla_onnx_bench"))
     p.add_argument("--reexport", action="store_true")

@@ -138,21 +138,20 @@ def latent_attention_gqa() -> onnx.FunctionProto:
                    "Reference body: GroupQueryAttention with kv_num_heads=1.")
 
 
-def int4_codes_table() -> np.ndarray:
-    """[256, 2]: the two signed int4 codes a cache byte holds (low nibble first, stored as code + 8)."""
-    b = np.arange(256)
-    return np.stack([(b & 15) - 8, (b >> 4) - 8], 1).astype(np.float32)
-
-
 def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
     """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float).
 
-    The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterND at
-    positions P .. P+S-1 (P = total - S); bound to the same buffer as the past, the cache updates in place. Heads
-    are folded into rows, so one MatMul scores every head's latent query against the cached rows,
-    q [B, S*H, W] x rows^T [B, W, T], and one more takes the attended latent, probs x rows. The cache scales
-    multiply the query (and the attended latent) instead of every cached row; int4 rows are widened by one
-    table lookup. Row r = s*H + h sits at position P + s and sees keys 0 .. P+s.
+    The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterElements
+    at positions P .. P+S-1 (P = total - S); bound to the same buffer as the past, the cache updates in place.
+    Heads are folded into rows, so one MatMul scores every head's latent query against the cached rows,
+    q [B, S*H, W] x rows^T [B, W, T], and one more takes the attended latent, probs x rows. The cached codes are
+    never scaled: the scales multiply the query and the attended latent instead (q . (code * s) = (q * s) . code).
+    An int4 cache is read as its bytes x = lo + 16 hi and their high nibbles hi (float): for the query's even
+    (low-nibble) channels q_e and odd ones q_o, q . code = q_e . x + (q_o - 16 q_e) . hi, and the attended
+    nibbles are probs x x - 16 probs x hi (low) and probs x hi (high). The +8 of the stored nibbles shifts every
+    score of a row by the same amount (softmax ignores it) and the attended latent by exactly 8 (the weights sum
+    to one). No per-element unpacking: onnxruntime's Gather, Floor and Concat on the cache were much slower.
+    Row r = s*H + h sits at position P + s and sees keys 0 .. P+s.
     The body is written for the model's own `kv_bits` (a model-local function: one export, one cache type).
     """
     nodes: list[onnx.NodeProto] = []
@@ -166,24 +165,27 @@ def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
 
     scale = helper.make_node("Constant", [], ["softmax_scale"], value_float=1.0)
     scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
-    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [scale]
-    for name, v in [("zero1", [0]), ("one1", [1]), ("two1", [2]), ("minus1", [-1]), ("last1", [-1])]:
+    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + _attr_vector("r", "rope_dim")
+    nodes.append(scale)
+    for name, v in [("zero1", [0]), ("one1", [1]), ("two1", [2]), ("minus1", [-1])]:
         const(name, value_ints=v)
-    const("zero0", value_int=0), const("one0", value_int=1), const("neg", value_float=-1e30)
-    # lengths: T = total, S = new rows, P = T - S cached before them
+    const("zero0", value_int=0), const("one0", value_int=1), const("two0", value_int=2), const("neg", value_float=-1e30)
     const("scalar_shape", value=onnx.numpy_helper.from_array(np.zeros(0, np.int64)))
+    # widths from the attributes (constants: onnxruntime folds these at load)
+    node("Add", ["c", "r"], "w")
+    node("Concat", ["zero1", "minus1", "w"], "qshape", axis=0)
+    node("Concat", ["zero1", "minus1", node("Mul", ["heads", "c"], "hc")], "oshape", axis=0)
+    # lengths: T = total, S = new rows, P = T - S cached before them
     node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), "scalar_shape"], "t")
-    node("Shape", ["entry"], "entry_shape")
-    node("Gather", ["entry_shape", "zero0"], "b", axis=0)
-    node("Gather", ["entry_shape", "one0"], "s", axis=0)
+    node("Gather", [node("Shape", ["entry"], "entry_shape"), "one0"], "s", axis=0)
     node("Sub", ["t", "s"], "p")
-    # the new rows in the cache's code
+    # the new rows in the cache's code, [B, 1, S, stored width]
     if kv_bits:
-        node("Reshape", ["cache_scale", "last1"], "cs")  # [W]
-        node("Div", ["entry", "cs"], "scaled")
+        node("Reshape", ["cache_scale", "minus1"], "cs")  # [W]
         lo, hi = onnx_quant.CODE_RANGE[kv_bits]
-        const("lo", value_float=float(lo)), const("hi", value_float=float(hi))
-        node("Clip", [node("Round", ["scaled"], "rounded"), "lo", "hi"], "codes")
+        const("code_min", value_float=float(lo)), const("code_max", value_float=float(hi))
+        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"), "code_min", "code_max"],
+             "codes")
     if kv_bits == 4:  # two codes per byte, low nibble first, stored as code + 8
         const("pair_shape", value_ints=[0, 0, -1, 2]), const("eight", value_float=8.0)
         const("nibbles", value_floats=[1.0, 16.0])
@@ -194,50 +196,58 @@ def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
         node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
     else:
         node("CastLike", ["entry", "past"], "rows_new")
-    # ScatterND indices [B, S, 3] = (b, 0, P + s)
-    node("Concat", [node("Unsqueeze", ["b", "zero1"], "b1"), node("Unsqueeze", ["s", "zero1"], "s1")], "bs", axis=0)
-    node("Unsqueeze", [node("Range", ["zero0", "b", "one0"], "batch_ids"), "one1"], "batch_col")  # [B, 1]
-    node("Unsqueeze", [node("Range", ["p", "t", "one0"], "positions"), "zero1"], "pos_row")  # [1, S]
-    node("Expand", ["batch_col", "bs"], "bb")
-    node("Expand", ["pos_row", "bs"], "pp")
-    node("Mul", ["bb", "zero0"], "zz")
-    node("Concat", [node("Unsqueeze", [x, "minus1"], x + "3") for x in ("bb", "zz", "pp")], "idx", axis=-1)
-    node("ScatterND", ["past", "idx", "rows_new"], "present")
-    # the T cached rows, widened to float codes (int) or values (float): [B, T, W]
-    node("Unsqueeze", ["t", "zero1"], "t1")
-    node("Slice", ["present", "zero1", "t1", "two1"], "cached")  # [B, 1, T, stored width]
+    node("Unsqueeze", ["rows_new", "one1"], "rows_new4")
+    const("column", value_ints=[1, 1, -1, 1])
+    node("Reshape", [node("Range", ["p", "t", "one0"], "positions"), "column"], "positions4")
+    node("Expand", ["positions4", node("Shape", ["rows_new4"], "rows_shape")], "idx")
+    node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
+    # the T cached rows as float codes (int) or values (float): [B, T, W]
+    node("Slice", ["present", "zero1", node("Unsqueeze", ["t", "zero1"], "t1"), "two1"], "cached")
     node("Squeeze", ["cached", "one1"], "cached3")
-    if kv_bits == 4:
-        const("table", value=onnx.numpy_helper.from_array(int4_codes_table()))
-        node("Gather", ["table", node("Cast", ["cached3"], "byte_ids", to=TensorProto.INT32)], "unpacked", axis=0)
-        const("row_shape", value_ints=[0, 0, -1])
-        node("Reshape", ["unpacked", "row_shape"], "kv")
+    if kv_bits == 4:  # bytes x [B, T, W/2] and their high nibbles
+        const("four", value=onnx.numpy_helper.from_array(np.array(4, np.uint8))), const("sixteen", value_float=16.0)
+        node("Cast", ["cached3"], "x", to=TensorProto.FLOAT)
+        node("Cast", [node("BitShift", ["cached3", "four"], "high", direction="RIGHT")], "x_hi", to=TensorProto.FLOAT)
+    elif kv_bits == 8:
+        node("Cast", ["cached3"], "kv", to=TensorProto.FLOAT)
     else:
         node("CastLike", ["cached3", "query"], "kv")
-    # q [B, S*H, W], scaled by the softmax scale (and by the cache scales: q . (code * s) = (q * s) . code)
-    node("Shape", ["kv"], "kv_shape")
-    node("Gather", ["kv_shape", "two1"], "width", axis=0)
-    node("Concat", ["zero1", "minus1", "width"], "qshape", axis=0)
+    # q [B, S*H, W] x the softmax scale (x the cache scales), in the cache's channel order
     node("Reshape", ["query", "qshape"], "q")
-    node("Mul", ["q", "softmax_scale"], "qs")
-    if kv_bits:
-        node("Mul", ["qs", "cs"], "qs_c")
-    node("MatMul", ["qs_c" if kv_bits else "qs", node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1])], "scores")
+    if kv_bits:  # (a product of constants, folded at load)
+        node("Mul", ["q", node("Mul", ["cs", "softmax_scale"], "cs_scaled")], "qs_c")
+    else:
+        node("Mul", ["q", "softmax_scale"], "qs")
+    if kv_bits == 4:  # scores = q_e . x + (q_o - 16 q_e) . hi
+        const("big", value_ints=[1 << 62])
+        node("Slice", ["qs_c", "zero1", "big", "minus1", "two1"], "q_e")  # channels 0, 2, 4, ..
+        node("Slice", ["qs_c", "one1", "big", "minus1", "two1"], "q_o")  # channels 1, 3, 5, ..
+        node("Sub", ["q_o", node("Mul", ["q_e", "sixteen"], "q_e16")], "q_hi")
+        node("Add", [node("MatMul", ["q_e", node("Transpose", ["x"], "x_t", perm=[0, 2, 1])], "scores_x"),
+                     node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 2, 1])], "scores_hi")],
+             "scores")
+    else:
+        q_final = "qs_c" if kv_bits else "qs"
+        node("MatMul", [q_final, node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1])], "scores")
     # causal mask: row r (position P + r // H) sees keys 0 .. P + r // H
-    node("Shape", ["q"], "q_shape")
-    node("Gather", ["q_shape", "one0"], "rows", axis=0)
-    node("Range", ["zero0", "rows", "one0"], "r")
-    node("Add", [node("Div", ["r", "heads"], "r_step"), "p"], "r_pos")
-    node("Unsqueeze", ["r_pos", "one1"], "r_col")  # [S*H, 1]
-    node("Range", ["zero0", "t", "one0"], "keys")  # [T]
-    node("LessOrEqual", ["keys", "r_col"], "allowed")  # [S*H, T]
-    node("Where", ["allowed", "scores", "neg"], "masked")
-    node("Softmax", ["masked"], "probs", axis=-1)
-    node("MatMul", ["probs", "kv"], "att_all")  # [B, S*H, W]; the value is the latent, the first C channels
-    node("Slice", ["att_all", "zero1", "c", "two1"], "att")
+    node("Gather", [node("Shape", ["q"], "q_shape"), "one0"], "rows", axis=0)
+    node("Add", [node("Div", [node("Range", ["zero0", "rows", "one0"], "row_ids"), "heads"], "r_step"), "p"], "r_pos")
+    node("LessOrEqual", [node("Range", ["zero0", "t", "one0"], "keys"), node("Unsqueeze", ["r_pos", "one1"], "r_col")],
+         "allowed")  # [S*H, T]
+    node("Softmax", [node("Where", ["allowed", "scores", "neg"], "masked")], "probs", axis=-1)
+    if kv_bits == 4:  # attended nibbles: low = probs x x - 16 probs x hi, high = probs x hi; interleaved again
+        node("MatMul", ["probs", "x_hi"], "att_hi")
+        node("Sub", [node("MatMul", ["probs", "x"], "att_x"), node("Mul", ["att_hi", "sixteen"], "att_hi16")],
+             "att_lo")
+        node("Concat", [node("Unsqueeze", ["att_lo", "minus1"], "att_lo4"),
+                        node("Unsqueeze", ["att_hi", "minus1"], "att_hi4")], "att_pairs", axis=-1)
+        node("Reshape", ["att_pairs", "qshape"], "att_all")  # [B, S*H, W] codes + 8
+        node("Sub", [node("Slice", ["att_all", "zero1", "c", "two1"], "att_c8"), "eight"], "att")
+    else:
+        node("MatMul", ["probs", "kv"], "att_all")  # [B, S*H, W]; the value is the latent, the first C channels
+        node("Slice", ["att_all", "zero1", "c", "two1"], "att")
     if kv_bits:
         node("Mul", ["att", node("Slice", ["cs", "zero1", "c", "zero1"], "cs_latent")], "att_s")
-    node("Concat", ["b1", "s1", "minus1"], "oshape", axis=0)
     node("Reshape", ["att_s" if kv_bits else "att", "oshape"], "output")
     return helper.make_function(
         DOMAIN, "LatentAttention",

@@ -34,7 +34,7 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
-PREFILL_CHUNK = 256  # prompt tokens per run: attention scratch grows with chunk x context, not prompt x context
+PREFILL_CHUNK = 128  # prompt tokens per run: attention scratch grows with chunk x context, not prompt x context
 
 
 class OnnxDecoder:

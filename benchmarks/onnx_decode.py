@@ -1,10 +1,11 @@
-"""Decode speed, peak memory, file size and perplexity of the MLA ONNX export (int4 weights, int4 latent cache)
-against the original model exported int4 the way onnxruntime-genai's model builder does it (MatMulNBits int4
-symmetric, block 32, accuracy level 4, int4 embedding, GroupQueryAttention with its own rotary, fp32 K/V cache),
-both run by the same runner (runtimes/onnxruntime.py), interleaved in one run.
+"""Decode and prefill speed, peak memory, file size (and optionally perplexity) of the MLA ONNX export, with each
+LatentAttention body, against the original model exported by the same exporter at the same bits (what
+`edge-mla build` compares: int4 MatMulNBits weights, 8-bit tied head/embedding table, int4 cache; the original
+runs GroupQueryAttention with its own rotary over K and V caches), all run by the same runner
+(runtimes/onnxruntime.py, chunked prefill), interleaved in one run.
 
-    edge-mla convert --out /tmp/m1                      # the CLI's default conversion of SmolLM2-135M
-    python benchmarks/onnx_decode.py --mla /tmp/m1 --work /tmp/onnx_bench
+    edge-mla build --device rpi5 --bits 4 -o /tmp/build      # or any `edge-mla convert` folder as --mla
+    python benchmarks/onnx_decode.py --mla /tmp/build/mla --work /tmp/onnx_bench
 
 Each speed measurement is a fresh process that imports only the runner (so peak RSS is the runtime's own):
 it prefills CTX tokens of held-out text, then times NEW greedy decode steps.
@@ -34,14 +35,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def child(folder: str, ids_file: str, context: int, new: int, threads: int) -> None:
+def child(folder: str, ids_file: str, context: int, new: int, threads: int, chunk: int) -> None:
     """One measurement, in its own process: prints a JSON line."""
     import numpy as np
 
     from edge_mla.runtimes.onnxruntime import OnnxDecoder
 
     ids = np.load(ids_file)[:context]
-    decoder = OnnxDecoder(folder, threads=threads, context=context + new)
+    decoder = OnnxDecoder(folder, threads=threads, context=context + new, prefill_chunk=chunk)
     t0 = time.perf_counter()
     logits = decoder.forward(ids)
     prefill = time.perf_counter() - t0
@@ -56,8 +57,8 @@ def child(folder: str, ids_file: str, context: int, new: int, threads: int) -> N
                       "cache_bytes_used": used, "cache_bytes_allocated": allocated}))
 
 
-def measure(folder: Path, ids_file: str, context: int, new: int, threads: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(folder), ids_file, str(context), str(new), str(threads)]
+def measure(folder: Path, ids_file: str, context: int, new: int, threads: int, chunk: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", str(folder), ids_file, str(context), str(new), str(threads), str(chunk)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
@@ -69,15 +70,21 @@ def folder_size(folder: Path) -> int:
 
 
 def exports(args) -> dict[str, Path]:
+    """MLA with each body, then the original: the settings `edge-mla build --bits B --kv-bits K` exports."""
+    from edge_mla import precision
     from edge_mla.export.onnx import export
 
     work = Path(args.work)
-    folders = {"mla": work / "mla_int4_kv4", "baseline": work / "original_int4_kv32"}
-    if not folders["mla"].exists() or args.reexport:  # the CLI defaults for --weight-bits 4
-        export(args.mla, folders["mla"], weight_bits=4, kv_bits=4, overwrite=True)
-    if not folders["baseline"].exists() or args.reexport:
-        export(args.source, folders["baseline"], weight_bits=4, kv_bits=32, weight_method="rtn", original=True,
-               overwrite=True)
+    common = dict(weight_bits=args.bits, kv_bits=args.kv_bits, head_bits=precision.head_bits(args.bits),
+                  overwrite=True)
+    folders = {}
+    for body in args.bodies:
+        folders[f"mla_{body}"] = work / f"mla_{body}_w{args.bits}_kv{args.kv_bits}"
+        if not folders[f"mla_{body}"].exists() or args.reexport:
+            export(args.mla, folders[f"mla_{body}"], body=body, **common)
+    folders["original"] = work / f"original_w{args.bits}_kv{args.original_kv_bits or args.kv_bits}"
+    if not folders["original"].exists() or args.reexport:
+        export(args.source, folders["original"], original=True, **(common | {"kv_bits": args.original_kv_bits or args.kv_bits}))
     return folders
 
 
@@ -101,33 +108,40 @@ def perplexities(args, folders: dict[str, Path]) -> dict:
 
 
 def table(result: dict) -> str:
-    rows = ["| context | MLA decode tok/s | original decode tok/s | ratio | MLA prefill tok/s | original prefill "
-            "tok/s | MLA peak RSS MB | original peak RSS MB | MLA cache MB | original cache MB |",
-            "|---|---|---|---|---|---|---|---|---|---|"]
+    """One row per context and MLA body: its figures, the original's, and the ratios (MLA / original)."""
+    rows = ["| context | export | decode tok/s | x original | prefill tok/s | x original | peak RSS MB | x original "
+            "| cache MB |", "|---|---|---|---|---|---|---|---|---|"]
     for ctx, r in result["contexts"].items():
-        m, b = r["mla"], r["baseline"]
-        rows.append(f"| {ctx} | {m['decode_tok_s']:.1f} | {b['decode_tok_s']:.1f} | {r['decode_ratio']:.2f} | "
-                    f"{m['prefill_tok_s']:.0f} | {b['prefill_tok_s']:.0f} | {m['peak_rss_mb']:.0f} | "
-                    f"{b['peak_rss_mb']:.0f} | {m['cache_bytes_used'] / 1e6:.1f} | "
-                    f"{b['cache_bytes_used'] / 1e6:.1f} |")
+        for name, m in r.items():
+            if not isinstance(m, dict) or "decode_tok_s" not in m:
+                continue
+            ratio = r.get("ratios", {}).get(name, {})
+            rows.append(f"| {ctx} | {name} | {m['decode_tok_s']:.1f} | {ratio.get('decode', 1):.2f} | "
+                        f"{m['prefill_tok_s']:.0f} | {ratio.get('prefill', 1):.2f} | {m['peak_rss_mb']:.0f} | "
+                        f"{ratio.get('peak_rss', 1):.2f} | {m['cache_bytes_used'] / 1e6:.1f} |")
     return "\n".join(rows)
 
 
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]))
+        child(sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6]), int(sys.argv[7]))
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mla", required=True, help="converted MLA folder (edge-mla convert --out DIR)")
+    p.add_argument("--mla", required=True, help="converted MLA folder (a build's mla/, or edge-mla convert --out DIR)")
+    p.add_argument("--bits", type=int, default=4, help="weight bits of both exports (the build's --bits)")
+    p.add_argument("--kv-bits", type=int, default=4, help="cache bits of both exports (the build's --kv-bits)")
+    p.add_argument("--original-kv-bits", type=int, default=None, help="the original's cache bits, if not --kv-bits")
+    p.add_argument("--bodies", nargs="+", default=["gqa", "matmul"], help="LatentAttention bodies to measure")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per run (0: one piece)")
     p.add_argument("--source", default="smollm2-135m", help="the original model it was converted from")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "edge_mla_onnx_bench"))
     p.add_argument("--reexport", action="store_true")
     p.add_argument("--contexts", type=int, nargs="+", default=[256, 1024, 4096])
-    p.add_argument("--new", type=int, default=64, help="decode steps timed per measurement")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--new", type=int, default=32, help="decode steps timed per measurement")
+    p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--ppl-windows", type=int, default=8)
-    p.add_argument("--ppl-length", type=int, default=1024)
+    p.add_argument("--ppl-windows", type=int, default=4)
+    p.add_argument("--ppl-length", type=int, default=512)
     p.add_argument("--skip-ppl", action="store_true")
     p.add_argument("--out", default=str(ROOT / "docs" / "results" / "onnx_decode.json"))
     args = p.parse_args()
@@ -141,34 +155,40 @@ def main() -> int:
     folders = exports(args)
     from tokenizers import Tokenizer
 
-    tok = Tokenizer.from_file(str(folders["mla"] / "tokenizer.json"))
+    tok = Tokenizer.from_file(str(folders["original"] / "tokenizer.json"))
     ids = np.array(tok.encode(split_text("heldout"), add_special_tokens=False).ids, np.int64)
     if len(ids) < max(args.contexts):
         raise ValueError(f"held-out text has {len(ids)} tokens, fewer than context {max(args.contexts)}")
     ids_file = str(Path(args.work) / "prompt_ids.npy")
     np.save(ids_file, ids[: max(args.contexts)])
 
+    import onnxruntime
+
     result = {"command": " ".join([Path(sys.executable).name] + sys.argv), "threads": args.threads,
-              "new_tokens": args.new, "repeats": args.repeats, "machine": os.uname().machine,
-              "cpus": os.cpu_count(), "files": {}, "contexts": {}}
+              "new_tokens": args.new, "repeats": args.repeats, "prefill_chunk": args.prefill_chunk,
+              "machine": os.uname().machine, "cpus": os.cpu_count(), "onnxruntime": onnxruntime.__version__,
+              "files": {}, "contexts": {}}
     for name, folder in folders.items():
         meta = read_meta(folder)
         result["files"][name] = {"folder": str(folder), "model_bytes": folder_size(folder),
                                  "cache": meta["cache"]["dtype"], "cache_bytes_per_token": meta["cache"]["bytes_per_token"],
                                  "weights": meta["weights"]}
     for ctx in args.contexts:
-        runs = {"mla": [], "baseline": []}
-        for _ in range(args.repeats):  # interleaved, so both see the same machine load
+        runs = {name: [] for name in folders}
+        for _ in range(args.repeats):  # interleaved, so all see the same machine load
             for name, folder in folders.items():
-                runs[name].append(measure(folder, ids_file, ctx, args.new, args.threads))
+                runs[name].append(measure(folder, ids_file, ctx, args.new, args.threads, args.prefill_chunk))
         med = {name: {k: statistics.median(r[k] for r in rs) for k in rs[0]} | {"runs": rs}
                for name, rs in runs.items()}
-        med["decode_ratio"] = med["mla"]["decode_tok_s"] / med["baseline"]["decode_tok_s"]
-        med["prefill_ratio"] = med["mla"]["prefill_tok_s"] / med["baseline"]["prefill_tok_s"]
-        med["rss_ratio"] = med["mla"]["peak_rss_mb"] / med["baseline"]["peak_rss_mb"]
+        base = med["original"]
+        med["ratios"] = {name: {"decode": m["decode_tok_s"] / base["decode_tok_s"],
+                                "prefill": m["prefill_tok_s"] / base["prefill_tok_s"],
+                                "peak_rss": m["peak_rss_mb"] / base["peak_rss_mb"]}
+                         for name, m in med.items() if name.startswith("mla")}
         result["contexts"][str(ctx)] = med
-        print(f"context {ctx}: MLA {med['mla']['decode_tok_s']:.1f} tok/s, original "
-              f"{med['baseline']['decode_tok_s']:.1f} tok/s (x{med['decode_ratio']:.2f})", flush=True)
+        print(f"context {ctx}: " + ", ".join(f"{name} {m['decode_tok_s']:.1f} tok/s decode, {m['prefill_tok_s']:.0f} "
+                                              f"prefill, {m['peak_rss_mb']:.0f} MB" for name, m in med.items()
+                                              if name in folders), flush=True)
     if not args.skip_ppl:
         result["perplexity"] = perplexities(args, folders)
     result["seconds"] = time.perf_counter() - t0
@@ -176,7 +196,7 @@ def main() -> int:
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(table(result))
     for name, f in result["files"].items():
-        print(f"{name}: {f['model_bytes'] / 1e6:.1f} MB, cache {f['cache']} {f['cache_bytes_per_token']} B/token")
+        print(f"{name}: {f['model_bytes'] / 1e6:.2f} MB, cache {f['cache']} {f['cache_bytes_per_token']} B/token")
     if "perplexity" in result:
         print(json.dumps(result["perplexity"], indent=1))
     return 0

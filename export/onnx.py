@@ -22,6 +22,7 @@ from edge_mla.export import onnx_graph, onnx_quant
 FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
+BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_graph.py)
 QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
 
 
@@ -44,9 +45,10 @@ def add_arguments(parser) -> None:
                              "kernel has no fast path for them, ~14x slower decode; see docs/onnx.md)")
     parser.add_argument("--accuracy-level", type=int, default=4,
                         help="MatMulNBits compute: 4 = int8 activations (fastest on CPU), 1 = fp32")
-    parser.add_argument("--attention", default="gqa", choices=("gqa", "plain"),
-                        help="LatentAttention body: gqa (GroupQueryAttention, cache updated in place) or plain "
-                             "(plain ops, float cache grown by Concat, for old onnxruntime)")
+    parser.add_argument("--attention", default="gqa", choices=BODIES,
+                        help="LatentAttention body: gqa (com.microsoft GroupQueryAttention) or matmul (plain ops: "
+                             "one MatMul of all heads against the cache; any onnxruntime); both update the cache "
+                             "in place (docs/onnx.md compares them)")
     parser.add_argument("--original", action="store_true",
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
@@ -89,15 +91,15 @@ def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, he
         raise ValueError(f"--weight-method {weight_method} is not supported: choose hqq or rtn")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"--block-size {block_size} is not supported: MatMulNBits needs a power of two >= 16")
-    if body == "plain" and kv_bits in (4, 8):
-        raise ValueError("the plain attention body keeps a float cache only: use --kv-bits 16 or 32, or "
-                         "--attention gqa for an int8/int4 cache")
-    if kv_bits in (4, 8):
+    if body not in BODIES:
+        raise ValueError(f"--attention {body} is not supported: choose one of {BODIES}")
+    if kv_bits in (4, 8) and body == "gqa":  # the matmul body quantizes with plain ops
         import onnxruntime
 
         if _version(onnxruntime.__version__) < _version(QUANTIZED_CACHE_ORT):
             raise ValueError(f"an int{kv_bits} cache needs onnxruntime >= {QUANTIZED_CACHE_ORT} (installed "
-                             f"{onnxruntime.__version__}): pip install -U onnxruntime, or export with --kv-bits 16")
+                             f"{onnxruntime.__version__}): pip install -U onnxruntime, or export with --kv-bits 16 "
+                             "or --attention matmul")
 
 
 def _version(v: str) -> tuple:
@@ -154,9 +156,10 @@ def _common(model) -> dict:
     cfg = model.config
     check_config(cfg)
     m = model.model
+    embed, lm_head = _np(m.embed_tokens.weight), _np(model.lm_head.weight)
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-                eps=float(cfg.rms_norm_eps), embed=_np(m.embed_tokens.weight), final_norm=_np(m.norm.weight),
-                lm_head=_np(model.lm_head.weight), max_positions=int(cfg.max_position_embeddings))
+                eps=float(cfg.rms_norm_eps), embed=embed, final_norm=_np(m.norm.weight), lm_head=lm_head,
+                tied=bool(np.array_equal(embed, lm_head)), max_positions=int(cfg.max_position_embeddings))
 
 
 def _layer_common(layer) -> dict:
@@ -320,7 +323,8 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
     bytes_per_token = sum(t["heads"] * t["width"] * np.dtype(t["dtype"]).itemsize for t in tensors)
     cache = {
         "kind": "latent" if dec.kind == "mla" else "kv",
-        "mode": "inplace" if opts.body == "gqa" else "concat",
+        "mode": "inplace",
+        "attention_body": opts.body if dec.kind == "mla" else None,
         "dtype": precision.ONNX_CACHE_DTYPE[opts.kv_bits],
         "storage_dtype": kv_name,
         "layout": "[batch, heads, tokens, width]; latent: one head, width = latent_dim + rope_dim numbers "
@@ -354,7 +358,7 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
         "cache": cache,
         "attention_op": f"{onnx_graph.DOMAIN}:LatentAttention" if dec.kind == "mla" else
                         "com.microsoft:GroupQueryAttention",
-        "min_onnxruntime": QUANTIZED_CACHE_ORT if opts.kv_bits in (4, 8) else "1.20.0",
+        "min_onnxruntime": QUANTIZED_CACHE_ORT if opts.kv_bits in (4, 8) and opts.body == "gqa" else "1.20.0",
         "exported_with": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
     }
 
@@ -378,10 +382,14 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the runner needs a fast tokenizer (tokenizer.json); this model's tokenizer is not one")
     dec = decoder_from_original(model) if original else decoder_from_mla(model, rotate_latent)
-    if body == "plain" and dec.kind != "mla":
-        raise ValueError("--attention plain applies to MLA models; the baseline always uses GroupQueryAttention")
+    if body != "gqa" and dec.kind != "mla":
+        raise ValueError(f"--attention {body} applies to MLA models; the baseline always uses GroupQueryAttention")
 
-    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16)
+    quantized = weight_bits in (4, 8)
+    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
+                              tie_head=dec.tied and not quantized, block_size=block_size,
+                              # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md)
+                              up_bits=8 if quantized else weight_bits)
     calib = None
     if kv_bits in (4, 8):
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
@@ -391,15 +399,22 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                  "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
     proto = onnx_graph.build_model(dec, opts)
     weights = {"bits": weight_bits, "calib": calib}
-    if weight_bits in (4, 8):
+    shared = dec.tied and (not quantized or symmetric)
+    if quantized:
         weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
         proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits,
-                                            weight_method)
+                                            weight_method, share_embedding=shared)
+        head = head_bits or weight_bits
         weights.update(format="MatMulNBits", method=weight_method, block_size=block_size, symmetric=symmetric,
-                       accuracy_level=accuracy_level, head_bits=head_bits or weight_bits,
-                       embedding="GatherBlockQuantized int4" if weight_bits == 4 else "float16")
+                       accuracy_level=accuracy_level, head_bits=head,
+                       embedding=f"the output head's int{head} table (GatherBlockQuantized)" if shared else
+                       "GatherBlockQuantized int4" if weight_bits == 4 else "float32")
     else:
-        weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32")
+        weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32",
+                       embedding="shared with the output head" if shared else "separate")
+    if dec.kind == "mla":
+        weights["up_projections"] = {4: "int4", 8: "int8", 16: "float16", 32: "float32"}[opts.up_bits] + (
+            f" (blocks of {block_size}, DequantizeLinear)" if opts.up_bits in (4, 8) else "")
     mla = getattr(model.config, "mla", None)
     source = mla.get("source") if mla else str(model_dir)  # a converted folder may be a deleted staging path
     meta = metadata(dec, opts, model, tokenizer, weights, source)

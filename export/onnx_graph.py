@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from edge_mla.export import onnx_quant
+
 DOMAIN = "ai.edge_mla"  # the project's own ONNX domain
 MS = "com.microsoft"
 OPSET = 21  # ai.onnx; onnxruntime >= 1.20 loads it
@@ -136,64 +138,123 @@ def latent_attention_gqa() -> onnx.FunctionProto:
                    "Reference body: GroupQueryAttention with kv_num_heads=1.")
 
 
-def latent_attention_plain() -> onnx.FunctionProto:
-    """Body of plain ai.onnx ops, for a float cache on any onnxruntime: the cache grows by Concat (not in place).
+def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
+    """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float).
 
-    Heads are folded into rows, so one MatMul scores every head against the cache: q [B, S*H, D] x cache^T.
-    Row r = s*H + h sits at position P + s (P = cached tokens) and sees keys 0..P+s.
+    The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterElements
+    at positions P .. P+S-1 (P = total - S); bound to the same buffer as the past, the cache updates in place.
+    Heads are folded into rows, so one MatMul scores every head's latent query against the cached rows,
+    q [B, S*H, W] x rows^T [B, W, T], and one more takes the attended latent, probs x rows. The cached codes are
+    never scaled: the scales multiply the query and the attended latent instead (q . (code * s) = (q * s) . code).
+    An int4 cache is read as its bytes x = lo + 16 hi and their high nibbles hi (float): for the query's even
+    (low-nibble) channels q_e and odd ones q_o, q . code = q_e . x + (q_o - 16 q_e) . hi, and the attended
+    nibbles are probs x x - 16 probs x hi (low) and probs x hi (high). The +8 of the stored nibbles shifts every
+    score of a row by the same amount (softmax ignores it) and the attended latent by exactly 8 (the weights sum
+    to one). No per-element unpacking: onnxruntime's Gather, Floor and Concat on the cache were much slower.
+    Row r = s*H + h sits at position P + s and sees keys 0 .. P+s.
+    The body is written for the model's own `kv_bits` (a model-local function: one export, one cache type).
     """
-    def const(name, **value):
-        return helper.make_node("Constant", [], [name], **value)
+    nodes: list[onnx.NodeProto] = []
 
     def node(op, inputs, output, **attrs):
-        return helper.make_node(op, inputs, [output], **attrs)
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
 
-    scale = helper.make_node("Constant", [], ["scale_v"], value_float=1.0)
+    def const(name, **value):
+        return node("Constant", [], name, **value)
+
+    scale = helper.make_node("Constant", [], ["softmax_scale"], value_float=1.0)
     scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
-    nodes = _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + [
-        scale, const("zero1", value_ints=[0]), const("one1", value_ints=[1]), const("two1", value_ints=[2]),
-        const("minus1", value_ints=[-1]), const("zero0", value_int=0), const("one0", value_int=1),
-        const("neg", value_float=-1e30),
-        # present = past ++ entry, in the cache dtype; attention runs in the query's dtype
-        node("Unsqueeze", ["entry", "one1"], "entry4"),
-        node("CastLike", ["entry4", "past"], "entry4c"),
-        node("Concat", ["past", "entry4c"], "present", axis=2),  # [B, 1, P+S, D]
-        node("Squeeze", ["present", "one1"], "kv_c"),
-        node("CastLike", ["kv_c", "query"], "kv"),  # [B, T, D]
-        node("Shape", ["entry"], "entry_shape"),
-        node("Gather", ["entry_shape", "two1"], "width", axis=0),
-        node("Concat", ["zero1", "minus1", "width"], "qshape", axis=0),
-        node("Reshape", ["query", "qshape"], "q"),  # [B, S*H, D]
-        node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1]),
-        node("MatMul", ["q", "kv_t"], "raw"),
-        node("Mul", ["raw", "scale_v"], "scores"),
-        # causal mask from shapes
-        node("Shape", ["q"], "q_shape"),
-        node("Gather", ["q_shape", "one0"], "rows", axis=0),
-        node("Shape", ["past"], "past_shape"),
-        node("Gather", ["past_shape", "two1"], "p", axis=0),
-        node("Shape", ["kv"], "kv_shape"),
-        node("Gather", ["kv_shape", "one0"], "t", axis=0),
-        node("Range", ["zero0", "rows", "one0"], "r"),
-        node("Div", ["r", "heads"], "r_step"),
-        node("Add", ["r_step", "p"], "r_pos"),
-        node("Unsqueeze", ["r_pos", "one1"], "r_col"),  # [S*H, 1]
-        node("Range", ["zero0", "t", "one0"], "keys"),  # [T]
-        node("LessOrEqual", ["keys", "r_col"], "allowed"),  # [S*H, T]
-        node("Where", ["allowed", "scores", "neg"], "masked"),
-        node("Softmax", ["masked"], "probs", axis=-1),
-        node("Slice", ["kv", "zero1", "c", "two1"], "values"),  # [B, T, C]
-        node("MatMul", ["probs", "values"], "att"),  # [B, S*H, C]
-        node("Slice", ["entry_shape", "zero1", "two1"], "bs"),
-        node("Concat", ["bs", "minus1"], "oshape", axis=0),
-        node("Reshape", ["att", "oshape"], "output"),
-    ]
+    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + _attr_vector("r", "rope_dim")
+    nodes.append(scale)
+    for name, v in [("zero1", [0]), ("one1", [1]), ("two1", [2]), ("minus1", [-1])]:
+        const(name, value_ints=v)
+    const("zero0", value_int=0), const("one0", value_int=1), const("two0", value_int=2), const("neg", value_float=-1e30)
+    const("scalar_shape", value=onnx.numpy_helper.from_array(np.zeros(0, np.int64)))
+    # widths from the attributes (constants: onnxruntime folds these at load)
+    node("Add", ["c", "r"], "w")
+    node("Concat", ["zero1", "minus1", "w"], "qshape", axis=0)
+    node("Concat", ["zero1", "minus1", node("Mul", ["heads", "c"], "hc")], "oshape", axis=0)
+    # lengths: T = total, S = new rows, P = T - S cached before them
+    node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), "scalar_shape"], "t")
+    node("Gather", [node("Shape", ["entry"], "entry_shape"), "one0"], "s", axis=0)
+    node("Sub", ["t", "s"], "p")
+    # the new rows in the cache's code, [B, 1, S, stored width]
+    if kv_bits:
+        node("Reshape", ["cache_scale", "minus1"], "cs")  # [W]
+        lo, hi = onnx_quant.CODE_RANGE[kv_bits]
+        const("code_min", value_float=float(lo)), const("code_max", value_float=float(hi))
+        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"), "code_min", "code_max"],
+             "codes")
+    if kv_bits == 4:  # two codes per byte, low nibble first, stored as code + 8
+        const("pair_shape", value_ints=[0, 0, -1, 2]), const("eight", value_float=8.0)
+        const("nibbles", value_floats=[1.0, 16.0])
+        node("Reshape", [node("Add", ["codes", "eight"], "unsigned"), "pair_shape"], "pairs")
+        node("ReduceSum", [node("Mul", ["pairs", "nibbles"], "weighted"), "minus1"], "packed", keepdims=0)
+        node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
+    elif kv_bits == 8:
+        node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
+    else:
+        node("CastLike", ["entry", "past"], "rows_new")
+    node("Unsqueeze", ["rows_new", "one1"], "rows_new4")
+    const("column", value_ints=[1, 1, -1, 1])
+    node("Reshape", [node("Range", ["p", "t", "one0"], "positions"), "column"], "positions4")
+    node("Expand", ["positions4", node("Shape", ["rows_new4"], "rows_shape")], "idx")
+    node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
+    # the T cached rows as float codes (int) or values (float): [B, T, W]
+    node("Slice", ["present", "zero1", node("Unsqueeze", ["t", "zero1"], "t1"), "two1"], "cached")
+    node("Squeeze", ["cached", "one1"], "cached3")
+    if kv_bits == 4:  # bytes x [B, T, W/2] and their high nibbles
+        const("four", value=onnx.numpy_helper.from_array(np.array(4, np.uint8))), const("sixteen", value_float=16.0)
+        node("Cast", ["cached3"], "x", to=TensorProto.FLOAT)
+        node("Cast", [node("BitShift", ["cached3", "four"], "high", direction="RIGHT")], "x_hi", to=TensorProto.FLOAT)
+    elif kv_bits == 8:
+        node("Cast", ["cached3"], "kv", to=TensorProto.FLOAT)
+    else:
+        node("CastLike", ["cached3", "query"], "kv")
+    # q [B, S*H, W] x the softmax scale (x the cache scales), in the cache's channel order
+    node("Reshape", ["query", "qshape"], "q")
+    if kv_bits:  # (a product of constants, folded at load)
+        node("Mul", ["q", node("Mul", ["cs", "softmax_scale"], "cs_scaled")], "qs_c")
+    else:
+        node("Mul", ["q", "softmax_scale"], "qs")
+    if kv_bits == 4:  # scores = q_e . x + (q_o - 16 q_e) . hi
+        const("big", value_ints=[1 << 62])
+        node("Slice", ["qs_c", "zero1", "big", "minus1", "two1"], "q_e")  # channels 0, 2, 4, ..
+        node("Slice", ["qs_c", "one1", "big", "minus1", "two1"], "q_o")  # channels 1, 3, 5, ..
+        node("Sub", ["q_o", node("Mul", ["q_e", "sixteen"], "q_e16")], "q_hi")
+        node("Add", [node("MatMul", ["q_e", node("Transpose", ["x"], "x_t", perm=[0, 2, 1])], "scores_x"),
+                     node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 2, 1])], "scores_hi")],
+             "scores")
+    else:
+        q_final = "qs_c" if kv_bits else "qs"
+        node("MatMul", [q_final, node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1])], "scores")
+    # causal mask: row r (position P + r // H) sees keys 0 .. P + r // H
+    node("Gather", [node("Shape", ["q"], "q_shape"), "one0"], "rows", axis=0)
+    node("Add", [node("Div", [node("Range", ["zero0", "rows", "one0"], "row_ids"), "heads"], "r_step"), "p"], "r_pos")
+    node("LessOrEqual", [node("Range", ["zero0", "t", "one0"], "keys"), node("Unsqueeze", ["r_pos", "one1"], "r_col")],
+         "allowed")  # [S*H, T]
+    node("Softmax", [node("Where", ["allowed", "scores", "neg"], "masked")], "probs", axis=-1)
+    if kv_bits == 4:  # attended nibbles: low = probs x x - 16 probs x hi, high = probs x hi; interleaved again
+        node("MatMul", ["probs", "x_hi"], "att_hi")
+        node("Sub", [node("MatMul", ["probs", "x"], "att_x"), node("Mul", ["att_hi", "sixteen"], "att_hi16")],
+             "att_lo")
+        node("Concat", [node("Unsqueeze", ["att_lo", "minus1"], "att_lo4"),
+                        node("Unsqueeze", ["att_hi", "minus1"], "att_hi4")], "att_pairs", axis=-1)
+        node("Reshape", ["att_pairs", "qshape"], "att_all")  # [B, S*H, W] codes + 8
+        node("Sub", [node("Slice", ["att_all", "zero1", "c", "two1"], "att_c8"), "eight"], "att")
+    else:
+        node("MatMul", ["probs", "kv"], "att_all")  # [B, S*H, W]; the value is the latent, the first C channels
+        node("Slice", ["att_all", "zero1", "c", "two1"], "att")
+    if kv_bits:
+        node("Mul", ["att", node("Slice", ["cs", "zero1", "c", "zero1"], "cs_latent")], "att_s")
+    node("Reshape", ["att_s" if kv_bits else "att", "oshape"], "output")
     return helper.make_function(
         DOMAIN, "LatentAttention",
         ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
         ["output", "present"], nodes, [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
-                   "Reference body: plain ops, cache grown by Concat.")
+                   "Reference body: one MatMul of all heads against the cached rows, one against the latent.")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -211,6 +272,7 @@ class Decoder:
     embed: np.ndarray  # [V, E]
     final_norm: np.ndarray
     lm_head: np.ndarray  # [V, E]
+    tied: bool = False  # lm_head is the embedding table: stored once
     layers: list[dict] = field(default_factory=list)
     softmax_scale: float = 1.0
     rope_scaling: float = 1.0  # factor on cos and sin
@@ -234,9 +296,14 @@ class Decoder:
 @dataclass
 class Options:
     kv_bits: int = 32
-    body: str = "gqa"  # LatentAttention body: "gqa" (in-place cache) or "plain" (float cache grown by Concat)
+    body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
+    # a tied head reads the embedding initializer (float weights); quantized exports keep a separate head here and
+    # share one quantized table after quantization (onnx_quant.share_embedding)
+    tie_head: bool = False
+    up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
+    block_size: int = 32
 
 
 def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
@@ -266,6 +333,35 @@ def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.
     if bias is not None:
         y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))], name=name + "/bias")
     return y
+
+
+def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
+    """A per-group up-projection [G, K, M] (x [.., K] @ w[g]) at the weights' precision: int4/int8 blocks of
+    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only);
+    fp16 through a Cast; onnxruntime folds either into a float constant at load (the runner asks it to fold
+    DequantizeLinear too)."""
+    w = w.astype(np.float32)
+    if opts.up_bits == 16:
+        return g.op("Cast", [g.weight(name, w.astype(np.float16))], to=TensorProto.FLOAT, name=name + "/cast")
+    if opts.up_bits not in (4, 8):
+        return g.weight(name, w)
+    G, K, M = w.shape
+    bs = opts.block_size
+    blocks = -(-K // bs)
+    padded = np.pad(w, ((0, 0), (0, blocks * bs - K), (0, 0))).reshape(G, blocks, bs, M)
+    lo, hi = onnx_quant.CODE_RANGE[opts.up_bits]
+    scale = np.abs(padded).max(2) / hi  # [G, blocks, M]
+    scale[scale == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
+    codes = np.clip(np.rint(padded / scale[:, :, None]), lo, hi).astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
+    if opts.up_bits == 4:  # two per byte, low nibble first
+        flat = np.append(codes.ravel(), np.int8(0)) if codes.size % 2 else codes.ravel()
+        raw = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()
+        tensor = helper.make_tensor(name + ".codes", TensorProto.INT4, codes.shape, raw, raw=True)
+    else:
+        tensor = onnx.numpy_helper.from_array(codes, name + ".codes")
+    g.initializers.append(tensor)
+    return g.op("DequantizeLinear", [tensor.name, g.weight(name + ".scales", scale.astype(np.float32))],
+                axis=1, block_size=bs, name=name + "/dequantize")
 
 
 def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
@@ -330,7 +426,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
-    q_lat = g.op("MatMul", [grouped, g.weight(f"layers.{i}.attn.k_up", layer["k_up"])], name=f"layers.{i}.attn.absorb_k")
+    q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],
+                 name=f"layers.{i}.attn.absorb_k")
     q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, H, R])])
     query = g.op("Concat", [g.op("Reshape", [q_lat, g.const([0, 0, H, C])]), q_rope], axis=-1)
     query = g.op("Reshape", [query, g.const([0, 0, H * (C + R)])])
@@ -349,7 +446,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
     att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
     v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
-    out = g.op("MatMul", [att, g.weight(f"layers.{i}.attn.v_up", v_up_t)], name=f"layers.{i}.attn.absorb_v")
+    out = g.op("MatMul", [att, _up_projection(g, f"layers.{i}.attn.v_up", v_up_t, opts)],
+               name=f"layers.{i}.attn.absorb_v")
     if layer.get("v_up_bias") is not None:
         out = g.op("Add", [out, g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
     out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])
@@ -389,13 +487,12 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
                  helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "total_sequence"]),
                  helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [])]
-    past_len = "past_sequence" if opts.body == "plain" else "cache_capacity"
     for t in cache_tensors(dec, opts):
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(t["dtype"]))
-        g.inputs.append(helper.make_tensor_value_info(t["past"], elem, ["batch", t["heads"], past_len, t["width"]]))
-        present_len = "total_sequence" if opts.body == "plain" else "cache_capacity"
+        shape = ["batch", t["heads"], "cache_capacity", t["width"]]
+        g.inputs.append(helper.make_tensor_value_info(t["past"], elem, shape))
         for name in t["present"]:
-            g.outputs.append(helper.make_tensor_value_info(name, elem, ["batch", t["heads"], present_len, t["width"]]))
+            g.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
     # Lengths and positions: GQA's seqlens_k = tokens so far - 1 per row, total = mask length; positions of the
     # new tokens are the last S of 0..T-1 (batch rows without left padding).
@@ -434,7 +531,12 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     # logits only for the last `logits_to_keep` positions (1 when generating; S for perplexity)
     keep = g.op("Neg", [g.op("Unsqueeze", ["logits_to_keep", g.const([0])])])
     h = g.op("Slice", [h, keep, g.const([np.iinfo(np.int64).max]), g.const([1])])
-    g.op("Identity", [_matmul(g, h, dec.lm_head, "lm_head", opts)], ["logits"])
+    if dec.tied and opts.tie_head:  # logits = h E^T over the embedding initializer (onnxruntime folds the Transpose)
+        table = g.op("Cast", [embed], to=TensorProto.FLOAT) if opts.fp16_weights else embed
+        head = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])], name="lm_head")
+    else:
+        head = _matmul(g, h, dec.lm_head, "lm_head", opts)
+    g.op("Identity", [head], ["logits"])
     g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", V]))
 
     graph = helper.make_graph(g.nodes, "edge_mla_decoder", g.inputs, g.outputs, g.initializers,
@@ -443,6 +545,8 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     functions = []
     if dec.kind == "mla":
         opsets.append(helper.make_opsetid(DOMAIN, 1))
-        functions.append(latent_attention_gqa() if opts.body == "gqa" else latent_attention_plain())
+        quantized = opts.kv_bits in (4, 8)
+        functions.append(latent_attention_gqa() if opts.body == "gqa" else
+                         latent_attention_matmul(opts.kv_bits if quantized else 0))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

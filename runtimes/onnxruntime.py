@@ -34,10 +34,15 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
-class OnnxDecoder:
-    """One onnxruntime session and its cache. `forward(ids)` appends ids to the cache and returns their logits."""
+PREFILL_CHUNK = 128  # prompt tokens per run: attention scratch grows with chunk x context, not prompt x context
 
-    def __init__(self, folder: str | Path, threads: int | None = None, context: int | None = None):
+
+class OnnxDecoder:
+    """One onnxruntime session and its cache. `forward(ids)` appends ids to the cache and returns their logits.
+    Long inputs run in chunks of `prefill_chunk` tokens (0: in one piece), so prefill memory grows linearly."""
+
+    def __init__(self, folder: str | Path, threads: int | None = None, context: int | None = None,
+                 prefill_chunk: int = PREFILL_CHUNK):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -51,10 +56,12 @@ class OnnxDecoder:
         if threads:
             options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+        # fold DequantizeLinear of constants (the int4/int8 MLA up-projections) into float weights once, at load
+        options.add_session_config_entry("session.disable_quant_qdq", "1")
         self.session = ort.InferenceSession(str(self.folder / self.meta["model"]), options,
                                             providers=["CPUExecutionProvider"])
         self.cache = self.meta["cache"]
-        self.inplace = self.cache["mode"] == "inplace"
+        self.prefill_chunk = prefill_chunk
         self.reset(context or self.meta["max_context"])
 
     def reset(self, context: int) -> None:
@@ -68,9 +75,8 @@ class OnnxDecoder:
         self.context, self.length = context, 0
         self.buffers = {}
         for t in self.cache["tensors"]:
-            tokens = context if self.inplace else 0
             self.buffers[t["past"]] = ort.OrtValue.ortvalue_from_shape_and_type(
-                [1, t["heads"], tokens, t["width"]], np.dtype(t["dtype"]))
+                [1, t["heads"], context, t["width"]], np.dtype(t["dtype"]))
 
     @property
     def bytes_per_token(self) -> int:
@@ -84,32 +90,36 @@ class OnnxDecoder:
 
     def forward(self, ids: np.ndarray, keep: int = 1) -> np.ndarray:
         """Run `ids` (1-D int64) after what the cache holds; logits [keep, vocab] of the last `keep` positions."""
-        import onnxruntime as ort
-
-        ids = np.asarray(ids, dtype=np.int64).reshape(1, -1)
-        total = self.length + ids.shape[1]
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        total = self.length + len(ids)
         if total > self.context:
             raise ValueError(f"{total} tokens do not fit the cache of {self.context}; reset with a longer context")
+        step = self.prefill_chunk or len(ids)
+        logits = []
+        for start in range(0, len(ids), step):
+            piece = ids[start:start + step]
+            wanted = keep - (len(ids) - start - len(piece))  # of the last `keep` positions, those in this piece
+            got = self._run(piece, min(len(piece), max(wanted, 1)))  # the graph gives at least one row
+            if wanted > 0:
+                logits.append(got)
+        return np.concatenate(logits)
+
+    def _run(self, piece: np.ndarray, keep: int) -> np.ndarray:
+        import onnxruntime as ort
+
+        ids = piece.reshape(1, -1)
+        total = self.length + ids.shape[1]
         io = self.session.io_binding()
         io.bind_cpu_input("input_ids", ids)
         io.bind_cpu_input("attention_mask", np.ones((1, total), np.int64))
         io.bind_cpu_input("logits_to_keep", np.array(keep, np.int64))
         logits = ort.OrtValue.ortvalue_from_shape_and_type([1, keep, self.meta["vocab_size"]], np.float32)
         io.bind_ortvalue_output("logits", logits)
-        bound = ["logits"]
         for t in self.cache["tensors"]:
             io.bind_ortvalue_input(t["past"], self.buffers[t["past"]])
             for name in t["present"]:
-                if self.inplace:
-                    io.bind_ortvalue_output(name, self.buffers[t["past"]])
-                else:
-                    io.bind_output(name, "cpu")
-                bound.append(name)
+                io.bind_ortvalue_output(name, self.buffers[t["past"]])
         self.session.run_with_iobinding(io)
-        if not self.inplace:  # the grown cache is the next past
-            outputs = dict(zip(bound, io.get_outputs()))
-            for t in self.cache["tensors"]:
-                self.buffers[t["past"]] = outputs[t["present"][0]]
         self.length = total
         return logits.numpy()[0]
 

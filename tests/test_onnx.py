@@ -72,7 +72,7 @@ def onnx_greedy(folder, ids: torch.Tensor, n: int) -> list[int]:
 
 
 @pytest.mark.parametrize("kind,body", [("llama-gqa", "gqa"), ("qwen2", "gqa"), ("llama-mha", "gqa"), ("llama-bias", "gqa"),
-                                       ("llama-gqa", "plain"), ("qwen2", "plain")])
+                                       ("llama-gqa", "matmul"), ("qwen2", "matmul"), ("llama-bias", "matmul")])
 def test_float_export_equals_pytorch(tmp_path, kind, body):
     model = converted(kind)
     folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
@@ -169,6 +169,117 @@ def test_quantized_exports_run_and_stay_close(tmp_path, mla_model, text_file, we
         assert types["MatMulNBits"] == 4 * mla_model.config.num_hidden_layers + 1 and types["GatherBlockQuantized"] == 1
 
 
+@pytest.mark.parametrize("kv_bits", [4, 8])
+def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
+    """Both LatentAttention bodies over the same quantized cache: the same codes in the buffer, the same logits
+    in one prefill, in chunks and token by token."""
+    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64)
+    folders = {body: export(mla_model, tmp_path / body, body=body, **common) for body in ("gqa", "matmul")}
+    ids = prompt()[0].numpy()
+    got = {}
+    for body, folder in folders.items():
+        decoder = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=7)
+        logits = [decoder.forward(ids[:20], keep=20)] + [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))]
+        got[body] = np.concatenate(logits), decoder.buffers["past.1"].numpy()[0, 0, :len(ids)]
+    assert np.abs(got["matmul"][0] - got["gqa"][0]).max() < 1e-3
+    same = np.mean(got["matmul"][1] == got["gqa"][1])
+    assert same > 0.999, same  # the same codes in the buffer (a rounding tie may go the other way)
+
+
+@pytest.mark.parametrize("body", ["gqa", "matmul"])
+def test_chunked_prefill_equals_one_piece(tmp_path, mla_model, body):
+    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
+    ids = prompt()[0].numpy()
+    whole = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=0)
+    chunked = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=6)  # 6 does not divide the prompt
+    for keep in (len(ids), 9, 1):
+        whole.reset(64), chunked.reset(64)
+        a, b = whole.forward(ids, keep=keep), chunked.forward(ids, keep=keep)
+        assert a.shape == b.shape == (keep, VOCAB) and np.abs(a - b).max() < 1e-4
+    cache = [d.buffers["past.1"].numpy()[:, :, :len(ids)] for d in (whole, chunked)]
+    assert np.abs(cache[0] - cache[1]).max() < 1e-4
+    token = np.array([int(a[-1].argmax())])
+    assert np.abs(whole.forward(token) - chunked.forward(token)).max() < 1e-4
+
+
+def tied(model):
+    """The tiny model with its output head tied to the embedding, as SmolLM2's is."""
+    model.lm_head.weight = model.model.embed_tokens.weight
+    model.config.tie_word_embeddings = True
+    return model
+
+
+def initializer_shapes(folder) -> list[tuple]:
+    return [tuple(t.dims) for t in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.initializer]
+
+
+@pytest.mark.parametrize("body", ["gqa", "matmul"])
+def test_tied_embedding_is_stored_once_and_exact(tmp_path, body):
+    model = tied(converted("llama-gqa"))
+    folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
+    hidden = model.config.hidden_size
+    shapes = initializer_shapes(folder)
+    assert (hidden, VOCAB) not in shapes and (VOCAB, hidden) in shapes  # the head reads the embedding transposed
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    got = OnnxDecoder(folder, threads=1, context=64).forward(ids[0].numpy(), keep=ids.shape[1])
+    assert np.abs(got - expected).max() < 1e-3
+
+
+@needs_quantizer
+@pytest.mark.parametrize("head_bits", [4, 8])
+def test_tied_embedding_shares_the_quantized_head_table(tmp_path, text_file, head_bits):
+    model = tied(converted("llama-gqa"))
+    folder = export(model, tmp_path / "onnx", weight_bits=4, kv_bits=4, head_bits=head_bits,
+                    calib_text=str(text_file), calib_windows=4, calib_length=64)
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+    gather = next(n for n in graph.node if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
+    assert gather.input[0] == head.input[1]  # one packed table
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in graph.node
+            if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
+    assert bits.pop(head.name) == bits.pop(gather.name) == head_bits
+    assert set(bits.values()) == {4} and len(bits) == 4 * model.config.num_hidden_layers  # the rest at 4 bits
+    assert not any(n.op_type == "Gather" and n.name == "embed_tokens" for n in graph.node)
+    assert not any(t.name == "embed_tokens.weight" for t in graph.initializer)
+    ids = prompt()
+    with torch.no_grad():
+        expected = torch.log_softmax(model(ids).logits[0], -1).numpy()
+    got = OnnxDecoder(folder, threads=1, context=64).forward(ids[0].numpy(), keep=ids.shape[1])
+    got = got - got.max(-1, keepdims=True)
+    got = got - np.log(np.exp(got).sum(-1, keepdims=True))
+    assert np.corrcoef(got.ravel(), expected.ravel())[0, 1] > 0.8  # "the same model, quantized"
+
+
+@pytest.mark.parametrize("bits", [4, 8, 16])
+def test_up_projections_are_stored_at_the_weight_bits(bits):
+    """k_up / v_up through DequantizeLinear: onnxruntime gives back exactly the block-quantized weights."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from edge_mla.export import onnx_graph
+
+    w = np.random.default_rng(0).standard_normal((3, 40, 24)).astype(np.float32)  # K = 40: a partial last block
+    g = onnx_graph.Graph()
+    out = onnx_graph._up_projection(g, "w", w, onnx_graph.Options(up_bits=bits, block_size=32))
+    model = helper.make_model(
+        helper.make_graph(g.nodes, "t", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
+                          g.initializers), opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    if bits == 16:
+        expected = w.astype(np.float16).astype(np.float32)
+    else:
+        hi = 2 ** (bits - 1) - 1
+        expected = np.empty_like(w)
+        for start in (0, 32):
+            block = w[:, start:start + 32]
+            scale = np.abs(block).max(1, keepdims=True) / hi
+            expected[:, start:start + 32] = np.clip(np.rint(block / scale), -hi - 1, hi) * scale
+    assert np.abs(got - expected).max() < 1e-6
+    assert np.abs(got - w).max() < {4: 0.5, 8: 0.05, 16: 0.01}[bits]
+
+
 def test_cache_is_one_buffer_updated_in_place(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     decoder = OnnxDecoder(folder, threads=1, context=32)
@@ -217,7 +328,6 @@ def test_runner_imports_neither_torch_nor_the_converter():
     (["--weight-bits", 3], "--weight-bits 3 is not supported"),
     (["--kv-bits", 2], "--kv-bits 2 is not supported"),
     (["--block-size", 24], "power of two"),
-    (["--attention", "plain", "--kv-bits", 4], "float cache only"),
 ])
 def test_unsupported_settings_are_refused(capsys, tmp_path, converted_dir, args, message):
     out = tmp_path / "onnx"

@@ -103,7 +103,7 @@ def runs(meta: dict) -> str:
     cache = meta["cache"]
     if meta["architecture"] != "mla":
         return f"original model, GroupQueryAttention, {cache['dtype']} K/V cache"
-    body = "GroupQueryAttention body" if cache["mode"] == "inplace" else "plain-ops body"
+    body = "GroupQueryAttention body" if meta.get("attention_body", "gqa") == "gqa" else "plain-ops (matmul) body"
     return f"MLA: LatentAttention ({body}), {cache['dtype']} latent cache of {cache['bytes_per_token']} B/token"
 
 

@@ -69,13 +69,13 @@ def test_genai_runs_the_original_model_export(tmp_path):
     assert genai_greedy(folder, PROMPT, NEW) == expected
 
 
-def test_cli_export_genai_of_the_plain_body_is_refused_and_leaves_nothing(capsys, tmp_path, mla_model):
+def test_cli_export_genai_of_the_matmul_body_is_refused_and_leaves_nothing(capsys, tmp_path, mla_model):
     folder = tmp_path / "converted"
     from edge_mla.convert import save
     save(mla_model, word_tokenizer(), folder)
     out = tmp_path / "onnx"
     code = cli.main(["export", "onnx", str(folder), "--out", str(out), "--bits", "32", "--kv-bits", "32",
-                     "--attention", "plain", "--genai"])
+                     "--attention", "matmul", "--genai"])
     assert code == cli.EXIT_BAD_INPUT
-    assert "--attention plain" in capsys.readouterr().err
+    assert "--attention matmul" in capsys.readouterr().err
     assert not out.exists()

@@ -17,13 +17,13 @@ from pathlib import Path
 MB = 1_000_000
 CATALOG = Path(__file__).with_name("devices.toml")
 
-# Fitted on the ORIGINAL SmolLM2-135M files at contexts 512 and 2048 (x86-64 Linux, 2 threads;
-# benchmarks/budget_accuracy.py, docs/budget.md): resident memory the runtime adds beyond the model file and the
-# cache, and its working memory per token of context. llama.cpp's base includes llama-cpp-python's logits buffer
-# (n_batch x vocabulary x 4 bytes, ~100 MB for a 49k vocabulary); onnxruntime's per-token work is its attention
-# scratch for a prompt prefilled in one piece.
-RUNTIME_BASE_BYTES = {"llama.cpp": 196 * MB, "onnxruntime": 66 * MB}
-RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 3_890, "onnxruntime": 59_584}
+# Fitted on the ORIGINAL SmolLM2-135M files (q4_0 / int4, 8-bit head) at contexts 512, 2048 and 8192 (x86-64
+# Linux, 2 threads; benchmarks/budget_accuracy.py, docs/budget.md, 2026-11-30): resident memory the runtime adds
+# beyond the model file and the cache, and its working memory per token of context. llama.cpp's base includes
+# llama-cpp-python's logits buffer (n_batch x vocabulary x 4 bytes, ~100 MB for a 49k vocabulary); onnxruntime's
+# runner prefills in chunks of 128 tokens, so its work per token is small.
+RUNTIME_BASE_BYTES = {"llama.cpp": 196 * MB, "onnxruntime": 113 * MB}
+RUNTIME_BYTES_PER_TOKEN = {"llama.cpp": 1_306, "onnxruntime": 314}
 # ggml cache types: bytes per element
 
 

@@ -187,16 +187,14 @@ def test_original_exports_equal_the_original(tmp_path, kind, tokenizer, llama_cp
 def tiny_folder(tmp_path, tokenizer, config_class, **extra):
     from transformers import AutoModelForCausalLM
 
+    from test_gguf import randomize_biases
+
     torch.manual_seed(0)
     config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                           bos_token_id=1, eos_token_id=2, pad_token_id=None, **extra)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                if proj.bias is not None:
-                    proj.bias.normal_(0, 0.5)
+    randomize_biases(model)
     folder = tmp_path / "src"
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)

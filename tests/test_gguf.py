@@ -58,6 +58,15 @@ def bpe_tokenizer(vocab_size: int = 320):
                                    unk_token="<|endoftext|>")
 
 
+def randomize_biases(model) -> None:
+    """q/k/v biases, where the architecture has them, large enough that dropping one would show."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+
+
 def tiny(kind: str, vocab: int, seed: int = 0):
     from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
@@ -70,11 +79,7 @@ def tiny(kind: str, vocab: int, seed: int = 0):
               "mistral": lambda: MistralConfig(num_key_value_heads=2, sliding_window=None, **common),
               "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **common)}[kind]()
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                if proj.bias is not None:
-                    proj.bias.normal_(0, 0.5)
+    randomize_biases(model)
     model.config._attn_implementation = "sdpa"
     return model.eval()
 

@@ -155,6 +155,32 @@ def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
     attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
 
 
+@torch.no_grad()
+def install_latent_norm(attn: MLAAttention, x: torch.Tensor, eps: float) -> float:
+    """Give the block a latent RMSNorm whose weight is the latent's mean RMS over the inputs x [n, T, E]: the
+    normed latent then keeps its typical size, so the block starts close to what it computed (exact for tokens
+    of average RMS) and training makes up the rest. Returns that mean RMS."""
+    from torch import nn
+
+    C = attn.latent_dim
+    rms = torch.cat([attn.kv_a_proj(x[i:i + 1].to(attn.kv_a_proj.weight.dtype))[..., :C].float().pow(2).mean(-1)
+                     .add(eps).sqrt().flatten() for i in range(x.shape[0])])
+    norm = nn.RMSNorm(C, eps=eps).to(device=attn.kv_a_proj.weight.device, dtype=attn.kv_a_proj.weight.dtype)
+    norm.weight.fill_(rms.mean())
+    attn.latent_norm = norm
+    return float(rms.mean())
+
+
+def install_latent_norms(model, inputs: list[torch.Tensor]) -> None:
+    """A latent RMSNorm in every MLA block (install_latent_norm), with the model's own RMSNorm eps as llama.cpp's
+    attn_kv_a_norm uses it; recorded in config.mla so the saved folder and the exporters know. inputs: per layer,
+    the block's inputs [n, T, E] (collect_attention_io)."""
+    eps = float(model.config.rms_norm_eps)
+    for attn, x in zip(mla_layers(model), inputs):
+        install_latent_norm(attn, x, eps)
+    model.config.mla["latent_norm_eps"] = eps
+
+
 # ----------------------------------------------------------------------------- layer-wise distillation
 
 @torch.no_grad()
@@ -268,7 +294,7 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
 
 
 def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
-                      weight_bits: int = 16) -> dict:
+                      weight_bits: int = 16, latent_norm: bool = False) -> dict:
     """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
     (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
     original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
@@ -280,13 +306,15 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
         rotation = block_hadamard(C)
         for attn in layers:
             rotate_latent(attn, rotation)
+    if latent_norm:  # after the rotation: a norm with one weight for all channels commutes with it
+        install_latent_norms(model, io[0])
     quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
     t0 = time.perf_counter()
     tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
     stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io,
                               weight_bits=weight_bits)
     return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
-            "latent_rotation": "block Hadamard (32)" if aligned else None,
+            "latent_rotation": "block Hadamard (32)" if aligned else None, "latent_norm": latent_norm,
             "trained_through": ("q4_0 cache" if quant else "float cache") + (
                 f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if weight_bits == 4 else "") + " (straight-through)",
             "seconds": round(time.perf_counter() - t0, 1),

@@ -134,14 +134,15 @@ def _rope_base(config) -> float:
     return float(base or getattr(config, "rope_theta", None) or 10000.0)
 
 
-def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors: dict, weights: str) -> None:
+def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors: dict, weights: str,
+           neutralised: bool) -> None:
     writer = gguf.GGUFWriter(path, arch)
     for add, *values in keys:
         add(writer, *values)
     for key, value, vtype, sub in tokenizer:
         writer.add_key_value(key, value, vtype, sub)
     for name, array in tensors.items():
-        data, qtype = encode(name, array, weights)
+        data, qtype = encode(name, array, weights, neutralised)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (QT.F32, QT.F16) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -167,7 +168,12 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     layout = check_mla(loaded, align)
     selection = (mla.get("plan") or {}).get("selection", "?")
     eps = _float_eps(config)
-    beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim), eps)
+    learned = mla.get("latent_norm_eps") is not None
+    if learned and abs(float(np.float32(mla["latent_norm_eps"])) - eps) > 0:
+        raise ValueError(f"the model's latent norm uses eps {mla['latent_norm_eps']}, but llama.cpp's attn_kv_a_norm "
+                         f"uses the model's rms_norm_eps ({eps}); train the latent norm with the model's eps")
+    beta, headroom = (1.0, float("inf")) if learned else latent_scale(
+        latent_mean_squares(model, windows, layout.latent_dim), eps)
     tensors = common_tensors(model)
     for i, attn in enumerate(layers):
         for key, value in mla_layer_tensors(attn, layout, i, beta, eps).items():
@@ -183,11 +189,14 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
         (W.add_expert_weights_scale, 1.0),
         (W.add_string, "edge_mla.format", mla.get("format", "edge-mla/1")),
         (W.add_string, "edge_mla.selection", selection),
-        (W.add_uint32, "edge_mla.latent_dim", C), (W.add_uint32, "edge_mla.rope_dim", R),
-        (W.add_float32, "edge_mla.latent_scale", beta),
-        (W.add_float32, "edge_mla.latent_headroom", min(headroom, 3e38))]
+        (W.add_uint32, "edge_mla.latent_dim", C), (W.add_uint32, "edge_mla.rope_dim", R)]
+    if not learned:
+        keys += [(W.add_float32, "edge_mla.latent_scale", beta),
+                 (W.add_float32, "edge_mla.latent_headroom", min(headroom, 3e38))]
     notes = [f"rope: {R // 2} pairs on llama.cpp's grid (stride {layout.stride}), base {layout.freq_base:.6g}; "
              f"cache row C + R = {Cp} + {Rp} (folder: {C} + {R}{'; zero-padded' if (Cp, Rp) != (C, R) else ''})",
+             "latent norm: the model's own, learned (attn_kv_a_norm); kv_a quantized like the other weights"
+             if learned else
              f"latent norm neutralised: latent rows x 2^{round(math.log2(beta))}, norm weight sqrt(eps)/beta; "
              f"calibration max mean(c^2) could grow {headroom:.3g}x and stay exact in float32"]
     return "deepseek2", keys, tensors, notes
@@ -296,11 +305,13 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
-        windows = calibration_windows(loaded.tokenizer, text, count=calib_windows, length=calib_length)
+        windows = None if loaded.mla.get("latent_norm_eps") is not None else calibration_windows(
+            loaded.tokenizer, text, count=calib_windows, length=calib_length)  # the neutralisation's headroom
         arch, keys, tensors, notes = mla_export(loaded, align, windows)
     else:
         arch, keys, tensors, notes = plain_export(loaded)
     keys = keys + provenance_keys(loaded, weights, cache_type, text)
+    neutralised = arch == "deepseek2" and loaded.mla.get("latent_norm_eps") is None  # kv_a keeps an 8-bit exponent
     del loaded
     # q4_k: an F32 file first; llama.cpp's quantizer then sets the file type itself.
     keys = keys + [(gguf.GGUFWriter.add_file_type, int(FILE_TYPES["f32" if weights == "q4_k" else weights]))]
@@ -309,11 +320,11 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     with staged_file(out) as final:
         if weights == "q4_k":
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights)
+                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights, neutralised)
                 del tensors
-                llama_quantize(Path(tmp) / "f32.gguf", final, mla=arch == "deepseek2", threads=threads)
+                llama_quantize(Path(tmp) / "f32.gguf", final, neutralised=neutralised, threads=threads)
         else:
-            _write(final, arch, keys, tokenizer, tensors, weights)
+            _write(final, arch, keys, tokenizer, tensors, weights, neutralised)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
     info.path = out
     return info, notes
@@ -348,21 +359,21 @@ def _quantizer():
     return llama_cpp
 
 
-def llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
+def llama_quantize(src: Path, dst: Path, *, neutralised: bool, threads: int | None = None) -> None:
     """Q4_K_M through llama.cpp's quantizer (in a child process: native code that can crash)."""
     from edge_mla.runtimes.llamacpp import run_isolated
 
     _quantizer()  # a missing package is named here, not in the child
-    run_isolated(_llama_quantize, src, dst, mla=mla, threads=threads)
+    run_isolated(_llama_quantize, src, dst, neutralised=neutralised, threads=threads)
 
 
-def _llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
+def _llama_quantize(src: Path, dst: Path, *, neutralised: bool, threads: int | None = None) -> None:
     """attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
     llama_cpp = _quantizer()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = threads or os.cpu_count() or 1
-    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if mla else []
+    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if neutralised else []
     overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
     for slot, (pattern, qtype) in zip(overrides, rules):
         slot.pattern, slot.type = pattern, int(qtype)

@@ -119,7 +119,8 @@ def check_nope_dim(nope_dim: int) -> None:
 
 
 def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
-    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes)."""
+    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes). A model trained
+    with a latent norm (attn.latent_norm) keeps it as attn_kv_a_norm; otherwise the norm is neutralised by beta."""
     H, G, N, R, C, d = (attn.num_heads, attn.num_groups, attn.nope_dim, attn.rope_dim, attn.latent_dim,
                         attn.head_dim)
     Rp, Cp, P = layout.rope_dim, layout.latent_dim, R // 2
@@ -137,7 +138,12 @@ def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: fl
     q_out[:, N + 2 * ch + 1] = q[:, N + P:] * rope_gain
     kv = to_numpy(attn.kv_a_proj.weight)
     kv_out = np.zeros((Cp + Rp, E))
-    kv_out[:C] = kv[:C] * beta  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
+    learned = attn.latent_norm is not None
+    if learned and Cp != C:
+        raise ValueError(f"a learned latent norm averages over the latent's {C} channels, but llama.cpp's would "
+                         f"average over {Cp} (padded to a multiple of the cache's 32-blocks); convert with a "
+                         "latent width that is a multiple of 32")
+    kv_out[:C] = kv[:C] * (1.0 if learned else beta)  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
     kv_out[Cp + 2 * ch] = kv[C:C + P]
     kv_out[Cp + 2 * ch + 1] = kv[C + P:]
     group = np.arange(H) // (H // G)
@@ -147,7 +153,8 @@ def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: fl
     v_b = np.zeros((H, d, Cp))
     v_b[:, :, :C] = v_up[group]
     return {"attn_q.weight": q_out.reshape(H * (N + Rp), E), "attn_kv_a_mqa.weight": kv_out,
-            "attn_kv_a_norm.weight": np.full(Cp, math.sqrt(eps) / beta),
+            "attn_kv_a_norm.weight": (to_numpy(attn.latent_norm.weight) if learned else
+                                      np.full(Cp, math.sqrt(eps) / beta)),
             "attn_k_b.weight": k_b, "attn_v_b.weight": v_b, "attn_output.weight": to_numpy(attn.o_proj.weight)}
 
 
@@ -200,14 +207,14 @@ def common_tensors(model) -> dict:
 EIGHT_BIT_UNDER_Q4_0 = ("attn_k_b.weight", "attn_v_b.weight")
 
 
-def tensor_type(name: str, shape: tuple, weights: str) -> QT:
-    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa keeps an 8-bit exponent: its latent rows are
-    scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized
-    weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
+def tensor_type(name: str, shape: tuple, weights: str, neutralised: bool = True) -> QT:
+    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa of a neutralised latent norm keeps an 8-bit
+    exponent: its latent rows are scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32
+    (BF16 next to quantized weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
     q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
     if len(shape) == 1 or weights in ("f32", "q4_k"):
         return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
-    if name.endswith("attn_kv_a_mqa.weight"):
+    if neutralised and name.endswith("attn_kv_a_mqa.weight"):
         return QT.F32 if weights == "f16" else KV_A_QUANTIZED
     if weights == "f16":
         return QT.F16
@@ -216,8 +223,8 @@ def tensor_type(name: str, shape: tuple, weights: str) -> QT:
     return qtype if shape[-1] % 32 == 0 else QT.F16
 
 
-def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
-    qtype = tensor_type(name, array.shape, weights)
+def encode(name: str, array: np.ndarray, weights: str, neutralised: bool = True) -> tuple[np.ndarray, QT]:
+    qtype = tensor_type(name, array.shape, weights, neutralised)
     if qtype == QT.F32:
         return array.astype(np.float32), qtype
     if qtype == QT.F16:

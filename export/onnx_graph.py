@@ -282,6 +282,8 @@ class Decoder:
     rope_dim: int = 0
     latent_dim: int = 0  # C as exported (padded so that C + R suits the attention kernel)
     latent_rotation: np.ndarray | None = None  # orthogonal Q: the cache holds Q c (None: c itself)
+    latent_norm_eps: float | None = None  # a learned latent RMSNorm (layer["latent_norm"]) over the first
+    latent_channels: int = 0  # ... latent_channels (C before padding); None: no latent norm
     # baseline
     kv_heads: int = 0
     inv_freq: np.ndarray | None = None
@@ -371,6 +373,14 @@ def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
     return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
 
 
+def _latent_norm(g: Graph, x: str, w: np.ndarray, eps: float, channels: int, name: str) -> str:
+    """RMSNorm of the latent x [B, S, C'] over its first `channels` (the rest is zero padding): the mean square
+    divides by `channels`, not C', so the padding changes nothing."""
+    mean = g.op("Mul", [g.op("ReduceSumSquare", [x, g.const([-1])], keepdims=1), g.const(1.0 / channels, np.float32)])
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)])])])
+    return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
+
+
 def _head_norm(g: Graph, x: str, w: np.ndarray, eps: float, d: int, name: str) -> str:
     """RMSNorm of every d-wide head of x [B, S, heads * d]."""
     heads = g.op("Reshape", [x, g.const([0, 0, -1, d])])
@@ -424,6 +434,9 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
         b = np.concatenate([b_q[:, :N].ravel(), b_q[:, N:].ravel(), layer["kv_a_bias"]])
     proj = _matmul(g, x, w, f"layers.{i}.attn.q_kv_a", opts, b)
     q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
+    if dec.latent_norm_eps is not None:
+        latent = _latent_norm(g, latent, layer["latent_norm"], dec.latent_norm_eps, dec.latent_channels,
+                              f"layers.{i}.attn.latent_norm")
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
     q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],

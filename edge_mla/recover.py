@@ -215,19 +215,30 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # The projections the runtimes store at 4 bits under --bits 4 (blocks of 32 along the input dimension, in llama.cpp's
-# q4_0 and onnxruntime's MatMulNBits alike); the per-head up-projections stay 8-bit (gguf_tensors).
+# q4_0 and onnxruntime's MatMulNBits alike). kv_a joins them once the latent norm is learned (no eps-dominance
+# scaling to keep), and the up-projections when the recovery trains through them (`up_projections`).
 FOUR_BIT_WEIGHTS = ("q_proj.weight", "o_proj.weight")
 
 
-def q4_0_weights(attn: MLAAttention) -> dict:
-    """Straight-through q4_0 round trips of the block's 4-bit weights, for torch.func.functional_call."""
+def q4_0_weights(attn: MLAAttention, up_projections: bool = False) -> dict:
+    """Straight-through q4_0 round trips of the block's 4-bit weights, blocked as llama.cpp stores them, for
+    torch.func.functional_call: projections along their input rows; k_up [G, N, C] as attn_k_b rows of N; v_up
+    [G, d, C] as attn_v_b rows of C."""
     ste = straight_through(q4_0_roundtrip)
-    return {name: ste(p) for name, p in attn.named_parameters()
-            if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+    names = FOUR_BIT_WEIGHTS + (("kv_a_proj.weight",) if attn.latent_norm is not None else ())
+    out = {name: ste(p) for name, p in attn.named_parameters()
+           if name in names and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+    if up_projections:
+        if attn.nope_dim % Q4_BLOCK == 0:
+            out["k_up"] = ste(attn.k_up.transpose(1, 2)).transpose(1, 2)
+        if attn.latent_dim % Q4_BLOCK == 0:
+            out["v_up"] = ste(attn.v_up)
+    return out
 
 
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                    batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16) -> dict:
+                    batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16,
+                    up_projections: bool = False) -> dict:
     """Adam on one MLA block so that attn(x) matches the original block's output y (x, y: [n, T, E]), with a cosine
     learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. a straight_through
     quantizer) is used as set. Returns relative MSE (over all windows) before and after, and seconds."""
@@ -248,7 +259,7 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         if weight_bits == 4:  # train through the 4-bit weights the runtimes will hold
-            out = torch.func.functional_call(attn, q4_0_weights(attn), (x[idx],))[0]
+            out = torch.func.functional_call(attn, q4_0_weights(attn, up_projections), (x[idx],))[0]
         else:
             out = attn(x[idx])[0]
         loss = F.mse_loss(out, y[idx]) / scale
@@ -271,7 +282,7 @@ def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> 
 
 def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: int = 300, lr: float = 1e-4,
                       batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None,
-                      weight_bits: int = 16) -> list[dict]:
+                      weight_bits: int = 16, up_projections: bool = False) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
     `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
     the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
@@ -284,7 +295,8 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
     for i, attn in enumerate(layers):
         saved = attn.cache_quant
         attn.cache_quant = cache_quant
-        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i, weight_bits=weight_bits)
+        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i, weight_bits=weight_bits,
+                            up_projections=up_projections)
         attn.cache_quant = saved
         ins[i] = outs[i] = None  # free as we go
         stats.append({"layer": i, **s})
@@ -294,11 +306,13 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
 
 
 def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
-                      weight_bits: int = 16, latent_norm: bool = False) -> dict:
+                      weight_bits: int = 16, latent_norm: bool = False, up_projections: bool = False) -> dict:
     """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
     (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
     original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
-    when cache_bits is 4. Returns a summary for report.json."""
+    when cache_bits is 4 and through the 4-bit weights when weight_bits is 4 (the up-projections too with
+    up_projections: recorded in config.mla, so the exporters store them at 4 bits). latent_norm: a learned latent
+    RMSNorm, which llama.cpp's deepseek2 has; GGUF kv_a is then 4-bit too. Returns a summary for report.json."""
     layers = mla_layers(model)
     C = layers[0].latent_dim
     aligned = C % Q4_BLOCK == 0
@@ -311,12 +325,16 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
     quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
     t0 = time.perf_counter()
     tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
+    up_projections = up_projections and weight_bits == 4
     stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io,
-                              weight_bits=weight_bits)
+                              weight_bits=weight_bits, up_projections=up_projections)
+    if up_projections:
+        model.config.mla["four_bit_up_projections"] = True
+    four_bit = sorted(q4_0_weights(layers[0], up_projections)) if weight_bits == 4 else []
     return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
             "latent_rotation": "block Hadamard (32)" if aligned else None, "latent_norm": latent_norm,
             "trained_through": ("q4_0 cache" if quant else "float cache") + (
-                f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if weight_bits == 4 else "") + " (straight-through)",
+                f", 4-bit {', '.join(four_bit)}" if four_bit else "") + " (straight-through)",
             "seconds": round(time.perf_counter() - t0, 1),
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

@@ -135,14 +135,14 @@ def _rope_base(config) -> float:
 
 
 def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors: dict, weights: str,
-           neutralised: bool) -> None:
+           mla: dict | None) -> None:
     writer = gguf.GGUFWriter(path, arch)
     for add, *values in keys:
         add(writer, *values)
     for key, value, vtype, sub in tokenizer:
         writer.add_key_value(key, value, vtype, sub)
     for name, array in tensors.items():
-        data, qtype = encode(name, array, weights, neutralised)
+        data, qtype = encode(name, array, weights, mla)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (QT.F32, QT.F16) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -311,7 +311,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     else:
         arch, keys, tensors, notes = plain_export(loaded)
     keys = keys + provenance_keys(loaded, weights, cache_type, text)
-    neutralised = arch == "deepseek2" and loaded.mla.get("latent_norm_eps") is None  # kv_a keeps an 8-bit exponent
+    mla = loaded.mla  # what the model was trained for decides some tensors' types
     del loaded
     # q4_k: an F32 file first; llama.cpp's quantizer then sets the file type itself.
     keys = keys + [(gguf.GGUFWriter.add_file_type, int(FILE_TYPES["f32" if weights == "q4_k" else weights]))]
@@ -320,11 +320,12 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     with staged_file(out) as final:
         if weights == "q4_k":
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights, neutralised)
+                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights, mla)
                 del tensors
-                llama_quantize(Path(tmp) / "f32.gguf", final, neutralised=neutralised, threads=threads)
+                llama_quantize(Path(tmp) / "f32.gguf", final,
+                               neutralised=mla is not None and mla.get("latent_norm_eps") is None, threads=threads)
         else:
-            _write(final, arch, keys, tokenizer, tensors, weights, neutralised)
+            _write(final, arch, keys, tokenizer, tensors, weights, mla)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
     info.path = out
     return info, notes

@@ -207,24 +207,27 @@ def common_tensors(model) -> dict:
 EIGHT_BIT_UNDER_Q4_0 = ("attn_k_b.weight", "attn_v_b.weight")
 
 
-def tensor_type(name: str, shape: tuple, weights: str, neutralised: bool = True) -> QT:
-    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa of a neutralised latent norm keeps an 8-bit
-    exponent: its latent rows are scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32
-    (BF16 next to quantized weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
+def tensor_type(name: str, shape: tuple, weights: str, mla: dict | None = None) -> QT:
+    """Storage type of one tensor; `mla` says what the model was trained for (config.mla). Norms stay F32.
+    attn_kv_a_mqa of a neutralised latent norm (no learned one) keeps an 8-bit exponent: its latent rows are scaled
+    by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized weights: the same
+    8-bit precision, half the bytes of F32). The up-projections stay 8-bit under q4_0 unless the recovery trained
+    through their 4-bit round trip. Rows that are no multiple of 32 stay F16; with
     q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
     if len(shape) == 1 or weights in ("f32", "q4_k"):
         return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
-    if neutralised and name.endswith("attn_kv_a_mqa.weight"):
+    mla = mla or {}
+    if mla.get("latent_norm_eps") is None and name.endswith("attn_kv_a_mqa.weight"):
         return QT.F32 if weights == "f16" else KV_A_QUANTIZED
     if weights == "f16":
         return QT.F16
     qtype = QT.Q8_0 if weights == "q8_0" or name in ("token_embd.weight", "output.weight") or \
-        name.endswith(EIGHT_BIT_UNDER_Q4_0) else QT.Q4_0
+        (name.endswith(EIGHT_BIT_UNDER_Q4_0) and not mla.get("four_bit_up_projections")) else QT.Q4_0
     return qtype if shape[-1] % 32 == 0 else QT.F16
 
 
-def encode(name: str, array: np.ndarray, weights: str, neutralised: bool = True) -> tuple[np.ndarray, QT]:
-    qtype = tensor_type(name, array.shape, weights, neutralised)
+def encode(name: str, array: np.ndarray, weights: str, mla: dict | None = None) -> tuple[np.ndarray, QT]:
+    qtype = tensor_type(name, array.shape, weights, mla)
     if qtype == QT.F32:
         return array.astype(np.float32), qtype
     if qtype == QT.F16:

@@ -396,8 +396,10 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     quantized = weight_bits in (4, 8)
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
                               tie_head=dec.tied and not quantized, block_size=block_size,
-                              # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md)
-                              up_bits=8 if quantized else weight_bits)
+                              # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md),
+                              # unless the recovery trained through their 4-bit round trip
+                              up_bits=(4 if weight_bits == 4 and (getattr(model.config, "mla", None) or {}).get(
+                                  "four_bit_up_projections") else 8) if quantized else weight_bits)
     calib = None
     if kv_bits in (4, 8):
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it

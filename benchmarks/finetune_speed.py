@@ -2,7 +2,8 @@
 one training step (teacher forward, student forward and backward, loss, AdamW), variant by variant, on a converted
 SmolLM2-135M (random weights of its shape are as good for timing and need no download).
 
-    python benchmarks/finetune_speed.py --model smollm2-135m --latent 128 --json docs/results/finetune_speed.json
+    python benchmarks/finetune_speed.py --model random:config.json --latent 64 --profile \
+        --json docs/results/finetune_speed_compiled.json
 
 Variants: `before` is the loop as it was (output-head loss in checkpointed chunks: student and teacher logits
 computed twice); then the one-pass head loss (finetune.HeadLoss), larger micro-batches, torch.compile of the

@@ -232,7 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student, the teacher and the head loss (GPU)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_finetune)

@@ -7,7 +7,9 @@ gradient checkpointing, the paper's schedule (linear warm-up, constant, 1-sqrt d
 resume. Distillation adds KL(teacher || student) on the original model's logits (X-EcoMLA). Options that make the
 recovery stick at deployment: `cache_bits=4` trains through llama.cpp's q4_0 round trip of the cached row
 [c | k_rope] (straight-through), and `self_distill_tokens` adds text sampled from the original model itself
-(edge_mla/selfdistill.py) to the training text, so the model is taught back rather than a domain.
+(edge_mla/selfdistill.py) to the training text, so the model is taught back rather than a domain. Speed: `compile`
+compiles student, teacher and the head loss's chunk math; `cache_teacher` keeps the frozen teacher's hidden states of
+every row after its first pass. `fsdp` shards the model over the processes (torch's fully_shard) instead of DDP.
 """
 from __future__ import annotations
 

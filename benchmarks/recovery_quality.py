@@ -44,6 +44,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-transforms", action="store_true",
                     help="skip the exact q4_0-friendly transform (a Hadamard within each 32-block of the latent)")
+    ap.add_argument("--softness", type=float, default=rc.LATENT_NORM_SOFTNESS,
+                    help="ste-norm: the latent norm's eps over the latent's median mean square")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
     args = ap.parse_args()
@@ -89,8 +91,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 io = rc.collect_attention_io(src.model, calib)
                 if mode == "ste-norm":
-                    for attn, x in zip(mla_layers(model), io[0]):
-                        rc.install_latent_norm(attn, x, float(src.model.config.rms_norm_eps))
+                    rc.install_latent_norms(model, io[0], softness=args.softness)
                 rc.recover_layerwise(None, model, None, steps=args.steps, lr=args.lr, batch=args.batch, io=io,
                                      params=args.params,
                                      cache_quant=rc.straight_through(q4) if mode.startswith("ste") else None)

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from edge_mla.mla import MLAAttention, mla_layers
+from edge_mla.mla import MLAAttention, latent_row_scale, mla_layers
 
 Q4_BLOCK = 32
 
@@ -155,30 +155,34 @@ def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
     attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
 
 
+# The latent norm's eps over the latent's median mean square on calibration text: with eps = 10 x that, a typical
+# token's scale changes by under 5% when its mean square halves or doubles, so the norm starts nearly linear
+# (measured: a plain norm, eps = the model's, costs 6% perplexity after recovery, docs/recovery.md).
+LATENT_NORM_SOFTNESS = 10.0
+
+
 @torch.no_grad()
-def install_latent_norm(attn: MLAAttention, x: torch.Tensor, eps: float) -> float:
-    """Give the block a latent RMSNorm whose weight is the latent's mean RMS over the inputs x [n, T, E]: the
-    normed latent then keeps its typical size, so the block starts close to what it computed (exact for tokens
-    of average RMS) and training makes up the rest. Returns that mean RMS."""
+def install_latent_norm(attn: MLAAttention, x: torch.Tensor, softness: float = LATENT_NORM_SOFTNESS) -> float:
+    """Give the block a latent RMSNorm, fitted to its inputs x [n, T, E]: eps = softness x the latent's median mean
+    square (nearly linear), weight = the mean of sqrt(mean(c^2) + eps) so a typical token keeps its size; the block
+    starts close to what it computed and training makes up the rest. Returns eps."""
     from torch import nn
 
     C = attn.latent_dim
-    rms = torch.cat([attn.kv_a_proj(x[i:i + 1].to(attn.kv_a_proj.weight.dtype))[..., :C].float().pow(2).mean(-1)
-                     .add(eps).sqrt().flatten() for i in range(x.shape[0])])
+    mean_squares = torch.cat([attn.kv_a_proj(x[i:i + 1].to(attn.kv_a_proj.weight.dtype))[..., :C].double().pow(2)
+                              .mean(-1).flatten() for i in range(x.shape[0])])
+    eps = float(softness * mean_squares.median()) or float(attn.model_eps)
     norm = nn.RMSNorm(C, eps=eps).to(device=attn.kv_a_proj.weight.device, dtype=attn.kv_a_proj.weight.dtype)
-    norm.weight.fill_(rms.mean())
+    norm.weight.fill_(float((mean_squares + eps).sqrt().mean()))
     attn.latent_norm = norm
-    return float(rms.mean())
+    return eps
 
 
-def install_latent_norms(model, inputs: list[torch.Tensor]) -> None:
-    """A latent RMSNorm in every MLA block (install_latent_norm), with the model's own RMSNorm eps as llama.cpp's
-    attn_kv_a_norm uses it; recorded in config.mla so the saved folder and the exporters know. inputs: per layer,
-    the block's inputs [n, T, E] (collect_attention_io)."""
-    eps = float(model.config.rms_norm_eps)
-    for attn, x in zip(mla_layers(model), inputs):
-        install_latent_norm(attn, x, eps)
-    model.config.mla["latent_norm_eps"] = eps
+def install_latent_norms(model, inputs: list[torch.Tensor], softness: float = LATENT_NORM_SOFTNESS) -> None:
+    """A latent RMSNorm in every MLA block (install_latent_norm); the eps per layer is recorded in config.mla so the
+    saved folder and the exporters know. inputs: per layer, the block's inputs [n, T, E] (collect_attention_io)."""
+    model.config.mla["latent_norm_eps"] = [install_latent_norm(attn, x, softness)
+                                           for attn, x in zip(mla_layers(model), inputs)]
 
 
 # ----------------------------------------------------------------------------- layer-wise distillation
@@ -225,9 +229,14 @@ def q4_0_weights(attn: MLAAttention, up_projections: bool = False) -> dict:
     torch.func.functional_call: projections along their input rows; k_up [G, N, C] as attn_k_b rows of N; v_up
     [G, d, C] as attn_v_b rows of C."""
     ste = straight_through(q4_0_roundtrip)
-    names = FOUR_BIT_WEIGHTS + (("kv_a_proj.weight",) if attn.latent_norm is not None else ())
     out = {name: ste(p) for name, p in attn.named_parameters()
-           if name in names and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+           if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+    w = attn.kv_a_proj.weight
+    if attn.latent_norm is not None and w.shape[-1] % Q4_BLOCK == 0:
+        # the GGUF stores the latent rows times latent_row_scale (tiny: its q4_0 scales may be fp16 subnormals)
+        s = torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        s[:attn.latent_dim] = latent_row_scale(attn)
+        out["kv_a_proj.weight"] = ste(w * s) / s
     if up_projections:
         if attn.nope_dim % Q4_BLOCK == 0:
             out["k_up"] = ste(attn.k_up.transpose(1, 2)).transpose(1, 2)

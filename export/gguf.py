@@ -169,9 +169,6 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     selection = (mla.get("plan") or {}).get("selection", "?")
     eps = _float_eps(config)
     learned = mla.get("latent_norm_eps") is not None
-    if learned and abs(float(np.float32(mla["latent_norm_eps"])) - eps) > 0:
-        raise ValueError(f"the model's latent norm uses eps {mla['latent_norm_eps']}, but llama.cpp's attn_kv_a_norm "
-                         f"uses the model's rms_norm_eps ({eps}); train the latent norm with the model's eps")
     beta, headroom = (1.0, float("inf")) if learned else latent_scale(
         latent_mean_squares(model, windows, layout.latent_dim), eps)
     tensors = common_tensors(model)
@@ -195,7 +192,8 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
                  (W.add_float32, "edge_mla.latent_headroom", min(headroom, 3e38))]
     notes = [f"rope: {R // 2} pairs on llama.cpp's grid (stride {layout.stride}), base {layout.freq_base:.6g}; "
              f"cache row C + R = {Cp} + {Rp} (folder: {C} + {R}{'; zero-padded' if (Cp, Rp) != (C, R) else ''})",
-             "latent norm: the model's own, learned (attn_kv_a_norm); kv_a quantized like the other weights"
+             "latent norm: the model's own, learned (attn_kv_a_norm; its eps carried by the scale of kv_a's latent "
+             "rows)"
              if learned else
              f"latent norm neutralised: latent rows x 2^{round(math.log2(beta))}, norm weight sqrt(eps)/beta; "
              f"calibration max mean(c^2) could grow {headroom:.3g}x and stay exact in float32"]
@@ -322,8 +320,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
                 _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights, mla)
                 del tensors
-                llama_quantize(Path(tmp) / "f32.gguf", final,
-                               neutralised=mla is not None and mla.get("latent_norm_eps") is None, threads=threads)
+                llama_quantize(Path(tmp) / "f32.gguf", final, mla=arch == "deepseek2", threads=threads)
         else:
             _write(final, arch, keys, tokenizer, tensors, weights, mla)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
@@ -360,21 +357,21 @@ def _quantizer():
     return llama_cpp
 
 
-def llama_quantize(src: Path, dst: Path, *, neutralised: bool, threads: int | None = None) -> None:
+def llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
     """Q4_K_M through llama.cpp's quantizer (in a child process: native code that can crash)."""
     from edge_mla.runtimes.llamacpp import run_isolated
 
     _quantizer()  # a missing package is named here, not in the child
-    run_isolated(_llama_quantize, src, dst, neutralised=neutralised, threads=threads)
+    run_isolated(_llama_quantize, src, dst, mla=mla, threads=threads)
 
 
-def _llama_quantize(src: Path, dst: Path, *, neutralised: bool, threads: int | None = None) -> None:
+def _llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
     """attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
     llama_cpp = _quantizer()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
     params.nthread = threads or os.cpu_count() or 1
-    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if neutralised else []
+    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if mla else []
     overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
     for slot, (pattern, qtype) in zip(overrides, rules):
         slot.pattern, slot.type = pattern, int(qtype)

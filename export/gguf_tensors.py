@@ -120,7 +120,10 @@ def check_nope_dim(nope_dim: int) -> None:
 
 def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
     """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes). A model trained
-    with a latent norm (attn.latent_norm) keeps it as attn_kv_a_norm; otherwise the norm is neutralised by beta."""
+    with a latent norm (attn.latent_norm) keeps it as attn_kv_a_norm, its latent rows of kv_a scaled so that the
+    runtime's eps acts as the model's (mla.latent_row_scale); otherwise the norm is neutralised by beta."""
+    from edge_mla.mla import latent_row_scale
+
     H, G, N, R, C, d = (attn.num_heads, attn.num_groups, attn.nope_dim, attn.rope_dim, attn.latent_dim,
                         attn.head_dim)
     Rp, Cp, P = layout.rope_dim, layout.latent_dim, R // 2
@@ -143,7 +146,8 @@ def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: fl
         raise ValueError(f"a learned latent norm averages over the latent's {C} channels, but llama.cpp's would "
                          f"average over {Cp} (padded to a multiple of the cache's 32-blocks); convert with a "
                          "latent width that is a multiple of 32")
-    kv_out[:C] = kv[:C] * (1.0 if learned else beta)  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
+    kv_out[:C] = kv[:C] * (latent_row_scale(attn) if learned else beta)  # neutralised: the RMSNorm then divides
+    # by sqrt(eps) exactly
     kv_out[Cp + 2 * ch] = kv[C:C + P]
     kv_out[Cp + 2 * ch + 1] = kv[C + P:]
     group = np.arange(H) // (H // G)
@@ -209,15 +213,17 @@ EIGHT_BIT_UNDER_Q4_0 = ("attn_k_b.weight", "attn_v_b.weight")
 
 def tensor_type(name: str, shape: tuple, weights: str, mla: dict | None = None) -> QT:
     """Storage type of one tensor; `mla` says what the model was trained for (config.mla). Norms stay F32.
-    attn_kv_a_mqa of a neutralised latent norm (no learned one) keeps an 8-bit exponent: its latent rows are scaled
-    by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized weights: the same
-    8-bit precision, half the bytes of F32). The up-projections stay 8-bit under q4_0 unless the recovery trained
-    through their 4-bit round trip. Rows that are no multiple of 32 stay F16; with
+    attn_kv_a_mqa keeps an 8-bit exponent, F32 (BF16 next to quantized weights: the same 8-bit precision, half the
+    bytes): its latent rows are scaled by 2^-30 or less under a neutralised norm, and by latent_row_scale (~1e-4)
+    under a learned one, which would underflow F16 or q8_0's fp16 scales. Under q4_0 with a learned norm it is Q4_0:
+    its scales are 8x larger than q8_0's, subnormal at worst (about 1% relative), and the recovery trains through
+    exactly that round trip. The up-projections stay 8-bit under q4_0 unless the recovery trained through their
+    4-bit round trip. Rows that are no multiple of 32 stay F16; with
     q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
     if len(shape) == 1 or weights in ("f32", "q4_k"):
         return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
     mla = mla or {}
-    if mla.get("latent_norm_eps") is None and name.endswith("attn_kv_a_mqa.weight"):
+    if name.endswith("attn_kv_a_mqa.weight") and not (weights == "q4_0" and mla.get("latent_norm_eps")):
         return QT.F32 if weights == "f16" else KV_A_QUANTIZED
     if weights == "f16":
         return QT.F16

@@ -282,8 +282,8 @@ class Decoder:
     rope_dim: int = 0
     latent_dim: int = 0  # C as exported (padded so that C + R suits the attention kernel)
     latent_rotation: np.ndarray | None = None  # orthogonal Q: the cache holds Q c (None: c itself)
-    latent_norm_eps: float | None = None  # a learned latent RMSNorm (layer["latent_norm"]) over the first
-    latent_channels: int = 0  # ... latent_channels (C before padding); None: no latent norm
+    latent_norm_eps: list | None = None  # per layer, a learned latent RMSNorm (layer["latent_norm"]) over the
+    latent_channels: int = 0  # ... first latent_channels (C before padding); None: no latent norm
     # baseline
     kv_heads: int = 0
     inv_freq: np.ndarray | None = None
@@ -435,7 +435,7 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     proj = _matmul(g, x, w, f"layers.{i}.attn.q_kv_a", opts, b)
     q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
     if dec.latent_norm_eps is not None:
-        latent = _latent_norm(g, latent, layer["latent_norm"], dec.latent_norm_eps, dec.latent_channels,
+        latent = _latent_norm(g, latent, layer["latent_norm"], dec.latent_norm_eps[i], dec.latent_channels,
                               f"layers.{i}.attn.latent_norm")
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])

@@ -339,7 +339,9 @@ def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.
 
 def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
     """A per-group up-projection [G, K, M] (x [.., K] @ w[g]) at the weights' precision: int4/int8 blocks of
-    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only);
+    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only).
+    int4 is llama.cpp's q4_0 grid exactly (scale = the signed value of largest magnitude / -8, rounded to fp16;
+    codes trunc(x / scale + 8.5) - 8), so the recovery's q4_0 training serves both runtimes;
     fp16 through a Cast; onnxruntime folds either into a float constant at load (the runner asks it to fold
     DequantizeLinear too)."""
     w = w.astype(np.float32)
@@ -352,9 +354,17 @@ def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
     blocks = -(-K // bs)
     padded = np.pad(w, ((0, 0), (0, blocks * bs - K), (0, 0))).reshape(G, blocks, bs, M)
     lo, hi = onnx_quant.CODE_RANGE[opts.up_bits]
-    scale = np.abs(padded).max(2) / hi  # [G, blocks, M]
-    scale[scale == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
-    codes = np.clip(np.rint(padded / scale[:, :, None]), lo, hi).astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
+    if opts.up_bits == 4:
+        peak = np.take_along_axis(padded, np.abs(padded).argmax(2)[:, :, None], 2)[:, :, 0]
+        exact = (peak / -8).astype(np.float32)  # [G, blocks, M]; codes from it, the fp16 rounding stored
+        scale = exact.astype(np.float16).astype(np.float32)
+    else:
+        exact = scale = np.abs(padded).max(2) / hi
+    exact[exact == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
+    inv = (1 / exact)[:, :, None]
+    codes = (np.clip(np.trunc(padded * inv + 8.5), 0, 15) - 8 if opts.up_bits == 4 else
+             np.clip(np.rint(padded * inv), lo, hi))
+    codes = codes.astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
     if opts.up_bits == 4:  # two per byte, low nibble first
         flat = np.append(codes.ravel(), np.int8(0)) if codes.size % 2 else codes.ravel()
         raw = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()

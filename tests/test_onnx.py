@@ -282,6 +282,13 @@ def test_up_projections_are_stored_at_the_weight_bits(bits):
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
     if bits == 16:
         expected = w.astype(np.float16).astype(np.float32)
+    elif bits == 4:  # llama.cpp's q4_0 grid, bit for bit (the recovery trains through it for both runtimes)
+        from gguf import GGMLQuantizationType as QT
+        from gguf.quants import dequantize, quantize
+
+        rows = np.pad(w, ((0, 0), (0, 24), (0, 0))).transpose(0, 2, 1)  # blocks of 32 along K, as rows
+        expected = dequantize(quantize(np.ascontiguousarray(rows), QT.Q4_0), QT.Q4_0).transpose(0, 2, 1)[:, :40]
+        assert np.array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
     else:
         hi = 2 ** (bits - 1) - 1
         expected = np.empty_like(w)

@@ -8,7 +8,8 @@ file sizes and held-out perplexity on two texts (edge_mla.quality: Wikipedia hel
 
 Variants: base = the build before the learned latent norm (float weights in training, neutralised norm, kv_a BF16
 and up-projections 8-bit in the GGUF); norm = a learned latent RMSNorm (kv_a 4-bit); norm-w4 = also trained through
-every 4-bit weight incl. the up-projections, which are then stored at 4 bits; w4 = base trained through 4-bit q/o.
+every 4-bit weight incl. the up-projections, which are then stored at 4 bits; norm-w4-up8 = the same but the
+up-projections trained in float and stored at 8 bits; w4 = base trained through 4-bit q/o.
 """
 from __future__ import annotations
 
@@ -33,7 +34,8 @@ from edge_mla.quality import measure
 from edge_mla.source import load_source
 
 VARIANTS = {"base": {}, "w4": {"weight_bits": 4}, "norm": {"latent_norm": True},
-            "norm-w4": {"latent_norm": True, "weight_bits": 4, "up_projections": True}}
+            "norm-w4": {"latent_norm": True, "weight_bits": 4, "up_projections": True},
+            "norm-w4-up8": {"latent_norm": True, "weight_bits": 4}}
 
 
 def size_mb(path: Path) -> float:

@@ -112,11 +112,15 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             k = 4
             if recover_steps:
                 step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards "
-                               f"the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
-                # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%,
-                # docs/recovery.md). A later, wider try needs the teacher again: it gets copies of the lists.
+                               f"the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}"
+                               f"{' and 4-bit weights' if bits == 4 else ''}, with a learned latent norm")
+                # The latent norm lets the GGUF store kv_a at 4 bits; every 4-bit matrix trained through its q4_0
+                # round trip, which onnxruntime's int4 shares (docs/recovery.md). A later, wider try needs the
+                # teacher again: it gets copies of the lists.
                 io = teacher if last else (list(teacher[0]), list(teacher[1]))
-                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps, cache_bits=kv_bits)
+                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps, cache_bits=kv_bits,
+                                                            weight_bits=bits, latent_norm=True,
+                                                            up_projections=True)
                 k += 1
             if max_quality_loss is None:
                 break

@@ -86,6 +86,16 @@ def mla_cache_q4_0(latent_dim: int, rope: bool = True):
     return apply
 
 
+def shipped_cache_quant(model, cache_bits: int):
+    """The round trip of the cache llama.cpp runs the build's GGUF with, or None: a float or 8-bit cache (8-bit costs
+    nothing measurable, docs/recovery.md), or a row whose latent or rope key does not fill whole q4_0 blocks (the
+    GGUF zero-pads those; not emulated)."""
+    attn = mla_layers(model)[0]
+    if cache_bits != 4 or attn.latent_dim % Q4_BLOCK or attn.rope_dim % Q4_BLOCK:
+        return None
+    return mla_cache_q4_0(attn.latent_dim)
+
+
 def set_cache_quant(model, fn) -> None:
     """Every MLA layer passes its cached row [c | k_rope] through `fn` (None: float cache)."""
     for layer in mla_layers(model):
@@ -329,9 +339,11 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
         rotation = block_hadamard(C)
         for attn in layers:
             rotate_latent(attn, rotation)
+    latent_norm = latent_norm and aligned  # the GGUF's norm averages over the padded latent otherwise
     if latent_norm:  # after the rotation: a norm with one weight for all channels commutes with it
         install_latent_norms(model, io[0])
-    quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
+    quant = shipped_cache_quant(model, cache_bits)
+    quant = quant and straight_through(quant)
     t0 = time.perf_counter()
     tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
     up_projections = up_projections and weight_bits == 4

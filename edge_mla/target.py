@@ -56,11 +56,8 @@ def perplexity_ratio(model, reference: float, windows, kv_bits: int) -> float:
     """Perplexity of a converted model with its shipped cache, over the original's `reference`."""
     from edge_mla import recover
     from edge_mla.eval import perplexity
-    from edge_mla.mla import mla_layers
 
-    latent = mla_layers(model)[0].latent_dim
-    quant = recover.mla_cache_q4_0(latent) if kv_bits == 4 and latent % recover.Q4_BLOCK == 0 else None
-    recover.set_cache_quant(model, quant)
+    recover.set_cache_quant(model, recover.shipped_cache_quant(model, kv_bits))
     try:
         return perplexity(model, windows, desc="quality check") / reference
     finally:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from edge_mla import cli
+from edge_mla.runtimes.gguf_file import check_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-python) is not installed")
 from test_gguf import llama_cpp_runs, tokenizer  # noqa: E402,F401  (fixtures: llama.cpp runs here, probed apart)
@@ -118,7 +119,7 @@ def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tin
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--context", "256", "-o", str(out),
                      "--recover-steps", "20", "--quality-windows", "1", "--quality-length", "64", "--speed-prompt", "0",
-                     "--max-quality-loss", "1000%"])
+                     "--max-quality-loss", "1000%", "--latent", "32"])
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
     assert "[4/6] recovering on the CPU" in captured.out
@@ -126,6 +127,9 @@ def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tin
     assert report["bits"] == 4 and report["kv_bits"] == 4  # --bits 4 means a 4-bit cache too
     recovery = report["recovery"]
     assert recovery["steps_per_layer"] == 20 and recovery["relative_mse_after"] < recovery["relative_mse_before"]
+    # trained through the 4-bit weights it ships, with a learned latent norm: the GGUF's kv_a is 4-bit too
+    assert "4-bit" in recovery["trained_through"] and recovery["latent_norm"]
+    assert check_gguf(out / "model.gguf").tensor_types["blk.0.attn_kv_a_mqa.weight"].name == "Q4_0"
     assert llama_cpp_gguf_cache(out / "model.gguf") == "q4_0"
     assert json.loads((out / "onnx" / "edge_mla_onnx.json").read_text())["cache"]["dtype"] == "int4"
     # the quality target was checked on held-out calibration text and met at the first width
@@ -135,6 +139,4 @@ def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tin
 
 
 def llama_cpp_gguf_cache(path) -> str:
-    from edge_mla.runtimes.gguf_file import check_gguf
-
     return check_gguf(path).cache_type

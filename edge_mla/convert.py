@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
@@ -168,13 +167,21 @@ def one_thread():
 
 
 @torch.no_grad()
-def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "") -> dict:
-    """Convert `model` in place; returns the MLA section that its config now carries."""
+def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "", walk=None,
+            written=None) -> dict:
+    """Convert `model` in place, layer by layer; returns the MLA section that its config now carries. Statistics
+    come from `stats`, or, with `walk` (a layerwise.Walk over calibration windows), are gathered layer by layer as
+    the conversion goes: each layer is loaded, calibrated and converted, then handed to `written(i, layer)`, which
+    may write it out and release it before the next layer is read."""
+    from edge_mla.calibration import layer_stats
+    from edge_mla.layerwise import Progress
+
     config = model.config
     if getattr(config, "mla", None):
         raise SourceError("this model is already converted to MLA")
     plan = resolve_plan(config, plan)
-    if needs_calibration(plan) and stats is None:
+    calibrate = needs_calibration(plan)
+    if calibrate and stats is None and walk is None:
         raise ValueError(f"selection '{plan.selection}' with weighting '{plan.weighting}' needs calibration "
                          "statistics (calibration.collect_stats)")
     rotary = model.model.rotary_emb
@@ -182,17 +189,23 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
     layers = model.model.layers
     uses_rope = families.rope_layers(config)
-    with one_thread():
-        maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config, uses_rope[i])
-                for i, layer in enumerate(layers)]
-    mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
-    first = layers[0].self_attn
-    mla["qkv_bias"] = first.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
-    mla["o_bias"] = first.o_proj.bias is not None  # Llama with attention_bias
-    with one_thread():
-        for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
-            layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
-                                            inv_freq, i)
+    progress = Progress(len(layers), walk.tokens if walk and calibrate else 0, "converting")
+    mla = None
+    for i, layer in enumerate(layers):
+        if walk is not None:
+            walk.load(i)
+        s = (layer_stats(walk, i) if walk is not None else stats[i]) if calibrate else None
+        with one_thread():
+            maps = layer_maps(plan, layer.self_attn, s, config, uses_rope[i])
+            if mla is None:
+                mla = mla_section(config, plan, maps.nope_dim, maps.rope_dim, rope_scaling, source)
+                mla["qkv_bias"] = layer.self_attn.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
+                mla["o_bias"] = layer.self_attn.o_proj.bias is not None  # Llama with attention_bias
+            layer.self_attn = convert_layer(layer.self_attn, maps, plan, s, config, mla, inv_freq, i)
+        if written is not None:
+            written(i, layer)
+        if walk is not None:
+            progress.layer_done(i)
     config.mla = mla
     return mla
 
@@ -276,33 +289,45 @@ def timed(fn, *args, **kwargs):
 
 
 def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_length: int = 1024,
-                          text: str | None = None) -> dict:
-    """Calibrate on text, then convert a loaded `source.Source` in place; returns its MLA section."""
-    from edge_mla.calibration import collect_stats
+                          text: str | None = None, written=None) -> dict:
+    """Calibrate on text and convert a `source.Source` in place, layer by layer (layerwise.Walk: a lazily loaded
+    source is read one layer at a time, and `written(i, layer)` may write and release each converted layer);
+    returns its MLA section."""
     from edge_mla.data import calibration_windows
+    from edge_mla.layerwise import Walk
 
     plan = resolve_plan(src.model.config, plan)
     approximations = None
     if families.has_qk_norm(src.model):  # Qwen3: the q/k norms become calibrated constants (an approximation)
         windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
         approximations = families.fold_qk_norms(src.model, windows)
-    stats = None
+    windows = None
     if needs_calibration(plan):
         windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
-        stats = collect_stats(src.model, windows)
-    mla = convert(src.model, plan, stats, source=src.name)
+    walk = Walk(src.model, src.checkpoint, {"calibration": windows})
+    mla = convert(src.model, plan, source=src.name, walk=walk, written=written)
     if approximations:
         mla["approximations"] = approximations
     if src.gguf is not None:
         mla["source_gguf"] = str(src.gguf)
-    mla["calibration_tokens"] = 0 if stats is None else stats[0].count
+    mla["calibration_tokens"] = 0 if windows is None else int(windows.numel())
     mla["calibration_text"] = text or "built-in Wikipedia sample, calibration part (gensim 4.4.0)"
     return mla
 
 
 def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
                    text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
-    """Calibrate -> convert -> save a loaded `source.Source`. Checks plan and output path before slow steps."""
+    """Calibrate -> convert -> save a `source.Source`. Checks plan and output path before slow steps. A lazily
+    loaded source is written layer by layer as it is converted (one layer resident at a time)."""
+    from edge_mla.layerwise import FolderWriter
+
     out = refuse_existing(out, overwrite)
-    mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text)
-    return save(src.model, src.tokenizer, out, overwrite=overwrite), mla
+    if src.checkpoint is None:
+        mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text)
+        return save(src.model, src.tokenizer, out, overwrite=overwrite), mla
+    with staged_folder(out) as staging:
+        writer = FolderWriter(staging, src.checkpoint, src.model.config.num_hidden_layers)
+        mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text,
+                                    written=writer.layer)
+        writer.finish(src.model.config, src.tokenizer)
+    return out, mla

@@ -71,7 +71,9 @@ def layer_stats(walk, i: int, key: str = "calibration") -> LayerStats:
     """Statistics of layer i (loaded) over the walk's `key` windows; the walk moves on past the layer."""
     layer = walk.model.model.layers[i]
     s = new_stats(walk.model.config)
-    walk.run(i, {key: (stats_hook(s, layer.self_attn, walk.model.config), None)})
+    hook = stats_hook(s, layer.self_attn, walk.model.config)
+    walk.run(i, lambda k, layer: [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)] if k == key
+             else [])
     return s
 
 

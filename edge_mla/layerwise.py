@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -50,16 +51,25 @@ class Checkpoint:
         return name in self.files
 
     def tensor(self, name: str, dtype: torch.dtype | None = torch.float32) -> torch.Tensor:
-        """A copy of one tensor (float32 by default, as the in-memory load gives it; None: as stored)."""
+        """One tensor: a float32 copy by default, as the in-memory load gives it; dtype=None: as stored, backed by
+        the file's memory map (pages are read, and count in RSS, only as they are touched; unmapped when the
+        tensor is freed). Treat that one as read-only."""
         from safetensors import safe_open
 
-        with safe_open(self.files[name], "pt") as f:  # mapped only while copied out
+        from edge_mla.source import SourceError
+
+        if name not in self.files:
+            raise SourceError(f"{self.folder} has no tensor '{name}', which its config.json calls for: the folder is "
+                              "incomplete or not this architecture's checkpoint")
+        with safe_open(self.files[name], "pt") as f:
             t = f.get_tensor(name)
         self.dtypes[name] = t.dtype
-        return t.clone() if dtype is None or t.dtype == dtype else t.to(dtype)
+        if dtype is None:
+            return t
+        return t.clone() if t.dtype == dtype else t.to(dtype)
 
     def rows(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """tensor(name)[ids] without a float32 copy of the whole tensor (the embedding lookup)."""
+        """tensor(name)[ids], touching only those rows (the embedding lookup)."""
         return self.tensor(name, None)[ids].to(dtype)
 
 
@@ -81,8 +91,9 @@ def is_lazy(module: torch.nn.Module) -> bool:
 def load_module(module: torch.nn.Module, prefix: str, checkpoint: Checkpoint) -> torch.nn.Module:
     """Fill a meta module's weights from the checkpoint (names under `prefix`), in float32."""
     module.to_empty(device="cpu")
-    state = {name: checkpoint.tensor(prefix + name) for name in module.state_dict()}
-    module.load_state_dict(state)
+    with torch.no_grad():
+        for name, slot in module.state_dict(keep_vars=True).items():  # one tensor's copy in flight at a time
+            slot.copy_(checkpoint.tensor(prefix + name, None))
     return module
 
 
@@ -147,22 +158,50 @@ class Walk:
         return layer
 
     @torch.no_grad()
-    def run(self, i: int, hooks: dict | None = None) -> None:
-        """Layer i (loaded) over every window set; hooks[key] = (attention pre-hook, attention forward hook) for
-        that set, either None. The hidden states become the layer's outputs."""
+    def run(self, i: int, attach=None) -> None:
+        """Layer i (loaded) over every window set; attach(key, layer) -> hook handles, hooks to hold while the
+        `key` windows run. The hidden states become the layer's outputs."""
         layer = self.model.model.layers[i]
         for key, states in self.hidden.items():
-            pre, post = (hooks or {}).get(key, (None, None))
-            handles = []
-            if pre is not None:
-                handles.append(layer.self_attn.register_forward_pre_hook(pre, with_kwargs=True))
-            if post is not None:
-                handles.append(layer.self_attn.register_forward_hook(post, with_kwargs=True))
+            handles = attach(key, layer) if attach is not None else []
             try:
                 self.hidden[key] = [layer(h, **self.arguments[key][i]) for h in states]
             finally:
                 for h in handles:
                     h.remove()
+
+
+@contextmanager
+def resident(module: torch.nn.Module, prefix: str, checkpoint: Checkpoint | None):
+    """`module` with its weights in memory for the block: read from the checkpoint and released after when it is
+    lazy, as it is otherwise."""
+    if checkpoint is None or not is_lazy(module):
+        yield module
+        return
+    load_module(module, prefix, checkpoint)
+    try:
+        yield module
+    finally:
+        release(module)
+
+
+def layers(model, checkpoint: Checkpoint | None):
+    """(i, decoder layer) with the layer's weights in memory, one layer at a time."""
+    for i, layer in enumerate(model.model.layers):
+        with resident(layer, f"model.layers.{i}.", checkpoint):
+            yield i, layer
+
+
+def weight(model, checkpoint: Checkpoint | None, name: str) -> torch.Tensor:
+    """A parameter of the model by its checkpoint name ("model.embed_tokens.weight"): the resident one, or, on a
+    lazy model, the checkpoint's tensor as stored (memory-mapped: read by whoever converts it, in pieces)."""
+    param = model.get_parameter(name) if name != "lm_head.weight" or not model.config.tie_word_embeddings \
+        else model.get_input_embeddings().weight
+    if not param.is_meta:
+        return param.detach()
+    if name == "lm_head.weight" and model.config.tie_word_embeddings:
+        name = "model.embed_tokens.weight"
+    return checkpoint.tensor(name, None)
 
 
 class FolderWriter:
@@ -171,7 +210,7 @@ class FolderWriter:
     checkpoint's dtype (bf16 -> float32 -> bf16 is exact); the new attention weights are float32, as `save` writes."""
 
     def __init__(self, folder: Path, checkpoint: Checkpoint, n_layers: int):
-        self.folder, self.checkpoint, self.n = Path(folder), checkpoint, n_layers + 1
+        self.folder, self.checkpoint, self.n = Path(folder), checkpoint, n_layers + 2
         self.weight_map, self.total_bytes = {}, 0
 
     def _file(self, k: int) -> str:
@@ -194,7 +233,9 @@ class FolderWriter:
         release(layer)
 
     def finish(self, config, tokenizer) -> None:
-        names = ["model.embed_tokens.weight", "model.norm.weight"]
+        # the two vocabulary-sized tensors in files of their own: one of them in memory at a time
+        self._write(self.n - 2, {"model.embed_tokens.weight": self.checkpoint.tensor("model.embed_tokens.weight", None)})
+        names = ["model.norm.weight"]
         if not getattr(config, "tie_word_embeddings", False) and "lm_head.weight" in self.checkpoint:
             names.append("lm_head.weight")
         self._write(self.n - 1, {name: self.checkpoint.tensor(name, None) for name in names})

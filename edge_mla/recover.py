@@ -293,3 +293,40 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
 
+
+
+class LayerRecovery:
+    """recover_converted, one layer at a time: what the layer-by-layer build (convert.convert's `converted`
+    callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs; the
+    blocks train independently, so the result is the same as recover_converted's."""
+
+    def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16):
+        self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
+        self.stats, self.tokens, self.aligned = [], 0, False
+        self.t0 = None
+
+    def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
+        self.t0 = self.t0 or time.perf_counter()
+        C = attn.latent_dim
+        self.aligned = C % Q4_BLOCK == 0
+        if self.aligned:
+            rotate_latent(attn, block_hadamard(C))
+        quant = straight_through(mla_cache_q4_0(C)) if self.cache_bits == 4 and self.aligned else None
+        saved, attn.cache_quant = attn.cache_quant, quant
+        with torch.enable_grad():  # called from inside the conversion's no_grad
+            s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits)
+        attn.cache_quant = saved
+        self.tokens = int(ins.shape[0] * ins.shape[1])
+        self.stats.append({"layer": i, **s})
+        print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
+              f"({s['seconds']:.1f}s)", flush=True)
+
+    def summary(self) -> dict:
+        stats = self.stats
+        return {"steps_per_layer": self.steps, "lr": self.lr, "teacher_tokens": self.tokens,
+                "latent_rotation": "block Hadamard (32)" if self.aligned else None,
+                "trained_through": ("q4_0 cache" if self.cache_bits == 4 and self.aligned else "float cache") + (
+                    f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if self.weight_bits == 4 else "") + " (straight-through)",
+                "seconds": round(sum(s["seconds"] for s in stats), 1),
+                "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
+                "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

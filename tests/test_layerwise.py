@@ -56,7 +56,7 @@ def test_streamed_conversion_equals_in_memory(tmp_path, tokenizer, kind, plan):
     streamed = load_source(str(folder), lazy=True)
     assert in_memory.checkpoint is None and streamed.checkpoint is not None
     assert all(p.is_meta for p in streamed.model.model.layers.parameters())  # nothing read yet
-    options = dict(calib_windows=2, calib_length=48)
+    options = {"calib_windows": 2, "calib_length": 48}
     _, mla_a = convert_source(in_memory, plan, tmp_path / "a", **options)
     _, mla_b = convert_source(streamed, plan, tmp_path / "b", **options)
     assert mla_a == mla_b
@@ -64,3 +64,65 @@ def test_streamed_conversion_equals_in_memory(tmp_path, tokenizer, kind, plan):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name  # bit for bit
+
+
+def gguf_contents(path):
+    """Every tensor's type, shape and bytes, and every key but the provenance record (it holds a timestamp)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(path)
+    tensors = {t.name: (int(t.tensor_type), list(t.shape), np.asarray(t.data).view(np.uint8).tobytes())
+               for t in reader.tensors}
+    keys = {k: f.contents() for k, f in reader.fields.items() if k != "edge_mla.provenance"}
+    return tensors, keys
+
+
+@pytest.mark.parametrize("kind", ["mistral"])  # tied embeddings: the output head comes from the embedding
+def test_streamed_gguf_equals_in_memory(tmp_path, tokenizer, kind):
+    """The GGUF written from a folder read a layer at a time is byte for byte the one written from the loaded
+    model, for the MLA model and for the original (the build's side-by-side baseline)."""
+    from edge_mla.convert import load_any
+    from edge_mla.export import gguf as gguf_export
+
+    folder = bf16_folder(tmp_path, kind, tokenizer)
+    convert_source(load_source(str(folder), lazy=True), Plan(selection="partition", rope_pairs=2, latent=32),
+                   tmp_path / "mla", calib_windows=2, calib_length=48)
+    for model in (tmp_path / "mla", folder):
+        for weights in ("q4_0",):
+            streamed, in_memory = tmp_path / f"streamed-{weights}.gguf", tmp_path / f"memory-{weights}.gguf"
+            gguf_export.export(str(model), streamed, weights=weights, force=True)
+            src = load_any(model)
+            assert src.checkpoint is None
+            gguf_export.export(src, in_memory, weights=weights, force=True)
+            a, b = gguf_contents(streamed), gguf_contents(in_memory)
+            assert a[0].keys() == b[0].keys() and a == b
+            assert streamed.read_bytes()[:4] == b"GGUF"
+
+
+def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
+    """The build's one pass (each layer calibrated, converted, recovered and written in turn, read from disk) gives
+    the weights of main's order: teacher pass on the whole original, convert, then recover_converted."""
+    from edge_mla import recover
+    from edge_mla.convert import calibrate_and_convert
+    from edge_mla.layerwise import FolderWriter
+
+    folder = bf16_folder(tmp_path, "llama-gqa", tokenizer)
+    plan, options = Plan(selection="shared", rope_pairs=4, latent=32), {"calib_windows": 2, "calib_length": 48}
+    teacher = calibration_windows(seed=3, n=2, length=32)
+
+    reference = load_source(str(folder))
+    io = recover.collect_attention_io(reference.model, teacher)
+    calibrate_and_convert(reference, plan, **options)
+    recover.recover_converted(reference.model, io, steps=5)
+
+    streamed = load_source(str(folder), lazy=True)
+    (tmp_path / "out").mkdir()
+    writer = FolderWriter(tmp_path / "out", streamed.checkpoint, streamed.model.config.num_hidden_layers)
+    recovery = recover.LayerRecovery(steps=5)
+    calibrate_and_convert(streamed, plan, written=writer.layer, teacher=teacher, converted=recovery, **options)
+    writer.finish(streamed.model.config, streamed.tokenizer)
+    assert len(recovery.stats) == 2 and recovery.summary()["latent_rotation"] == "block Hadamard (32)"
+    expected, got = reference.model.state_dict(), load(tmp_path / "out")[0].state_dict()
+    for name in expected:
+        assert torch.equal(expected[name], got[name]), name

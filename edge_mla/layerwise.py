@@ -73,11 +73,27 @@ class Checkpoint:
         return self.tensor(name, None)[ids].to(dtype)
 
 
+def give_back_freed_memory() -> None:
+    """Make glibc return every freed block of 1 MiB or more to the system at once. By default its mmap threshold
+    grows to the largest block freed (up to 32 MiB), after which a layer's tensors come from the heap, which does
+    not shrink: measured on a 16-layer test model, RSS then grew 40-50 MB with every layer read; with a fixed
+    threshold it stays flat (tests/test_memory_cap.py). No-op where libc is not glibc."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
+
+
 def lazy_model(config):
     """The model's modules with every weight on the meta device; the final norm and the rotary tables are made on
     the CPU (small, and the model's own forward needs them to hand each layer its arguments)."""
     from transformers import AutoModelForCausalLM
 
+    give_back_freed_memory()
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.model.rotary_emb = type(model.model.rotary_emb)(config=config)

@@ -2,7 +2,7 @@
 
 A source folder of safetensors is opened as a `Checkpoint` (tensors read one by one from the memory-mapped files,
 each file mapped only while a tensor is copied out, so its pages do not stay in this process's RSS) and a model
-skeleton on the meta device (`lazy_model`): only the final norm and the rotary tables are resident. `Walk` carries
+skeleton on the meta device (`lazy_model`): only the rotary tables are resident. `Walk` carries
 token windows through the layers as hidden states: each layer is loaded, run over every window (hooks gather what
 a later step needs), and handed back; the caller converts it, writes it and releases it before the next is read.
 A model already in memory walks the same way (loading and releasing are then no-ops), so there is one path.
@@ -68,6 +68,15 @@ class Checkpoint:
             return t
         return t.clone() if t.dtype == dtype else t.to(dtype)
 
+    def sliced(self, name: str) -> "Rows":
+        """The tensor as row slices read on demand (each read maps the file only while it copies the rows out):
+        a vocabulary-sized matrix converted piece by piece without its pages piling up in RSS."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as f:
+            shape = tuple(f.get_slice(name).get_shape())
+        return Rows(self, name, shape)
+
     def rows(self, name: str, ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """tensor(name)[ids], touching only those rows (the embedding lookup)."""
         return self.tensor(name, None)[ids].to(dtype)
@@ -88,9 +97,22 @@ def give_back_freed_memory() -> None:
         pass
 
 
+class Rows:
+    """A checkpoint tensor read by row slices: rows[a:b] is a torch tensor as stored."""
+
+    def __init__(self, checkpoint: Checkpoint, name: str, shape: tuple[int, ...]):
+        self.checkpoint, self.name, self.shape, self.ndim = checkpoint, name, shape, len(shape)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        from safetensors import safe_open
+
+        with safe_open(self.checkpoint.files[self.name], "pt") as f:
+            return f.get_slice(self.name)[rows]
+
+
 def lazy_model(config):
-    """The model's modules with every weight on the meta device; the final norm and the rotary tables are made on
-    the CPU (small, and the model's own forward needs them to hand each layer its arguments)."""
+    """The model's modules with every weight on the meta device; only the rotary tables are made on the CPU (the
+    model's own forward needs them to hand each layer its arguments, layer_arguments)."""
     from transformers import AutoModelForCausalLM
 
     give_back_freed_memory()
@@ -201,23 +223,27 @@ def resident(module: torch.nn.Module, prefix: str, checkpoint: Checkpoint | None
         release(module)
 
 
-def layers(model, checkpoint: Checkpoint | None):
-    """(i, decoder layer) with the layer's weights in memory, one layer at a time."""
+def layers(model, checkpoint: Checkpoint | None, what: str | None = None):
+    """(i, decoder layer) with the layer's weights in memory, one layer at a time; with `what`, a progress line
+    after each."""
+    progress = Progress(len(model.model.layers), 0, what) if what else None
     for i, layer in enumerate(model.model.layers):
         with resident(layer, f"model.layers.{i}.", checkpoint):
             yield i, layer
+        if progress:
+            progress.layer_done(i)
 
 
 def weight(model, checkpoint: Checkpoint | None, name: str) -> torch.Tensor:
     """A parameter of the model by its checkpoint name ("model.embed_tokens.weight"): the resident one, or, on a
-    lazy model, the checkpoint's tensor as stored (memory-mapped: read by whoever converts it, in pieces)."""
+    lazy model, the checkpoint's (a matrix as `Rows`, read by whoever converts it, in pieces)."""
     param = model.get_parameter(name) if name != "lm_head.weight" or not model.config.tie_word_embeddings \
         else model.get_input_embeddings().weight
     if not param.is_meta:
         return param.detach()
     if name == "lm_head.weight" and model.config.tie_word_embeddings:
         name = "model.embed_tokens.weight"
-    return checkpoint.tensor(name, None)
+    return checkpoint.sliced(name) if len(param.shape) == 2 else checkpoint.tensor(name, None)
 
 
 class FolderWriter:

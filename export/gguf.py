@@ -177,7 +177,7 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
 
     def tensors():  # one layer in memory at a time
         yield from head_tensors(model, loaded.checkpoint).items()
-        for i, layer in layers(model, loaded.checkpoint):
+        for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
             yield from ffn_tensors(layer, i).items()
             for key, value in mla_layer_tensors(layer.self_attn, layout, i, beta, eps).items():
                 yield f"blk.{i}.{key}", value
@@ -274,7 +274,7 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
 
     def tensors():  # one layer in memory at a time
         yield from head_tensors(model, loaded.checkpoint).items()
-        for i, layer in layers(model, loaded.checkpoint):
+        for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
             yield from ffn_tensors(layer, i).items()
             for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
                 yield f"blk.{i}.{key}", value

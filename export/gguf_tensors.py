@@ -228,15 +228,21 @@ ROWS_PER_PIECE = 4096  # a vocabulary-sized tensor is converted and quantized th
 
 
 def encode_rows(name: str, t, weights: str) -> tuple[np.ndarray, QT]:
-    """encode() of a numpy array or torch tensor, piece by piece along its rows (every ggml type quantizes each
-    row on its own, so the bytes are the same): never a float32 or float64 copy of a whole vocabulary matrix."""
-    as_numpy = (lambda x: x.float().numpy()) if hasattr(t, "numpy") and not isinstance(t, np.ndarray) else \
-        (lambda x: x)
+    """encode() of a numpy array, torch tensor or layerwise.Rows, piece by piece along its rows into one
+    preallocated result (every ggml type quantizes each row on its own, so the bytes are the same): never a float32
+    or float64 copy of a whole vocabulary matrix."""
+    def as_numpy(x):
+        return x if isinstance(x, np.ndarray) else x.float().numpy()
+
     if t.ndim < 2 or t.shape[0] <= ROWS_PER_PIECE:
-        return encode(name, as_numpy(t), weights)
-    qtype = tensor_type(name, tuple(t.shape), weights)
-    pieces = [encode(name, as_numpy(t[r:r + ROWS_PER_PIECE]), weights)[0] for r in range(0, t.shape[0], ROWS_PER_PIECE)]
-    return np.concatenate(pieces), qtype
+        return encode(name, as_numpy(t[:]), weights)
+    out = qtype = None
+    for r in range(0, t.shape[0], ROWS_PER_PIECE):
+        piece, qtype = encode(name, as_numpy(t[r:r + ROWS_PER_PIECE]), weights)
+        if out is None:
+            out = np.empty((t.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        out[r:r + len(piece)] = piece
+    return out, qtype
 
 
 # --- latent norm --------------------------------------------------------------------------------------------
@@ -244,7 +250,7 @@ def encode_rows(name: str, t, weights: str) -> tuple[np.ndarray, QT]:
 def latent_mean_squares(model, windows, padded_latent: int, checkpoint=None) -> list[float]:
     """Per layer, the largest mean(c^2) over calibration tokens, as llama.cpp's RMSNorm computes it over C'.
     The windows walk through the layers one at a time (layerwise.Walk: a lazy model is read layer by layer)."""
-    from edge_mla.layerwise import Walk, resident
+    from edge_mla.layerwise import Progress, Walk, resident
 
     worst = [0.0] * len(model.model.layers)
 
@@ -255,10 +261,13 @@ def latent_mean_squares(model, windows, padded_latent: int, checkpoint=None) -> 
         return fn
 
     walk = Walk(model, checkpoint, {"latent": windows})
+    progress = Progress(len(model.model.layers), walk.tokens, "latent norm check") if checkpoint else None
     for i, layer in enumerate(model.model.layers):
         with resident(layer, f"model.layers.{i}.", checkpoint):
             walk.run(i, lambda key, layer, i=i: [layer.self_attn.kv_a_proj.register_forward_hook(
                 hook(i, layer.self_attn.latent_dim))])
+        if progress:
+            progress.layer_done(i)
     return worst
 
 

@@ -97,49 +97,50 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
             mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, kv_bits, t0, n)
             k = 4 + bool(recover_steps)
-        else:  # the quality target: wider and wider latents, each converted from a pristine in-memory copy
+        elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
+            teacher = recover.collect_attention_io(
+                src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
+                desc="      teacher pass (original attention on calibration text)")
+        attempts = []  # the quality target's tries, each converted from a pristine in-memory copy
+        if max_quality_loss is not None:
             import copy
 
             from edge_mla import target
             from edge_mla.eval import perplexity
-            if recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
-                teacher = recover.collect_attention_io(
-                    src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
-                    desc="      teacher pass (original attention on calibration text)")
             held_out = target.check_windows(src.tokenizer)
             reference = perplexity(src.model, held_out, desc="quality check")
             attempts = target.widths(plan, full, 2 * config.num_key_value_heads * head_dim_of(config))
             pristine = copy.deepcopy(src.model)  # each wider try converts the original again
             tried = []
-            for i, plan in enumerate(attempts):
-                last = i == len(attempts) - 1
-                step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
-                mla = calibrate_and_convert(src, plan)
-                print("      " + describe(mla, config))
-                k = 4
-                if recover_steps:
-                    step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps "
-                                   f"towards the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
-                    # A later, wider try needs the teacher again: it gets copies of the lists.
-                    io = teacher if last else (list(teacher[0]), list(teacher[1]))
-                    mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps,
-                                                                cache_bits=kv_bits)
-                    k += 1
-                ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
-                tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0),
-                              "perplexity_ratio": round(ratio, 4)})
-                met = ratio <= 1 + max_quality_loss
-                print(f"      quality check: perplexity {100 * (ratio - 1):+.1f}% over the original on held-out "
-                      f"calibration text (target {100 * max_quality_loss:+.0f}%): {'met' if met else 'missed'}")
-                if met or last:
-                    if not met:
-                        print(f"      no latent width up to {plan.latent} reached the target; keeping the widest. A "
-                              "GPU fine-tune (--finetune-tokens) recovers more")
-                    mla["quality_target"] = {"max_loss": max_quality_loss, "met": met, "tried": tried,
-                                             "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
-                                                           "calibration text (read by no other step)"}
-                    break
-                src.model = copy.deepcopy(pristine)
+        for i, plan in enumerate(attempts):
+            last = i == len(attempts) - 1
+            step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
+            mla = calibrate_and_convert(src, plan)
+            print("      " + describe(mla, config))
+            k = 4
+            if recover_steps:
+                step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards "
+                               f"the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}")
+                # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%,
+                # docs/recovery.md). A later, wider try needs the teacher again: it gets copies of the lists.
+                io = teacher if last else (list(teacher[0]), list(teacher[1]))
+                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps, cache_bits=kv_bits)
+                k += 1
+            ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
+            tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
+            met = ratio <= 1 + max_quality_loss
+            print(f"      quality check: perplexity {100 * (ratio - 1):+.1f}% over the original on held-out "
+                  f"calibration text (target {100 * max_quality_loss:+.0f}%): {'met' if met else 'missed'}")
+            if met or last:
+                if not met:
+                    print(f"      no latent width up to {plan.latent} reached the target; keeping the widest. A GPU "
+                          "fine-tune (--finetune-tokens) recovers more")
+                mla["quality_target"] = {"max_loss": max_quality_loss, "met": met, "tried": tried,
+                                         "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
+                                                       "calibration text (read by no other step)"}
+                break
+            src.model = copy.deepcopy(pristine)
+        if max_quality_loss is not None:
             if recover_steps:
                 del teacher
             del pristine

@@ -28,7 +28,6 @@ from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZ
                                           check_attention_biases, check_ffn, check_nope_dim, encode, encode_rows,
                                           ffn_tensors, head_tensors, latent_mean_squares, latent_scale,
                                           mla_layer_tensors, plain_layer_tensors, rope_layout)
-from edge_mla.layerwise import layers, resident
 from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
@@ -176,6 +175,8 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim, loaded.checkpoint), eps)
 
     def tensors():  # one layer in memory at a time
+        from edge_mla.layerwise import layers  # torch: imported when used (`edge-mla run` of ONNX never needs it)
+
         yield from head_tensors(model, loaded.checkpoint).items()
         for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
             yield from ffn_tensors(layer, i).items()
@@ -205,6 +206,8 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
 def check_mla(loaded: Loaded, align: int) -> RopeLayout:
     """Everything deepseek2 needs of a converted model, checked before any work: biases, FFN, NoPE width, and the
     rope key's place on llama.cpp's grid (returned)."""
+    from edge_mla.layerwise import resident
+
     model, mla = loaded.model, loaded.mla
     inv_freqs = []
     for i, layer in enumerate(model.model.layers):  # a lazy model: only the attention blocks are read here
@@ -273,6 +276,8 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
         notes.append("rope: per-frequency factors written as rope_freqs")
 
     def tensors():  # one layer in memory at a time
+        from edge_mla.layerwise import layers  # torch: imported when used (`edge-mla run` of ONNX never needs it)
+
         yield from head_tensors(model, loaded.checkpoint).items()
         for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
             yield from ffn_tensors(layer, i).items()

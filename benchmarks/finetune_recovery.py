@@ -67,7 +67,8 @@ def main() -> None:
     ap.add_argument("--gen-batch", type=int, default=1024)
     ap.add_argument("--windows", type=int, default=32, help="held-out windows of 1024 tokens per text")
     ap.add_argument("--work", default="/tmp/edge-mla-ft", help="scratch folder for models and generated text")
-    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile student, teacher and head loss")
+    ap.add_argument("--cache-teacher", action="store_true", help="keep the teacher's hidden states per row (GPU)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     work = Path(args.work)
@@ -112,7 +113,8 @@ def main() -> None:
         del model
         for run in runs:
             cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, lr=args.lr,
-                              distill=args.distill, compile=args.compile, cache_bits=args.cache_bits)
+                              distill=args.distill, compile=args.compile, cache_bits=args.cache_bits,
+                              cache_teacher=args.cache_teacher)
             data = [BUILTIN_DATA, str(gen_path)] if run == "generated" else None
             out = work / f"{converted.name}-{run}"
             if DEVICE == "cuda":
@@ -129,7 +131,8 @@ def main() -> None:
                     "train_minutes": round(tokens / hist[-1]["tokens_per_s"] / 60, 2), "wall_s": round(wall, 1),
                     "peak_gpu_gib": round((summary["peak_gpu_bytes"] or 0) / 2**30, 1),
                     "first_loss": round(hist[0]["loss"], 3), "final_loss": round(hist[-1]["loss"], 3),
-                    "distill": args.distill, "lr": args.lr, "micro_batch": args.micro_batch})
+                    "distill": args.distill, "lr": args.lr, "micro_batch": args.micro_batch,
+                    "compile": args.compile, "cache_teacher": args.cache_teacher})
 
 
 if __name__ == "__main__":

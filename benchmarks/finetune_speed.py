@@ -2,11 +2,15 @@
 one training step (teacher forward, student forward and backward, loss, AdamW), variant by variant, on a converted
 SmolLM2-135M (random weights of its shape are as good for timing and need no download).
 
-    python benchmarks/finetune_speed.py --model smollm2-135m --latent 128 --json docs/results/finetune_speed.json
+    python benchmarks/finetune_speed.py --model random:config.json --latent 64 --profile \
+        --json docs/results/finetune_speed_compiled.json
 
 Variants: `before` is the loop as it was (output-head loss in checkpointed chunks: student and teacher logits
-computed twice); then the one-pass head loss (finetune.HeadLoss), larger micro-batches, torch.compile, no teacher
-(what distillation costs), the q4_0 cache in the forward pass (what quantization-aware training costs).
+computed twice); then the one-pass head loss (finetune.HeadLoss), larger micro-batches, torch.compile of the
+student's decoder alone (`compile`) or of student, teacher and head-loss chunk (`compile-all*`), the teacher's
+hidden states read from finetune.Teacher's cache (`cached*`: what every epoch after the first costs with
+--cache-teacher), no teacher (what distillation costs), the q4_0 cache in the forward pass (what
+quantization-aware training costs). `--profile` first times the parts of a step on their own.
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ class OldLossModel(ft.LossModel):
     """The loss as it was before the one-pass head loss: checkpointed chunks of 2048 tokens."""
 
     def forward(self, inputs, targets, teacher_hidden=None, teacher_weight=None):
-        hidden = self.model.model(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        hidden = self.decoder(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         targets, teacher_hidden = targets.flatten(), teacher_hidden.flatten(0, 1)
         total = hidden.new_zeros((), dtype=torch.float32)
         for i in range(0, hidden.shape[0], 2048):
@@ -58,17 +62,21 @@ def source_model(spec: str):
     return load_source(spec).model
 
 
-def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=False,
-               compile=False, cache_quant=None, warmup=3, steps=8) -> dict:
+def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=False, compile=False,
+               compile_teacher=False, cached=False, cache_quant=None, warmup=4, steps=8) -> dict:
     model = copy.deepcopy(student).cuda().train()
     set_cache_quant(model, cache_quant)
-    loss_model = (OldLossModel if old_loss else ft.LossModel)(model, 4096, distill)
-    if compile:
-        loss_model.model.model = torch.compile(loss_model.model.model)
+    loss_model = (OldLossModel if old_loss else ft.LossModel)(model, 4096, distill, compile=compile)
+    if compile and not compile_teacher:  # the student's decoder alone, as before
+        loss_model.chunk_fn = ft.head_chunk
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
     vocab = model.config.vocab_size
     g = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, vocab, (micro_batch, seq_len + 1), generator=g).cuda() for _ in range(4)]
+    distiller = None
+    if distill:  # with `cached`, each of the 4 batches is a set of rows whose hidden states are kept after 1 pass
+        distiller = ft.Teacher(teacher, compile=compile_teacher, cache_rows=4 * micro_batch if cached else 0,
+                               seq_len=seq_len)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     torch.cuda.synchronize()
     t_start = time.perf_counter()
@@ -78,12 +86,59 @@ def time_steps(student, teacher, *, micro_batch, seq_len, distill, old_loss=Fals
             torch.cuda.reset_peak_memory_stats()
             warm_s, t0 = time.perf_counter() - t_start, time.perf_counter()
         b = batches[i % len(batches)]
-        loss, _ = ft.train_step(loss_model, teacher if distill else None, opt, b[:, :-1], b[:, 1:], 1.0, autocast)
-        loss.item()  # the real loop reads the loss every step
+        rows = torch.arange(micro_batch) + (i % len(batches)) * micro_batch
+        loss, _ = ft.train_step(loss_model, distiller, opt, b[:, :-1], b[:, 1:], 1.0, autocast, rows=rows)
+        if (i + 1) % 10 == 0:  # the loop reads the loss every 10 steps
+            loss.item()
     torch.cuda.synchronize()
     dt = time.perf_counter() - t0
     return {"tokens_per_s": round(steps * micro_batch * seq_len / dt), "step_ms": round(1000 * dt / steps, 1),
             "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1), "warmup_s": round(warm_s, 1)}
+
+
+def cuda_ms(fn, steps=8, warmup=3) -> float:
+    for i in range(steps + warmup):
+        if i == warmup:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+        fn()
+    torch.cuda.synchronize()
+    return round(1000 * (time.perf_counter() - t0) / steps, 2)
+
+
+def profile_parts(student, teacher, micro_batch, seq_len) -> dict:
+    """Each part of a distilled step on its own, in ms for micro_batch x seq_len tokens."""
+    out = {}
+    x = torch.randint(0, teacher.config.vocab_size, (micro_batch, seq_len), device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    for name, decoder in (("teacher_forward", teacher.model), ("teacher_forward_compiled", torch.compile(teacher.model))):
+        with torch.no_grad(), autocast:
+            out[name] = cuda_ms(lambda: decoder(x, use_cache=False))
+    model = copy.deepcopy(student).cuda().train()
+    hidden = torch.randn(micro_batch * seq_len, model.config.hidden_size, device="cuda", requires_grad=True)
+    t_hidden = torch.randn(micro_batch * seq_len, model.config.hidden_size, device="cuda")
+    targets = x.flatten()
+    w = model.lm_head.weight
+    for name, fn in (("head_loss", ft.head_chunk), ("head_loss_compiled", torch.compile(ft.head_chunk, dynamic=False))):
+        def head():
+            with autocast:
+                loss = ft.HeadLoss.apply(hidden, w, targets, t_hidden, teacher.lm_head.weight, 0.5, 4096, fn)
+            loss.backward()
+        out[name] = cuda_ms(head)
+    for name, decoder in (("student_forward_backward", model.model),
+                          ("student_forward_backward_compiled", torch.compile(model.model))):
+        def student_step():
+            with autocast:
+                h = decoder(x, use_cache=False).last_hidden_state
+            h.float().square().mean().backward()
+        out[name] = cuda_ms(student_step)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def opt_step():
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    out["clip_and_adamw"] = cuda_ms(opt_step)
+    return {"micro_batch": micro_batch, **out}
 
 
 def teacher_forward_ms(teacher, micro_batch, seq_len, steps=8) -> float:
@@ -103,7 +158,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="built-in name, or random:CONFIG_JSON")
     ap.add_argument("--latent", type=int, default=128)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--variants", default="before,headloss,mb32,mb64,compile,no-teacher,q4-cache")
+    ap.add_argument("--variants", default="mb32,compile-all,compile-all-mb64,cached-mb64,cached-mb64-q4")
+    ap.add_argument("--profile", action="store_true", help="time the parts of a step on their own first")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     from edge_mla.finetune import cache_quantizer
@@ -121,12 +177,22 @@ def main() -> None:
         "mb32": dict(micro_batch=32, distill=0.5),
         "mb64": dict(micro_batch=64, distill=0.5),
         "compile": dict(micro_batch=32, distill=0.5, compile=True),
+        "compile-all": dict(micro_batch=32, distill=0.5, compile=True, compile_teacher=True),
+        "compile-all-mb64": dict(micro_batch=64, distill=0.5, compile=True, compile_teacher=True),
+        "compile-all-mb64-q4": dict(micro_batch=64, distill=0.5, compile=True, compile_teacher=True,
+                                    cache_quant=cache_quantizer(4, C)),
+        "cached-mb64": dict(micro_batch=64, distill=0.5, compile=True, compile_teacher=True, cached=True),
+        "cached-mb64-q4": dict(micro_batch=64, distill=0.5, compile=True, compile_teacher=True, cached=True,
+                               cache_quant=cache_quantizer(4, C)),
+        "no-teacher-compiled-mb64": dict(micro_batch=64, distill=0.0, compile=True),
         "no-teacher": dict(micro_batch=32, distill=0.0),
         "q4-cache": dict(micro_batch=32, distill=0.5, cache_quant=cache_quantizer(4, C)),
     }
     result = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "model": args.model,
               "latent": args.latent, "seq_len": args.seq_len,
               "teacher_forward_ms_mb16": teacher_forward_ms(teacher, 16, args.seq_len), "rows": []}
+    if args.profile:
+        result["profile_ms"] = profile_parts(student, teacher, 32, args.seq_len)
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}), flush=True)
     for name in args.variants.split(","):
         try:
@@ -136,9 +202,9 @@ def main() -> None:
         row.pop("cache_quant", None)
         result["rows"].append(row)
         print(json.dumps(row), flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        if args.json:  # after every row: a run stopped at its time limit keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(result, indent=1))
 
 
 if __name__ == "__main__":

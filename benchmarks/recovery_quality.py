@@ -32,7 +32,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--widths", default="256:32,128:32,160:16,64:32", help="C:r pairs (cache C + 2r per layer)")
     ap.add_argument("--modes", default="none,float,ste",
-                    help="recovery: none (training-free), float (float cache), ste (through the q4_0 cache)")
+                    help="recovery: none (training-free), float (float cache), ste (through the q4_0 cache), "
+                         "ste-norm (ste with a learned latent RMSNorm, as llama.cpp's deepseek2 has)")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps per layer")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch", type=int, default=1, help="windows per step")
@@ -43,6 +44,8 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-transforms", action="store_true",
                     help="skip the exact q4_0-friendly transform (a Hadamard within each 32-block of the latent)")
+    ap.add_argument("--softness", type=float, default=rc.LATENT_NORM_SOFTNESS,
+                    help="ste-norm: the latent norm's eps over the latent's median mean square")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
     args = ap.parse_args()
@@ -86,8 +89,12 @@ def main() -> None:
             if mode != "none":
                 model = copy.deepcopy(base)
                 t0 = time.perf_counter()
-                rc.recover_layerwise(src.model, model, calib, steps=args.steps, lr=args.lr, batch=args.batch,
-                                     params=args.params, cache_quant=rc.straight_through(q4) if mode == "ste" else None)
+                io = rc.collect_attention_io(src.model, calib)
+                if mode == "ste-norm":
+                    rc.install_latent_norms(model, io[0], softness=args.softness)
+                rc.recover_layerwise(None, model, None, steps=args.steps, lr=args.lr, batch=args.batch, io=io,
+                                     params=args.params,
+                                     cache_quant=rc.straight_through(q4) if mode.startswith("ste") else None)
                 seconds = time.perf_counter() - t0
             common = dict(model="mla", C=C, R=R, recovery=mode, recover_s=round(seconds, 1))
             rc.set_cache_quant(model, None)

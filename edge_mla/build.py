@@ -246,13 +246,15 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, kv_bits: i
         out.mkdir()
         writer = FolderWriter(out, src.checkpoint, config.num_hidden_layers)
         mla = calibrate_and_convert(src, plan, written=writer.layer, teacher=teacher, converted=recovery)
-        writer.finish(config, src.tokenizer)
     else:
         mla = calibrate_and_convert(src, plan, teacher=teacher, converted=recovery)
+    if recovery is not None:
+        mla["recovery"] = recovery.summary(mla)  # before the config is written: it may add to the MLA section
+    if src.checkpoint is not None:
+        writer.finish(config, src.tokenizer)
+    else:
         save(src.model, src.tokenizer, out)
     print("      " + describe(mla, config))
-    if recovery is not None:
-        mla["recovery"] = recovery.summary()
     return mla, out
 
 

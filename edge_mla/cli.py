@@ -223,10 +223,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train through this cache: 4 = llama.cpp's q4_0 round trip of the cached row (straight-through)")
     p.add_argument("--self-distill-tokens", type=int, default=0,
                    help="add this many tokens of text sampled from the original model to the training text (GPU)")
+    p.add_argument("--cache-teacher", action="store_true",
+                   help="keep the original model's hidden states of every training row on the GPU after its first "
+                        "pass, so later epochs skip its forward pass (bf16: 2 x hidden size bytes per token)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="under torchrun: shard parameters, gradients and optimizer state (torch's fully_shard) "
+                        "instead of replicating them (DDP); no checkpoints")
     p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of --out")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute activations: less memory, slower")
-    p.add_argument("--compile", action="store_true", help="torch.compile the decoder (GPU)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the student, the teacher and the head loss (GPU)")
     p.add_argument("--seed", type=int, default=0, help="data order and initialisation seed")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=cmd_finetune)
@@ -312,7 +319,8 @@ def cmd_finetune(args) -> int:
     cfg = TrainConfig(tokens=args.tokens, seq_len=args.seq_len, micro_batch=args.micro_batch, lr=args.lr,
                       distill=args.distill, save_every=args.save_every, seed=args.seed,
                       grad_checkpointing=args.grad_checkpointing, compile=args.compile, cache_bits=args.cache_bits,
-                      self_distill_tokens=args.self_distill_tokens)
+                      self_distill_tokens=args.self_distill_tokens, cache_teacher=args.cache_teacher,
+                      fsdp=args.fsdp)
     summary = finetune(args.model_dir, args.out, cfg, data=args.data, teacher=args.teacher, resume=args.resume,
                        overwrite=args.force)
     last = summary["history"][-1] if summary["history"] else {}

@@ -7,7 +7,9 @@ gradient checkpointing, the paper's schedule (linear warm-up, constant, 1-sqrt d
 resume. Distillation adds KL(teacher || student) on the original model's logits (X-EcoMLA). Options that make the
 recovery stick at deployment: `cache_bits=4` trains through llama.cpp's q4_0 round trip of the cached row
 [c | k_rope] (straight-through), and `self_distill_tokens` adds text sampled from the original model itself
-(edge_mla/selfdistill.py) to the training text, so the model is taught back rather than a domain.
+(edge_mla/selfdistill.py) to the training text, so the model is taught back rather than a domain. Speed: `compile`
+compiles student, teacher and the head loss's chunk math; `cache_teacher` keeps the frozen teacher's hidden states of
+every row after its first pass. `fsdp` shards the model over the processes (torch's fully_shard) instead of DDP.
 """
 from __future__ import annotations
 
@@ -47,6 +49,9 @@ class TrainConfig:
     loss_chunk: int = 4096  # tokens per chunk of the output head: full logits of a 49k vocabulary are never held
     cache_bits: int = 16  # 4: train through llama.cpp's q4_0 cache row (straight-through); 16: float cache
     self_distill_tokens: int = 0  # tokens of text sampled from the original model, added to the training text
+    cache_teacher: bool = False  # keep the teacher's hidden states of every row after its first batch (see Teacher)
+    fsdp: bool = False  # shard parameters, gradients and optimizer state over the processes (fully_shard)
+    log_every: int = 10  # steps between reads of the loss (each read waits for the GPU)
 
 
 # ----------------------------------------------------------------------------- data
@@ -108,36 +113,50 @@ def batch_rows(step: int, global_batch: int, n_rows: int, seed: int) -> torch.Te
 
 # ----------------------------------------------------------------------------- loss
 
+def head_chunk(logits, teacher_logits, targets, distill: float, scale: float):
+    """One chunk of tokens: the summed loss (1 - w) x cross-entropy + w x KL(teacher || student) (w = distill) and
+    its gradient with respect to the student's logits times `scale`, softmax(student) - target (the one-hot next
+    token, the teacher's distribution), in the logits' dtype. Plain tensor code: torch.compile fuses it into a few
+    passes over the [tokens x vocab] logits, so no float32 copy of them is ever written."""
+    logp = logits.float().log_softmax(-1)
+    rows = torch.arange(targets.numel(), device=targets.device)
+    ce = -logp[rows, targets].sum()
+    grad = logp.exp()
+    if teacher_logits is None:
+        loss = ce
+        grad[rows, targets] -= 1
+    else:
+        t_logp = teacher_logits.float().log_softmax(-1)
+        t_p = t_logp.exp()
+        loss = (1 - distill) * ce + distill * (t_p * (t_logp - logp)).sum()
+        grad = grad - distill * t_p
+        grad[rows, targets] -= 1 - distill
+    return loss, (grad * scale).to(logits.dtype)
+
+
 class HeadLoss(torch.autograd.Function):
-    """Output head and loss in one pass over chunks of tokens: (1 - w) x cross-entropy + w x KL(teacher || student)
-    (w = distill; the teacher's logits from its last hidden states and head, computed once per chunk). The gradient
-    of either term with respect to the logits is softmax(student) - target (the one-hot next token, the teacher's
-    distribution), so it is formed in the same pass and turned into the hidden and head gradients at once: no
-    logits are kept for the backward pass and none are recomputed; only one chunk's logits are ever held."""
+    """Output head and loss in one pass over chunks of tokens (head_chunk on each; the teacher's logits from its
+    last hidden states and head, computed once per chunk). The gradient of the loss with respect to the logits is
+    known in closed form, so it is formed in the same pass and turned into the hidden and head gradients at once:
+    no logits are kept for the backward pass and none are recomputed; only one chunk's logits are ever held."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, distill: float, chunk: int):
+    def forward(ctx, hidden, weight, targets, teacher_hidden, teacher_weight, distill: float, chunk: int,
+                chunk_fn=head_chunk):
         n = targets.numel()
         w = weight.to(hidden.dtype)
         grad_h = torch.empty_like(hidden)
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for i in range(0, n, chunk):
-            h, t = hidden[i:i + chunk], targets[i:i + chunk]
-            logp = (h @ w.T).float().log_softmax(-1)
-            rows = torch.arange(t.numel(), device=t.device)
-            ce = -logp[rows, t].sum()
-            grad = logp.exp()
-            if teacher_hidden is None:
-                total += ce
-                grad[rows, t] -= 1
-            else:
-                t_logp = (teacher_hidden[i:i + chunk] @ teacher_weight.to(teacher_hidden.dtype).T).float().log_softmax(-1)
-                t_p = t_logp.exp()
-                total += (1 - distill) * ce + distill * (t_p * (t_logp - logp)).sum()
-                grad -= distill * t_p
-                grad[rows, t] -= 1 - distill
-            grad = (grad / n).to(h.dtype)
+            h = hidden[i:i + chunk]
+            t_logits = None
+            if teacher_hidden is not None:
+                t_h = teacher_hidden[i:i + chunk]
+                t_logits = t_h @ teacher_weight.to(t_h.dtype).T
+            loss, grad = chunk_fn(h @ w.T, t_logits, targets[i:i + chunk], distill, 1.0 / n)
+            total += loss
+            grad = grad.to(h.dtype)
             grad_h[i:i + chunk] = grad @ w
             grad_w += (grad.T @ h).float()
         ctx.save_for_backward(grad_h, grad_w.to(weight.dtype))
@@ -146,22 +165,58 @@ class HeadLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         grad_h, grad_w = ctx.saved_tensors
-        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None
+        return grad_h * grad_out, grad_w * grad_out, None, None, None, None, None, None
 
 
 class LossModel(nn.Module):
     """Wraps the causal LM so that DDP sees one forward that returns the loss; the output head and loss run in
     chunks (HeadLoss), so neither student nor teacher logits are ever held whole."""
 
-    def __init__(self, model, chunk: int, distill: float):
+    def __init__(self, model, chunk: int, distill: float, compile: bool = False):
         super().__init__()
         self.model, self.chunk, self.distill = model, chunk, distill
+        self.decoder = torch.compile(model.model) if compile else model.model
+        self.chunk_fn = torch.compile(head_chunk, dynamic=False) if compile else head_chunk
 
     def forward(self, inputs, targets, teacher_hidden=None, teacher_weight=None):
-        hidden = self.model.model(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
+        hidden = self.decoder(inputs, use_cache=False).last_hidden_state.flatten(0, 1)
         teacher_hidden = teacher_hidden.flatten(0, 1) if teacher_hidden is not None else None
         return HeadLoss.apply(hidden, self.model.lm_head.weight, targets.flatten(), teacher_hidden, teacher_weight,
-                              self.distill, self.chunk)
+                              self.distill, self.chunk, self.chunk_fn)
+
+
+class Teacher:
+    """The original model's last hidden states for a batch (no grad) and its output head, for distillation.
+    With `cache_rows` (the number of packed rows), each row's hidden states are kept on the device after its first
+    batch, in bf16 on GPU (what the head's bf16 matmul rounds them to anyway): the teacher is frozen, so a row's
+    hidden states never change, and every later epoch skips the teacher's forward pass."""
+
+    def __init__(self, model, compile: bool = False, cache_rows: int = 0, seq_len: int = 0):
+        self.model = model
+        self.weight = model.lm_head.weight
+        self.decoder = torch.compile(model.model) if compile else model.model
+        self.cache = self.filled = None
+        if cache_rows:
+            device = self.weight.device
+            dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+            need = cache_rows * seq_len * model.config.hidden_size * dtype.itemsize
+            if device.type == "cuda" and need > 0.5 * torch.cuda.mem_get_info(device)[0]:
+                raise ValueError(f"the teacher cache needs {need / 2**30:.1f} GiB, more than half of the GPU's free "
+                                 f"memory ({torch.cuda.mem_get_info(device)[0] / 2**30:.1f} GiB); train without "
+                                 "--cache-teacher or on less text")
+            self.cache = torch.empty(cache_rows, seq_len, model.config.hidden_size, dtype=dtype, device=device)
+            self.filled = torch.zeros(cache_rows, dtype=torch.bool)  # on the CPU: checking it never waits for the GPU
+
+    @torch.no_grad()
+    def hidden(self, inputs, rows=None):
+        """[B, T, E] hidden states of `inputs`, the packed rows `rows` (CPU indices) when the cache is on."""
+        if self.cache is None or rows is None:
+            return self.decoder(inputs, use_cache=False).last_hidden_state
+        on_device = rows.to(self.cache.device)
+        if not self.filled[rows].all():
+            self.cache[on_device] = self.decoder(inputs, use_cache=False).last_hidden_state.to(self.cache.dtype)
+            self.filled[rows] = True
+        return self.cache[on_device]
 
 
 def cache_quantizer(bits: int, latent_dim: int):
@@ -185,16 +240,16 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- loop
 
-def train_step(runner, teacher_model, opt, inputs, targets, clip: float, autocast):
-    """One optimizer step: the teacher's last hidden states (no grad), the student's loss, backward, clipping."""
+def train_step(runner, teacher: Teacher | None, opt, inputs, targets, clip: float, autocast, rows=None):
+    """One optimizer step: the teacher's last hidden states (no grad), the student's loss, backward, clipping.
+    Returns the loss and gradient norm as tensors (reading them waits for the GPU)."""
     with autocast:
-        t_hidden = None
-        if teacher_model is not None:
-            with torch.no_grad():
-                t_hidden = teacher_model.model(inputs, use_cache=False).last_hidden_state
-        loss = runner(inputs, targets, t_hidden, teacher_model.lm_head.weight if teacher_model else None)
+        t_hidden = teacher.hidden(inputs, rows) if teacher is not None else None
+        loss = runner(inputs, targets, t_hidden, teacher.weight if teacher is not None else None)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP: a DTensor
+        grad_norm = grad_norm.full_tensor()
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss, grad_norm
@@ -241,6 +296,12 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     rank, world, device = _dist_setup()
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
+    if cfg.fsdp and world == 1:
+        raise ValueError("--fsdp shards the model over several processes: start it with torchrun --nproc_per_node N "
+                         "(N > 1), or leave --fsdp off")
+    if cfg.fsdp and (resume or cfg.save_every or stop_after):
+        raise ValueError("checkpoints (--save-every, --resume) are not implemented with --fsdp; train without them "
+                         "or without --fsdp")
     ckpts = checkpoint_dir(out)
     latest = ckpts / "latest"
     start_dir = latest / "model" if resume and latest.exists() else Path(model_dir)
@@ -259,7 +320,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     texts = read_data(data)
     if cfg.self_distill_tokens > 0:
         texts += generated_texts(teacher_model, tokenizer, cfg, ckpts / "generated.jsonl", texts, rank, world)
-    rows = pack(tokenizer, texts, cfg.seq_len)
+    rows = pack(tokenizer, texts, cfg.seq_len).to(device)
     global_batch = cfg.micro_batch * world
     total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
     if cfg.distill == 0 and teacher_model is not None:  # it only wrote the text
@@ -270,18 +331,26 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     model.to(device).train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_model = LossModel(model, cfg.loss_chunk, cfg.distill)
-    if cfg.compile:
-        loss_model.model.model = torch.compile(loss_model.model.model)
+    loss_model = LossModel(model, cfg.loss_chunk, cfg.distill, compile=cfg.compile)
     runner = loss_model
-    if world > 1:
+    if cfg.fsdp:
+        from torch.distributed.fsdp import fully_shard
+        for layer in model.model.layers:
+            fully_shard(layer)
+        fully_shard(loss_model)  # the root: embeddings, final norm and output head
+    elif world > 1:
         runner = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+    distiller = None
+    if teacher_model is not None:
+        distiller = Teacher(teacher_model, compile=cfg.compile, cache_rows=rows.shape[0] if cfg.cache_teacher else 0,
+                            seq_len=cfg.seq_len)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    fused = device.type == "cuda" and not cfg.fsdp  # fsdp: the default (foreach) kernels take sharded tensors
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=device.type == "cuda")
+                            fused=fused)
     step = 0
     history: list[dict] = []
     if resume and (latest / "trainer.pt").exists():
@@ -295,24 +364,36 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
     bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", disable=rank != 0)
     t0, tokens_done = time.perf_counter(), 0
+    pending: list[tuple] = []  # steps whose loss is still on the GPU
+
+    def read_losses():
+        """Move the pending steps' losses to `history`: one wait for the GPU every log_every steps, not one a step."""
+        if not pending:
+            return
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending])
+        if world > 1:
+            dist.all_reduce(values)
+            values /= world  # the mean loss over processes; the gradient norm is the same on every one
+        rate = tokens_done / (time.perf_counter() - t0)
+        for (n, _, _, lr), (loss, norm) in zip(pending, values.tolist()):
+            history.append({"step": n, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate:.0f}")
+        bar.update(len(pending))
+        pending.clear()
+
     while step < total_steps:
         idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)[rank::world]
-        batch = rows[idx].to(device)
+        batch = rows[idx.to(device)]
         inputs, targets = batch[:, :-1], batch[:, 1:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        loss, grad_norm = train_step(runner, teacher_model, opt, inputs, targets, cfg.clip, autocast)
+        loss, grad_norm = train_step(runner, distiller, opt, inputs, targets, cfg.clip, autocast, rows=idx)
         step += 1
-        reported = loss.detach().clone()
-        if world > 1:
-            dist.all_reduce(reported)
-            reported /= world
         tokens_done += global_batch * cfg.seq_len
-        elapsed = time.perf_counter() - t0
-        history.append({"step": step, "loss": reported.item(), "lr": opt.param_groups[0]["lr"],
-                        "grad_norm": float(grad_norm), "tokens_per_s": tokens_done / elapsed})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{history[-1]['tokens_per_s']:.0f}")
-        bar.update()
+        pending.append((step, loss.detach(), grad_norm.detach(), opt.param_groups[0]["lr"]))
+        saving = (stop_after is not None and step >= stop_after) or (cfg.save_every and step % cfg.save_every == 0)
+        if step % max(1, cfg.log_every) == 0 or step == total_steps or saving:
+            read_losses()
         if stop_after is not None and step >= stop_after and step < total_steps:
             _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
             bar.close()
@@ -322,8 +403,14 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     bar.close()
     summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history,
                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+    set_cache_quant(model, None)
+    if cfg.fsdp:  # every process gives its shards; process 0 puts them into a plain copy of the model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if rank == 0:
+            model, _ = conversion.load(start_dir)
+            model.load_state_dict(full)
     if rank == 0:
-        set_cache_quant(model, None)
         model.to("cpu").float()
         model.config.mla["finetune"] = {k: v for k, v in summary.items() if k != "history"}
         conversion.save(model, tokenizer, out, overwrite=overwrite)

@@ -8,10 +8,17 @@ Two forms compute the same attention:
 - expanded (training, prefill): k_nope and v are rebuilt per KV group from the latent;
 - absorbed (decode): W_uk is folded into the query (q_lat = W_uk^T q_nope) and attention runs over the cached
   [c | k_rope] directly, as one-KV-head attention; W_uv is applied to the attended latent afterwards.
+Optionally (mla["latent_norm_eps"]: one eps per layer) the latent passes a learned RMSNorm before it is cached, as
+in DeepSeek's MLA and llama.cpp's deepseek2 (attn_kv_a_norm). A conversion cannot make it exact, so it is installed
+by training (recover.install_latent_norm), with an eps of its own: a large one keeps the norm nearly linear. In
+llama.cpp, whose norm uses the model's eps, the latent rows of kv_a are scaled by latent_row_scale() instead, which
+is the same function; no eps-dominance trick then, so kv_a can be 4-bit like the rest.
 The key up-projection bias adds q_nope . b_k to every score of a query, a constant that softmax ignores,
 so the absorbed form drops it; the value bias is added after attention because the weights sum to one.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +47,9 @@ class MLAAttention(nn.Module):
         self.k_up_bias = nn.Parameter(torch.zeros(G, N)) if bias else None
         self.v_up_bias = nn.Parameter(torch.zeros(G, d)) if bias else None
         self.o_proj = nn.Linear(H * d, E, bias=mla.get("o_bias", False))
+        eps = mla.get("latent_norm_eps")
+        self.latent_norm = nn.RMSNorm(C, eps=eps[layer_idx]) if eps is not None else None
+        self.model_eps = getattr(config, "rms_norm_eps", None)  # the eps llama.cpp's attn_kv_a_norm uses
         self.register_buffer("inv_freq", torch.zeros(R // 2), persistent=True)
         self.absorbed = False
         self.is_causal = True
@@ -68,6 +78,8 @@ class MLAAttention(nn.Module):
         q_rope = self._rotate(q_rope, position_ids)
         kv = self.kv_a_proj(hidden_states)[:, None]  # [B, 1, T, C+R]
         latent, k_rope = kv.split([C, R], dim=-1)
+        if self.latent_norm is not None:
+            latent = self.latent_norm(latent)
         entry = torch.cat([latent, self._rotate(k_rope, position_ids)], -1)
         if self.cache_quant is not None:  # the runtime writes the row to its cache first, then attends over it
             entry = self.cache_quant(entry)
@@ -110,6 +122,12 @@ class MLAAttention(nn.Module):
         if self.v_up_bias is not None:
             out = out + self.v_up_bias.repeat_interleave(H // G, dim=0)[None, :, None]
         return out
+
+
+def latent_row_scale(attn: MLAAttention) -> float:
+    """s such that the runtime's RMSNorm with the model's eps over s c equals this layer's latent norm over c:
+    gamma s c / sqrt(s^2 mean(c^2) + eps_model) = gamma c / sqrt(mean(c^2) + eps_model / s^2)."""
+    return math.sqrt(attn.model_eps / attn.latent_norm.eps)
 
 
 def mla_layers(model) -> list[MLAAttention]:

@@ -21,7 +21,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from edge_mla.mla import MLAAttention, mla_layers
+from edge_mla.mla import MLAAttention, latent_row_scale, mla_layers
 
 Q4_BLOCK = 32
 
@@ -155,6 +155,36 @@ def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
     attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
 
 
+# The latent norm's eps over the latent's median mean square on calibration text: with eps = 10 x that, a typical
+# token's scale changes by under 5% when its mean square halves or doubles, so the norm starts nearly linear
+# (measured: a plain norm, eps = the model's, costs 6% perplexity after recovery, docs/recovery.md).
+LATENT_NORM_SOFTNESS = 10.0
+
+
+@torch.no_grad()
+def install_latent_norm(attn: MLAAttention, x: torch.Tensor, softness: float = LATENT_NORM_SOFTNESS) -> float:
+    """Give the block a latent RMSNorm, fitted to its inputs x [n, T, E]: eps = softness x the latent's median mean
+    square (nearly linear), weight = the mean of sqrt(mean(c^2) + eps) so a typical token keeps its size; the block
+    starts close to what it computed and training makes up the rest. Returns eps."""
+    from torch import nn
+
+    C = attn.latent_dim
+    mean_squares = torch.cat([attn.kv_a_proj(x[i:i + 1].to(attn.kv_a_proj.weight.dtype))[..., :C].double().pow(2)
+                              .mean(-1).flatten() for i in range(x.shape[0])])
+    eps = float(softness * mean_squares.median()) or float(attn.model_eps)
+    norm = nn.RMSNorm(C, eps=eps).to(device=attn.kv_a_proj.weight.device, dtype=attn.kv_a_proj.weight.dtype)
+    norm.weight.fill_(float((mean_squares + eps).sqrt().mean()))
+    attn.latent_norm = norm
+    return eps
+
+
+def install_latent_norms(model, inputs: list[torch.Tensor], softness: float = LATENT_NORM_SOFTNESS) -> None:
+    """A latent RMSNorm in every MLA block (install_latent_norm); the eps per layer is recorded in config.mla so the
+    saved folder and the exporters know. inputs: per layer, the block's inputs [n, T, E] (collect_attention_io)."""
+    model.config.mla["latent_norm_eps"] = [install_latent_norm(attn, x, softness)
+                                           for attn, x in zip(mla_layers(model), inputs)]
+
+
 # ----------------------------------------------------------------------------- layer-wise distillation
 
 @torch.no_grad()
@@ -189,19 +219,35 @@ def relative_mse(pred: torch.Tensor, target: torch.Tensor) -> float:
 
 
 # The projections the runtimes store at 4 bits under --bits 4 (blocks of 32 along the input dimension, in llama.cpp's
-# q4_0 and onnxruntime's MatMulNBits alike); the per-head up-projections stay 8-bit (gguf_tensors).
+# q4_0 and onnxruntime's MatMulNBits alike). kv_a joins them once the latent norm is learned (no eps-dominance
+# scaling to keep), and the up-projections when the recovery trains through them (`up_projections`).
 FOUR_BIT_WEIGHTS = ("q_proj.weight", "o_proj.weight")
 
 
-def q4_0_weights(attn: MLAAttention) -> dict:
-    """Straight-through q4_0 round trips of the block's 4-bit weights, for torch.func.functional_call."""
+def q4_0_weights(attn: MLAAttention, up_projections: bool = False) -> dict:
+    """Straight-through q4_0 round trips of the block's 4-bit weights, blocked as llama.cpp stores them, for
+    torch.func.functional_call: projections along their input rows; k_up [G, N, C] as attn_k_b rows of N; v_up
+    [G, d, C] as attn_v_b rows of C."""
     ste = straight_through(q4_0_roundtrip)
-    return {name: ste(p) for name, p in attn.named_parameters()
-            if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+    out = {name: ste(p) for name, p in attn.named_parameters()
+           if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+    w = attn.kv_a_proj.weight
+    if attn.latent_norm is not None and w.shape[-1] % Q4_BLOCK == 0:
+        # the GGUF stores the latent rows times latent_row_scale (tiny: its q4_0 scales may be fp16 subnormals)
+        s = torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)
+        s[:attn.latent_dim] = latent_row_scale(attn)
+        out["kv_a_proj.weight"] = ste(w * s) / s
+    if up_projections:
+        if attn.nope_dim % Q4_BLOCK == 0:
+            out["k_up"] = ste(attn.k_up.transpose(1, 2)).transpose(1, 2)
+        if attn.latent_dim % Q4_BLOCK == 0:
+            out["v_up"] = ste(attn.v_up)
+    return out
 
 
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
-                    batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16) -> dict:
+                    batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16,
+                    up_projections: bool = False) -> dict:
     """Adam on one MLA block so that attn(x) matches the original block's output y (x, y: [n, T, E]), with a cosine
     learning rate. Trains in float32 whatever the model's dtype; the block's cache_quant (e.g. a straight_through
     quantizer) is used as set. Returns relative MSE (over all windows) before and after, and seconds."""
@@ -222,7 +268,7 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         if weight_bits == 4:  # train through the 4-bit weights the runtimes will hold
-            out = torch.func.functional_call(attn, q4_0_weights(attn), (x[idx],))[0]
+            out = torch.func.functional_call(attn, q4_0_weights(attn, up_projections), (x[idx],))[0]
         else:
             out = attn(x[idx])[0]
         loss = F.mse_loss(out, y[idx]) / scale
@@ -245,7 +291,7 @@ def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> 
 
 def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: int = 300, lr: float = 1e-4,
                       batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None,
-                      weight_bits: int = 16) -> list[dict]:
+                      weight_bits: int = 16, up_projections: bool = False) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
     `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
     the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
@@ -258,7 +304,8 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
     for i, attn in enumerate(layers):
         saved = attn.cache_quant
         attn.cache_quant = cache_quant
-        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i, weight_bits=weight_bits)
+        s = train_attention(attn, ins[i], outs[i], steps, lr, batch, params, seed=i, weight_bits=weight_bits,
+                            up_projections=up_projections)
         attn.cache_quant = saved
         ins[i] = outs[i] = None  # free as we go
         stats.append({"layer": i, **s})
@@ -268,11 +315,13 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
 
 
 def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
-                      weight_bits: int = 16) -> dict:
+                      weight_bits: int = 16, latent_norm: bool = False, up_projections: bool = False) -> dict:
     """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
     (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
     original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
-    when cache_bits is 4. Returns a summary for report.json."""
+    when cache_bits is 4 and through the 4-bit weights when weight_bits is 4 (the up-projections too with
+    up_projections: recorded in config.mla, so the exporters store them at 4 bits). latent_norm: a learned latent
+    RMSNorm, which llama.cpp's deepseek2 has; GGUF kv_a is then 4-bit too. Returns a summary for report.json."""
     layers = mla_layers(model)
     C = layers[0].latent_dim
     aligned = C % Q4_BLOCK == 0
@@ -280,15 +329,21 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
         rotation = block_hadamard(C)
         for attn in layers:
             rotate_latent(attn, rotation)
+    if latent_norm:  # after the rotation: a norm with one weight for all channels commutes with it
+        install_latent_norms(model, io[0])
     quant = straight_through(mla_cache_q4_0(C)) if cache_bits == 4 and aligned else None
     t0 = time.perf_counter()
     tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
+    up_projections = up_projections and weight_bits == 4
     stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io,
-                              weight_bits=weight_bits)
+                              weight_bits=weight_bits, up_projections=up_projections)
+    if up_projections:
+        model.config.mla["four_bit_up_projections"] = True
+    four_bit = sorted(q4_0_weights(layers[0], up_projections)) if weight_bits == 4 else []
     return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
-            "latent_rotation": "block Hadamard (32)" if aligned else None,
+            "latent_rotation": "block Hadamard (32)" if aligned else None, "latent_norm": latent_norm,
             "trained_through": ("q4_0 cache" if quant else "float cache") + (
-                f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if weight_bits == 4 else "") + " (straight-through)",
+                f", 4-bit {', '.join(four_bit)}" if four_bit else "") + " (straight-through)",
             "seconds": round(time.perf_counter() - t0, 1),
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
@@ -297,36 +352,46 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
 
 class LayerRecovery:
     """recover_converted, one layer at a time: what the layer-by-layer build (convert.convert's `converted`
-    callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs; the
-    blocks train independently, so the result is the same as recover_converted's."""
+    callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs. The
+    blocks train independently (and a latent norm's eps depends on its own layer only), so the result is the same
+    as recover_converted's (tests/test_layerwise.py). summary(mla) records in the MLA section what the exporters
+    need (latent_norm_eps, four_bit_up_projections): call it before the config is written."""
 
-    def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16):
+    def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16,
+                 latent_norm: bool = False, up_projections: bool = False):
         self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
-        self.stats, self.tokens, self.aligned = [], 0, False
-        self.t0 = None
+        self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
+        self.stats, self.eps, self.four_bit, self.tokens, self.aligned = [], [], [], 0, False
 
     def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
-        self.t0 = self.t0 or time.perf_counter()
         C = attn.latent_dim
         self.aligned = C % Q4_BLOCK == 0
         if self.aligned:
             rotate_latent(attn, block_hadamard(C))
+        if self.latent_norm:  # after the rotation, as install_latent_norms
+            self.eps.append(install_latent_norm(attn, ins))
         quant = straight_through(mla_cache_q4_0(C)) if self.cache_bits == 4 and self.aligned else None
         saved, attn.cache_quant = attn.cache_quant, quant
         with torch.enable_grad():  # called from inside the conversion's no_grad
-            s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits)
+            s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
+                                up_projections=self.up_projections)
         attn.cache_quant = saved
+        self.four_bit = sorted(q4_0_weights(attn, self.up_projections)) if self.weight_bits == 4 else []
         self.tokens = int(ins.shape[0] * ins.shape[1])
         self.stats.append({"layer": i, **s})
         print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
               f"({s['seconds']:.1f}s)", flush=True)
 
-    def summary(self) -> dict:
+    def summary(self, mla: dict) -> dict:
+        if self.latent_norm:
+            mla["latent_norm_eps"] = self.eps
+        if self.up_projections:
+            mla["four_bit_up_projections"] = True
         stats = self.stats
         return {"steps_per_layer": self.steps, "lr": self.lr, "teacher_tokens": self.tokens,
-                "latent_rotation": "block Hadamard (32)" if self.aligned else None,
+                "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
                 "trained_through": ("q4_0 cache" if self.cache_bits == 4 and self.aligned else "float cache") + (
-                    f", 4-bit {' and '.join(FOUR_BIT_WEIGHTS)}" if self.weight_bits == 4 else "") + " (straight-through)",
+                    f", 4-bit {', '.join(self.four_bit)}" if self.four_bit else "") + " (straight-through)",
                 "seconds": round(sum(s["seconds"] for s in stats), 1),
                 "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
                 "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

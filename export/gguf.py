@@ -138,7 +138,8 @@ def _rope_base(config) -> float:
     return float(base or getattr(config, "rope_theta", None) or 10000.0)
 
 
-def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors, weights: str) -> None:
+def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors, weights: str,
+           mla: dict | None) -> None:
     """`tensors`: (name, array) pairs, made one layer at a time; each is encoded and spooled to a temporary file
     as it comes (gguf-py's use_temp_file), so the model is never in memory whole."""
     writer = gguf.GGUFWriter(path, arch, use_temp_file=True)
@@ -147,7 +148,7 @@ def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors, w
     for key, value, vtype, sub in tokenizer:
         writer.add_key_value(key, value, vtype, sub)
     for name, array in tensors:
-        data, qtype = encode_rows(name, array, weights)
+        data, qtype = encode_rows(name, array, weights, mla)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (QT.F32, QT.F16) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -172,7 +173,9 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
     layout = check_mla(loaded, align)
     selection = (mla.get("plan") or {}).get("selection", "?")
     eps = _float_eps(config)
-    beta, headroom = latent_scale(latent_mean_squares(model, windows, layout.latent_dim, loaded.checkpoint), eps)
+    learned = mla.get("latent_norm_eps") is not None
+    beta, headroom = (1.0, float("inf")) if learned else latent_scale(
+        latent_mean_squares(model, windows, layout.latent_dim, loaded.checkpoint), eps)
 
     def tensors():  # one layer in memory at a time
         from edge_mla.layerwise import layers  # torch: imported when used (`edge-mla run` of ONNX never needs it)
@@ -193,11 +196,15 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
         (W.add_expert_weights_scale, 1.0),
         (W.add_string, "edge_mla.format", mla.get("format", "edge-mla/1")),
         (W.add_string, "edge_mla.selection", selection),
-        (W.add_uint32, "edge_mla.latent_dim", C), (W.add_uint32, "edge_mla.rope_dim", R),
-        (W.add_float32, "edge_mla.latent_scale", beta),
-        (W.add_float32, "edge_mla.latent_headroom", min(headroom, 3e38))]
+        (W.add_uint32, "edge_mla.latent_dim", C), (W.add_uint32, "edge_mla.rope_dim", R)]
+    if not learned:
+        keys += [(W.add_float32, "edge_mla.latent_scale", beta),
+                 (W.add_float32, "edge_mla.latent_headroom", min(headroom, 3e38))]
     notes = [f"rope: {R // 2} pairs on llama.cpp's grid (stride {layout.stride}), base {layout.freq_base:.6g}; "
              f"cache row C + R = {Cp} + {Rp} (folder: {C} + {R}{'; zero-padded' if (Cp, Rp) != (C, R) else ''})",
+             "latent norm: the model's own, learned (attn_kv_a_norm; its eps carried by the scale of kv_a's latent "
+             "rows)"
+             if learned else
              f"latent norm neutralised: latent rows x 2^{round(math.log2(beta))}, norm weight sqrt(eps)/beta; "
              f"calibration max mean(c^2) could grow {headroom:.3g}x and stay exact in float32"]
     return "deepseek2", keys, tensors(), notes
@@ -320,11 +327,13 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     tokenizer = tokenizer_fields(loaded, n_vocab, tokenizer_gguf, tokenizer_pre)
     if loaded.mla is not None:
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
-        windows = calibration_windows(loaded.tokenizer, text, count=calib_windows, length=calib_length)
+        windows = None if loaded.mla.get("latent_norm_eps") is not None else calibration_windows(
+            loaded.tokenizer, text, count=calib_windows, length=calib_length)  # the neutralisation's headroom
         arch, keys, tensors, notes = mla_export(loaded, align, windows)
     else:
         arch, keys, tensors, notes = plain_export(loaded)
     keys = keys + provenance_keys(loaded, weights, cache_type, text)
+    mla = loaded.mla  # what the model was trained for decides some tensors' types
     del loaded
     # q4_k: an F32 file first; llama.cpp's quantizer then sets the file type itself.
     keys = keys + [(gguf.GGUFWriter.add_file_type, int(FILE_TYPES["f32" if weights == "q4_k" else weights]))]
@@ -333,11 +342,11 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     with staged_file(out) as final:
         if weights == "q4_k":
             with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
-                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights)
+                _write(Path(tmp) / "f32.gguf", arch, keys, tokenizer, tensors, weights, mla)
                 del tensors
                 llama_quantize(Path(tmp) / "f32.gguf", final, mla=arch == "deepseek2", threads=threads)
         else:
-            _write(final, arch, keys, tokenizer, tensors, weights)
+            _write(final, arch, keys, tokenizer, tensors, weights, mla)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
     info.path = out
     return info, notes

@@ -110,7 +110,11 @@ def check_nope_dim(nope_dim: int) -> None:
 
 
 def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: float) -> dict:
-    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes)."""
+    """deepseek2 tensors of one MLA layer (float64 arrays, numpy shapes = reversed ggml shapes). A model trained
+    with a latent norm (attn.latent_norm) keeps it as attn_kv_a_norm, its latent rows of kv_a scaled so that the
+    runtime's eps acts as the model's (mla.latent_row_scale); otherwise the norm is neutralised by beta."""
+    from edge_mla.mla import latent_row_scale
+
     H, G, N, R, C, d = (attn.num_heads, attn.num_groups, attn.nope_dim, attn.rope_dim, attn.latent_dim,
                         attn.head_dim)
     Rp, Cp, P = layout.rope_dim, layout.latent_dim, R // 2
@@ -128,7 +132,13 @@ def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: fl
     q_out[:, N + 2 * ch + 1] = q[:, N + P:] * rope_gain
     kv = to_numpy(attn.kv_a_proj.weight)
     kv_out = np.zeros((Cp + Rp, E))
-    kv_out[:C] = kv[:C] * beta  # tiny latent: the RMSNorm then divides by sqrt(eps) exactly
+    learned = attn.latent_norm is not None
+    if learned and Cp != C:
+        raise ValueError(f"a learned latent norm averages over the latent's {C} channels, but llama.cpp's would "
+                         f"average over {Cp} (padded to a multiple of the cache's 32-blocks); convert with a "
+                         "latent width that is a multiple of 32")
+    kv_out[:C] = kv[:C] * (latent_row_scale(attn) if learned else beta)  # neutralised: the RMSNorm then divides
+    # by sqrt(eps) exactly
     kv_out[Cp + 2 * ch] = kv[C:C + P]
     kv_out[Cp + 2 * ch + 1] = kv[C + P:]
     group = np.arange(H) // (H // G)
@@ -138,7 +148,8 @@ def mla_layer_tensors(attn, layout: RopeLayout, layer: int, beta: float, eps: fl
     v_b = np.zeros((H, d, Cp))
     v_b[:, :, :C] = v_up[group]
     return {"attn_q.weight": q_out.reshape(H * (N + Rp), E), "attn_kv_a_mqa.weight": kv_out,
-            "attn_kv_a_norm.weight": np.full(Cp, math.sqrt(eps) / beta),
+            "attn_kv_a_norm.weight": (to_numpy(attn.latent_norm.weight) if learned else
+                                      np.full(Cp, math.sqrt(eps) / beta)),
             "attn_k_b.weight": k_b, "attn_v_b.weight": v_b, "attn_output.weight": to_numpy(attn.o_proj.weight)}
 
 
@@ -197,24 +208,29 @@ def ffn_tensors(layer, i: int) -> dict:
 EIGHT_BIT_UNDER_Q4_0 = ("attn_k_b.weight", "attn_v_b.weight")
 
 
-def tensor_type(name: str, shape: tuple, weights: str) -> QT:
-    """Storage type of one tensor. Norms stay F32. attn_kv_a_mqa keeps an 8-bit exponent: its latent rows are
-    scaled by 2^-30 or less and would underflow in F16 or in quant scales, so F32 (BF16 next to quantized
-    weights: the same 8-bit precision, half the bytes of F32). Rows that are no multiple of 32 stay F16; with
+def tensor_type(name: str, shape: tuple, weights: str, mla: dict | None = None) -> QT:
+    """Storage type of one tensor; `mla` says what the model was trained for (config.mla). Norms stay F32.
+    attn_kv_a_mqa keeps an 8-bit exponent, F32 (BF16 next to quantized weights: the same 8-bit precision, half the
+    bytes): its latent rows are scaled by 2^-30 or less under a neutralised norm, and by latent_row_scale (~1e-4)
+    under a learned one, which would underflow F16 or q8_0's fp16 scales. Under q4_0 with a learned norm it is Q4_0:
+    its scales are 8x larger than q8_0's, subnormal at worst (about 1% relative), and the recovery trains through
+    exactly that round trip. The up-projections stay 8-bit under q4_0 unless the recovery trained through their
+    4-bit round trip. Rows that are no multiple of 32 stay F16; with
     q4_0 the embedding/output head keeps 8 bits, as llama.cpp's own mixes do."""
     if len(shape) == 1 or weights in ("f32", "q4_k"):
         return QT.F32  # q4_k: llama.cpp's quantizer gets F32 and picks its own mix
-    if name.endswith("attn_kv_a_mqa.weight"):
+    mla = mla or {}
+    if name.endswith("attn_kv_a_mqa.weight") and not (weights == "q4_0" and mla.get("latent_norm_eps")):
         return QT.F32 if weights == "f16" else KV_A_QUANTIZED
     if weights == "f16":
         return QT.F16
     qtype = QT.Q8_0 if weights == "q8_0" or name in ("token_embd.weight", "output.weight") or \
-        name.endswith(EIGHT_BIT_UNDER_Q4_0) else QT.Q4_0
+        (name.endswith(EIGHT_BIT_UNDER_Q4_0) and not mla.get("four_bit_up_projections")) else QT.Q4_0
     return qtype if shape[-1] % 32 == 0 else QT.F16
 
 
-def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
-    qtype = tensor_type(name, array.shape, weights)
+def encode(name: str, array: np.ndarray, weights: str, mla: dict | None = None) -> tuple[np.ndarray, QT]:
+    qtype = tensor_type(name, array.shape, weights, mla)
     if qtype == QT.F32:
         return array.astype(np.float32), qtype
     if qtype == QT.F16:
@@ -227,7 +243,7 @@ def encode(name: str, array: np.ndarray, weights: str) -> tuple[np.ndarray, QT]:
 ROWS_PER_PIECE = 4096  # a vocabulary-sized tensor is converted and quantized this many rows at a time
 
 
-def encode_rows(name: str, t, weights: str) -> tuple[np.ndarray, QT]:
+def encode_rows(name: str, t, weights: str, mla: dict | None = None) -> tuple[np.ndarray, QT]:
     """encode() of a numpy array, torch tensor or layerwise.Rows, piece by piece along its rows into one
     preallocated result (every ggml type quantizes each row on its own, so the bytes are the same): never a float32
     or float64 copy of a whole vocabulary matrix."""
@@ -235,10 +251,10 @@ def encode_rows(name: str, t, weights: str) -> tuple[np.ndarray, QT]:
         return x if isinstance(x, np.ndarray) else x.float().numpy()
 
     if t.ndim < 2 or t.shape[0] <= ROWS_PER_PIECE:
-        return encode(name, as_numpy(t[:]), weights)
+        return encode(name, as_numpy(t[:]), weights, mla)
     out = qtype = None
     for r in range(0, t.shape[0], ROWS_PER_PIECE):
-        piece, qtype = encode(name, as_numpy(t[r:r + ROWS_PER_PIECE]), weights)
+        piece, qtype = encode(name, as_numpy(t[r:r + ROWS_PER_PIECE]), weights, mla)
         if out is None:
             out = np.empty((t.shape[0], *piece.shape[1:]), dtype=piece.dtype)
         out[r:r + len(piece)] = piece

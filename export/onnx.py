@@ -195,6 +195,10 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
     mla = model.config.mla
     C, R = mla["latent_dim"], mla["rope_dim"]
     pad = latent_padding(C, R)
+    norm_eps = mla.get("latent_norm_eps")
+    if rotate_latent and norm_eps is not None:
+        raise ValueError("rotate_latent: this model has a learned latent norm, whose per-channel weight does not "
+                         "commute with a rotation; export it without rotate_latent")
     rot = hadamard(C + pad) if rotate_latent else np.eye(C + pad)
     layers = []
     for layer in model.model.layers:
@@ -209,12 +213,15 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
             k_up=(np.pad(_np(a.k_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
             v_up=(np.pad(_np(a.v_up), ((0, 0), (0, 0), (0, pad))) @ rot.T).astype(np.float32),
             v_up_bias=_np(a.v_up_bias), o=_np(a.o_proj.weight), o_bias=_np(a.o_proj.bias), inv_freq=_np(a.inv_freq))
+        if norm_eps is not None:
+            entry["latent_norm"] = np.pad(_np(a.latent_norm.weight), (0, pad))
         if a.q_proj.bias is not None:
             b = _np(a.kv_a_proj.bias)
             entry["kv_a_bias"] = np.concatenate([rot @ np.concatenate([b[:C], np.zeros(pad)]), b[C:]]).astype(np.float32)
         layers.append(entry)
     return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=layers,
-                              latent_rotation=rot if rotate_latent else None,
+                              latent_rotation=rot if rotate_latent else None, latent_norm_eps=norm_eps,
+                              latent_channels=C,
                               softmax_scale=mla["softmax_scale"], rope_scaling=mla.get("rope_attention_scaling", 1.0),
                               num_groups=mla["num_groups"], nope_dim=mla["nope_dim"], rope_dim=R,
                               latent_dim=C + pad, **_common(model))
@@ -389,8 +396,10 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     quantized = weight_bits in (4, 8)
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
                               tie_head=dec.tied and not quantized, block_size=block_size,
-                              # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md)
-                              up_bits=8 if quantized else weight_bits)
+                              # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md),
+                              # unless the recovery trained through their 4-bit round trip
+                              up_bits=(4 if weight_bits == 4 and (getattr(model.config, "mla", None) or {}).get(
+                                  "four_bit_up_projections") else 8) if quantized else weight_bits)
     calib = None
     if kv_bits in (4, 8):
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it

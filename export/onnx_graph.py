@@ -282,6 +282,8 @@ class Decoder:
     rope_dim: int = 0
     latent_dim: int = 0  # C as exported (padded so that C + R suits the attention kernel)
     latent_rotation: np.ndarray | None = None  # orthogonal Q: the cache holds Q c (None: c itself)
+    latent_norm_eps: list | None = None  # per layer, a learned latent RMSNorm (layer["latent_norm"]) over the
+    latent_channels: int = 0  # ... first latent_channels (C before padding); None: no latent norm
     # baseline
     kv_heads: int = 0
     inv_freq: np.ndarray | None = None
@@ -337,7 +339,9 @@ def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.
 
 def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
     """A per-group up-projection [G, K, M] (x [.., K] @ w[g]) at the weights' precision: int4/int8 blocks of
-    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only);
+    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only).
+    int4 is llama.cpp's q4_0 grid exactly (scale = the signed value of largest magnitude / -8, rounded to fp16;
+    codes trunc(x / scale + 8.5) - 8), so the recovery's q4_0 training serves both runtimes;
     fp16 through a Cast; onnxruntime folds either into a float constant at load (the runner asks it to fold
     DequantizeLinear too)."""
     w = w.astype(np.float32)
@@ -350,9 +354,17 @@ def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
     blocks = -(-K // bs)
     padded = np.pad(w, ((0, 0), (0, blocks * bs - K), (0, 0))).reshape(G, blocks, bs, M)
     lo, hi = onnx_quant.CODE_RANGE[opts.up_bits]
-    scale = np.abs(padded).max(2) / hi  # [G, blocks, M]
-    scale[scale == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
-    codes = np.clip(np.rint(padded / scale[:, :, None]), lo, hi).astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
+    if opts.up_bits == 4:
+        peak = np.take_along_axis(padded, np.abs(padded).argmax(2)[:, :, None], 2)[:, :, 0]
+        exact = (peak / -8).astype(np.float32)  # [G, blocks, M]; codes from it, the fp16 rounding stored
+        scale = exact.astype(np.float16).astype(np.float32)
+    else:
+        exact = scale = np.abs(padded).max(2) / hi
+    exact[exact == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
+    inv = (1 / exact)[:, :, None]
+    codes = (np.clip(np.trunc(padded * inv + 8.5), 0, 15) - 8 if opts.up_bits == 4 else
+             np.clip(np.rint(padded * inv), lo, hi))
+    codes = codes.astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
     if opts.up_bits == 4:  # two per byte, low nibble first
         flat = np.append(codes.ravel(), np.int8(0)) if codes.size % 2 else codes.ravel()
         raw = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()
@@ -368,6 +380,14 @@ def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
     """RMSNorm from plain ops (onnxruntime fuses them); used where there is no residual to fuse with."""
     var = g.op("ReduceMean", [g.op("Mul", [x, x]), g.const([-1])], keepdims=1)
     inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
+    return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
+
+
+def _latent_norm(g: Graph, x: str, w: np.ndarray, eps: float, channels: int, name: str) -> str:
+    """RMSNorm of the latent x [B, S, C'] over its first `channels` (the rest is zero padding): the mean square
+    divides by `channels`, not C', so the padding changes nothing."""
+    mean = g.op("Mul", [g.op("ReduceSumSquare", [x, g.const([-1])], keepdims=1), g.const(1.0 / channels, np.float32)])
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)])])])
     return g.op("Mul", [g.op("Mul", [x, inv]), g.weight(name, w.astype(np.float32))])
 
 
@@ -424,6 +444,9 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
         b = np.concatenate([b_q[:, :N].ravel(), b_q[:, N:].ravel(), layer["kv_a_bias"]])
     proj = _matmul(g, x, w, f"layers.{i}.attn.q_kv_a", opts, b)
     q_nope, q_rope, latent, k_rope = g.op("Split", [proj, g.const([H * N, H * R, C, R])], 4, axis=-1)
+    if dec.latent_norm_eps is not None:
+        latent = _latent_norm(g, latent, layer["latent_norm"], dec.latent_norm_eps[i], dec.latent_channels,
+                              f"layers.{i}.attn.latent_norm")
     # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
     q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],

@@ -226,3 +226,76 @@ def test_finetune_with_self_distillation_text(tmp_path, text_file):
     resumed = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(tmp_path / "orig"), resume=True)
     assert len(resumed["history"]) == 4 and resumed["config"]["self_distill_tokens"] == 300
     assert not generated.exists()  # removed with the checkpoints once the run is done
+
+
+@pytest.fixture
+def original_and_mla(tmp_path):
+    original = tiny_model("llama-gqa")
+    original.save_pretrained(tmp_path / "orig")
+    word_tokenizer().save_pretrained(tmp_path / "orig")
+    convert(original, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
+    return tmp_path / "orig", save(original, word_tokenizer(), tmp_path / "mla")
+
+
+def test_cached_teacher_gives_the_same_training(tmp_path, original_and_mla):
+    """--cache-teacher: the teacher runs once per row (its first epoch), and training is the same as without."""
+    from edge_mla import finetune as ft
+
+    orig, mla = original_and_mla
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"w{3 + (i * 13) % 90}" for i in range(10 * 33)))  # 10 rows of 33 tokens
+    logs = {}
+    calls = []
+    real = ft.Teacher.__init__
+
+    def counting(self, *args, **kwargs):  # count the teacher's forward passes
+        real(self, *args, **kwargs)
+        decoder = self.decoder
+        self.decoder = lambda *a, **k: calls.append(a[0].shape[0]) or decoder(*a, **k)
+
+    ft.Teacher.__init__ = counting
+    try:
+        for cached in (False, True):
+            calls.clear()
+            cfg = TrainConfig(tokens=6 * 4 * 32, seq_len=32, micro_batch=4, lr=3e-3, distill=0.5, cache_teacher=cached)
+            logs[cached] = [h["loss"] for h in finetune(mla, tmp_path / f"ft{cached}", cfg, data=[str(text)],
+                                                        teacher=str(orig))["history"]]
+            if cached:  # 6 steps x 4 rows = 24 rows from 10: the teacher ran only while unseen rows came in
+                assert 3 <= len(calls) < 6, calls
+            else:
+                assert len(calls) == 6
+    finally:
+        ft.Teacher.__init__ = real
+    assert len(logs[True]) == 6 and max(abs(a - b) for a, b in zip(logs[False], logs[True])) < 1e-6
+
+
+def test_fsdp_two_processes_match_one(tmp_path, mla_dir, text_file):
+    """--fsdp (torch's fully_shard, two gloo processes) follows the single-process loss curve and saves the same
+    model."""
+    common = [str(mla_dir), "--data", str(text_file), "--tokens", str(4 * 4 * 32), "--seq-len", "32",
+              "--lr", "3e-3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    one = subprocess.run([sys.executable, "-m", "edge_mla.cli", "finetune", *common, "--micro-batch", "4",
+                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29547", "-m", "edge_mla.cli", "finetune", *common, "--fsdp",
+                          "--micro-batch", "2", "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr[-2000:]
+    log1 = json.loads((tmp_path / "one" / "finetune_log.json").read_text())
+    log2 = json.loads((tmp_path / "two" / "finetune_log.json").read_text())
+    assert log2["world_size"] == 2 and log2["config"]["fsdp"]
+    l1 = [h["loss"] for h in log1["history"]]
+    l2 = [h["loss"] for h in log2["history"]]
+    assert len(l1) == len(l2) == 4
+    assert max(abs(x - y) for x, y in zip(l1, l2)) < 1e-4, (l1, l2)
+    m1, _ = load(tmp_path / "one")
+    m2, _ = load(tmp_path / "two")
+    for (name, p1), p2 in zip(m1.named_parameters(), m2.parameters()):
+        assert torch.allclose(p1, p2, atol=1e-4), name
+
+
+def test_fsdp_needs_several_processes(tmp_path, mla_dir, text_file):
+    with pytest.raises(ValueError, match="torchrun"):
+        finetune(mla_dir, tmp_path / "x", TrainConfig(tokens=128, seq_len=32, fsdp=True), data=[str(text_file)])

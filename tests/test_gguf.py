@@ -8,6 +8,7 @@ import json
 import math
 import random
 
+import gguf
 import numpy as np
 import pytest
 import torch
@@ -259,6 +260,29 @@ def test_mla_gguf_matches_pytorch_in_llama_cpp(tmp_path, tokenizer, text_file, k
     assert np.abs(got - want_logits).max() <= 1e-4 * max(scale, 1.0)  # F32 weights and cache
     tokens, _ = llamacpp.greedy(lm, ids, NEW)
     assert tokens == want_tokens
+
+
+@needs_llama
+def test_learned_latent_norm_exports_exactly_and_frees_kv_a(tmp_path, tokenizer, text_file):
+    from conftest import with_latent_norms
+
+    model = tiny("llama-gqa", len(tokenizer))
+    ids = tokenizer(corpus(600, seed=2), return_tensors="pt").input_ids[0]
+    convert(model, Plan("partition", 2, 32), collect_stats(model, ids[: 4 * 48].view(4, 48)), source="llama-gqa")
+    save(with_latent_norms(model), tokenizer, tmp_path / "normed")
+    info, notes = export(tmp_path / "normed", tmp_path / "m.gguf", text_file, weights="f32")
+    assert any("learned" in n for n in notes)
+    assert "edge_mla.latent_scale" not in gguf.GGUFReader(info.path).fields
+    model, _ = load(tmp_path / "normed")
+    ids = prompt_ids(info.n_vocab)
+    want_logits, want_tokens = torch_logits_and_greedy(model, ids, NEW)
+    lm = llamacpp.open_model(info.path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
+    got = llamacpp.prompt_logits(lm, ids)
+    assert np.abs(got - want_logits).max() <= 1e-4 * max(np.abs(want_logits).max(), 1.0)
+    assert llamacpp.greedy(lm, ids, NEW)[0] == want_tokens
+    # no eps-dominance scaling to protect: kv_a is quantized like every other projection
+    info, _ = export(tmp_path / "normed", tmp_path / "q.gguf", text_file, weights="q4_0")
+    assert info.tensor_types["blk.0.attn_kv_a_mqa.weight"].name == "Q4_0"
 
 
 @needs_llama

@@ -118,15 +118,17 @@ def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
     reference = load_source(str(folder))
     io = recover.collect_attention_io(reference.model, teacher)
     calibrate_and_convert(reference, plan, **options)
-    recover.recover_converted(reference.model, io, steps=5)
+    summary = recover.recover_converted(reference.model, io, steps=5, latent_norm=True)
 
     streamed = load_source(str(folder), lazy=True)
     (tmp_path / "out").mkdir()
     writer = FolderWriter(tmp_path / "out", streamed.checkpoint, streamed.model.config.num_hidden_layers)
-    recovery = recover.LayerRecovery(steps=5)
-    calibrate_and_convert(streamed, plan, written=writer.layer, teacher=teacher, converted=recovery, **options)
+    recovery = recover.LayerRecovery(steps=5, latent_norm=True)
+    mla = calibrate_and_convert(streamed, plan, written=writer.layer, teacher=teacher, converted=recovery, **options)
+    layerwise_summary = recovery.summary(mla)
     writer.finish(streamed.model.config, streamed.tokenizer)
-    assert len(recovery.stats) == 2 and recovery.summary()["latent_rotation"] == "block Hadamard (32)"
+    assert len(recovery.stats) == 2 and layerwise_summary.keys() == summary.keys()
+    assert mla["latent_norm_eps"] == reference.model.config.mla["latent_norm_eps"]
     expected, got = reference.model.state_dict(), load(tmp_path / "out")[0].state_dict()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name

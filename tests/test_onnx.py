@@ -15,7 +15,7 @@ import onnx
 import pytest
 import torch
 
-from conftest import VOCAB, prompt, stats_for, tiny_model
+from conftest import VOCAB, prompt, stats_for, tiny_model, with_latent_norms
 from edge_mla import cli
 from edge_mla.convert import Plan, convert, save
 from edge_mla.export import onnx as onnx_export
@@ -99,6 +99,19 @@ def test_latent_padded_for_the_kernel_is_exact(tmp_path):
     with torch.no_grad():
         expected = model(ids).logits[0].numpy()
     assert np.abs(decoder.forward(ids[0].numpy(), keep=ids.shape[1]) - expected).max() < 1e-3
+
+
+@pytest.mark.parametrize("latent", [LATENT, 22])  # 22: the norm must average over C, not the padded C'
+def test_learned_latent_norm_is_exact(tmp_path, latent):
+    model = with_latent_norms(converted("llama-gqa", latent=latent))
+    folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
+    ids = prompt()
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
+    decoder = OnnxDecoder(folder, threads=1, context=64)
+    assert np.abs(decoder.forward(ids[0].numpy(), keep=ids.shape[1]) - expected).max() < 1e-3
+    with pytest.raises(ValueError, match="latent norm"):
+        onnx_export.decoder_from_mla(model, rotate_latent=True)
 
 
 def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, mla_model):
@@ -269,6 +282,13 @@ def test_up_projections_are_stored_at_the_weight_bits(bits):
     got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
     if bits == 16:
         expected = w.astype(np.float16).astype(np.float32)
+    elif bits == 4:  # llama.cpp's q4_0 grid, bit for bit (the recovery trains through it for both runtimes)
+        from gguf import GGMLQuantizationType as QT
+        from gguf.quants import dequantize, quantize
+
+        rows = np.pad(w, ((0, 0), (0, 24), (0, 0))).transpose(0, 2, 1)  # blocks of 32 along K, as rows
+        expected = dequantize(quantize(np.ascontiguousarray(rows), QT.Q4_0), QT.Q4_0).transpose(0, 2, 1)[:, :40]
+        assert np.array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
     else:
         hi = 2 ** (bits - 1) - 1
         expected = np.empty_like(w)

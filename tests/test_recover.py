@@ -163,3 +163,32 @@ def test_gguf_keeps_the_per_head_up_projections_at_8_bits_under_q4_0():
     assert tensor_type("blk.0.attn_k_b.weight", (9, 160, 64), "q4_0") == QT.Q8_0
     assert tensor_type("blk.0.attn_v_b.weight", (9, 64, 160), "q4_0") == QT.Q8_0
     assert tensor_type("blk.0.attn_q.weight", (864, 576), "q4_0") == QT.Q4_0
+    trained = {"latent_norm_eps": [40.0], "four_bit_up_projections": True}  # recovered through their q4_0 round trip
+    assert tensor_type("blk.0.attn_k_b.weight", (9, 160, 64), "q4_0", trained) == QT.Q4_0
+    assert tensor_type("blk.0.attn_kv_a_mqa.weight", (192, 576), "q4_0", trained) == QT.Q4_0
+    assert tensor_type("blk.0.attn_kv_a_mqa.weight", (192, 576), "q4_0", {}) == QT.BF16  # neutralised norm
+    assert tensor_type("blk.0.attn_kv_a_mqa.weight", (192, 576), "q8_0", trained) == QT.BF16  # q8_0 scales underflow
+
+
+def test_up_projection_round_trips_are_blocked_as_the_gguf_stores_them():
+    """k_up [G, N, C] is stored as attn_k_b rows of N (W_uk^T per head), v_up [G, d, C] as attn_v_b rows of C: the
+    straight-through round trips must quantize the same blocks, bit for bit."""
+    from types import SimpleNamespace
+
+    from edge_mla.mla import MLAAttention
+
+    config = SimpleNamespace(hidden_size=64, num_attention_heads=2, rms_norm_eps=1e-5)
+    mla = dict(num_groups=1, head_dim=64, nope_dim=32, rope_dim=32, latent_dim=64, softmax_scale=0.125,
+               qkv_bias=False, latent_norm_eps=[1e-5])
+    attn = MLAAttention(config, mla, 0)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in attn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * torch.logspace(-2, 1, p.shape[-1]))
+    emulated = recover.q4_0_weights(attn, up_projections=True)
+    assert set(emulated) == {"q_proj.weight", "o_proj.weight", "kv_a_proj.weight", "k_up", "v_up"}
+    q4 = GGMLQuantizationType.Q4_0
+    k_b = attn.k_up.detach().transpose(1, 2).numpy()  # [G, C, N]: rows of N
+    assert np.array_equal(emulated["k_up"].detach().transpose(1, 2).numpy(), dequantize(quantize(k_b, q4), q4))
+    v_b = attn.v_up.detach().numpy()  # [G, d, C]: rows of C
+    assert np.array_equal(emulated["v_up"].detach().numpy(), dequantize(quantize(v_b, q4), q4))

@@ -132,3 +132,11 @@ def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
     expected, got = reference.model.state_dict(), load(tmp_path / "out")[0].state_dict()
     for name in expected:
         assert torch.equal(expected[name], got[name]), name
+
+    # and its GGUF (a learned latent norm: llama.cpp's attn_kv_a_norm), streamed = in memory
+    from edge_mla.convert import load_any
+    from edge_mla.export import gguf as gguf_export
+
+    gguf_export.export(str(tmp_path / "out"), tmp_path / "streamed.gguf", weights="q8_0")
+    gguf_export.export(load_any(tmp_path / "out"), tmp_path / "memory.gguf", weights="q8_0")
+    assert gguf_contents(tmp_path / "streamed.gguf") == gguf_contents(tmp_path / "memory.gguf")

@@ -54,7 +54,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     n = 6 if trained else 5
     t0 = time.perf_counter()
     step(t0, 1, n, f"loading {model}")
-    src = load_source(model)
+    # A folder's weights stay on disk and are read a layer at a time (layerwise.py), except for the quality
+    # target's retries, which re-convert a pristine in-memory copy, and for ONNX, whose exporter takes the whole
+    # model (so the source is read once, in memory; the conversion still goes layer by layer).
+    src = load_source(model, lazy=max_quality_loss is None and "onnx" not in formats)
+    streamed = src.checkpoint is not None
     config = src.model.config
     limit = int(config.max_position_embeddings)
     context = context or min(limit, 4096)
@@ -66,7 +70,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     full = resolve_plan(config, replace(plan, latent=None)).latent
     if plan.latent is not None and plan.latent > full:
         plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
-    plan, notes = preflight.check(src.model, plan, formats, originals=True)  # every exporter, before any work
+    plan, notes = preflight.check(src.model, plan, formats, originals=True,  # every exporter, before any work
+                                  checkpoint=src.checkpoint)
     for note in notes:
         print("      " + note)
 
@@ -83,17 +88,20 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
             orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                           head_bits=precision.head_bits(bits), model=src.model,
-                                           tokenizer=src.tokenizer)
+                                           head_bits=precision.head_bits(bits),
+                                           model=None if streamed else src.model, tokenizer=src.tokenizer)
         if "gguf" in formats:
             orig_gguf = original / "original.gguf"
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
-        if recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
+        if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
+            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, kv_bits, t0, n)
+            k = 4 + bool(recover_steps)
+        elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
             teacher = recover.collect_attention_io(
                 src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH),
                 desc="      teacher pass (original attention on calibration text)")
-        attempts = [plan]
+        attempts = []  # the quality target's tries, each converted from a pristine in-memory copy
         if max_quality_loss is not None:
             import copy
 
@@ -122,8 +130,6 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                                             weight_bits=bits, latent_norm=True,
                                                             up_projections=True)
                 k += 1
-            if max_quality_loss is None:
-                break
             ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
             tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
             met = ratio <= 1 + max_quality_loss
@@ -138,11 +144,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                                        "calibration text (read by no other step)"}
                 break
             src.model = copy.deepcopy(pristine)
-        if recover_steps:
-            del teacher
         if max_quality_loss is not None:
+            if recover_steps:
+                del teacher
             del pristine
-        mla_dir = save(src.model, src.tokenizer, staging / "mla")
+            mla_dir = save(src.model, src.tokenizer, staging / "mla")
         if finetune_tokens:
             from edge_mla.finetune import TrainConfig, finetune
             step(t0, k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original)")
@@ -150,16 +156,17 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             shutil.rmtree(mla_dir)
             os.replace(staging / "mla-ft", mla_dir)
             src.model, src.tokenizer = load(mla_dir)
+            streamed = False
             k += 1
         step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
                        f"weights, {cache} cache)")
         if "onnx" in formats:  # + onnxruntime-genai's files (docs/phones.md)
             onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                          head_bits=precision.head_bits(bits), model=src.model,
+                                          head_bits=precision.head_bits(bits), model=None if streamed else src.model,
                                           tokenizer=src.tokenizer, genai=True)
-        if "gguf" in formats:
+        if "gguf" in formats:  # streamed: read back from mla/ a layer at a time
             gguf_file = staging / "model.gguf"
-            gguf_export.export(src, gguf_file, weights=weights, cache_type=cache)
+            gguf_export.export(str(mla_dir) if streamed else src, gguf_file, weights=weights, cache_type=cache)
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
             "tokens per text)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
@@ -220,6 +227,39 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     print(f"wrote {out}/ (report.html, report.json, {', '.join(written)}, mla/) in {summary['build_seconds']:.0f} s, "
           f"peak RSS {peak_rss_mb():.0f} MB")
     return summary
+
+
+def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, kv_bits: int, t0: float, n: int):
+    """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
+    each layer as it is done when the source stays on disk (streamed), the whole model after otherwise. Returns
+    (the MLA section, out)."""
+    from edge_mla.convert import calibrate_and_convert, describe, save
+    from edge_mla.layerwise import FolderWriter
+
+    step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent}), layer by layer")
+    recovery = teacher = None
+    if recover_steps:
+        step(t0, 4, n, f"recovering on the CPU as each layer is converted: each attention block trained "
+                       f"{recover_steps} steps towards the original's outputs"
+                       f"{', through the 4-bit cache' if kv_bits == 4 else ''}")
+        # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%, docs/recovery.md)
+        recovery = recover.LayerRecovery(steps=recover_steps, cache_bits=kv_bits)
+        teacher = calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH)
+    config = src.model.config
+    if src.checkpoint is not None:
+        out.mkdir()
+        writer = FolderWriter(out, src.checkpoint, config.num_hidden_layers)
+        mla = calibrate_and_convert(src, plan, written=writer.layer, teacher=teacher, converted=recovery)
+    else:
+        mla = calibrate_and_convert(src, plan, teacher=teacher, converted=recovery)
+    if recovery is not None:
+        mla["recovery"] = recovery.summary(mla)  # before the config is written: it may add to the MLA section
+    if src.checkpoint is not None:
+        writer.finish(config, src.tokenizer)
+    else:
+        save(src.model, src.tokenizer, out)
+    print("      " + describe(mla, config))
+    return mla, out
 
 
 def runnable_files(files: dict) -> dict:

@@ -42,37 +42,46 @@ def _pair_norms(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.pow(2).sum(2).sqrt().sum(0)
 
 
+def new_stats(config) -> LayerStats:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    E = config.hidden_size
+    return LayerStats(torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64), 0,
+                      torch.zeros(config.num_attention_heads, head_dim // 2, dtype=torch.float64),
+                      torch.zeros(config.num_key_value_heads, head_dim // 2, dtype=torch.float64))
+
+
+def stats_hook(s: LayerStats, attn, config):
+    """A forward pre-hook on an attention block that adds its input's statistics to `s`."""
+    n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+
+    def hook(module, args, kwargs):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        x = x.reshape(-1, x.shape[-1])
+        x64 = x.double().cpu()  # statistics live on the CPU in float64, whatever device the model runs on
+        s.xx_sum += x64.T @ x64
+        s.x_sum += x64.sum(0)
+        s.count += x.shape[0]
+        s.q_pair_norm_sum += _pair_norms(attn.q_proj(x).double(), n_heads).cpu()
+        s.k_pair_norm_sum += _pair_norms(attn.k_proj(x).double(), n_kv).cpu()
+    return hook
+
+
+@torch.no_grad()
+def layer_stats(walk, i: int, key: str = "calibration") -> LayerStats:
+    """Statistics of layer i (loaded) over the walk's `key` windows; the walk moves on past the layer."""
+    layer = walk.model.model.layers[i]
+    s = new_stats(walk.model.config)
+    hook = stats_hook(s, layer.self_attn, walk.model.config)
+    walk.run(i, lambda k, layer: [layer.self_attn.register_forward_pre_hook(hook, with_kwargs=True)] if k == key
+             else [])
+    return s
+
+
 @torch.no_grad()
 def collect_stats(model, windows: torch.Tensor, desc: str = "calibrating") -> list[LayerStats]:
-    """Run the original model over token windows [n, T] and gather per-layer attention-input statistics."""
-    layers = model.model.layers
-    cfg = model.config
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    n_heads, n_kv = cfg.num_attention_heads, cfg.num_key_value_heads
-    E = cfg.hidden_size
-    stats = [LayerStats(torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64), 0,
-                        torch.zeros(n_heads, head_dim // 2, dtype=torch.float64),
-                        torch.zeros(n_kv, head_dim // 2, dtype=torch.float64)) for _ in layers]
+    """Run the original model over token windows [n, T], layer by layer, and gather per-layer attention-input
+    statistics (the same numbers as hooks on a whole-model forward: layerwise.layer_arguments)."""
+    from edge_mla.layerwise import Walk
 
-    def make_hook(i, attn):
-        def hook(module, args, kwargs):
-            x = kwargs.get("hidden_states", args[0] if args else None)
-            x = x.reshape(-1, x.shape[-1])
-            s = stats[i]
-            x64 = x.double().cpu()  # statistics live on the CPU in float64, whatever device the model runs on
-            s.xx_sum += x64.T @ x64
-            s.x_sum += x64.sum(0)
-            s.count += x.shape[0]
-            s.q_pair_norm_sum += _pair_norms(attn.q_proj(x).double(), n_heads).cpu()
-            s.k_pair_norm_sum += _pair_norms(attn.k_proj(x).double(), n_kv).cpu()
-        return hook
-
-    handles = [layer.self_attn.register_forward_pre_hook(make_hook(i, layer.self_attn), with_kwargs=True)
-               for i, layer in enumerate(layers)]
-    try:
-        for window in tqdm(windows, desc=desc, unit="window", leave=False):
-            model(window[None].to(model.device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return stats
+    walk = Walk(model, None, {"calibration": windows})
+    return [layer_stats(walk, i) for i in tqdm(range(len(model.model.layers)), desc=desc, unit="layer", leave=False)]

@@ -101,7 +101,7 @@ def cmd_convert(args) -> int:
     from edge_mla.source import load_source
 
     out = refuse_existing(args.out, args.force)  # before the slow load
-    src = load_source(args.model)
+    src = load_source(args.model, lazy=True)  # a folder's layers are read, converted and written one at a time
     plan = _plan_from(args, src.model.config)
     t0 = time.perf_counter()
     path, mla = convert_source(src, plan, out, calib_windows=args.calib_windows, calib_length=args.calib_length,

@@ -8,7 +8,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
@@ -117,6 +116,16 @@ def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | Non
     return new.to(attn.o_proj.weight.dtype)
 
 
+def keep_io(io: tuple[list, list]):
+    """A forward hook on an attention block that keeps its inputs and outputs (float32, on the CPU), as
+    recover.collect_attention_io does for every layer at once."""
+    def hook(module, args, kwargs, output):
+        x = kwargs.get("hidden_states", args[0] if args else None)
+        io[0].append(x.detach().float().cpu())
+        io[1].append(output[0].detach().float().cpu())
+    return hook
+
+
 def attention_metrics(q_nope_rows, w_o, xx, group, n_kv: int, d: int):
     """Block-diagonal metrics for the `attention` weighting: per KV group, the second moment of its query heads'
     nope queries (key errors only matter along queries) and W_o^T W_o of its heads (value errors matter through
@@ -168,13 +177,23 @@ def one_thread():
 
 
 @torch.no_grad()
-def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "") -> dict:
-    """Convert `model` in place; returns the MLA section that its config now carries."""
+def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: str = "", walk=None,
+            written=None, converted=None) -> dict:
+    """Convert `model` in place, layer by layer; returns the MLA section that its config now carries. Statistics
+    come from `stats`, or, with `walk` (a layerwise.Walk over "calibration" windows), are gathered layer by layer
+    as the conversion goes: each layer is loaded, calibrated and converted, then handed to `written(i, layer)`,
+    which may write it out and release it before the next layer is read. When the walk also carries "teacher"
+    windows, the original attention's inputs and outputs on them are handed with the converted block to
+    `converted(i, attn, inputs, outputs)` (the recovery) before the layer is written."""
+    from edge_mla.calibration import new_stats, stats_hook
+    from edge_mla.layerwise import Progress
+
     config = model.config
     if getattr(config, "mla", None):
         raise SourceError("this model is already converted to MLA")
     plan = resolve_plan(config, plan)
-    if needs_calibration(plan) and stats is None:
+    calibrate = needs_calibration(plan)
+    if calibrate and stats is None and walk is None:
         raise ValueError(f"selection '{plan.selection}' with weighting '{plan.weighting}' needs calibration "
                          "statistics (calibration.collect_stats)")
     rotary = model.model.rotary_emb
@@ -182,17 +201,36 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     rope_scaling = float(getattr(rotary, "attention_scaling", 1.0))
     layers = model.model.layers
     uses_rope = families.rope_layers(config)
-    with one_thread():
-        maps = [layer_maps(plan, layer.self_attn, stats[i] if stats else None, config, uses_rope[i])
-                for i, layer in enumerate(layers)]
-    mla = mla_section(config, plan, maps[0].nope_dim, maps[0].rope_dim, rope_scaling, source)
-    first = layers[0].self_attn
-    mla["qkv_bias"] = first.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
-    mla["o_bias"] = first.o_proj.bias is not None  # Llama with attention_bias
-    with one_thread():
-        for i, layer in enumerate(tqdm(layers, desc="converting layers", unit="layer", leave=False)):
-            layer.self_attn = convert_layer(layer.self_attn, maps[i], plan, stats[i] if stats else None, config, mla,
-                                            inv_freq, i)
+    progress = Progress(len(layers), walk.tokens if walk and calibrate else 0, "converting")
+    mla = None
+    for i, layer in enumerate(layers):
+        s = stats[i] if stats is not None and calibrate else None
+        io = ([], [])
+        if walk is not None:
+            walk.load(i)
+            s = new_stats(config) if calibrate else None
+
+            def attach(key, layer):
+                if key == "calibration" and s is not None:
+                    return [layer.self_attn.register_forward_pre_hook(stats_hook(s, layer.self_attn, config),
+                                                                      with_kwargs=True)]
+                if key == "teacher":
+                    return [layer.self_attn.register_forward_hook(keep_io(io), with_kwargs=True)]
+                return []
+            walk.run(i, attach)
+        with one_thread():
+            maps = layer_maps(plan, layer.self_attn, s, config, uses_rope[i])
+            if mla is None:
+                mla = mla_section(config, plan, maps.nope_dim, maps.rope_dim, rope_scaling, source)
+                mla["qkv_bias"] = layer.self_attn.q_proj.bias is not None  # Qwen2, or Llama with attention_bias
+                mla["o_bias"] = layer.self_attn.o_proj.bias is not None  # Llama with attention_bias
+            layer.self_attn = convert_layer(layer.self_attn, maps, plan, s, config, mla, inv_freq, i)
+        if converted is not None and io[0]:
+            converted(i, layer.self_attn, torch.cat(io[0]), torch.cat(io[1]))
+        if written is not None:
+            written(i, layer)
+        if walk is not None:
+            progress.layer_done(i)
     config.mla = mla
     return mla
 
@@ -212,16 +250,37 @@ def is_converted(path: str | Path) -> bool:
     return config.is_file() and "mla" in json.loads(config.read_text())
 
 
-def load_any(spec: str | Path):
-    """A converted folder (MLA layers; named after its source model) or any source model, as a source.Source."""
+def load_any(spec: str | Path, lazy: bool = False):
+    """A converted folder (MLA layers; named after its source model) or any source model, as a source.Source.
+    lazy=True leaves a folder's weights on disk, to be read a layer at a time (layerwise.py)."""
     from edge_mla.source import Source, load_source, source_gguf
 
     if is_converted(spec):
-        model, tokenizer = load(spec)
+        checkpoint = None
+        if lazy:
+            model, tokenizer, checkpoint = load_lazy(spec)
+        else:
+            model, tokenizer = load(spec)
         mla = model.config.mla
         return Source(model, tokenizer, mla.get("source") or Path(spec).name, Path(spec),
-                      source_gguf(mla.get("source_gguf") or mla.get("source")))
-    return load_source(str(spec))
+                      source_gguf(mla.get("source_gguf") or mla.get("source")), checkpoint)
+    return load_source(str(spec), lazy=lazy)
+
+
+def load_lazy(folder: str | Path):
+    """A converted folder's model with its weights left on disk: (model on the meta device, tokenizer,
+    layerwise.Checkpoint)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from edge_mla.layerwise import Checkpoint, lazy_model
+
+    folder = Path(folder)
+    config = AutoConfig.from_pretrained(folder)
+    config._attn_implementation = "sdpa"
+    model = lazy_model(config)
+    with torch.device("meta"):
+        install_mla(model, config.mla)
+    return model.eval(), AutoTokenizer.from_pretrained(folder), Checkpoint(folder)
 
 
 def load(folder: str | Path):
@@ -276,33 +335,46 @@ def timed(fn, *args, **kwargs):
 
 
 def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_length: int = 1024,
-                          text: str | None = None) -> dict:
-    """Calibrate on text, then convert a loaded `source.Source` in place; returns its MLA section."""
-    from edge_mla.calibration import collect_stats
+                          text: str | None = None, written=None, teacher: torch.Tensor | None = None,
+                          converted=None) -> dict:
+    """Calibrate on text and convert a `source.Source` in place, layer by layer (layerwise.Walk: a lazily loaded
+    source is read one layer at a time, and `written(i, layer)` may write and release each converted layer);
+    `teacher` windows [n, T] and `converted`: the recovery, layer by layer (convert()). Returns the MLA section."""
     from edge_mla.data import calibration_windows
+    from edge_mla.layerwise import Walk
 
     plan = resolve_plan(src.model.config, plan)
     approximations = None
     if families.has_qk_norm(src.model):  # Qwen3: the q/k norms become calibrated constants (an approximation)
         windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
         approximations = families.fold_qk_norms(src.model, windows)
-    stats = None
+    windows = None
     if needs_calibration(plan):
         windows = calibration_windows(src.tokenizer, text, count=calib_windows, length=calib_length)
-        stats = collect_stats(src.model, windows)
-    mla = convert(src.model, plan, stats, source=src.name)
+    walk = Walk(src.model, src.checkpoint, {"calibration": windows, "teacher": teacher})
+    mla = convert(src.model, plan, source=src.name, walk=walk, written=written, converted=converted)
     if approximations:
         mla["approximations"] = approximations
     if src.gguf is not None:
         mla["source_gguf"] = str(src.gguf)
-    mla["calibration_tokens"] = 0 if stats is None else stats[0].count
+    mla["calibration_tokens"] = 0 if windows is None else int(windows.numel())
     mla["calibration_text"] = text or "built-in Wikipedia sample, calibration part (gensim 4.4.0)"
     return mla
 
 
 def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
                    text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
-    """Calibrate -> convert -> save a loaded `source.Source`. Checks plan and output path before slow steps."""
+    """Calibrate -> convert -> save a `source.Source`. Checks plan and output path before slow steps. A lazily
+    loaded source is written layer by layer as it is converted (one layer resident at a time)."""
+    from edge_mla.layerwise import FolderWriter
+
     out = refuse_existing(out, overwrite)
-    mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text)
-    return save(src.model, src.tokenizer, out, overwrite=overwrite), mla
+    if src.checkpoint is None:
+        mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text)
+        return save(src.model, src.tokenizer, out, overwrite=overwrite), mla
+    with staged_folder(out) as staging:
+        writer = FolderWriter(staging, src.checkpoint, src.model.config.num_hidden_layers)
+        mla = calibrate_and_convert(src, plan, calib_windows=calib_windows, calib_length=calib_length, text=text,
+                                    written=writer.layer)
+        writer.finish(src.model.config, src.tokenizer)
+    return out, mla

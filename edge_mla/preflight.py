@@ -41,8 +41,9 @@ def kept_frequencies(model, plan) -> list[np.ndarray]:
     return [inv[index] if on or plan.selection == "shared" else np.zeros(len(index)) for on in uses_rope]
 
 
-def check_gguf(model, plan, align: int) -> None:
-    """llama.cpp's deepseek2, for the model this plan will make."""
+def check_gguf(model, plan, align: int, checkpoint=None) -> None:
+    """llama.cpp's deepseek2, for the model this plan will make. A lazy model's biases are read from its
+    checkpoint (layerwise.Checkpoint), nothing else."""
     from edge_mla.export.gguf import _rope_base
     from edge_mla.export.gguf_tensors import check_attention_biases, check_ffn, check_nope_dim, rope_layout
 
@@ -50,7 +51,10 @@ def check_gguf(model, plan, align: int) -> None:
     check_ffn(config)
     for i, layer in enumerate(model.model.layers):
         attn = layer.self_attn
-        check_attention_biases(i, {name: getattr(getattr(attn, name, None), "bias", None)
+        prefix = f"model.layers.{i}.self_attn."
+        check_attention_biases(i, {name: (checkpoint.tensor(f"{prefix}{name}.bias") if f"{prefix}{name}.bias"
+                                          in checkpoint else None) if checkpoint is not None else
+                                   getattr(getattr(attn, name, None), "bias", None)
                                    for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
     d = families.head_dim(config)
     check_nope_dim(d if plan.selection == "shared" else d - 2 * plan.rope_pairs)
@@ -81,7 +85,7 @@ def fit_rope_key(model, plan, formats: tuple[str, ...]) -> tuple[object, list[st
 
 
 def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
-          align: int = 32) -> tuple[object, list[str]]:
+          align: int = 32, checkpoint=None) -> tuple[object, list[str]]:
     """Raise ValueError (one line: the problem, then the fix) if an exporter in `formats` cannot take the
     converted model, or, with `originals` (the build), the original exported the same way to compare.
     Returns the plan (its rope key fitted to GGUF, fit_rope_key) and notes on what the conversion approximates."""
@@ -96,7 +100,7 @@ def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
         if originals:
             steps.append(("onnx", original, lambda: onnx_export.check_original(model)))
     if "gguf" in formats:
-        steps.append(("gguf", mla, lambda: check_gguf(model, plan, align)))
+        steps.append(("gguf", mla, lambda: check_gguf(model, plan, align, checkpoint)))
         if originals:
             steps.append(("gguf", original, lambda: gguf_export.check_plain(model)))
     for fmt, what, fn in steps:

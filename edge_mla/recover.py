@@ -360,3 +360,50 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
             "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
             "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
 
+
+
+class LayerRecovery:
+    """recover_converted, one layer at a time: what the layer-by-layer build (convert.convert's `converted`
+    callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs. The
+    blocks train independently (and a latent norm's eps depends on its own layer only), so the result is the same
+    as recover_converted's (tests/test_layerwise.py). summary(mla) records in the MLA section what the exporters
+    need (latent_norm_eps, four_bit_up_projections): call it before the config is written."""
+
+    def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16,
+                 latent_norm: bool = False, up_projections: bool = False):
+        self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
+        self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
+        self.stats, self.eps, self.four_bit, self.tokens, self.aligned = [], [], [], 0, False
+
+    def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
+        C = attn.latent_dim
+        self.aligned = C % Q4_BLOCK == 0
+        if self.aligned:
+            rotate_latent(attn, block_hadamard(C))
+        if self.latent_norm:  # after the rotation, as install_latent_norms
+            self.eps.append(install_latent_norm(attn, ins))
+        quant = straight_through(mla_cache_q4_0(C)) if self.cache_bits == 4 and self.aligned else None
+        saved, attn.cache_quant = attn.cache_quant, quant
+        with torch.enable_grad():  # called from inside the conversion's no_grad
+            s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
+                                up_projections=self.up_projections)
+        attn.cache_quant = saved
+        self.four_bit = sorted(q4_0_weights(attn, self.up_projections)) if self.weight_bits == 4 else []
+        self.tokens = int(ins.shape[0] * ins.shape[1])
+        self.stats.append({"layer": i, **s})
+        print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
+              f"({s['seconds']:.1f}s)", flush=True)
+
+    def summary(self, mla: dict) -> dict:
+        if self.latent_norm:
+            mla["latent_norm_eps"] = self.eps
+        if self.up_projections:
+            mla["four_bit_up_projections"] = True
+        stats = self.stats
+        return {"steps_per_layer": self.steps, "lr": self.lr, "teacher_tokens": self.tokens,
+                "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
+                "trained_through": ("q4_0 cache" if self.cache_bits == 4 and self.aligned else "float cache") + (
+                    f", 4-bit {', '.join(self.four_bit)}" if self.four_bit else "") + " (straight-through)",
+                "seconds": round(sum(s["seconds"] for s in stats), 1),
+                "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
+                "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}

@@ -67,6 +67,7 @@ class Source:
     name: str
     path: Path | None  # folder holding config + weights, when there is one
     gguf: Path | None = None  # the GGUF it came from (built-in or a user's file): its tokenizer keys are reused
+    checkpoint: object = None  # layerwise.Checkpoint when the weights stay on disk (model on the meta device)
 
 
 def source_gguf(name: str | None) -> Path | None:
@@ -172,7 +173,12 @@ def _materialize_builtin(name: str) -> Path:
     return folder
 
 
-def _load_folder(folder: Path):
+# Architectures whose checkpoint tensors are the model's own (no rebuilding on load): these can stay on disk and be
+# read a layer at a time (layerwise.py); Phi-3 and Qwen3 are rebuilt by families.py from the whole loaded model.
+LAZY_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+def _load_folder(folder: Path, lazy: bool = False):
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     if not (folder / "config.json").exists():
@@ -187,22 +193,30 @@ def _load_folder(folder: Path):
         raise SourceError(f"{folder} is already an MLA model converted by edge-mla; convert the original instead, "
                           "or use it directly with `edge-mla eval`.")
     check_architecture(config)
+    checkpoint = None
     try:
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
+        if lazy and config.model_type in LAZY_ARCHITECTURES and any(folder.glob("*.safetensors")):
+            from edge_mla.layerwise import Checkpoint, lazy_model
+
+            checkpoint = Checkpoint(folder)
+            model = lazy_model(config)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype="float32")
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except Exception as err:
         reraise_missing(err, f"loading the model in {folder}")
         raise SourceError(f"transformers could not load the model in {folder} ({type(err).__name__}: {err})") from err
-    return model, tokenizer
+    return model, tokenizer, checkpoint
 
 
-def load_source(spec: str = DEFAULT_MODEL) -> Source:
-    """Load a model given as a built-in name, a folder, a .gguf file, or (online) a hub id."""
+def load_source(spec: str = DEFAULT_MODEL, lazy: bool = False) -> Source:
+    """Load a model given as a built-in name, a folder, a .gguf file, or (online) a hub id. lazy=True leaves a
+    Llama/Mistral/Qwen2 folder's weights on disk, to be read a layer at a time (layerwise.py)."""
     path = Path(spec).expanduser()
     if spec in BUILTIN:
         folder = _materialize_builtin(spec)
-        model, tokenizer = _load_folder(folder)
-        return _finish(Source(model, tokenizer, spec, folder, builtin_gguf(spec)))
+        model, tokenizer, checkpoint = _load_folder(folder, lazy)
+        return _finish(Source(model, tokenizer, spec, folder, builtin_gguf(spec), checkpoint))
     if path.suffix == ".gguf" or path.is_file():
         if not path.exists():
             raise SourceError(f"model file {path} does not exist")
@@ -211,8 +225,8 @@ def load_source(spec: str = DEFAULT_MODEL) -> Source:
         model, tokenizer = _load_gguf(path)
         return _finish(Source(model, tokenizer, path.stem, None, path.resolve()))
     if path.is_dir():
-        model, tokenizer = _load_folder(path)
-        return _finish(Source(model, tokenizer, path.name, path))
+        model, tokenizer, checkpoint = _load_folder(path, lazy)
+        return _finish(Source(model, tokenizer, path.name, path, checkpoint=checkpoint))
     if spec.startswith((".", "/", "~")) or spec.count("/") != 1:
         raise SourceError(f"model '{spec}' not found: no such folder or file, and not a built-in name "
                           f"({', '.join(BUILTIN)}) or a hub id of the form owner/name")

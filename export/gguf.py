@@ -25,8 +25,9 @@ from gguf import LlamaFileType
 from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
-                                          check_biases, check_nope_dim, common_tensors, encode, latent_mean_squares,
-                                          latent_scale, mla_layer_tensors, plain_layer_tensors, rope_layout)
+                                          check_attention_biases, check_ffn, check_nope_dim, encode, encode_rows,
+                                          ffn_tensors, head_tensors, latent_mean_squares, latent_scale,
+                                          mla_layer_tensors, plain_layer_tensors, rope_layout)
 from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
@@ -102,16 +103,19 @@ class Loaded:
     folder: Path | None  # folder with HF tokenizer files
     name: str
     tokenizer_gguf: Path | None  # GGUF the model came from, whose tokenizer keys are copied
+    checkpoint: object = None  # layerwise.Checkpoint: the weights stay on disk, read a layer at a time
 
 
 def load_model(spec) -> Loaded:
     """A converted folder (-> deepseek2) or a source model (-> its plain architecture), given as a path or
-    name, or already loaded as a source.Source (the build hands over its objects)."""
+    name, or already loaded as a source.Source (the build hands over its objects). A folder's weights stay on
+    disk and are read a layer at a time."""
     from edge_mla.convert import load_any
 
-    src = spec if hasattr(spec, "model") else load_any(spec)
+    src = spec if hasattr(spec, "model") else load_any(spec, lazy=True)
     mla = getattr(src.model.config, "mla", None)
-    return Loaded(src.model, src.tokenizer, dict(mla) if mla else None, src.path, src.name, src.gguf)
+    return Loaded(src.model, src.tokenizer, dict(mla) if mla else None, src.path, src.name, src.gguf,
+                  src.checkpoint)
 
 
 # --- writing ------------------------------------------------------------------------------------------------
@@ -134,15 +138,17 @@ def _rope_base(config) -> float:
     return float(base or getattr(config, "rope_theta", None) or 10000.0)
 
 
-def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors: dict, weights: str,
+def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors, weights: str,
            mla: dict | None) -> None:
-    writer = gguf.GGUFWriter(path, arch)
+    """`tensors`: (name, array) pairs, made one layer at a time; each is encoded and spooled to a temporary file
+    as it comes (gguf-py's use_temp_file), so the model is never in memory whole."""
+    writer = gguf.GGUFWriter(path, arch, use_temp_file=True)
     for add, *values in keys:
         add(writer, *values)
     for key, value, vtype, sub in tokenizer:
         writer.add_key_value(key, value, vtype, sub)
-    for name, array in tensors.items():
-        data, qtype = encode(name, array, weights, mla)
+    for name, array in tensors:
+        data, qtype = encode_rows(name, array, weights, mla)
         writer.add_tensor(name, data, raw_dtype=qtype if qtype not in (QT.F32, QT.F16) else None)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -163,21 +169,25 @@ def _common_keys(config, n_vocab: int, n_head_kv: int) -> list:
 def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, list[str]]:
     model, mla = loaded.model, loaded.mla
     config = model.config
-    layers = [layer.self_attn for layer in model.model.layers]
     head_dim, N, C, R = mla["head_dim"], mla["nope_dim"], mla["latent_dim"], mla["rope_dim"]
     layout = check_mla(loaded, align)
     selection = (mla.get("plan") or {}).get("selection", "?")
     eps = _float_eps(config)
     learned = mla.get("latent_norm_eps") is not None
     beta, headroom = (1.0, float("inf")) if learned else latent_scale(
-        latent_mean_squares(model, windows, layout.latent_dim), eps)
-    tensors = common_tensors(model)
-    for i, attn in enumerate(layers):
-        for key, value in mla_layer_tensors(attn, layout, i, beta, eps).items():
-            tensors[f"blk.{i}.{key}"] = value
+        latent_mean_squares(model, windows, layout.latent_dim, loaded.checkpoint), eps)
+
+    def tensors():  # one layer in memory at a time
+        from edge_mla.layerwise import layers  # torch: imported when used (`edge-mla run` of ONNX never needs it)
+
+        yield from head_tensors(model, loaded.checkpoint).items()
+        for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
+            yield from ffn_tensors(layer, i).items()
+            for key, value in mla_layer_tensors(layer.self_attn, layout, i, beta, eps).items():
+                yield f"blk.{i}.{key}", value
     W = gguf.GGUFWriter
     Cp, Rp = layout.latent_dim, layout.rope_dim
-    keys = _common_keys(config, tensors["token_embd.weight"].shape[0], 1) + [
+    keys = _common_keys(config, model.get_input_embeddings().weight.shape[0], 1) + [
         (W.add_key_length, Cp + Rp), (W.add_value_length, Cp), (W.add_key_length_mla, N + Rp),
         (W.add_value_length_mla, head_dim), (W.add_kv_lora_rank, Cp), (W.add_q_lora_rank, 0),
         (W.add_rope_dimension_count, Rp), (W.add_rope_freq_base, layout.freq_base),
@@ -197,17 +207,25 @@ def mla_export(loaded: Loaded, align: int, windows) -> tuple[str, list, dict, li
              if learned else
              f"latent norm neutralised: latent rows x 2^{round(math.log2(beta))}, norm weight sqrt(eps)/beta; "
              f"calibration max mean(c^2) could grow {headroom:.3g}x and stay exact in float32"]
-    return "deepseek2", keys, tensors, notes
+    return "deepseek2", keys, tensors(), notes
 
 
 def check_mla(loaded: Loaded, align: int) -> RopeLayout:
     """Everything deepseek2 needs of a converted model, checked before any work: biases, FFN, NoPE width, and the
     rope key's place on llama.cpp's grid (returned)."""
+    from edge_mla.layerwise import resident
+
     model, mla = loaded.model, loaded.mla
-    check_biases(model)
+    inv_freqs = []
+    for i, layer in enumerate(model.model.layers):  # a lazy model: only the attention blocks are read here
+        with resident(layer.self_attn, f"model.layers.{i}.self_attn.", loaded.checkpoint) as attn:
+            check_attention_biases(i, {"q_proj": attn.q_proj.bias, "kv_a_proj (latent and rope key)":
+                                       attn.kv_a_proj.bias, "v_up (value)": attn.v_up_bias, "o_proj": attn.o_proj.bias})
+            inv_freqs.append(to_numpy(attn.inv_freq))
+    check_ffn(model.config)
     check_nope_dim(mla["nope_dim"])
     selection = (mla.get("plan") or {}).get("selection", "?")
-    return rope_layout([to_numpy(layer.self_attn.inv_freq) for layer in model.model.layers],
+    return rope_layout(inv_freqs,
                        _rope_base(model.config), mla.get("rotary_dim", mla["head_dim"]), mla["latent_dim"], align,
                        selection)
 
@@ -254,10 +272,6 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     H, Hkv = config.num_attention_heads, config.num_key_value_heads
     base = _rope_base(config)
     rotary = model.model.rotary_emb
-    tensors = common_tensors(model)
-    for i, layer in enumerate(model.model.layers):
-        for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
-            tensors[f"blk.{i}.{key}"] = value
     default = base ** (-np.arange(0, head_dim, 2) / head_dim)
     inv_freq = to_numpy(rotary.inv_freq)
     # A position-free pair (partial rotary) has frequency 0: a factor so large that its angle stays 0 in float32.
@@ -266,13 +280,23 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     if np.abs(factors - 1).max() > 1e-5:  # llama3-style scaled frequencies: llama's rope_freqs divides theta
         if arch != "llama":
             raise ValueError(f"{arch} in llama.cpp has no per-frequency RoPE factors; cannot export this RoPE")
-        tensors["rope_freqs.weight"] = factors
         notes.append("rope: per-frequency factors written as rope_freqs")
+
+    def tensors():  # one layer in memory at a time
+        from edge_mla.layerwise import layers  # torch: imported when used (`edge-mla run` of ONNX never needs it)
+
+        yield from head_tensors(model, loaded.checkpoint).items()
+        for i, layer in layers(model, loaded.checkpoint, "GGUF tensors" if loaded.checkpoint else None):
+            yield from ffn_tensors(layer, i).items()
+            for key, value in plain_layer_tensors(layer.self_attn, arch, H, Hkv).items():
+                yield f"blk.{i}.{key}", value
+        if np.abs(factors - 1).max() > 1e-5:
+            yield "rope_freqs.weight", factors
     W = gguf.GGUFWriter
-    keys = _common_keys(config, tensors["token_embd.weight"].shape[0], Hkv) + [
+    keys = _common_keys(config, model.get_input_embeddings().weight.shape[0], Hkv) + [
         (W.add_key_length, head_dim), (W.add_value_length, head_dim), (W.add_rope_dimension_count, head_dim),
         (W.add_rope_freq_base, base)]
-    return arch, keys, tensors, notes
+    return arch, keys, tensors(), notes
 
 
 def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DEFAULT_ALIGN,

@@ -94,15 +94,6 @@ def check_attention_biases(layer: int, biases: dict) -> None:
                 "carries the biases exactly")
 
 
-def check_biases(model) -> None:
-    """The converted model's attention and FFN biases, as deepseek2 needs them."""
-    for i, layer in enumerate(model.model.layers):
-        attn = layer.self_attn
-        check_attention_biases(i, {"q_proj": attn.q_proj.bias, "kv_a_proj (latent and rope key)": attn.kv_a_proj.bias,
-                                   "v_up (value)": attn.v_up_bias, "o_proj": attn.o_proj.bias})
-    check_ffn(model.config)
-
-
 def check_ffn(config) -> None:
     """deepseek2's dense FFN is SiLU(gate) * up -> down without biases."""
     if getattr(config, "mlp_bias", False):
@@ -191,19 +182,25 @@ def plain_layer_tensors(attn, arch: str, n_head: int, n_kv: int) -> dict:
     return out
 
 
-def common_tensors(model) -> dict:
-    tensors = {"token_embd.weight": to_numpy(model.get_input_embeddings().weight),
-               "output_norm.weight": to_numpy(model.model.norm.weight)}
+def head_tensors(model, checkpoint=None) -> dict:
+    """The tensors outside the layers (float32 values, or a lazy model's stored tensors, as torch tensors: encode
+    converts them in pieces). A copied float32 value encodes to the same bytes from float32 as from float64."""
+    from edge_mla.layerwise import weight
+
+    tensors = {"token_embd.weight": weight(model, checkpoint, "model.embed_tokens.weight"),
+               "output_norm.weight": weight(model, checkpoint, "model.norm.weight")}
     if not model.config.tie_word_embeddings:
-        tensors["output.weight"] = to_numpy(model.get_output_embeddings().weight)
-    for i, layer in enumerate(model.model.layers):
-        mlp = layer.mlp
-        tensors.update({f"blk.{i}.attn_norm.weight": to_numpy(layer.input_layernorm.weight),
-                        f"blk.{i}.ffn_norm.weight": to_numpy(layer.post_attention_layernorm.weight),
-                        f"blk.{i}.ffn_gate.weight": to_numpy(mlp.gate_proj.weight),
-                        f"blk.{i}.ffn_up.weight": to_numpy(mlp.up_proj.weight),
-                        f"blk.{i}.ffn_down.weight": to_numpy(mlp.down_proj.weight)})
+        tensors["output.weight"] = weight(model, checkpoint, "lm_head.weight")
     return tensors
+
+
+def ffn_tensors(layer, i: int) -> dict:
+    mlp = layer.mlp
+    return {f"blk.{i}.attn_norm.weight": layer.input_layernorm.weight.detach(),
+            f"blk.{i}.ffn_norm.weight": layer.post_attention_layernorm.weight.detach(),
+            f"blk.{i}.ffn_gate.weight": mlp.gate_proj.weight.detach(),
+            f"blk.{i}.ffn_up.weight": mlp.up_proj.weight.detach(),
+            f"blk.{i}.ffn_down.weight": mlp.down_proj.weight.detach()}
 
 
 # The per-head up-projections stay 8-bit under q4_0: 2% of the weights, and at 4 bits they cost the recovered
@@ -243,11 +240,33 @@ def encode(name: str, array: np.ndarray, weights: str, mla: dict | None = None) 
     return gguf.quants.quantize(array.astype(np.float32), qtype), qtype
 
 
+ROWS_PER_PIECE = 4096  # a vocabulary-sized tensor is converted and quantized this many rows at a time
+
+
+def encode_rows(name: str, t, weights: str, mla: dict | None = None) -> tuple[np.ndarray, QT]:
+    """encode() of a numpy array, torch tensor or layerwise.Rows, piece by piece along its rows into one
+    preallocated result (every ggml type quantizes each row on its own, so the bytes are the same): never a float32
+    or float64 copy of a whole vocabulary matrix."""
+    def as_numpy(x):
+        return x if isinstance(x, np.ndarray) else x.float().numpy()
+
+    if t.ndim < 2 or t.shape[0] <= ROWS_PER_PIECE:
+        return encode(name, as_numpy(t[:]), weights, mla)
+    out = qtype = None
+    for r in range(0, t.shape[0], ROWS_PER_PIECE):
+        piece, qtype = encode(name, as_numpy(t[r:r + ROWS_PER_PIECE]), weights, mla)
+        if out is None:
+            out = np.empty((t.shape[0], *piece.shape[1:]), dtype=piece.dtype)
+        out[r:r + len(piece)] = piece
+    return out, qtype
+
+
 # --- latent norm --------------------------------------------------------------------------------------------
 
-def latent_mean_squares(model, windows, padded_latent: int) -> list[float]:
-    """Per layer, the largest mean(c^2) over calibration tokens, as llama.cpp's RMSNorm computes it over C'."""
-    import torch
+def latent_mean_squares(model, windows, padded_latent: int, checkpoint=None) -> list[float]:
+    """Per layer, the largest mean(c^2) over calibration tokens, as llama.cpp's RMSNorm computes it over C'.
+    The windows walk through the layers one at a time (layerwise.Walk: a lazy model is read layer by layer)."""
+    from edge_mla.layerwise import Progress, Walk, resident
 
     worst = [0.0] * len(model.model.layers)
 
@@ -257,15 +276,14 @@ def latent_mean_squares(model, windows, padded_latent: int) -> list[float]:
             worst[i] = max(worst[i], float((c * c).sum(-1).max()) / padded_latent)
         return fn
 
-    handles = [layer.self_attn.kv_a_proj.register_forward_hook(hook(i, layer.self_attn.latent_dim))
-               for i, layer in enumerate(model.model.layers)]
-    try:
-        with torch.no_grad():
-            for window in windows:
-                model.model(window[None], use_cache=False)  # the decoder only: no logits needed
-    finally:
-        for h in handles:
-            h.remove()
+    walk = Walk(model, checkpoint, {"latent": windows})
+    progress = Progress(len(model.model.layers), walk.tokens, "latent norm check") if checkpoint else None
+    for i, layer in enumerate(model.model.layers):
+        with resident(layer, f"model.layers.{i}.", checkpoint):
+            walk.run(i, lambda key, layer, i=i: [layer.self_attn.kv_a_proj.register_forward_hook(
+                hook(i, layer.self_attn.latent_dim))])
+        if progress:
+            progress.layer_done(i)
     return worst
 
 

@@ -80,7 +80,7 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
 
     loads = []
     real = source._load_folder
-    monkeypatch.setattr(source, "_load_folder", lambda folder: loads.append(folder) or real(folder))
+    monkeypatch.setattr(source, "_load_folder", lambda folder, lazy=False: loads.append(folder) or real(folder, lazy))
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "8", "--context", "256",
                      "-o", str(out), "--quality-windows", "1", "--quality-length", "64"])

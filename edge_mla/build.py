@@ -19,6 +19,19 @@ from edge_mla.publish import refuse_existing, staged_folder
 RECOVER_WINDOWS, RECOVER_LENGTH = 16, 512
 
 
+def recovery_options(bits: int, kv_bits: int) -> dict:
+    """How the build recovers: through the cache and the 4-bit weights it ships (up-projections included), with a
+    learned latent norm, which lets the GGUF store kv_a at 4 bits too; onnxruntime's int4 shares q4_0's grid
+    (docs/recovery.md)."""
+    return dict(cache_bits=kv_bits, weight_bits=bits, latent_norm=True, up_projections=True)
+
+
+def recovery_step(recover_steps: int, bits: int, kv_bits: int) -> str:
+    return (f"recovering on the CPU: each attention block trained {recover_steps} steps towards the original's outputs"
+            f"{', through the 4-bit cache' if kv_bits == 4 else ''}{' and 4-bit weights' if bits == 4 else ''}, "
+            "with a learned latent norm")
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -95,7 +108,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
-            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, kv_bits, t0, n)
+            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n)
             k = 4 + bool(recover_steps)
         elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
             teacher = recover.collect_attention_io(
@@ -119,16 +132,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             print("      " + describe(mla, config))
             k = 4
             if recover_steps:
-                step(t0, k, n, f"recovering on the CPU: each attention block trained {recover_steps} steps towards "
-                               f"the original's outputs{', through the 4-bit cache' if kv_bits == 4 else ''}"
-                               f"{' and 4-bit weights' if bits == 4 else ''}, with a learned latent norm")
-                # The latent norm lets the GGUF store kv_a at 4 bits; every 4-bit matrix trained through its q4_0
-                # round trip, which onnxruntime's int4 shares (docs/recovery.md). A later, wider try needs the
-                # teacher again: it gets copies of the lists.
+                step(t0, k, n, recovery_step(recover_steps, bits, kv_bits))
+                # A later, wider try needs the teacher again: it gets copies of the lists.
                 io = teacher if last else (list(teacher[0]), list(teacher[1]))
-                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps, cache_bits=kv_bits,
-                                                            weight_bits=bits, latent_norm=True,
-                                                            up_projections=True)
+                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps,
+                                                            **recovery_options(bits, kv_bits))
                 k += 1
             ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
             tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
@@ -229,7 +237,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     return summary
 
 
-def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, kv_bits: int, t0: float, n: int):
+def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int, kv_bits: int, t0: float,
+                      n: int):
     """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
     each layer as it is done when the source stays on disk (streamed), the whole model after otherwise. Returns
     (the MLA section, out)."""
@@ -239,11 +248,8 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, kv_bits: i
     step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent}), layer by layer")
     recovery = teacher = None
     if recover_steps:
-        step(t0, 4, n, f"recovering on the CPU as each layer is converted: each attention block trained "
-                       f"{recover_steps} steps towards the original's outputs"
-                       f"{', through the 4-bit cache' if kv_bits == 4 else ''}")
-        # (not through the 4-bit weights too: measured a wash, llama.cpp -2% and onnxruntime +3%, docs/recovery.md)
-        recovery = recover.LayerRecovery(steps=recover_steps, cache_bits=kv_bits)
+        step(t0, 4, n, recovery_step(recover_steps, bits, kv_bits) + ", as each layer is converted")
+        recovery = recover.LayerRecovery(steps=recover_steps, **recovery_options(bits, kv_bits))
         teacher = calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH)
     config = src.model.config
     if src.checkpoint is not None:

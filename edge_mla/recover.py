@@ -86,11 +86,10 @@ def mla_cache_q4_0(latent_dim: int, rope: bool = True):
     return apply
 
 
-def shipped_cache_quant(model, cache_bits: int):
-    """The round trip of the cache llama.cpp runs the build's GGUF with, or None: a float or 8-bit cache (8-bit costs
-    nothing measurable, docs/recovery.md), or a row whose latent or rope key does not fill whole q4_0 blocks (the
-    GGUF zero-pads those; not emulated)."""
-    attn = mla_layers(model)[0]
+def shipped_cache_quant(attn: MLAAttention, cache_bits: int):
+    """The round trip of the cache llama.cpp runs the build's GGUF with, for MLA block `attn`, or None: a float or
+    8-bit cache (8-bit costs nothing measurable, docs/recovery.md), or a row whose latent or rope key does not fill
+    whole q4_0 blocks (the GGUF zero-pads those; not emulated)."""
     if cache_bits != 4 or attn.latent_dim % Q4_BLOCK or attn.rope_dim % Q4_BLOCK:
         return None
     return mla_cache_q4_0(attn.latent_dim)
@@ -326,40 +325,20 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
 
 def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
                       weight_bits: int = 16, latent_norm: bool = False, up_projections: bool = False) -> dict:
-    """What the build runs after converting in place: every latent turned by a Hadamard within each 32-block
-    (exact; a 4-bit cache then loses less, docs/recovery.md), then every block trained layer by layer towards the
-    original's outputs `io` (collect_attention_io, taken before the conversion), through llama.cpp's q4_0 cache
-    when cache_bits is 4 and through the 4-bit weights when weight_bits is 4 (the up-projections too with
-    up_projections: recorded in config.mla, so the exporters store them at 4 bits). latent_norm: a learned latent
-    RMSNorm, which llama.cpp's deepseek2 has; GGUF kv_a is then 4-bit too. Returns a summary for report.json."""
-    layers = mla_layers(model)
-    C = layers[0].latent_dim
-    aligned = C % Q4_BLOCK == 0
-    if aligned:
-        rotation = block_hadamard(C)
-        for attn in layers:
-            rotate_latent(attn, rotation)
-    latent_norm = latent_norm and aligned  # the GGUF's norm averages over the padded latent otherwise
-    if latent_norm:  # after the rotation: a norm with one weight for all channels commutes with it
-        install_latent_norms(model, io[0])
-    quant = shipped_cache_quant(model, cache_bits)
-    quant = quant and straight_through(quant)
-    t0 = time.perf_counter()
-    tokens = int(io[0][0].shape[0] * io[0][0].shape[1])
-    up_projections = up_projections and weight_bits == 4
-    stats = recover_layerwise(None, model, None, steps=steps, lr=lr, cache_quant=quant, io=io,
-                              weight_bits=weight_bits, up_projections=up_projections)
-    if up_projections:
-        model.config.mla["four_bit_up_projections"] = True
-    four_bit = sorted(q4_0_weights(layers[0], up_projections)) if weight_bits == 4 else []
-    return {"steps_per_layer": steps, "lr": lr, "teacher_tokens": tokens,
-            "latent_rotation": "block Hadamard (32)" if aligned else None, "latent_norm": latent_norm,
-            "trained_through": ("q4_0 cache" if quant else "float cache") + (
-                f", 4-bit {', '.join(four_bit)}" if four_bit else "") + " (straight-through)",
-            "seconds": round(time.perf_counter() - t0, 1),
-            "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
-            "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
-
+    """What the build runs after converting in place, on every layer (LayerRecovery): the latent turned by a
+    Hadamard within each 32-block (exact; a 4-bit cache then loses less, docs/recovery.md), then the block trained
+    towards the original's outputs `io` (collect_attention_io, taken before the conversion; consumed layer by
+    layer), through llama.cpp's q4_0 cache when cache_bits is 4 and through the 4-bit weights when weight_bits is 4
+    (the up-projections too with up_projections: recorded in config.mla, so the exporters store them at 4 bits).
+    latent_norm: a learned latent RMSNorm, which llama.cpp's deepseek2 has; GGUF kv_a is then 4-bit too. Returns a
+    summary for report.json."""
+    recovery = LayerRecovery(steps=steps, lr=lr, cache_bits=cache_bits, weight_bits=weight_bits,
+                             latent_norm=latent_norm, up_projections=up_projections)
+    ins, outs = io
+    for i, attn in enumerate(mla_layers(model)):
+        recovery(i, attn, ins[i], outs[i])
+        ins[i] = outs[i] = None  # free as we go
+    return recovery.summary(model.config.mla)
 
 
 class LayerRecovery:
@@ -373,17 +352,19 @@ class LayerRecovery:
                  latent_norm: bool = False, up_projections: bool = False):
         self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
         self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
-        self.stats, self.eps, self.four_bit, self.tokens, self.aligned = [], [], [], 0, False
+        self.stats, self.eps, self.four_bit, self.tokens, self.aligned, self.quant = [], [], [], 0, False, None
 
     def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
         C = attn.latent_dim
         self.aligned = C % Q4_BLOCK == 0
         if self.aligned:
             rotate_latent(attn, block_hadamard(C))
-        if self.latent_norm:  # after the rotation, as install_latent_norms
+        # the GGUF's norm would average over a padded latent; after the rotation, which a one-weight norm commutes with
+        self.latent_norm = self.latent_norm and self.aligned
+        if self.latent_norm:
             self.eps.append(install_latent_norm(attn, ins))
-        quant = straight_through(mla_cache_q4_0(C)) if self.cache_bits == 4 and self.aligned else None
-        saved, attn.cache_quant = attn.cache_quant, quant
+        self.quant = shipped_cache_quant(attn, self.cache_bits)
+        saved, attn.cache_quant = attn.cache_quant, self.quant and straight_through(self.quant)
         with torch.enable_grad():  # called from inside the conversion's no_grad
             s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
                                 up_projections=self.up_projections)
@@ -402,7 +383,7 @@ class LayerRecovery:
         stats = self.stats
         return {"steps_per_layer": self.steps, "lr": self.lr, "teacher_tokens": self.tokens,
                 "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
-                "trained_through": ("q4_0 cache" if self.cache_bits == 4 and self.aligned else "float cache") + (
+                "trained_through": ("q4_0 cache" if self.quant else "float cache") + (
                     f", 4-bit {', '.join(self.four_bit)}" if self.four_bit else "") + " (straight-through)",
                 "seconds": round(sum(s["seconds"] for s in stats), 1),
                 "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),

@@ -57,7 +57,9 @@ def perplexity_ratio(model, reference: float, windows, kv_bits: int) -> float:
     from edge_mla import recover
     from edge_mla.eval import perplexity
 
-    recover.set_cache_quant(model, recover.shipped_cache_quant(model, kv_bits))
+    from edge_mla.mla import mla_layers
+
+    recover.set_cache_quant(model, recover.shipped_cache_quant(mla_layers(model)[0], kv_bits))
     try:
         return perplexity(model, windows, desc="quality check") / reference
     finally:

@@ -66,20 +66,25 @@ def partial_losses(summary):
     return [h["loss"] for h in summary["history"]]
 
 
-def test_two_processes_match_one(tmp_path, mla_dir, text_file):
-    common = [str(mla_dir), "--data", str(text_file), "--tokens", str(5 * 4 * 32), "--seq-len", "32",
+def one_and_two_processes(tmp_path, mla_dir, text_file, steps: int, port: int, *two_only: str) -> tuple[dict, dict]:
+    """The same fine-tune (steps of 4 x 32 tokens) in one process and in two gloo processes (torchrun, micro-batch
+    2 each, plus `two_only` flags); returns both finetune_log.json records (outputs in tmp_path/one and /two)."""
+    common = [str(mla_dir), "--data", str(text_file), "--tokens", str(steps * 4 * 32), "--seq-len", "32",
               "--lr", "3e-3"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "edge_mla.cli", "finetune", *common, "--micro-batch", "4",
                           "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
     assert one.returncode == 0, one.stderr[-2000:]
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29533", "-m", "edge_mla.cli", "finetune", *common,
+                          "--master_port", str(port), "-m", "edge_mla.cli", "finetune", *common, *two_only,
                           "--micro-batch", "2", "--out", str(tmp_path / "two")],
                          capture_output=True, text=True, env=env)
     assert two.returncode == 0, two.stderr[-2000:]
-    log1 = json.loads((tmp_path / "one" / "finetune_log.json").read_text())
-    log2 = json.loads((tmp_path / "two" / "finetune_log.json").read_text())
+    return tuple(json.loads((tmp_path / run / "finetune_log.json").read_text()) for run in ("one", "two"))
+
+
+def test_two_processes_match_one(tmp_path, mla_dir, text_file):
+    log1, log2 = one_and_two_processes(tmp_path, mla_dir, text_file, 5, 29533)
     assert log2["world_size"] == 2 and log1["world_size"] == 1
     l1 = [h["loss"] for h in log1["history"]]
     l2 = [h["loss"] for h in log2["history"]]
@@ -272,19 +277,7 @@ def test_cached_teacher_gives_the_same_training(tmp_path, original_and_mla):
 def test_fsdp_two_processes_match_one(tmp_path, mla_dir, text_file):
     """--fsdp (torch's fully_shard, two gloo processes) follows the single-process loss curve and saves the same
     model."""
-    common = [str(mla_dir), "--data", str(text_file), "--tokens", str(4 * 4 * 32), "--seq-len", "32",
-              "--lr", "3e-3"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    one = subprocess.run([sys.executable, "-m", "edge_mla.cli", "finetune", *common, "--micro-batch", "4",
-                          "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29547", "-m", "edge_mla.cli", "finetune", *common, "--fsdp",
-                          "--micro-batch", "2", "--out", str(tmp_path / "two")],
-                         capture_output=True, text=True, env=env)
-    assert two.returncode == 0, two.stderr[-2000:]
-    log1 = json.loads((tmp_path / "one" / "finetune_log.json").read_text())
-    log2 = json.loads((tmp_path / "two" / "finetune_log.json").read_text())
+    log1, log2 = one_and_two_processes(tmp_path, mla_dir, text_file, 4, 29547, "--fsdp")
     assert log2["world_size"] == 2 and log2["config"]["fsdp"]
     l1 = [h["loss"] for h in log1["history"]]
     l2 = [h["loss"] for h in log2["history"]]

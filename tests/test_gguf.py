@@ -141,6 +141,16 @@ def torch_logits_and_greedy(model, ids: list[int], n: int):
     return logits, out
 
 
+def assert_llama_cpp_matches_pytorch(path, model, n_vocab: int) -> None:
+    """F32 weights and cache: llama.cpp's logits within 1e-4 of PyTorch's, and the same NEW greedy tokens."""
+    ids = prompt_ids(n_vocab)
+    want_logits, want_tokens = torch_logits_and_greedy(model, ids, NEW)
+    lm = llamacpp.open_model(path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
+    got = llamacpp.prompt_logits(lm, ids)
+    assert np.abs(got - want_logits).max() <= 1e-4 * max(np.abs(want_logits).max(), 1.0)
+    assert llamacpp.greedy(lm, ids, NEW)[0] == want_tokens
+
+
 # --- no llama.cpp needed --------------------------------------------------------------------------------------
 
 def test_rope_layout_partition_and_shared_are_exact_prefixes():
@@ -251,15 +261,7 @@ def test_mla_gguf_matches_pytorch_in_llama_cpp(tmp_path, tokenizer, text_file, k
     folder = converted_folder(tmp_path, tokenizer, kind, plan)
     info, _ = export(folder, tmp_path / "m.gguf", text_file, weights="f32")
     assert info.is_mla and info.latent_dim % 32 == 0 and (info.latent_dim + info.rope_dim) % 32 == 0
-    model, _ = load(folder)
-    ids = prompt_ids(info.n_vocab)
-    want_logits, want_tokens = torch_logits_and_greedy(model, ids, NEW)
-    lm = llamacpp.open_model(info.path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
-    got = llamacpp.prompt_logits(lm, ids)
-    scale = np.abs(want_logits).max()
-    assert np.abs(got - want_logits).max() <= 1e-4 * max(scale, 1.0)  # F32 weights and cache
-    tokens, _ = llamacpp.greedy(lm, ids, NEW)
-    assert tokens == want_tokens
+    assert_llama_cpp_matches_pytorch(info.path, load(folder)[0], info.n_vocab)
 
 
 @needs_llama
@@ -273,13 +275,7 @@ def test_learned_latent_norm_exports_exactly_and_frees_kv_a(tmp_path, tokenizer,
     info, notes = export(tmp_path / "normed", tmp_path / "m.gguf", text_file, weights="f32")
     assert any("learned" in n for n in notes)
     assert "edge_mla.latent_scale" not in gguf.GGUFReader(info.path).fields
-    model, _ = load(tmp_path / "normed")
-    ids = prompt_ids(info.n_vocab)
-    want_logits, want_tokens = torch_logits_and_greedy(model, ids, NEW)
-    lm = llamacpp.open_model(info.path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
-    got = llamacpp.prompt_logits(lm, ids)
-    assert np.abs(got - want_logits).max() <= 1e-4 * max(np.abs(want_logits).max(), 1.0)
-    assert llamacpp.greedy(lm, ids, NEW)[0] == want_tokens
+    assert_llama_cpp_matches_pytorch(info.path, load(tmp_path / "normed")[0], info.n_vocab)
     # no eps-dominance scaling to protect: kv_a is quantized like every other projection
     info, _ = export(tmp_path / "normed", tmp_path / "q.gguf", text_file, weights="q4_0")
     assert info.tensor_types["blk.0.attn_kv_a_mqa.weight"].name == "Q4_0"
@@ -327,12 +323,7 @@ def test_original_model_exports_as_plain_gguf(tmp_path, tokenizer, kind):
     tokenizer.save_pretrained(folder)
     info, _ = export_gguf.export(folder, tmp_path / "o.gguf", weights="f32")
     assert info.arch == ("qwen2" if kind == "qwen2" else "llama") and not info.is_mla
-    ids = prompt_ids(info.n_vocab)
-    want_logits, want_tokens = torch_logits_and_greedy(model, ids, NEW)
-    lm = llamacpp.open_model(info.path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
-    got = llamacpp.prompt_logits(lm, ids)
-    assert np.abs(got - want_logits).max() <= 1e-4 * max(np.abs(want_logits).max(), 1.0)
-    assert llamacpp.greedy(lm, ids, NEW)[0] == want_tokens
+    assert_llama_cpp_matches_pytorch(info.path, model, info.n_vocab)
 
 
 @needs_llama

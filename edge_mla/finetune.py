@@ -172,10 +172,13 @@ class LossModel(nn.Module):
     """Wraps the causal LM so that DDP sees one forward that returns the loss; the output head and loss run in
     chunks (HeadLoss), so neither student nor teacher logits are ever held whole."""
 
-    def __init__(self, model, chunk: int, distill: float, compile: bool = False):
+    def __init__(self, model, chunk: int, distill: float, compile: bool = False, per_layer: bool = False):
         super().__init__()
         self.model, self.chunk, self.distill = model, chunk, distill
-        self.decoder = torch.compile(model.model) if compile else model.model
+        self.decoder = torch.compile(model.model) if compile and not per_layer else model.model
+        if compile and per_layer:  # FSDP: each layer's forward compiled, its sharding hooks left outside the graph
+            for layer in model.model.layers:
+                layer.forward = torch.compile(layer.forward)
         self.chunk_fn = torch.compile(head_chunk, dynamic=False) if compile else head_chunk
 
     def forward(self, inputs, targets, teacher_hidden=None, teacher_weight=None):
@@ -185,14 +188,23 @@ class LossModel(nn.Module):
                               self.distill, self.chunk, self.chunk_fn)
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small CPU tensor (batch indices) on the device without making the host wait for the GPU (pinned copy)."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
 class Teacher:
     """The original model's last hidden states for a batch (no grad) and its output head, for distillation.
     With `cache_rows` (the number of packed rows), each row's hidden states are kept on the device after its first
     batch, in bf16 on GPU (what the head's bf16 matmul rounds them to anyway): the teacher is frozen, so a row's
-    hidden states never change, and every later epoch skips the teacher's forward pass."""
+    hidden states never change, and every later epoch skips the teacher's forward pass. With several processes each
+    computes its own rows and all of them keep every row of the global batch (one all-gather per batch of the first
+    epoch): a process's rows change from epoch to epoch, so a cache of only its own rows would rarely hold a whole
+    later batch and the teacher would keep running."""
 
-    def __init__(self, model, compile: bool = False, cache_rows: int = 0, seq_len: int = 0):
-        self.model = model
+    def __init__(self, model, compile: bool = False, cache_rows: int = 0, seq_len: int = 0, world: int = 1):
+        self.model, self.world = model, world
+        self.passes = 0  # forward passes run (the cache's test and benchmarks read it)
         self.weight = model.lm_head.weight
         self.decoder = torch.compile(model.model) if compile else model.model
         self.cache = self.filled = None
@@ -208,15 +220,25 @@ class Teacher:
             self.filled = torch.zeros(cache_rows, dtype=torch.bool)  # on the CPU: checking it never waits for the GPU
 
     @torch.no_grad()
-    def hidden(self, inputs, rows=None):
-        """[B, T, E] hidden states of `inputs`, the packed rows `rows` (CPU indices) when the cache is on."""
+    def hidden(self, inputs, rows=None, global_rows=None):
+        """[B, T, E] hidden states of `inputs`, the packed rows `rows` (CPU indices) when the cache is on;
+        `global_rows`: the whole global batch (process r's rows are global_rows[r::world]; default: rows)."""
         if self.cache is None or rows is None:
+            self.passes += 1
             return self.decoder(inputs, use_cache=False).last_hidden_state
-        on_device = rows.to(self.cache.device)
-        if not self.filled[rows].all():
-            self.cache[on_device] = self.decoder(inputs, use_cache=False).last_hidden_state.to(self.cache.dtype)
-            self.filled[rows] = True
-        return self.cache[on_device]
+        global_rows = rows if global_rows is None else global_rows
+        if not self.filled[global_rows].all():  # the same answer in every process: they keep the same rows
+            self.passes += 1
+            states = self.decoder(inputs, use_cache=False).last_hidden_state.to(self.cache.dtype)
+            order = global_rows
+            if self.world > 1:
+                parts = [torch.empty_like(states) for _ in range(self.world)]
+                dist.all_gather(parts, states.contiguous())
+                states = torch.cat(parts)
+                order = torch.cat([global_rows[r::self.world] for r in range(self.world)])
+            self.cache[to_device(order, self.cache.device)] = states
+            self.filled[global_rows] = True
+        return self.cache[to_device(rows, self.cache.device)]
 
 
 def cache_quantizer(bits: int, latent_dim: int):
@@ -240,11 +262,12 @@ def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
 
 # ----------------------------------------------------------------------------- loop
 
-def train_step(runner, teacher: Teacher | None, opt, inputs, targets, clip: float, autocast, rows=None):
+def train_step(runner, teacher: Teacher | None, opt, inputs, targets, clip: float, autocast, rows=None,
+               global_rows=None):
     """One optimizer step: the teacher's last hidden states (no grad), the student's loss, backward, clipping.
     Returns the loss and gradient norm as tensors (reading them waits for the GPU)."""
     with autocast:
-        t_hidden = teacher.hidden(inputs, rows) if teacher is not None else None
+        t_hidden = teacher.hidden(inputs, rows, global_rows) if teacher is not None else None
         loss = runner(inputs, targets, t_hidden, teacher.weight if teacher is not None else None)
     loss.backward()
     grad_norm = torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], clip)
@@ -331,7 +354,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     model.to(device).train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    loss_model = LossModel(model, cfg.loss_chunk, cfg.distill, compile=cfg.compile)
+    loss_model = LossModel(model, cfg.loss_chunk, cfg.distill, compile=cfg.compile, per_layer=cfg.fsdp)
     runner = loss_model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
@@ -339,11 +362,13 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
             fully_shard(layer)
         fully_shard(loss_model)  # the root: embeddings, final norm and output head
     elif world > 1:
-        runner = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda" else None)
+        # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy in and out of them)
+        runner = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda"
+                                                     else None, gradient_as_bucket_view=True)
     distiller = None
     if teacher_model is not None:
         distiller = Teacher(teacher_model, compile=cfg.compile, cache_rows=rows.shape[0] if cfg.cache_teacher else 0,
-                            seq_len=cfg.seq_len)
+                            seq_len=cfg.seq_len, world=world)
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
@@ -374,20 +399,24 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
         if world > 1:
             dist.all_reduce(values)
             values /= world  # the mean loss over processes; the gradient norm is the same on every one
-        rate = tokens_done / (time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        rate = tokens_done / elapsed
         for (n, _, _, lr), (loss, norm) in zip(pending, values.tolist()):
-            history.append({"step": n, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate})
+            history.append({"step": n, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate,
+                            "elapsed_s": round(elapsed, 3)})
         bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate:.0f}")
         bar.update(len(pending))
         pending.clear()
 
     while step < total_steps:
-        idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)[rank::world]
-        batch = rows[idx.to(device)]
+        global_idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)
+        idx = global_idx[rank::world]
+        batch = rows[to_device(idx, device)]
         inputs, targets = batch[:, :-1], batch[:, 1:]
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total_steps, cfg)
-        loss, grad_norm = train_step(runner, distiller, opt, inputs, targets, cfg.clip, autocast, rows=idx)
+        loss, grad_norm = train_step(runner, distiller, opt, inputs, targets, cfg.clip, autocast, rows=idx,
+                                     global_rows=global_idx)
         step += 1
         tokens_done += global_batch * cfg.seq_len
         pending.append((step, loss.detach(), grad_norm.detach(), opt.param_groups[0]["lr"]))
@@ -403,6 +432,13 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     bar.close()
     summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history,
                "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
+    if distiller is not None:
+        summary["teacher_passes"] = distiller.passes
+    if device.type == "cuda" and world > 1:  # every GPU's peak, not only process 0's
+        mine = torch.tensor([summary["peak_gpu_bytes"]], device=device)
+        parts = [torch.zeros_like(mine) for _ in range(world)]
+        dist.all_gather(parts, mine)
+        summary["peak_gpu_bytes_per_process"] = [int(p.item()) for p in parts]
     set_cache_quant(model, None)
     if cfg.fsdp:  # every process gives its shards; process 0 puts them into a plain copy of the model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict

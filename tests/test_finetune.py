@@ -66,11 +66,13 @@ def partial_losses(summary):
     return [h["loss"] for h in summary["history"]]
 
 
-def one_and_two_processes(tmp_path, mla_dir, text_file, steps: int, port: int, *two_only: str) -> tuple[dict, dict]:
-    """The same fine-tune (steps of 4 x 32 tokens) in one process and in two gloo processes (torchrun, micro-batch
-    2 each, plus `two_only` flags); returns both finetune_log.json records (outputs in tmp_path/one and /two)."""
+def one_and_two_processes(tmp_path, mla_dir, text_file, steps: int, port: int, *two_only: str,
+                          both: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """The same fine-tune (steps of 4 x 32 tokens, plus `both` flags) in one process and in two gloo processes
+    (torchrun, micro-batch 2 each, plus `two_only` flags); returns both finetune_log.json records (outputs in
+    tmp_path/one and /two)."""
     common = [str(mla_dir), "--data", str(text_file), "--tokens", str(steps * 4 * 32), "--seq-len", "32",
-              "--lr", "3e-3"]
+              "--lr", "3e-3", *both]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     one = subprocess.run([sys.executable, "-m", "edge_mla.cli", "finetune", *common, "--micro-batch", "4",
                           "--out", str(tmp_path / "one")], capture_output=True, text=True, env=env)
@@ -292,3 +294,20 @@ def test_fsdp_two_processes_match_one(tmp_path, mla_dir, text_file):
 def test_fsdp_needs_several_processes(tmp_path, mla_dir, text_file):
     with pytest.raises(ValueError, match="torchrun"):
         finetune(mla_dir, tmp_path / "x", TrainConfig(tokens=128, seq_len=32, fsdp=True), data=[str(text_file)])
+
+
+def test_cached_teacher_two_processes(tmp_path, original_and_mla):
+    """--cache-teacher in two processes: each keeps every row of the global batch (all-gathered), so the teacher
+    runs only during the first epoch, as in one process (a cache of a process's own rows would miss whenever the
+    next epoch hands it rows of the other), and the losses are one process's."""
+    orig, mla = original_and_mla
+    text = tmp_path / "short.txt"
+    text.write_text(" ".join(f"w{3 + (i * 13) % 90}" for i in range(10 * 33)))  # 10 rows of 33 tokens
+    log1, log2 = one_and_two_processes(tmp_path, mla, text, 6, 29561,
+                                       both=("--distill", "0.5", "--cache-teacher", "--teacher", str(orig)))
+    # 10 rows, 4 a step: steps 1-3 hold unseen rows (the third: the last 2 of epoch 1), steps 4-6 none
+    assert log1["teacher_passes"] == log2["teacher_passes"] == 3
+    l1 = [h["loss"] for h in log1["history"]]
+    l2 = [h["loss"] for h in log2["history"]]
+    assert len(l1) == len(l2) == 6
+    assert max(abs(x - y) for x, y in zip(l1, l2)) < 1e-4, (l1, l2)

@@ -54,6 +54,15 @@ class TrainConfig:
     log_every: int = 10  # steps between reads of the loss (each read waits for the GPU)
 
 
+def build_config(tokens: int, kv_bits: int, cuda: bool) -> TrainConfig:
+    """`edge-mla build --finetune-tokens`'s fine-tune, with the settings measured best on an H200
+    (docs/finetune.md): distillation 0.5, lr 2e-4, 32 x 1024 tokens a step, trained through the cache the build
+    ships (llama.cpp's q4_0 round trip when it is 4-bit), and on a GPU the compiled step with the teacher's hidden
+    states kept after their first epoch."""
+    return TrainConfig(tokens=tokens, micro_batch=32, lr=2e-4, distill=0.5, cache_bits=4 if kv_bits == 4 else 16,
+                       compile=cuda, cache_teacher=cuda)
+
+
 # ----------------------------------------------------------------------------- data
 
 def pack(tokenizer, texts: list[str], seq_len: int) -> torch.Tensor:

@@ -4,13 +4,14 @@ Text of one domain teaches that domain (docs/finetune.md); text the original mod
 distribution teaches the model back. Three kinds of prompt, in equal shares: a chat turn in the model's own chat
 template (a task from TASKS about a topic from TOPICS), a short snippet of the training corpus to continue, and
 nothing at all (the document separator alone: the model writes whatever it writes). Continuations are sampled
-(temperature 1, nucleus 0.95) in large left-padded batches on the GPU.
+(temperature 1, nucleus 0.95) in large left-padded batches, on a GPU with a static KV cache and a CUDA-graphed
+decode step (Sampler).
 """
 from __future__ import annotations
 
+import inspect
 import json
 import random
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -63,29 +64,114 @@ def make_prompts(tokenizer, corpus: list[str], n: int, rng: random.Random) -> li
     return [kinds[i % 3]() for i in range(n)]
 
 
+def top_p_filter(logits: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus filtering, transformers' TopPLogitsWarper's arithmetic (what generate(top_p=...) does): the tokens
+    whose probability mass counted from the least likely stays within 1 - top_p are set to -inf; the most likely
+    token always stays."""
+    sorted_logits, order = torch.sort(logits, descending=False)
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= 1 - top_p
+    remove[..., -1] = False
+    return logits.masked_fill(remove.scatter(-1, order, remove), -float("inf"))
+
+
+class Sampler:
+    """Batched sampling with a static KV cache (transformers' StaticCache: allocated once, written in place) and,
+    on a GPU, the decode step compiled into a CUDA graph (torch.compile's reduce-overhead mode): one graph replay per
+    token for the whole batch, instead of generate()'s growing cache and per-step Python. Prompts are left-padded to
+    a multiple of `width_step` tokens, so every batch of the same size reuses the same cache and graph. Greedy
+    decoding gives generate()'s tokens; sampling is generate()'s arithmetic (temperature, top-p, multinomial)."""
+
+    def __init__(self, model, batch: int, new_tokens: int, *, compile: bool | None = None, width_step: int = 64):
+        self.model, self.batch, self.new_tokens, self.width_step = model, batch, new_tokens, width_step
+        self.device = next(model.parameters()).device
+        compile = self.device.type == "cuda" if compile is None else compile
+        self.decode = torch.compile(self._decode, mode="reduce-overhead", dynamic=False) if compile else self._decode
+        self.caches: dict[int, object] = {}  # one static cache per padded prompt width
+        # transformers 5.24 calls the cache argument `cache` and drops `cache_position` (the cache counts)
+        params = inspect.signature(model.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.with_position = "cache_position" in params
+
+    def _forward(self, tokens, mask, positions, cache, start):
+        """The next-token logits (float32) of the last position; `start`: the cache slot of the first token."""
+        extra = {self.cache_arg: cache}
+        if self.with_position:
+            extra["cache_position"] = start + torch.arange(tokens.shape[1], device=tokens.device)
+        return self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=True,
+                          logits_to_keep=1, **extra).logits[:, -1].float()
+
+    def _decode(self, tokens, mask, positions, start, cache, temperature: float, top_p: float | None):
+        """One token for the whole batch: the next-token probabilities (or, greedy, the logits), in float32."""
+        logits = self._forward(tokens, mask, positions, cache, start)
+        if top_p is None:
+            return logits
+        logits = logits / temperature if temperature != 1.0 else logits
+        return top_p_filter(logits, top_p).softmax(-1)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[list[int]], eos: int, pad: int, *, temperature: float = 1.0,
+                 top_p: float | None = 0.95) -> torch.Tensor:
+        """[batch, new_tokens] continuations (pad after each row's eos, as generate() writes them); top_p None:
+        greedy."""
+        from transformers import StaticCache
+
+        if len(prompts) != self.batch:
+            raise ValueError(f"this sampler takes batches of {self.batch} prompts, got {len(prompts)}")
+        width = -(-max(len(p) for p in prompts) // self.width_step) * self.width_step
+        total = width + self.new_tokens
+        if width not in self.caches:
+            self.caches[width] = StaticCache(config=self.model.config, max_cache_len=total)
+        cache = self.caches[width]
+        cache.reset()
+        dev = self.device
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=dev)
+        # left padding masked everywhere; later slots are open (causality hides the ones not written yet)
+        mask = torch.ones(self.batch, total, dtype=torch.long, device=dev)
+        for row, p in enumerate(prompts):
+            mask[row, : width - len(p)] = 0
+        positions = mask[:, :width].cumsum(-1) - 1  # generate()'s positions under left padding
+        positions.masked_fill_(mask[:, :width] == 0, 1)
+        logits = self._forward(ids, mask, positions, cache, torch.zeros((), dtype=torch.long, device=dev))
+        if top_p is not None:
+            logits = top_p_filter(logits / temperature if temperature != 1.0 else logits, top_p).softmax(-1)
+        next_pos = positions[:, -1:] + 1
+        out = torch.full((self.batch, self.new_tokens), pad, dtype=torch.long, device=dev)
+        done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
+        for t in range(self.new_tokens):
+            token = logits.argmax(-1) if top_p is None else torch.multinomial(logits, 1).squeeze(1)
+            token = token.masked_fill(done, pad)
+            out[:, t] = token
+            done |= token == eos
+            if t == self.new_tokens - 1 or (t % 32 == 31 and bool(done.all())):  # one wait for the GPU per 32
+                break
+            logits = self.decode(token[:, None], mask, next_pos + t, torch.tensor(width + t, device=dev), cache,
+                                 temperature, top_p)
+        return out
+
+
 @torch.no_grad()
 def generate_texts(model, tokenizer, tokens: int, corpus: list[str], *, batch: int = 1024, new_tokens: int = 512,
-                   top_p: float = 0.95, seed: int = 0) -> list[str]:
+                   top_p: float = 0.95, seed: int = 0, compile: bool | None = None) -> list[str]:
     """Sample continuations from `model` until `tokens` new tokens are written; each text is its prompt (the chat
     turn or snippet) and continuation up to the end-of-turn token (which pack() adds back as the separator),
-    decoded with special tokens so that tokenizing it again gives the chat template's tokens back."""
+    decoded with special tokens so that tokenizing it again gives the chat template's tokens back. On a GPU the
+    model samples in bf16 (a copy), with Sampler's CUDA-graphed decode step."""
+    import copy
+
     rng = random.Random(seed)
     torch.manual_seed(seed)
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     device = next(model.parameters()).device
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    if device.type == "cuda":
+        model = copy.deepcopy(model).to(torch.bfloat16)
     batch = min(batch, 3 * -(-tokens // new_tokens))  # no larger than the text asked for needs
+    sampler = Sampler(model, batch, new_tokens, compile=compile)
     texts, made = [], 0
     while made < tokens:
         prompts = make_prompts(tokenizer, corpus, batch, rng)
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        with autocast:
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=1.0, top_p=top_p,
-                                 top_k=0, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad)
-        for prompt, seq in zip(prompts, out[:, width:].tolist()):
+        out = sampler(prompts, eos, pad, top_p=top_p)
+        for prompt, seq in zip(prompts, out.tolist()):
             end = seq.index(eos) if eos in seq else len(seq)
             made += min(end + 1, len(seq))
             body = [] if prompt == [eos] else prompt

@@ -311,3 +311,66 @@ def test_cached_teacher_two_processes(tmp_path, original_and_mla):
     l2 = [h["loss"] for h in log2["history"]]
     assert len(l1) == len(l2) == 6
     assert max(abs(x - y) for x, y in zip(l1, l2)) < 1e-4, (l1, l2)
+
+
+def test_sampler_greedy_is_generate_and_top_p_is_transformers():
+    """The static-cache sampler: greedy continuations of left-padded prompts of different lengths are generate()'s,
+    eos and the padding after it included; its nucleus filter is transformers' TopPLogitsWarper's, bit for bit."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from edge_mla.selfdistill import Sampler, top_p_filter
+
+    torch.manual_seed(0)
+    model = tiny_model("llama-gqa").eval()
+    prompts = [[5, 9, 3, 7, 11], [4], [8, 8, 2, 6], [12, 3, 5, 7, 9, 11, 13, 15]]
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = (ids != 0).long()
+    for i, p in enumerate(prompts):
+        mask[i, width - len(p):] = 1
+
+    def reference(eos):
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                                 eos_token_id=eos, pad_token_id=0)
+        return out[:, width:]
+
+    free = reference(eos=model.config.vocab_size + 1)  # an eos it cannot write: 10 tokens each
+    eos = int(free[1, 3])  # one that row 1 writes: it stops there, the others maybe later
+    expected = reference(eos)
+    got = Sampler(model, len(prompts), 10, compile=False, width_step=8)(prompts, eos, 0, top_p=None)
+    assert (got[:, : expected.shape[1]] == expected).all(), (got, expected)
+    assert (got[:, expected.shape[1]:] == 0).all() and got[1, 3] == eos and (got[1, 4:] == 0).all()
+
+    logits = torch.randn(16, 500) * 3
+    for p in (0.5, 0.9, 0.95):
+        assert torch.equal(top_p_filter(logits, p), TopPLogitsWarper(p)(None, logits.clone()))
+
+
+def test_build_config_trains_on_the_cpu(tmp_path, text_file):
+    """The build's fine-tune settings: on a GPU compiled with the teacher's states kept, through the q4_0 cache of a
+    4-bit build; without a GPU (shorter rows for the tiny text) the same settings train eagerly."""
+    import dataclasses
+
+    from edge_mla.finetune import build_config
+
+    gpu = build_config(10**6, kv_bits=4, cuda=True)
+    assert gpu.compile and gpu.cache_teacher and gpu.cache_bits == 4 and gpu.distill > 0
+    assert build_config(10**6, kv_bits=8, cuda=False).cache_bits == 16
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import VOCAB, stats_for
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    original = AutoModelForCausalLM.from_config(config)
+    orig = tmp_path / "orig"
+    original.save_pretrained(orig)
+    word_tokenizer().save_pretrained(orig)
+    convert(original, Plan(selection="shared", rope_pairs=16, latent=32), stats_for(original))  # a q4_0 row
+    mla = save(original, word_tokenizer(), tmp_path / "mla")
+    cfg = dataclasses.replace(build_config(3 * 4 * 32, kv_bits=4, cuda=False), seq_len=32, micro_batch=4)
+    summary = finetune(mla, tmp_path / "ft", cfg, data=[str(text_file)], teacher=str(orig))
+    assert len(summary["history"]) == 3 and summary["config"]["cache_bits"] == 4
+    assert not summary["config"]["compile"] and summary["teacher_passes"] == 3

@@ -137,6 +137,7 @@ class Sampler:
         next_pos = positions[:, -1:] + 1
         out = torch.full((self.batch, self.new_tokens), pad, dtype=torch.long, device=dev)
         done = torch.zeros(self.batch, dtype=torch.bool, device=dev)
+        starts = torch.arange(width, total, device=dev)  # each step's cache slot, on the device: no copy per step
         for t in range(self.new_tokens):
             token = logits.argmax(-1) if top_p is None else torch.multinomial(logits, 1).squeeze(1)
             token = token.masked_fill(done, pad)
@@ -144,8 +145,7 @@ class Sampler:
             done |= token == eos
             if t == self.new_tokens - 1 or (t % 32 == 31 and bool(done.all())):  # one wait for the GPU per 32
                 break
-            logits = self.decode(token[:, None], mask, next_pos + t, torch.tensor(width + t, device=dev), cache,
-                                 temperature, top_p)
+            logits = self.decode(token[:, None], mask, next_pos + t, starts[t], cache, temperature, top_p)
         return out
 
 

@@ -186,8 +186,8 @@ class LossModel(nn.Module):
         self.model, self.chunk, self.distill = model, chunk, distill
         self.decoder = torch.compile(model.model) if compile and not per_layer else model.model
         if compile and per_layer:  # FSDP: each layer's forward compiled, its sharding hooks left outside the graph
-            import torch._dynamo
-            limits = torch._dynamo.config  # one compiled graph per layer at worst: never a silent eager fallback
+            import torch._dynamo as dynamo
+            limits = dynamo.config  # one compiled graph per layer at worst: never a silent eager fallback
             name = "recompile_limit" if hasattr(limits, "recompile_limit") else "cache_size_limit"
             setattr(limits, name, max(getattr(limits, name), len(model.model.layers) + 8))
             for layer in model.model.layers:

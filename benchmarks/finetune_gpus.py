@@ -13,7 +13,6 @@ own log (its time stamps every 10 steps), so compiling and the teacher's first e
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess

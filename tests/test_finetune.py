@@ -352,14 +352,14 @@ def test_build_config_trains_on_the_cpu(tmp_path, text_file):
     4-bit build; without a GPU (shorter rows for the tiny text) the same settings train eagerly."""
     import dataclasses
 
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from conftest import VOCAB, stats_for
     from edge_mla.finetune import build_config
 
     gpu = build_config(10**6, kv_bits=4, cuda=True)
     assert gpu.compile and gpu.cache_teacher and gpu.cache_bits == 4 and gpu.distill > 0
     assert build_config(10**6, kv_bits=8, cuda=False).cache_bits == 16
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    from conftest import VOCAB, stats_for
     torch.manual_seed(0)
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,

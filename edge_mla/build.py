@@ -159,10 +159,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             del pristine
             mla_dir = save(src.model, src.tokenizer, staging / "mla")
         if finetune_tokens:
+            import torch
+
             from edge_mla.finetune import build_config, finetune
             step(t0, k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original"
                            f"{', through the 4-bit cache' if kv_bits == 4 else ''})")
-            finetune(mla_dir, staging / "mla-ft", build_config(finetune_tokens, kv_bits, cuda=True), teacher=model)
+            cfg = build_config(finetune_tokens, kv_bits, cuda=torch.cuda.is_available())
+            finetune(mla_dir, staging / "mla-ft", cfg, teacher=model)
             shutil.rmtree(mla_dir)
             os.replace(staging / "mla-ft", mla_dir)
             src.model, src.tokenizer = load(mla_dir)

@@ -495,11 +495,29 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                                                calibration=(calib or {}).get("text"))
         tokenizer.save_pretrained(staging)
         (staging / META).write_text(json.dumps(meta, indent=1))
-        smoke_test(staging)
+        check_export(staging)
         if genai:
             from edge_mla.export.onnx_genai import add_genai
             add_genai(staging)
     return out
+
+
+SMOKE_TEST_IN_CHILD = 1 << 30  # bytes of weights above which onnxruntime's check of the export runs in a child
+
+
+def check_export(folder: Path) -> None:
+    """smoke_test: in this process for a small model; for a large one in a child process, so that onnxruntime's
+    copy of the whole model never adds to the exporter's own memory (one layer at a time)."""
+    import subprocess
+    import sys
+
+    if (folder / "model.onnx.data").stat().st_size <= SMOKE_TEST_IN_CHILD:
+        return smoke_test(folder)
+    code = "import sys; from pathlib import Path; from edge_mla.export.onnx import smoke_test; smoke_test(Path(sys.argv[1]))"
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise ValueError(f"onnxruntime could not run the exported model: {last}")
 
 
 def smoke_test(folder: Path) -> None:

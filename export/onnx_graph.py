@@ -368,7 +368,7 @@ def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
     return out
 
 
-PIECE_VALUES = 1 << 22  # a matrix is quantized and written this many values (16 MB of float32) at a time
+PIECE_VALUES = 1 << 20  # a matrix is quantized and written this many values (4 MB of float32) at a time
 
 
 def _float32(x) -> np.ndarray:

@@ -110,7 +110,7 @@ def main(argv=None) -> int:
             print(f"{r['model']:<16} {r['parameters'] / 1e9:>6.2f}B {r['step']:<12} failed: {r.get('error')}")
             continue
         print(f"{r['model']:<16} {r['parameters'] / 1e9:>6.2f}B {r['step']:<12} {r['seconds']:>8.0f} "
-              f"{r['seconds_per_billion']:>8.0f} {r['peak_rss_mb']:>12} {r['children_peak_rss_mb']:>12}")
+              f"{r['seconds_per_billion']:>8.0f} {r['peak_rss_mb']:>12} {str(r.get('children_peak_rss_mb', '-')):>12}")
     print(f"wrote {RESULTS}")
     return 0
 

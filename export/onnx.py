@@ -181,7 +181,7 @@ class Layers:
     """The decoder's layers as onnx_graph.build_model reads them, one in memory at a time: each is read (a lazy
     model's from its checkpoint), run over the calibration windows when the cache needs static scales (`calibrate`:
     the hidden states carried on to the next layer), turned into the graph's arrays by `entry`, and released when
-    the graph has written its tensors. The arrays are views of the layer's weights: no copy is made here."""
+    the graph has written its tensors. The large matrices are views of the layer's weights, not copies."""
 
     def __init__(self, model, checkpoint, entry):
         self.model, self.checkpoint, self.entry = model, checkpoint, entry

@@ -101,8 +101,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
             orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                           head_bits=precision.head_bits(bits),
-                                           model=None if streamed else src.model, tokenizer=src.tokenizer)
+                                           head_bits=precision.head_bits(bits), model=src.model,
+                                           tokenizer=src.tokenizer, checkpoint=src.checkpoint)
         if "gguf" in formats:
             orig_gguf = original / "original.gguf"
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)

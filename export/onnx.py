@@ -424,10 +424,10 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
-           model=None, tokenizer=None, genai: bool = False) -> Path:
-    """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded;
-    otherwise a folder's weights stay on disk and every layer is read, calibrated, quantized and written to
-    model.onnx.data in turn (one layer in memory at a time)."""
+           model=None, tokenizer=None, checkpoint=None, genai: bool = False) -> Path:
+    """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
+    lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
+    read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
@@ -435,7 +435,6 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
         raise ValueError("--genai needs the gqa attention body (onnxruntime-genai drives GroupQueryAttention's cache): "
                          f"drop --attention {body}")
     refuse_existing(out, overwrite)
-    checkpoint = None
     if model is None:
         src = load_model(model_dir, original)
         model, tokenizer, checkpoint = src.model, src.tokenizer, src.checkpoint

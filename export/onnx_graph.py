@@ -36,8 +36,9 @@ CACHE_TYPES = {
 }
 
 
-# Initializers under INLINE_BELOW bytes stay in model.onnx; larger ones start on an ALIGNMENT boundary of the data
-# file when over ALIGN_ABOVE bytes (what onnx.save_model does with external data).
+# Initializers under INLINE_BELOW bytes stay in model.onnx (onnx.save_model's size_threshold); larger ones start on
+# an ALIGNMENT boundary of the data file when over ALIGN_ABOVE bytes (page-aligned, so a runtime may map them; 64 KiB
+# is the largest gap onnx's external-data rules accept).
 INLINE_BELOW, ALIGN_ABOVE, ALIGNMENT = 1024, 1 << 20, 1 << 16
 
 

@@ -165,8 +165,9 @@ def _common(model, checkpoint) -> dict:
     tied = bool(cfg.tie_word_embeddings) if checkpoint is not None else (
         embed is lm_head or torch.equal(embed, lm_head))
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-                eps=float(cfg.rms_norm_eps), embed=embed, final_norm=_np(weight(model, checkpoint, "model.norm.weight")),
-                lm_head=lm_head, tied=tied, max_positions=int(cfg.max_position_embeddings))
+                eps=float(cfg.rms_norm_eps), embed=embed, lm_head=lm_head, tied=tied,
+                final_norm=_np(weight(model, checkpoint, "model.norm.weight")),
+                max_positions=int(cfg.max_position_embeddings))
 
 
 def _layer_common(layer) -> dict:
@@ -512,7 +513,8 @@ def check_export(folder: Path) -> None:
 
     if (folder / "model.onnx.data").stat().st_size <= SMOKE_TEST_IN_CHILD:
         return smoke_test(folder)
-    code = "import sys; from pathlib import Path; from edge_mla.export.onnx import smoke_test; smoke_test(Path(sys.argv[1]))"
+    code = ("import sys; from pathlib import Path; from edge_mla.export.onnx import smoke_test; "
+            "smoke_test(Path(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
     if done.returncode != 0:
         last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 
 import numpy as np
-import onnx
 
 # The cache kernels round to nearest even and clamp to these code ranges (symmetric, static scales).
 CODE_RANGE = {8: (-128, 127), 4: (-8, 7)}

@@ -10,7 +10,8 @@ are merged into docs/results/scale.json (one row per model and step) and printed
 
 The calibration is cut to --calib-windows x --calib-length tokens (default 2 x 512; a default conversion reads
 16 x 1024) so that an 8B fits an afternoon on 2 cores: the conversion's progress lines give the rate through the
-layers, from which the default's time follows. GGUF's latent check reads 1 x 128 tokens (default 4 x 512).
+layers, from which the default's time follows. GGUF's latent check and ONNX's cache scales read 1 x 128 tokens
+(defaults 4 x 512 and 8 x 512).
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def commands(model: str, out: Path, calib: tuple[int, int], rope_pairs: int | No
                     "--calib-length", str(length), "--force", *rope],
         "export gguf": ["export", "gguf", str(out / "mla"), "-o", str(out / "mla.gguf"), "--bits", "4",
                         "--calib-windows", "1", "--calib-length", "128", "--force"],
-        "export onnx": ["export", "onnx", str(out / "mla"), "-o", str(out / "onnx"), "--bits", "4", "--force"],
+        "export onnx": ["export", "onnx", str(out / "mla"), "-o", str(out / "onnx"), "--bits", "4",
+                        "--calib-windows", "1", "--calib-length", "128", "--force"],
         "build": ["build", "-m", model, "--device", "laptop-16gb", "--bits", "4", "--formats", "gguf",
                   "--recover-steps", "0", "--quality-windows", "0", "--speed-prompt", "0", "-o", str(out / "build"),
                   "--force"],
@@ -108,7 +110,7 @@ def main(argv=None) -> int:
             print(f"{r['model']:<16} {r['parameters'] / 1e9:>6.2f}B {r['step']:<12} failed: {r.get('error')}")
             continue
         print(f"{r['model']:<16} {r['parameters'] / 1e9:>6.2f}B {r['step']:<12} {r['seconds']:>8.0f} "
-              f"{r['seconds_per_billion']:>8.0f} {r['peak_rss_mb']:>12} {r['children_peak_rss_mb']:>12}")
+              f"{r['seconds_per_billion']:>8.0f} {r['peak_rss_mb']:>12} {str(r.get('children_peak_rss_mb', '-')):>12}")
     print(f"wrote {RESULTS}")
     return 0
 

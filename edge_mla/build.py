@@ -68,10 +68,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     n = 6 if trained else 5
     t0 = time.perf_counter()
     step(t0, 1, n, f"loading {model}")
-    # A folder's weights stay on disk and are read a layer at a time (layerwise.py), except for the quality
-    # target's retries, which re-convert a pristine in-memory copy, and for ONNX, whose exporter takes the whole
-    # model (so the source is read once, in memory; the conversion still goes layer by layer).
-    src = load_source(model, lazy=max_quality_loss is None and "onnx" not in formats)
+    # A folder's weights stay on disk and are read a layer at a time (layerwise.py) by the conversion and by both
+    # exporters, except for the quality target's retries, which re-convert a pristine in-memory copy.
+    src = load_source(model, lazy=max_quality_loss is None)
     streamed = src.checkpoint is not None
     config = src.model.config
     limit = int(config.max_position_embeddings)
@@ -102,8 +101,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
             orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                           head_bits=precision.head_bits(bits),
-                                           model=None if streamed else src.model, tokenizer=src.tokenizer)
+                                           head_bits=precision.head_bits(bits), model=src.model,
+                                           tokenizer=src.tokenizer, checkpoint=src.checkpoint)
         if "gguf" in formats:
             orig_gguf = original / "original.gguf"
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)

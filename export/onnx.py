@@ -107,7 +107,8 @@ def _version(v: str) -> tuple:
 
 
 def load_model(spec: str, original: bool):
-    """(model, tokenizer) of a converted folder, or of any source model when `original`."""
+    """A converted folder, or any source model when `original`, as a source.Source: a folder's weights stay on disk
+    and are read a layer at a time (layerwise.py)."""
     from edge_mla.convert import is_converted, load_any
 
     path = Path(spec)
@@ -122,12 +123,11 @@ def load_model(spec: str, original: bool):
         if not path.exists():
             raise ValueError(f"{spec} does not exist: give the --out folder of `edge-mla convert` (or pass "
                              "--original with a source model)")
-    src = load_any(spec)
-    return src.model, src.tokenizer
+    return load_any(spec, lazy=True)
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# torch model -> onnx_graph.Decoder
+# torch model -> onnx_graph.Decoder, one layer at a time
 
 def _np(t) -> np.ndarray | None:
     return None if t is None else t.detach().float().cpu().numpy()
@@ -152,14 +152,22 @@ def check_original(model) -> None:
                          "position-free dims too")
 
 
-def _common(model) -> dict:
+def _common(model, checkpoint) -> dict:
+    """The tensors outside the layers: the vocabulary matrices as torch tensors, or, on a lazy model, as row slices
+    of the checkpoint (onnx_graph writes them in pieces)."""
+    import torch
+
+    from edge_mla.layerwise import weight
+
     cfg = model.config
     check_config(cfg)
-    m = model.model
-    embed, lm_head = _np(m.embed_tokens.weight), _np(model.lm_head.weight)
+    embed, lm_head = weight(model, checkpoint, "model.embed_tokens.weight"), weight(model, checkpoint, "lm_head.weight")
+    tied = bool(cfg.tie_word_embeddings) if checkpoint is not None else (
+        embed is lm_head or torch.equal(embed, lm_head))
     return dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_heads=cfg.num_attention_heads,
-                eps=float(cfg.rms_norm_eps), embed=embed, final_norm=_np(m.norm.weight), lm_head=lm_head,
-                tied=bool(np.array_equal(embed, lm_head)), max_positions=int(cfg.max_position_embeddings))
+                eps=float(cfg.rms_norm_eps), embed=embed, lm_head=lm_head, tied=tied,
+                final_norm=_np(weight(model, checkpoint, "model.norm.weight")),
+                max_positions=int(cfg.max_position_embeddings))
 
 
 def _layer_common(layer) -> dict:
@@ -168,6 +176,34 @@ def _layer_common(layer) -> dict:
         raise ValueError("MLP biases are not supported by the ONNX export")
     return dict(input_norm=_np(layer.input_layernorm.weight), post_norm=_np(layer.post_attention_layernorm.weight),
                 gate=_np(mlp.gate_proj.weight), up=_np(mlp.up_proj.weight), down=_np(mlp.down_proj.weight))
+
+
+class Layers:
+    """The decoder's layers as onnx_graph.build_model reads them, one in memory at a time: each is read (a lazy
+    model's from its checkpoint), run over the calibration windows when the cache needs static scales (`calibrate`:
+    the hidden states carried on to the next layer), turned into the graph's arrays by `entry`, and released when
+    the graph has written its tensors. The large matrices are views of the layer's weights, not copies."""
+
+    def __init__(self, model, checkpoint, entry):
+        self.model, self.checkpoint, self.entry = model, checkpoint, entry
+        self.walk = self.scales_of = self.scales = None
+
+    def calibrate(self, walk, scales_of, scales: list) -> None:
+        """While the layers are read, append scales_of(what layer i caches on the walk's windows) to `scales`."""
+        self.walk, self.scales_of, self.scales = walk, scales_of, scales
+
+    def __len__(self) -> int:
+        return len(self.model.model.layers)
+
+    def __iter__(self):
+        from edge_mla.layerwise import layers
+
+        for i, layer in layers(self.model, self.checkpoint, "ONNX tensors" if self.checkpoint is not None else None):
+            if self.walk is not None:
+                self.scales.append(self.scales_of(cached_rows(self.walk, i)))
+            entry = self.entry(layer)
+            yield entry
+            entry.clear()  # the graph has written them: nothing holds the layer's weights once it is released
 
 
 def latent_padding(latent: int, rope: int) -> int:
@@ -188,10 +224,10 @@ def hadamard(n: int) -> np.ndarray:
     return q * np.sign(np.diag(r))
 
 
-def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
+def decoder_from_mla(model, rotate_latent: bool = False, checkpoint=None) -> onnx_graph.Decoder:
     """The MLA model's weights; the latent zero-padded for the kernel and, when `rotate_latent`, turned by an
     orthogonal matrix Q (cache Q c; k_up and v_up times Q^T), which leaves every score and output unchanged but
-    evens out the channels that a quantized cache must represent."""
+    evens out the channels that a quantized cache must represent. The layers are read as the graph needs them."""
     mla = model.config.mla
     C, R = mla["latent_dim"], mla["rope_dim"]
     pad = latent_padding(C, R)
@@ -200,8 +236,8 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
         raise ValueError("rotate_latent: this model has a learned latent norm, whose per-channel weight does not "
                          "commute with a rotation; export it without rotate_latent")
     rot = hadamard(C + pad) if rotate_latent else np.eye(C + pad)
-    layers = []
-    for layer in model.model.layers:
+
+    def entry_of(layer) -> dict:
         a = layer.self_attn
         kv_a = _np(a.kv_a_proj.weight)
         entry = _layer_common(layer)
@@ -218,16 +254,17 @@ def decoder_from_mla(model, rotate_latent: bool = False) -> onnx_graph.Decoder:
         if a.q_proj.bias is not None:
             b = _np(a.kv_a_proj.bias)
             entry["kv_a_bias"] = np.concatenate([rot @ np.concatenate([b[:C], np.zeros(pad)]), b[C:]]).astype(np.float32)
-        layers.append(entry)
-    return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=layers,
+        return entry
+
+    return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=Layers(model, checkpoint, entry_of),
                               latent_rotation=rot if rotate_latent else None, latent_norm_eps=norm_eps,
                               latent_channels=C,
                               softmax_scale=mla["softmax_scale"], rope_scaling=mla.get("rope_attention_scaling", 1.0),
                               num_groups=mla["num_groups"], nope_dim=mla["nope_dim"], rope_dim=R,
-                              latent_dim=C + pad, **_common(model))
+                              latent_dim=C + pad, **_common(model, checkpoint))
 
 
-def decoder_from_original(model) -> onnx_graph.Decoder:
+def decoder_from_original(model, checkpoint=None) -> onnx_graph.Decoder:
     from edge_mla.convert import head_dim_of
 
     from edge_mla import families
@@ -235,64 +272,78 @@ def decoder_from_original(model) -> onnx_graph.Decoder:
     cfg = model.config
     check_original(model)
     d = head_dim_of(cfg)
-    layers = []
-    for layer in model.model.layers:
+    qk_norm = families.has_qk_norm(model)  # Qwen3: per-head RMSNorm of q and k before RoPE
+
+    def entry_of(layer) -> dict:
         a = layer.self_attn
         entry = _layer_common(layer)
         entry.update(q=_np(a.q_proj.weight), k=_np(a.k_proj.weight), v=_np(a.v_proj.weight), o=_np(a.o_proj.weight),
                      q_bias=_np(a.q_proj.bias), k_bias=_np(a.k_proj.bias), v_bias=_np(a.v_proj.bias),
                      o_bias=_np(a.o_proj.bias), rotary=bool(getattr(a, "use_rope", True)))  # SmolLM3: NoPE layers
-        if families.has_qk_norm(model):  # Qwen3: per-head RMSNorm of q and k before RoPE
+        if qk_norm:
             entry.update(q_norm=_np(a.q_norm.weight), k_norm=_np(a.k_norm.weight))
-        layers.append(entry)
+        return entry
+
     rotary = model.model.rotary_emb
-    return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=layers, softmax_scale=d ** -0.5,
-                              rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
-                              kv_heads=cfg.num_key_value_heads, inv_freq=_np(rotary.inv_freq), **_common(model))
+    return onnx_graph.Decoder(kind="baseline", head_dim=d, layers=Layers(model, checkpoint, entry_of),
+                              softmax_scale=d ** -0.5, rope_scaling=float(getattr(rotary, "attention_scaling", 1.0)),
+                              kv_heads=cfg.num_key_value_heads, inv_freq=_np(rotary.inv_freq),
+                              **_common(model, checkpoint))
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # cache scales
 
-def cache_entries(model, windows) -> list[list[np.ndarray]]:
-    """What the model caches on `windows`, per layer: MLA [tokens, C+R]; baseline [K [tokens, kvH, d], V ...]."""
-    import torch
+class _CacheRecorder:
+    """Stands in for the transformers cache while a layer runs: keeps the rows the layer would cache."""
 
-    from edge_mla.mla import cached_tensors, forward_with_cache
+    def __init__(self):
+        self.rows = []
 
-    per_layer = None
-    with torch.no_grad():
-        for window in windows:
-            _, cache = forward_with_cache(model, window[None])
-            got = []
-            for keys, values in cached_tensors(cache):
-                k = keys[0].transpose(0, 1).float().numpy()  # [T, heads, width]
-                got.append([k] if values.shape[-1] == 0 else [k, values[0].transpose(0, 1).float().numpy()])
-            per_layer = got if per_layer is None else [[np.concatenate([a, b]) for a, b in zip(p, g)]
-                                                       for p, g in zip(per_layer, got)]
-    return per_layer
+    def update(self, keys, values, *args, **kwargs):
+        self.rows.append((keys, values))
+        return keys, values
+
+    def get_seq_length(self, *args, **kwargs) -> int:
+        return 0
 
 
-def calibrate_scales(model, dec: onnx_graph.Decoder, bits: int, windows) -> list:
-    """Static per-channel dequantization scales of the cache, fitted to the model's own cache on text."""
-    scales = []
-    for i, parts in enumerate(cache_entries(model, windows)):
-        if dec.kind == "mla":
-            C = model.config.mla["latent_dim"]
-            x = parts[0][:, 0]
-            latent = np.concatenate([x[:, :C], np.zeros((len(x), dec.latent_dim - C), np.float32)], 1)
-            if dec.latent_rotation is not None:
-                latent = latent @ dec.latent_rotation.T
-            x = np.concatenate([latent, x[:, C:]], 1)
-            groups = onnx_quant.pair_groups(dec.cache_width, dec.latent_dim, dec.rope_dim)
-            scales.append(onnx_quant.channel_scales(x, bits, groups).reshape(1, 1, 1, -1))
-        else:
-            d, heads = dec.head_dim, dec.kv_heads
-            k_groups = np.concatenate([onnx_quant.pair_groups(d, 0, d) + h * d for h in range(heads)])
-            k = onnx_quant.channel_scales(parts[0].reshape(len(parts[0]), -1), bits, k_groups)
-            v = onnx_quant.channel_scales(parts[1].reshape(len(parts[1]), -1), bits, np.arange(heads * d))
-            scales.append((k.reshape(1, heads, 1, d), v.reshape(1, heads, 1, d)))
-    return scales
+def cached_rows(walk, i: int) -> list[np.ndarray]:
+    """What decoder layer i (loaded) caches on the walk's windows, as it runs them (the hidden states move on to
+    layer i + 1): MLA [[tokens, 1, C+R]]; baseline [K [tokens, kvH, d], V [tokens, kvH, d]]."""
+    import inspect
+
+    recorder = _CacheRecorder()
+
+    def attach(key, layer):
+        attn = layer.self_attn
+        name = "cache" if "cache" in inspect.signature(attn.forward).parameters else "past_key_values"
+        return [attn.register_forward_pre_hook(lambda module, args, kwargs: (args, {**kwargs, name: recorder}),
+                                               with_kwargs=True)]
+
+    walk.run(i, attach)
+    keys = np.concatenate([k[0].transpose(0, 1).float().numpy() for k, _ in recorder.rows])  # [T, heads, width]
+    if recorder.rows[0][1].shape[-1] == 0:
+        return [keys]
+    return [keys, np.concatenate([v[0].transpose(0, 1).float().numpy() for _, v in recorder.rows])]
+
+
+def layer_scales(dec: onnx_graph.Decoder, bits: int, parts: list[np.ndarray]):
+    """Static per-channel dequantization scales of one layer's cache, fitted to what it caches on text."""
+    if dec.kind == "mla":
+        C = dec.latent_channels
+        x = parts[0][:, 0]
+        latent = np.concatenate([x[:, :C], np.zeros((len(x), dec.latent_dim - C), np.float32)], 1)
+        if dec.latent_rotation is not None:
+            latent = latent @ dec.latent_rotation.T
+        x = np.concatenate([latent, x[:, C:]], 1)
+        groups = onnx_quant.pair_groups(dec.cache_width, dec.latent_dim, dec.rope_dim)
+        return onnx_quant.channel_scales(x, bits, groups).reshape(1, 1, 1, -1)
+    d, heads = dec.head_dim, dec.kv_heads
+    k_groups = np.concatenate([onnx_quant.pair_groups(d, 0, d) + h * d for h in range(heads)])
+    k = onnx_quant.channel_scales(parts[0].reshape(len(parts[0]), -1), bits, k_groups)
+    v = onnx_quant.channel_scales(parts[1].reshape(len(parts[1]), -1), bits, np.arange(heads * d))
+    return k.reshape(1, heads, 1, d), v.reshape(1, heads, 1, d)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -374,10 +425,10 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
-           model=None, tokenizer=None, genai: bool = False) -> Path:
-    """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded."""
-    import onnx
-
+           model=None, tokenizer=None, checkpoint=None, genai: bool = False) -> Path:
+    """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
+    lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
+    read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
@@ -386,39 +437,45 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                          f"drop --attention {body}")
     refuse_existing(out, overwrite)
     if model is None:
-        model, tokenizer = load_model(model_dir, original)
+        src = load_model(model_dir, original)
+        model, tokenizer, checkpoint = src.model, src.tokenizer, src.checkpoint
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the runner needs a fast tokenizer (tokenizer.json); this model's tokenizer is not one")
-    dec = decoder_from_original(model) if original else decoder_from_mla(model, rotate_latent)
+    dec = decoder_from_original(model, checkpoint) if original else decoder_from_mla(model, rotate_latent, checkpoint)
     if body != "gqa" and dec.kind != "mla":
         raise ValueError(f"--attention {body} applies to MLA models; the baseline always uses GroupQueryAttention")
-
     quantized = weight_bits in (4, 8)
-    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16,
-                              tie_head=dec.tied and not quantized, block_size=block_size,
+    weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
+    opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16, block_size=block_size,
                               # int4 up-projections cost +35% perplexity on SmolLM2, int8 +0.1% (docs/onnx.md),
                               # unless the recovery trained through their 4-bit round trip
                               up_bits=(4 if weight_bits == 4 and (getattr(model.config, "mla", None) or {}).get(
-                                  "four_bit_up_projections") else 8) if quantized else weight_bits)
+                                  "four_bit_up_projections") else 8) if quantized else weight_bits,
+                              weight_bits=weight_bits if quantized else 0, head_bits=head_bits or 0,
+                              symmetric=symmetric, accuracy_level=accuracy_level, method=weight_method)
     calib = None
-    if kv_bits in (4, 8):
+    if kv_bits in (4, 8):  # the static cache scales, fitted as the layers are read
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
+        from edge_mla.layerwise import Walk
+
         windows = calibration_windows(tokenizer, calib_text, count=calib_windows, length=calib_length)
-        opts.cache_scales = calibrate_scales(model, dec, kv_bits, windows)
+        opts.cache_scales = []
+        dec.layers.calibrate(Walk(model, checkpoint, {"cache": windows}),
+                             lambda parts: layer_scales(dec, kv_bits, parts), opts.cache_scales)
         calib = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]),
                  "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
-    proto = onnx_graph.build_model(dec, opts)
     weights = {"bits": weight_bits, "calib": calib}
     shared = dec.tied and (not quantized or symmetric)
     if quantized:
-        weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
-        proto = onnx_quant.quantize_weights(proto, weight_bits, block_size, symmetric, accuracy_level, head_bits,
-                                            weight_method, share_embedding=shared)
         head = head_bits or weight_bits
+        E = dec.embed.shape[1]
         weights.update(format="MatMulNBits", method=weight_method, block_size=block_size, symmetric=symmetric,
+                       grid=("llama.cpp q4_0 / q8_0 (float16 scales)" if symmetric else
+                             "asymmetric, integer zero points"),
                        accuracy_level=accuracy_level, head_bits=head,
                        embedding=f"the output head's int{head} table (GatherBlockQuantized)" if shared else
-                       "GatherBlockQuantized int4" if weight_bits == 4 else "float32")
+                       "GatherBlockQuantized int4 (q4_0 blocks)" if weight_bits == 4 and E % block_size == 0 else
+                       "float32")
     else:
         weights.update(format="float16 stored, float32 compute" if weight_bits == 16 else "float32",
                        embedding="shared with the output head" if shared else "separate")
@@ -427,20 +484,41 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
             f" (blocks of {block_size}, DequantizeLinear)" if opts.up_bits in (4, 8) else "")
     mla = getattr(model.config, "mla", None)
     source = mla.get("source") if mla else str(model_dir)  # a converted folder may be a deleted staging path
-    meta = metadata(dec, opts, model, tokenizer, weights, source)
-    meta["provenance"] = provenance.record(source, mla=mla, bits=weight_bits, kv_bits=kv_bits,
-                                           calibration=(calib or {}).get("text"))
 
     with staged_folder(out) as staging:
-        onnx.save_model(proto, str(staging / "model.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location="model.onnx.data", size_threshold=1024)
+        with open(staging / "model.onnx.data", "wb") as data:  # the weights, written as the graph is built
+            proto = onnx_graph.build_model(dec, opts, data)
+        (staging / "model.onnx").write_bytes(proto.SerializeToString())
+        del proto
+        meta = metadata(dec, opts, model, tokenizer, weights, source)
+        meta["provenance"] = provenance.record(source, mla=mla, bits=weight_bits, kv_bits=kv_bits,
+                                               calibration=(calib or {}).get("text"))
         tokenizer.save_pretrained(staging)
         (staging / META).write_text(json.dumps(meta, indent=1))
-        smoke_test(staging)
+        check_export(staging)
         if genai:
             from edge_mla.export.onnx_genai import add_genai
             add_genai(staging)
     return out
+
+
+SMOKE_TEST_IN_CHILD = 1 << 30  # bytes of weights above which onnxruntime's check of the export runs in a child
+
+
+def check_export(folder: Path) -> None:
+    """smoke_test: in this process for a small model; for a large one in a child process, so that onnxruntime's
+    copy of the whole model never adds to the exporter's own memory (one layer at a time)."""
+    import subprocess
+    import sys
+
+    if (folder / "model.onnx.data").stat().st_size <= SMOKE_TEST_IN_CHILD:
+        return smoke_test(folder)
+    code = ("import sys; from pathlib import Path; from edge_mla.export.onnx import smoke_test; "
+            "smoke_test(Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True)
+    if done.returncode != 0:
+        last = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit code {done.returncode}"
+        raise ValueError(f"onnxruntime could not run the exported model: {last}")
 
 
 def smoke_test(folder: Path) -> None:

@@ -126,7 +126,8 @@ def _token_id(folder: Path, name: str | None) -> int | None:
 def genai_config(folder: Path, meta: dict, model: onnx.ModelProto) -> dict:
     layers = _per_layer(meta)
     first = layers[0][0]
-    embed = next(i for i in model.graph.initializer if i.name.startswith("embed_tokens"))
+    # a float table gives the hidden size; a quantized one (or the output head's shared table) leaves it 0
+    embed = next((i for i in model.graph.initializer if i.name.startswith("embed_tokens")), None)
     heads = next(a.i for n in model.graph.node if n.op_type in ("LatentAttention", "GroupQueryAttention")
                  for a in n.attribute if a.name == "num_heads")
     tok_config = folder / "tokenizer_config.json"
@@ -141,7 +142,8 @@ def genai_config(folder: Path, meta: dict, model: onnx.ModelProto) -> dict:
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": MODEL,
                 "head_size": first["width"],
-                "hidden_size": int(embed.dims[-1]) if embed.data_type == onnx.TensorProto.FLOAT else 0,
+                "hidden_size": int(embed.dims[-1]) if embed is not None and embed.data_type == onnx.TensorProto.FLOAT
+                else 0,
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
                            "past_key_names": PAST.format("key"), "past_value_names": PAST.format("value")},
                 "outputs": {"logits": "logits", "present_key_names": PRESENT.format("key"),

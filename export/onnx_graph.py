@@ -36,10 +36,20 @@ CACHE_TYPES = {
 }
 
 
-class Graph:
-    """Collects nodes and initializers; `op` returns output names, so the graph reads like the math."""
+# Initializers under INLINE_BELOW bytes stay in model.onnx (onnx.save_model's size_threshold); larger ones start on
+# an ALIGNMENT boundary of the data file when over ALIGN_ABOVE bytes (page-aligned, so a runtime may map them; 64 KiB
+# is the largest gap onnx's external-data rules accept).
+INLINE_BELOW, ALIGN_ABOVE, ALIGNMENT = 1024, 1 << 20, 1 << 16
 
-    def __init__(self):
+
+class Graph:
+    """Collects nodes and initializers; `op` returns output names, so the graph reads like the math.
+
+    Given an open `data` file, every initializer's bytes are written there as it is made (an external-data
+    reference stays in the proto), so a model larger than memory is written one tensor, or one piece of a tensor,
+    at a time; without one the initializers are kept in the proto."""
+
+    def __init__(self, data=None, location: str = "model.onnx.data"):
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: list[onnx.TensorProto] = []
         self.inputs: list[onnx.ValueInfoProto] = []
@@ -47,6 +57,7 @@ class Graph:
         self.value_info: list[onnx.ValueInfoProto] = []
         self._names: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+        self.data, self.location = data, location
 
     def fresh(self, hint: str) -> str:
         n = self._names.get(hint, 0)
@@ -62,7 +73,35 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
     def weight(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(onnx.numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        return self.tensor(name, helper.np_dtype_to_tensor_dtype(array.dtype), array.shape, [array])
+
+    def tensor(self, name: str, elem_type: int, dims, pieces) -> str:
+        """An initializer whose raw bytes are the concatenated bytes of `pieces` (arrays, made one after the other:
+        the row blocks of a large matrix are written as they come and released)."""
+        dims = [int(d) for d in dims]
+        count = int(np.prod(dims, dtype=np.int64))
+        nbytes = (count + 1) // 2 if elem_type in (TensorProto.INT4, TensorProto.UINT4) else \
+            count * helper.tensor_dtype_to_np_dtype(elem_type).itemsize
+        t = onnx.TensorProto(name=name, data_type=elem_type, dims=dims)
+        if self.data is None or nbytes < INLINE_BELOW:
+            t.raw_data = b"".join(np.ascontiguousarray(p).tobytes() for p in pieces)
+            written = len(t.raw_data)
+        else:
+            offset = self.data.tell()
+            if nbytes > ALIGN_ABOVE and offset % ALIGNMENT:
+                self.data.write(bytes(ALIGNMENT - offset % ALIGNMENT))
+                offset = self.data.tell()
+            for piece in pieces:
+                self.data.write(np.ascontiguousarray(piece).data)
+            written = self.data.tell() - offset
+            t.data_location = TensorProto.EXTERNAL
+            for key, value in (("location", self.location), ("offset", offset), ("length", nbytes)):
+                entry = t.external_data.add()
+                entry.key, entry.value = key, str(value)
+        if written != nbytes:
+            raise AssertionError(f"initializer {name}: {written} bytes written for shape {dims}, expected {nbytes}")
+        self.initializers.append(t)
         return name
 
     def const(self, values, dtype=np.int64) -> str:
@@ -269,11 +308,11 @@ class Decoder:
     num_heads: int
     head_dim: int  # value width per head (d)
     eps: float
-    embed: np.ndarray  # [V, E]
+    embed: np.ndarray  # [V, E] (or a torch tensor, or layerwise.Rows: read in row pieces)
     final_norm: np.ndarray
-    lm_head: np.ndarray  # [V, E]
+    lm_head: np.ndarray  # [V, E], likewise
     tied: bool = False  # lm_head is the embedding table: stored once
-    layers: list[dict] = field(default_factory=list)
+    layers: list[dict] = field(default_factory=list)  # or any sized iterable (one layer in memory at a time)
     softmax_scale: float = 1.0
     rope_scaling: float = 1.0  # factor on cos and sin
     # MLA
@@ -301,11 +340,17 @@ class Options:
     body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
-    # a tied head reads the embedding initializer (float weights); quantized exports keep a separate head here and
-    # share one quantized table after quantization (onnx_quant.share_embedding)
-    tie_head: bool = False
     up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
     block_size: int = 32
+    # 2D weights: 4 or 8 = MatMulNBits (onnx_quant.block_codes: llama.cpp's q4_0 / q8_0 grids when symmetric);
+    # 0 = float (fp16_weights says which). A tied embedding is one table with the head (float, or the head's
+    # MatMulNBits blocks read by GatherBlockQuantized when symmetric); an untied one is int4 GatherBlockQuantized
+    # under 4-bit weights, float otherwise.
+    weight_bits: int = 0
+    head_bits: int = 0  # the output head's bits (and a shared table's); 0: weight_bits
+    symmetric: bool = True
+    accuracy_level: int = 4  # MatMulNBits compute: 4 = int8 activations
+    method: str = "rtn"  # 4-bit layer weights: rtn, or hqq (onnx_quant.hqq_codes; the head stays rtn)
 
 
 def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
@@ -324,14 +369,74 @@ def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
     return out
 
 
-def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.ndarray | None = None) -> str:
-    """x @ w.T (+ bias). The weight is stored transposed ([in, out]) as MatMul B, where the 4/8-bit quantizer finds it."""
-    wt = np.ascontiguousarray(w.T.astype(np.float32))
-    if opts.fp16_weights:
-        b = g.op("Cast", [g.weight(name + ".weight", wt.astype(np.float16))], to=TensorProto.FLOAT, name=name + "/cast")
+PIECE_VALUES = 1 << 20  # a matrix is quantized and written this many values (4 MB of float32) at a time
+
+
+def _float32(x) -> np.ndarray:
+    """A numpy array, torch tensor or the torch slice of a layerwise.Rows as float32 numpy (no copy if it is one)."""
+    return x.astype(np.float32, copy=False) if isinstance(x, np.ndarray) else x.float().numpy()
+
+
+def _row_pieces(w, rows: int | None = None):
+    """w [N, K] (numpy, torch or layerwise.Rows) in blocks of rows, float32."""
+    rows = rows or max(1, PIECE_VALUES // w.shape[1])
+    for r in range(0, w.shape[0], rows):
+        yield _float32(w[r:r + rows])
+
+
+def _nbits_weight(g: Graph, name: str, parts: list, bits: int, opts: Options, method: str = "rtn") -> list[str]:
+    """MatMulNBits' B, scales (and zero points) for the matrices `parts` [N_i, K] stacked along N, quantized and
+    written in row pieces: the float matrix is never copied whole."""
+    K, N = parts[0].shape[1], sum(p.shape[0] for p in parts)
+    bs = opts.block_size
+    blocks = -(-K // bs)
+    scales, zeros = [], []
+
+    def packed():
+        for part in parts:
+            for piece in _row_pieces(part):
+                if method == "hqq":
+                    codes, s, z = onnx_quant.hqq_codes(piece, bits, bs)
+                    scales.append(s), zeros.append(z)
+                    yield codes
+                    continue
+                codes, s, z = onnx_quant.block_codes(piece, bits, bs, opts.symmetric)
+                scales.append(s)
+                if z is not None:
+                    zeros.append(onnx_quant.pack(z, bits))
+                yield onnx_quant.pack(codes, bits)
+
+    inputs = [g.tensor(f"{name}.weight_Q{bits}", TensorProto.UINT8, [N, blocks, bs * bits // 8], packed()),
+              g.weight(f"{name}.weight_scales", np.concatenate(scales))]
+    if zeros:
+        inputs.append(g.weight(f"{name}.weight_zero_points", np.concatenate(zeros)))
+    return inputs
+
+
+def _matmul_nbits(g: Graph, x: str, inputs: list[str], K: int, N: int, bits: int, name: str, opts: Options) -> str:
+    level = {"accuracy_level": opts.accuracy_level} if opts.accuracy_level else {}
+    return g.op("MatMulNBits", [x, *inputs], name=name, domain=MS, K=K, N=N, bits=bits, block_size=opts.block_size,
+                **level)
+
+
+def _matmul(g: Graph, x: str, w, name: str, opts: Options, bias: np.ndarray | None = None) -> str:
+    """x @ w.T (+ bias); w [out, in], or a list of such matrices stacked along `out` (never concatenated when
+    quantized). 4/8-bit weights become MatMulNBits, packed here; float ones are stored transposed ([in, out]) as
+    MatMul B."""
+    parts = w if isinstance(w, list) else [w]
+    bits = (opts.head_bits or opts.weight_bits) if name == "lm_head" else opts.weight_bits
+    if bits:
+        method = opts.method if bits == 4 and name != "lm_head" else "rtn"
+        K, N = parts[0].shape[1], sum(p.shape[0] for p in parts)
+        y = _matmul_nbits(g, x, _nbits_weight(g, name, parts, bits, opts, method), K, N, bits, name, opts)
     else:
-        b = g.weight(name + ".weight", wt)
-    y = g.op("MatMul", [x, b], name=name)
+        wt = np.ascontiguousarray(np.concatenate([_float32(p[:]) for p in parts]).T)
+        if opts.fp16_weights:
+            b = g.op("Cast", [g.weight(name + ".weight", wt.astype(np.float16))], to=TensorProto.FLOAT,
+                     name=name + "/cast")
+        else:
+            b = g.weight(name + ".weight", wt)
+        y = g.op("MatMul", [x, b], name=name)
     if bias is not None:
         y = g.op("Add", [y, g.weight(name + ".bias", bias.astype(np.float32))], name=name + "/bias")
     return y
@@ -339,41 +444,27 @@ def _matmul(g: Graph, x: str, w: np.ndarray, name: str, opts: Options, bias: np.
 
 def _up_projection(g: Graph, name: str, w: np.ndarray, opts: Options) -> str:
     """A per-group up-projection [G, K, M] (x [.., K] @ w[g]) at the weights' precision: int4/int8 blocks of
-    `block_size` along K with symmetric fp32 scales, through DequantizeLinear (MatMulNBits takes 2D weights only).
-    int4 is llama.cpp's q4_0 grid exactly (scale = the signed value of largest magnitude / -8, rounded to fp16;
-    codes trunc(x / scale + 8.5) - 8), so the recovery's q4_0 training serves both runtimes;
-    fp16 through a Cast; onnxruntime folds either into a float constant at load (the runner asks it to fold
-    DequantizeLinear too)."""
+    `block_size` along K through DequantizeLinear (MatMulNBits takes 2D weights only), on llama.cpp's q4_0 / q8_0
+    grids (onnx_quant.block_codes), so the recovery's q4_0 training serves both runtimes; fp16 through a Cast.
+    onnxruntime folds either into a float constant at load (the runner asks it to fold DequantizeLinear too)."""
     w = w.astype(np.float32)
     if opts.up_bits == 16:
         return g.op("Cast", [g.weight(name, w.astype(np.float16))], to=TensorProto.FLOAT, name=name + "/cast")
     if opts.up_bits not in (4, 8):
         return g.weight(name, w)
     G, K, M = w.shape
-    bs = opts.block_size
-    blocks = -(-K // bs)
-    padded = np.pad(w, ((0, 0), (0, blocks * bs - K), (0, 0))).reshape(G, blocks, bs, M)
-    lo, hi = onnx_quant.CODE_RANGE[opts.up_bits]
-    if opts.up_bits == 4:
-        peak = np.take_along_axis(padded, np.abs(padded).argmax(2)[:, :, None], 2)[:, :, 0]
-        exact = (peak / -8).astype(np.float32)  # [G, blocks, M]; codes from it, the fp16 rounding stored
-        scale = exact.astype(np.float16).astype(np.float32)
-    else:
-        exact = scale = np.abs(padded).max(2) / hi
-    exact[exact == 0] = 1.0  # an all-zero block (latent padding): any scale is exact
-    inv = (1 / exact)[:, :, None]
-    codes = (np.clip(np.trunc(padded * inv + 8.5), 0, 15) - 8 if opts.up_bits == 4 else
-             np.clip(np.rint(padded * inv), lo, hi))
-    codes = codes.astype(np.int8).reshape(G, blocks * bs, M)[:, :K]
+    codes, scales, _ = onnx_quant.block_codes(w.transpose(0, 2, 1).reshape(G * M, K), opts.up_bits,
+                                              opts.block_size)  # blocks along K
+    blocks = scales.shape[1]
+    signed = codes.reshape(G, M, -1)[:, :, :K].transpose(0, 2, 1).astype(np.int16) - 2 ** (opts.up_bits - 1)
     if opts.up_bits == 4:  # two per byte, low nibble first
-        flat = np.append(codes.ravel(), np.int8(0)) if codes.size % 2 else codes.ravel()
-        raw = ((flat[0::2] & 15) | ((flat[1::2] & 15) << 4)).astype(np.uint8).tobytes()
-        tensor = helper.make_tensor(name + ".codes", TensorProto.INT4, codes.shape, raw, raw=True)
+        raw = onnx_quant.pack((signed & 15).astype(np.uint8).ravel(), 4)
+        codes_name = g.tensor(name + ".codes", TensorProto.INT4, signed.shape, [raw])
     else:
-        tensor = onnx.numpy_helper.from_array(codes, name + ".codes")
-    g.initializers.append(tensor)
-    return g.op("DequantizeLinear", [tensor.name, g.weight(name + ".scales", scale.astype(np.float32))],
-                axis=1, block_size=bs, name=name + "/dequantize")
+        codes_name = g.weight(name + ".codes", signed.astype(np.int8))
+    scale = np.ascontiguousarray(scales.reshape(G, M, blocks).transpose(0, 2, 1))
+    return g.op("DequantizeLinear", [codes_name, g.weight(name + ".scales", scale)],
+                axis=1, block_size=opts.block_size, name=name + "/dequantize")
 
 
 def _rms_norm(g: Graph, x: str, w: np.ndarray, eps: float, name: str) -> str:
@@ -406,7 +497,7 @@ def _skip_norm(g: Graph, x: str, residual: str, w: np.ndarray, eps: float, name:
 
 
 def _mlp(g: Graph, x: str, layer: dict, i: int, opts: Options) -> str:
-    gate_up = _matmul(g, x, np.concatenate([layer["gate"], layer["up"]]), f"layers.{i}.mlp.gate_up", opts)
+    gate_up = _matmul(g, x, [layer["gate"], layer["up"]], f"layers.{i}.mlp.gate_up", opts)
     f = layer["gate"].shape[0]
     gate, up = g.op("Split", [gate_up, g.const([f, f])], 2, axis=-1)
     act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # SiLU(gate) * up
@@ -503,8 +594,52 @@ def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts, layer.get("o_bias"))
 
 
-def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
-    g = Graph()
+def _embedding(g: Graph, dec: Decoder, opts: Options, ids: str):
+    """The token lookup [B, S, E], and, when the output head shares its table, a function h -> logits over it.
+    Tied weights are stored once: as the float table (the head reads it transposed; onnxruntime folds the
+    Transpose), or, quantized and symmetric, as the head's MatMulNBits blocks, which GatherBlockQuantized reads
+    (both quantize each vocabulary row in blocks along E: the head's packed rows [V, blocks, bytes] are the
+    embedding's, one scale per block). An untied table under 4-bit weights is int4 GatherBlockQuantized (q4_0
+    blocks); otherwise float. Every table is written in row pieces."""
+    V, E = dec.embed.shape
+    bs = opts.block_size
+    if opts.weight_bits and dec.tied and opts.symmetric:
+        bits = opts.head_bits or opts.weight_bits
+        inputs = _nbits_weight(g, "lm_head", [dec.lm_head], bits, opts)
+        scales = g.op("Reshape", [inputs[1], g.const([V, -(-E // bs), 1])], name="embed_tokens/scales")
+        rows = g.op("GatherBlockQuantized", [inputs[0], ids, scales], domain=MS, name="embed_tokens", bits=bits,
+                    block_size=bs, gather_axis=0, quantize_axis=2)
+        x = g.op("Reshape", [rows, g.const([0, 0, E])], name="embed_tokens/rows")
+        return x, lambda h: _matmul_nbits(g, h, inputs, E, V, bits, "lm_head", opts)
+    if opts.weight_bits == 4 and E % bs == 0:
+        scales = []
+
+        def signed():  # INT4 codes of the q4_0 grid: the unsigned code - 8 is its nibble with the top bit flipped
+            for piece in _row_pieces(dec.embed):
+                codes, s, _ = onnx_quant.block_codes(piece, 4, bs)
+                scales.append(s)
+                yield onnx_quant.pack(codes.reshape(len(piece), E) ^ 8, 4)
+
+        table = g.tensor("embed_tokens.weight_Q4", TensorProto.INT4, [V, E], signed())
+        x = g.op("GatherBlockQuantized", [table, ids, g.weight("embed_tokens.weight_scales", np.concatenate(scales))],
+                 domain=MS, name="embed_tokens", gather_axis=0, quantize_axis=1, block_size=bs)
+        return x, None
+    dtype = np.float16 if opts.fp16_weights else np.float32
+    table = g.tensor("embed_tokens.weight", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [V, E],
+                     (piece.astype(dtype) for piece in _row_pieces(dec.embed)))
+    x = g.op("Gather", [table, ids], name="embed_tokens")
+    if opts.fp16_weights:
+        table = g.op("Cast", [table], to=TensorProto.FLOAT)
+        x = g.op("Cast", [x], to=TensorProto.FLOAT)
+    if not (dec.tied and not opts.weight_bits):
+        return x, None
+    return x, lambda h: g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])], name="lm_head")
+
+
+def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
+    """The decoder's graph; with `data` (an open binary file), its weights written there as they are made, one
+    layer in memory at a time when dec.layers reads them so."""
+    g = Graph(data)
     V = dec.vocab_size
     ids = "input_ids"
     g.inputs += [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"]),
@@ -525,10 +660,7 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     total = g.op("Cast", [total64], to=TensorProto.INT32, name="total_sequence_length")
     new = g.op("Gather", [g.op("Shape", [ids]), g.const(1)], axis=0)
 
-    embed = g.weight("embed_tokens.weight", dec.embed.astype(np.float16 if opts.fp16_weights else np.float32))
-    x = g.op("Gather", [embed, ids], name="embed_tokens")
-    if opts.fp16_weights:
-        x = g.op("Cast", [x], to=TensorProto.FLOAT)
+    x, head = _embedding(g, dec, opts, ids)
 
     if dec.kind == "mla":  # positions of the new tokens: past .. past + S - 1, as [1, S] (batch rows share them)
         positions = g.op("Range", [g.op("Sub", [total64, new]), total64, g.const(1)])
@@ -554,11 +686,7 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
     # logits only for the last `logits_to_keep` positions (1 when generating; S for perplexity)
     keep = g.op("Neg", [g.op("Unsqueeze", ["logits_to_keep", g.const([0])])])
     h = g.op("Slice", [h, keep, g.const([np.iinfo(np.int64).max]), g.const([1])])
-    if dec.tied and opts.tie_head:  # logits = h E^T over the embedding initializer (onnxruntime folds the Transpose)
-        table = g.op("Cast", [embed], to=TensorProto.FLOAT) if opts.fp16_weights else embed
-        head = g.op("MatMul", [h, g.op("Transpose", [table], perm=[1, 0])], name="lm_head")
-    else:
-        head = _matmul(g, h, dec.lm_head, "lm_head", opts)
+    head = head(h) if head else _matmul(g, h, dec.lm_head, "lm_head", opts)
     g.op("Identity", [head], ["logits"])
     g.outputs.insert(0, helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "kept", V]))
 

@@ -1,89 +1,93 @@
-"""Weight quantization (MatMulNBits through onnxruntime.quantization) and static cache scales calibrated on text."""
+"""Weight quantization in MatMulNBits' block layout (llama.cpp's q4_0 / q8_0 grids) and static cache scales
+calibrated on text."""
 from __future__ import annotations
 
 import logging
 
 import numpy as np
-import onnx
 
 # The cache kernels round to nearest even and clamp to these code ranges (symmetric, static scales).
 CODE_RANGE = {8: (-128, 127), 4: (-8, 7)}
 
 
-def quantize_weights(model: onnx.ModelProto, bits: int, block_size: int, symmetric: bool, accuracy_level: int,
-                     head_bits: int | None = None, method: str = "rtn", share_embedding: bool = False
-                     ) -> onnx.ModelProto:
-    """Every 2D MatMul weight to MatMulNBits (`bits`; round-to-nearest, or HQQ's optimized float zero points),
-    and the output head to `head_bits` when given. The embedding reads the head's quantized table when
-    `share_embedding` (tied weights, symmetric), else it becomes GatherBlockQuantized int4 (4-bit only).
-    The 3D absorbed up-projections stay float (small, per group)."""
+def block_codes(w: np.ndarray, bits: int, block_size: int, symmetric: bool = True
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Rows of w [N, K] quantized in blocks of `block_size` along K (the last block zero-padded), as MatMulNBits
+    stores them: (codes [N, blocks, block_size] uint8, unsigned; scales [N, blocks] float32; zero points
+    [N, blocks] uint8, or None for symmetric blocks, whose zero point is 2^(bits-1)). Each row on its own, so a
+    matrix quantized in row pieces gives the same codes.
+
+    Symmetric blocks are llama.cpp's own grids, so both runtimes ship the same weights, the ones the recovery
+    trained through: 4-bit is q4_0 (scale d = the signed value of largest magnitude / -8, codes trunc(x / d + 8.5)
+    clipped to 0..15), 8-bit is q8_0 (d = max |x| / 127, codes x / d rounded half away from zero, + 128); codes
+    are computed with d in float32 and d is stored rounded to float16, as the GGUF block holds it. Asymmetric
+    blocks span [min(x, 0), max(x, 0)] with an integer zero point, as onnxruntime's quantizer does."""
+    w = np.asarray(w, dtype=np.float32)
+    N, K = w.shape
+    blocks = -(-K // block_size)
+    x = np.pad(w, ((0, 0), (0, blocks * block_size - K))).reshape(N, blocks, block_size)
+    top = 2 ** bits - 1
+    with np.errstate(divide="ignore"):
+        if symmetric and bits == 4:
+            d = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1) / np.float32(-8)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            codes = np.trunc(x * inv + np.float32(8.5)).clip(0, 15)
+        elif symmetric:
+            d = np.abs(x).max(-1, keepdims=True) / np.float32(127)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            codes = _round_half_away(x * inv) + 128
+        else:
+            low, high = np.minimum(x.min(-1, keepdims=True), 0), np.maximum(x.max(-1, keepdims=True), 0)
+            d = (high - low) / np.float32(top)
+            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+            zero = np.where(d == 0, 2 ** (bits - 1), np.rint(-low * inv)).clip(0, top)
+            codes = np.rint(x * inv + zero).clip(0, top)
+    scales = (d.astype(np.float16).astype(np.float32) if symmetric else d)[..., 0]
+    return codes.astype(np.uint8), scales, None if symmetric else zero[..., 0].astype(np.uint8)
+
+
+def _round_half_away(x: np.ndarray) -> np.ndarray:
+    """C's roundf, as ggml's q8_0 rounds (halves away from zero), computed as gguf-py does it: adding 0.5 first
+    would round 0.49999997 up in float32."""
+    a = np.abs(x)
+    whole = np.floor(a)
+    return np.sign(x) * (whole + np.floor(2 * (a - whole)))
+
+
+def pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Unsigned codes [..., n] -> bytes, two 4-bit codes per byte (low nibble first; an odd count padded with 0)."""
+    if bits == 8:
+        return codes.astype(np.uint8)
+    if codes.shape[-1] % 2:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], 1), np.uint8)], -1)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+
+
+def hqq_codes(w: np.ndarray, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """HQQ's optimized scales and float zero points for w [N, K] (onnxruntime.quantization's HQQ, run over a
+    one-node graph holding just this weight): (packed [N, blocks, bytes], scales [N * blocks], zero points)."""
+    from onnx import TensorProto, helper, numpy_helper
+
     try:
         from onnxruntime.quantization import matmul_nbits_quantizer as q
     except ImportError as err:
-        raise ValueError(f"{bits}-bit weights need onnxruntime.quantization, which failed to import ({err}). "
+        raise ValueError(f"--weight-method hqq needs onnxruntime.quantization, which failed to import ({err}). "
                          "Install its dependencies: pip install onnx-ir ml_dtypes") from None
-    # the quantizer logs one INFO line per weight; keep the export quiet
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    matmuls = [n.name for n in model.graph.node if n.op_type == "MatMul"]
-    absorbed = [name for name in matmuls if ".absorb_" in name]
-    # Each pass names the nodes it must leave alone: the quantizer takes a node that is in nodes_to_include OR
-    # of a listed op type, so an include list alone would quantize every MatMul in the head's pass.
-    passes = []  # (bits, op types, nodes to exclude, RTN or HQQ)
-    head_apart = bool(head_bits and head_bits != bits)
-    if head_apart:
-        passes.append((head_bits, ("MatMul",), [m for m in matmuls if m != "lm_head"], "rtn"))
-    if bits == 4 and not share_embedding:
-        passes.append((4, ("Gather",), [], "rtn"))
-    passes.append((bits, ("MatMul",), absorbed + (["lm_head"] if head_apart else []), method))
-    for nbits, op_types, exclude, algo in passes:
-        if algo == "hqq":
-            config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=nbits, op_types_to_quantize=op_types)
-        else:
-            config = q.DefaultWeightOnlyQuantConfig(block_size=block_size, is_symmetric=symmetric,
-                                                    accuracy_level=accuracy_level, bits=nbits,
-                                                    op_types_to_quantize=op_types)
-        quantizer = q.MatMulNBitsQuantizer(model, bits=nbits, block_size=block_size, is_symmetric=symmetric,
-                                           accuracy_level=accuracy_level, nodes_to_exclude=exclude,
-                                           op_types_to_quantize=op_types, algo_config=config)
-        quantizer.process()
-        model = quantizer.model.model
-    if algo == "hqq":  # HQQ leaves accuracy_level unset: int8 activations are what makes CPU decode fast
-        for node in model.graph.node:
-            if node.op_type == "MatMulNBits" and not any(a.name == "accuracy_level" for a in node.attribute):
-                node.attribute.append(onnx.helper.make_attribute("accuracy_level", accuracy_level))
-    return share_head_table(model) if share_embedding else model
-
-
-def share_head_table(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Tied weights stored once: the embedding Gather becomes a GatherBlockQuantized over the output head's
-    MatMulNBits table. Both quantize each vocabulary row in blocks along the hidden size, so the head's packed
-    rows [V, blocks, bytes] are the embedding's, with one scale per block ([V, blocks] -> [V, blocks, 1])."""
-    from onnx import helper, numpy_helper
-
-    graph = model.graph
-    head = next(n for n in graph.node if n.op_type == "MatMulNBits" and n.name.startswith("lm_head"))
-    attrs = {a.name: helper.get_attribute_value(a) for a in head.attribute}
-    if len(head.input) > 3 and head.input[3]:
-        raise ValueError("sharing the embedding needs a symmetric head (no zero points)")
-    table, scales = head.input[1], head.input[2]
-    i, gather = next((i, n) for i, n in enumerate(graph.node) if n.op_type == "Gather" and n.name == "embed_tokens")
-    vocab, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
-    shapes = [numpy_helper.from_array(np.array(v, np.int64), name) for name, v in
-              [("embed_tokens.scale_shape", [vocab, blocks, 1]), ("embed_tokens.row_shape", [0, 0, attrs["K"]])]]
-    graph.initializer.extend(shapes)
-    nodes = [helper.make_node("Reshape", [scales, shapes[0].name], ["embed_tokens/scales"], name="embed_tokens/scales"),
-             helper.make_node("GatherBlockQuantized", [table, gather.input[1], "embed_tokens/scales"],
-                              ["embed_tokens/blocks"], name="embed_tokens", domain="com.microsoft", bits=attrs["bits"],
-                              block_size=attrs["block_size"], gather_axis=0, quantize_axis=2),
-             helper.make_node("Reshape", ["embed_tokens/blocks", shapes[1].name], list(gather.output),
-                              name="embed_tokens/rows")]
-    del graph.node[i]
-    for node in reversed(nodes):
-        graph.node.insert(i, node)
-    unused = [t for t in graph.initializer if t.name == gather.input[0]]
-    for t in unused:
-        graph.initializer.remove(t)
-    return model
+    N, K = w.shape
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="m")], "one",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, K])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, N])],
+                              [numpy_helper.from_array(np.ascontiguousarray(w.T, dtype=np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10)
+    config = q.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",))
+    quantizer = q.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, op_types_to_quantize=("MatMul",),
+                                       algo_config=config)
+    quantizer.process()
+    out = quantizer.model.model
+    node = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
+    init = {t.name: numpy_helper.to_array(t) for t in out.graph.initializer}
+    return tuple(init[name] for name in node.input[1:4])
 
 
 def fake_quantize(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:

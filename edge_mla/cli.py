@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-bits", type=int, default=None, choices=precision.BITS,
                    help="cache bits (default: --bits; but 8 under 4-bit weights with --recover-steps 0: a 4-bit cache "
                         "breaks a training-free conversion, docs/recovery.md)")
-    p.add_argument("--recover-steps", type=int, default=300,
+    p.add_argument("--recover-steps", type=int, default=plans.RECOVER_STEPS,
                    help="CPU recovery: steps per attention block of layer-wise distillation towards the original, "
                         "through the chosen cache (0: a training-free build, latent 256, docs/recovery.md)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")

@@ -165,6 +165,19 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
+def spread_windows(tokenizer, text: str | None = None, *, count: int, length: int,
+                   hold_out_tokens: int = 0) -> torch.Tensor:
+    """`count` windows of `length` tokens spread evenly over the calibration text (the built-in split or the
+    user's file), leaving its last `hold_out_tokens` tokens out: more of its articles than the first windows hold."""
+    windows = token_windows(tokenizer, load_text(text, "calibration"), length)
+    usable = windows[: len(windows) - -(-hold_out_tokens // length)]
+    if len(usable) == 0:
+        raise ValueError(f"the calibration text holds too few windows of {length} tokens; give more text")
+    if len(usable) <= count:
+        return usable
+    return usable[torch.linspace(0, len(usable) - 1, count).round().long()]
+
+
 def calibration_windows(tokenizer, text: str | None = None, *, count: int, length: int) -> torch.Tensor:
     """The windows every calibration step reads: `count` x `length` tokens of the calibration part of the
     built-in Wikipedia sample, or of the user's text file."""

@@ -27,6 +27,9 @@ class Plan:
 # runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).
 QUALITY_BOUND = 0.40
 DEFAULT_LATENT = 256
+# Adam steps per attention block of the build's CPU recovery (build.py says why this many).
+RECOVER_STEPS = 500
+
 PLANS = {
     "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),
     # The build's default: recovered on the CPU layer by layer, through the 4-bit cache (docs/recovery.md). C + R =

@@ -275,9 +275,9 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     entry = g.op("Concat", [latent, rope(k_rope, layer["inv_freq"])], axis=-1)
 
     quantized = opts.kv_bits in (4, 8)
-    inputs = [query, entry, f"past.{i}", seqlens_k, total]
-    if quantized:
-        inputs.append(g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)))
+    inputs = [query, entry, f"past.{i}", seqlens_k, total,
+              g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)) if quantized else "",
+              rope.positions]
     outputs = [g.fresh(f"layers.{i}.attn/latent")] + cache_tensors(dec, opts)[i]["present"]
     # declared, so that ONNX shape inference can go on past a node whose body it cannot see into
     g.value_info.append(helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, ["batch", "sequence", H * C]))
@@ -388,6 +388,7 @@ def build_model(dec: Decoder, opts: Options) -> onnx.ModelProto:
         opsets.append(helper.make_opsetid(DOMAIN, 1))
         quantized = opts.kv_bits in (4, 8)
         functions.append(latent_attention_gqa() if opts.body == "gqa" else
-                         latent_attention_matmul(opts.kv_bits if quantized else 0))
+                         latent_attention_matmul(opts.kv_bits if quantized else 0, dec.num_heads, dec.latent_dim,
+                                                 dec.rope_dim))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

@@ -26,6 +26,8 @@ def _ref(name: str, attr: str, kind) -> onnx.AttributeProto:
 
 
 LATENT_ATTRIBUTES = ["num_heads", "latent_dim", "rope_dim", "scale", "kv_bits", "kv_quant"]
+# positions [1, S] int64: the positions of the new rows (the rotary's); the gqa body derives them itself
+LATENT_INPUTS = ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale", "positions"]
 
 
 def _attr_vector(out: str, attr: str) -> list[onnx.NodeProto]:
@@ -73,128 +75,135 @@ def latent_attention_gqa() -> onnx.FunctionProto:
     nodes = [gqa]
     _keep_latent(nodes, "y", "output")
     return helper.make_function(
-        DOMAIN, "LatentAttention",
-        ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
-        ["output", "present", "present_alias"], nodes,
+        DOMAIN, "LatentAttention", LATENT_INPUTS, ["output", "present", "present_alias"], nodes,
         [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
                    "Reference body: GroupQueryAttention with kv_num_heads=1.")
 
 
-def latent_attention_matmul(kv_bits: int) -> onnx.FunctionProto:
-    """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float).
+def _int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
+    """Constant matrices of the int4 body (W = width, C = latent, W2 = W / 2; channel pair k = (2k, 2k+1) shares a
+    byte: low nibble 2k, high nibble 2k+1, each stored as code + 8).
+    pack [W, W2]: codes -> byte value code_2k + 16 code_2k+1;
+    query [W, W]: q -> [q_e | q_o - 16 q_e] (times the scales, row by row), the query against [x | hi] where x is
+    the byte value lo + 16 hi and hi its high nibble: q_e . lo + q_o . hi = q_e . x + (q_o - 16 q_e) . hi;
+    latent [W, C]: the attended [x | hi] -> the attended nibbles lo = x - 16 hi (channel 2k) and hi (channel 2k+1)."""
+    half = width // 2
+    k = np.arange(half)
+    pack = np.zeros((width, half), np.float32)
+    pack[2 * k, k], pack[2 * k + 1, k] = 1, 16
+    query = np.zeros((width, width), np.float32)
+    query[2 * k, k], query[2 * k + 1, half + k], query[2 * k, half + k] = 1, 1, -16
+    out = np.zeros((width, width), np.float32)
+    out[k, 2 * k], out[half + k, 2 * k], out[half + k, 2 * k + 1] = 1, -16, 1
+    return {"pack": pack, "query": query, "latent": out[:, :latent]}
+
+
+def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) -> onnx.FunctionProto:
+    """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float),
+    written for the model's own cache type and widths (a model-local function: one export, one layout).
 
     The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterElements
-    at positions P .. P+S-1 (P = total - S); bound to the same buffer as the past, the cache updates in place.
-    Heads are folded into rows, so one MatMul scores every head's latent query against the cached rows,
-    q [B, S*H, W] x rows^T [B, W, T], and one more takes the attended latent, probs x rows. The cached codes are
-    never scaled: the scales multiply the query and the attended latent instead (q . (code * s) = (q * s) . code).
-    An int4 cache is read as its bytes x = lo + 16 hi and their high nibbles hi (float): for the query's even
-    (low-nibble) channels q_e and odd ones q_o, q . code = q_e . x + (q_o - 16 q_e) . hi, and the attended
-    nibbles are probs x x - 16 probs x hi (low) and probs x hi (high). The +8 of the stored nibbles shifts every
-    score of a row by the same amount (softmax ignores it) and the attended latent by exactly 8 (the weights sum
-    to one). No per-element unpacking: onnxruntime's Gather, Floor and Concat on the cache were much slower.
-    Row r = s*H + h sits at position P + s and sees keys 0 .. P+s.
-    The body is written for the model's own `kv_bits` (a model-local function: one export, one cache type).
+    at their positions; bound to the same buffer as the past, the cache updates in place. Heads are folded into
+    rows, so one MatMul scores every head's latent query against the cached rows, q [B, 1, S*H, W] x rows^T
+    [B, 1, W, T], and one more takes the attended latent, probs x rows. The cached codes are never scaled: the
+    scales multiply the query and the attended latent instead (q . (code * s) = (q * s) . code), folded with the
+    softmax scale into one matrix each (onnxruntime folds them at load: one small MatMul per side per layer).
+    An int4 cache is read as its bytes x = lo + 16 hi and their high nibbles hi = floor(x / 16) (float, see
+    `_int4_matrices`). The +8 of the stored nibbles shifts every score of a row by the same amount (softmax ignores
+    it) and the attended latent by exactly 8 (the weights sum to one). Row r = s*H + h sits at position
+    positions[s] and sees keys 0 .. positions[s]. The mask and the write positions depend only on `positions` and
+    `total_sequence_length`, which every layer shares: onnxruntime computes them once per run, not per layer.
     """
     nodes: list[onnx.NodeProto] = []
+    width = latent + rope
 
     def node(op, inputs, output, **attrs):
         nodes.append(helper.make_node(op, inputs, [output], **attrs))
         return output
 
-    def const(name, **value):
-        return node("Constant", [], name, **value)
+    def const(name, value, dtype=np.int64):
+        return node("Constant", [], name, value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
 
     scale = helper.make_node("Constant", [], ["softmax_scale"], value_float=1.0)
     scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
-    nodes += _attr_vector("heads", "num_heads") + _attr_vector("c", "latent_dim") + _attr_vector("r", "rope_dim")
     nodes.append(scale)
-    for name, v in [("zero1", [0]), ("one1", [1]), ("two1", [2]), ("minus1", [-1])]:
-        const(name, value_ints=v)
-    const("zero0", value_int=0), const("one0", value_int=1), const("two0", value_int=2), const("neg", value_float=-1e30)
-    const("scalar_shape", value=onnx.numpy_helper.from_array(np.zeros(0, np.int64)))
-    # widths from the attributes (constants: onnxruntime folds these at load)
-    node("Add", ["c", "r"], "w")
-    node("Concat", ["zero1", "minus1", "w"], "qshape", axis=0)
-    node("Concat", ["zero1", "minus1", node("Mul", ["heads", "c"], "hc")], "oshape", axis=0)
-    # lengths: T = total, S = new rows, P = T - S cached before them
-    node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), "scalar_shape"], "t")
-    node("Gather", [node("Shape", ["entry"], "entry_shape"), "one0"], "s", axis=0)
-    node("Sub", ["t", "s"], "p")
+    # shared by all layers: T, the mask [S*H, T] and the write index
+    node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), const("one", [1])], "t1")
+    node("Range", [const("zero0", 0), node("Squeeze", ["t1"], "t"), const("one0", 1)], "keys")  # [T]
+    rows = node("Reshape", [node("Expand", [node("Reshape", ["positions", const("col", [-1, 1])], "pos_col"),
+                                            const("heads_row", [1, heads])], "pos_heads"), const("col", [-1, 1])],
+                "row_pos")  # [S*H, 1]: the position of every query row
+    node("LessOrEqual", ["keys", rows], "allowed")
+    node("Reshape", ["positions", const("column4", [1, 1, -1, 1])], "positions4")
     # the new rows in the cache's code, [B, 1, S, stored width]
     if kv_bits:
-        node("Reshape", ["cache_scale", "minus1"], "cs")  # [W]
+        node("Reshape", ["cache_scale", const("minus1", [-1])], "cs")  # [W]
         lo, hi = onnx_quant.CODE_RANGE[kv_bits]
-        const("code_min", value_float=float(lo)), const("code_max", value_float=float(hi))
-        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"), "code_min", "code_max"],
-             "codes")
-    if kv_bits == 4:  # two codes per byte, low nibble first, stored as code + 8
-        const("pair_shape", value_ints=[0, 0, -1, 2]), const("eight", value_float=8.0)
-        const("nibbles", value_floats=[1.0, 16.0])
-        node("Reshape", [node("Add", ["codes", "eight"], "unsigned"), "pair_shape"], "pairs")
-        node("ReduceSum", [node("Mul", ["pairs", "nibbles"], "weighted"), "minus1"], "packed", keepdims=0)
+        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"),
+                      const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
+        node("Mul", ["cs", "softmax_scale"], "cs_scaled")
+        node("Slice", ["cs", const("zero1", [0]), const("c1", [latent])], "cs_latent")
+    if kv_bits == 4:  # two codes per byte: code_2k + 8 + 16 (code_2k+1 + 8)
+        m = _int4_matrices(width, latent)
+        node("Add", [node("MatMul", ["codes", const("pack", m["pack"], np.float32)], "packed_signed"),
+                     const("offset", 8 * 17, np.float32)], "packed")
         node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
+        # the query's and the latent's matrices, scales folded in (constants: folded at load)
+        node("Mul", [node("Unsqueeze", ["cs_scaled", const("last", [-1])], "cs_col"),
+                     const("q_pick", m["query"], np.float32)], "q_matrix")
+        node("Mul", ["cs_latent", const("lat_pick", m["latent"], np.float32)], "lat_matrix")
+        node("Mul", ["cs_latent", const("minus8", -8.0, np.float32)], "lat_bias")
     elif kv_bits == 8:
         node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
+        node("Mul", ["cs_latent", const("lat_pick", np.eye(width, latent), np.float32)], "lat_matrix")
     else:
         node("CastLike", ["entry", "past"], "rows_new")
-    node("Unsqueeze", ["rows_new", "one1"], "rows_new4")
-    const("column", value_ints=[1, 1, -1, 1])
-    node("Reshape", [node("Range", ["p", "t", "one0"], "positions"), "column"], "positions4")
+    node("Unsqueeze", ["rows_new", const("one1", [1])], "rows_new4")
     node("Expand", ["positions4", node("Shape", ["rows_new4"], "rows_shape")], "idx")
     node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
-    # the T cached rows as float codes (int) or values (float): [B, T, W]
-    node("Slice", ["present", "zero1", node("Unsqueeze", ["t", "zero1"], "t1"), "two1"], "cached")
-    node("Squeeze", ["cached", "one1"], "cached3")
-    if kv_bits == 4:  # bytes x [B, T, W/2] and their high nibbles
-        const("four", value=onnx.numpy_helper.from_array(np.array(4, np.uint8))), const("sixteen", value_float=16.0)
-        node("Cast", ["cached3"], "x", to=TensorProto.FLOAT)
-        node("Cast", [node("BitShift", ["cached3", "four"], "high", direction="RIGHT")], "x_hi", to=TensorProto.FLOAT)
-    elif kv_bits == 8:
-        node("Cast", ["cached3"], "kv", to=TensorProto.FLOAT)
-    else:
-        node("CastLike", ["cached3", "query"], "kv")
-    # q [B, S*H, W] x the softmax scale (x the cache scales), in the cache's channel order
-    node("Reshape", ["query", "qshape"], "q")
-    if kv_bits:  # (a product of constants, folded at load)
-        node("Mul", ["q", node("Mul", ["cs", "softmax_scale"], "cs_scaled")], "qs_c")
-    else:
-        node("Mul", ["q", "softmax_scale"], "qs")
-    if kv_bits == 4:  # scores = q_e . x + (q_o - 16 q_e) . hi
-        const("big", value_ints=[1 << 62])
-        node("Slice", ["qs_c", "zero1", "big", "minus1", "two1"], "q_e")  # channels 0, 2, 4, ..
-        node("Slice", ["qs_c", "one1", "big", "minus1", "two1"], "q_o")  # channels 1, 3, 5, ..
-        node("Sub", ["q_o", node("Mul", ["q_e", "sixteen"], "q_e16")], "q_hi")
-        node("Add", [node("MatMul", ["q_e", node("Transpose", ["x"], "x_t", perm=[0, 2, 1])], "scores_x"),
-                     node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 2, 1])], "scores_hi")],
+    # the T cached rows [B, 1, T, stored width], as float
+    node("Slice", ["present", const("zero1", [0]), "t1", const("two1", [2])], "cached")
+    node("Reshape", ["query", const("qshape", [0, 1, -1, width])], "q")  # [B, 1, S*H, W]
+    if kv_bits == 4:
+        node("Cast", ["cached"], "x", to=TensorProto.FLOAT)
+        node("Floor", [node("Mul", ["x", const("sixteenth", 1 / 16, np.float32)], "x16")], "x_hi")
+        node("Split", [node("MatMul", ["q", "q_matrix"], "q_both"), const("halves", [width // 2] * 2)], "q_split",
+             axis=-1)
+        nodes[-1].output[:] = ["q_x", "q_hi"]
+        node("Add", [node("MatMul", ["q_x", node("Transpose", ["x"], "x_t", perm=[0, 1, 3, 2])], "scores_x"),
+                     node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 1, 3, 2])], "scores_hi")],
              "scores")
     else:
-        q_final = "qs_c" if kv_bits else "qs"
-        node("MatMul", [q_final, node("Transpose", ["kv"], "kv_t", perm=[0, 2, 1])], "scores")
-    # causal mask: row r (position P + r // H) sees keys 0 .. P + r // H
-    node("Gather", [node("Shape", ["q"], "q_shape"), "one0"], "rows", axis=0)
-    node("Add", [node("Div", [node("Range", ["zero0", "rows", "one0"], "row_ids"), "heads"], "r_step"), "p"], "r_pos")
-    node("LessOrEqual", [node("Range", ["zero0", "t", "one0"], "keys"), node("Unsqueeze", ["r_pos", "one1"], "r_col")],
-         "allowed")  # [S*H, T]
-    node("Softmax", [node("Where", ["allowed", "scores", "neg"], "masked")], "probs", axis=-1)
-    if kv_bits == 4:  # attended nibbles: low = probs x x - 16 probs x hi, high = probs x hi; interleaved again
-        node("MatMul", ["probs", "x_hi"], "att_hi")
-        node("Sub", [node("MatMul", ["probs", "x"], "att_x"), node("Mul", ["att_hi", "sixteen"], "att_hi16")],
-             "att_lo")
-        node("Concat", [node("Unsqueeze", ["att_lo", "minus1"], "att_lo4"),
-                        node("Unsqueeze", ["att_hi", "minus1"], "att_hi4")], "att_pairs", axis=-1)
-        node("Reshape", ["att_pairs", "qshape"], "att_all")  # [B, S*H, W] codes + 8
-        node("Sub", [node("Slice", ["att_all", "zero1", "c", "two1"], "att_c8"), "eight"], "att")
+        node("Cast" if kv_bits else "CastLike", ["cached"] + ([] if kv_bits else ["query"]), "kv",
+             **({"to": TensorProto.FLOAT} if kv_bits else {}))
+        node("Mul", ["q", "cs_scaled" if kv_bits else "softmax_scale"], "qs")
+        node("MatMul", ["qs", node("Transpose", ["kv"], "kv_t", perm=[0, 1, 3, 2])], "scores")
+    node("Softmax", [node("Where", ["allowed", "scores", const("neg", -1e30, np.float32)], "masked")], "probs",
+         axis=-1)
+    if kv_bits == 4:  # the attended [x | hi] -> latent codes + 8 -> latent
+        both = node("Concat", [node("MatMul", ["probs", "x"], "att_x"), node("MatMul", ["probs", "x_hi"], "att_hi")],
+                    "att_both", axis=-1)
+        node("Add", [node("MatMul", [both, "lat_matrix"], "att_scaled"), "lat_bias"], "att")
+    elif kv_bits == 8:
+        node("MatMul", [node("MatMul", ["probs", "kv"], "att_codes"), "lat_matrix"], "att")
     else:
-        node("MatMul", ["probs", "kv"], "att_all")  # [B, S*H, W]; the value is the latent, the first C channels
-        node("Slice", ["att_all", "zero1", "c", "two1"], "att")
-    if kv_bits:
-        node("Mul", ["att", node("Slice", ["cs", "zero1", "c", "zero1"], "cs_latent")], "att_s")
-    node("Reshape", ["att_s" if kv_bits else "att", "oshape"], "output")
+        node("Slice", [node("MatMul", ["probs", "kv"], "att_all"), const("zero1", [0]), const("c1", [latent]),
+                       const("last", [-1])], "att")
+    node("Reshape", ["att", const("oshape", [0, -1, heads * latent])], "output")
     return helper.make_function(
-        DOMAIN, "LatentAttention",
-        ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale"],
-        ["output", "present"], nodes, [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
+        DOMAIN, "LatentAttention", LATENT_INPUTS, ["output", "present"], _dedupe(nodes),
+        [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
                    "Reference body: one MatMul of all heads against the cached rows, one against the latent.")
+
+
+def _dedupe(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
+    """Drop repeated Constant nodes of the same output (each constant defined once, where first used)."""
+    seen, out = set(), []
+    for n in nodes:
+        if n.op_type == "Constant" and n.output[0] in seen:
+            continue
+        seen.update(n.output)
+        out.append(n)
+    return out

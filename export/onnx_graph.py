@@ -269,9 +269,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
     q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],
                  name=f"layers.{i}.attn.absorb_k")
-    q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, H, R])])
-    query = g.op("Concat", [g.op("Reshape", [q_lat, g.const([0, 0, H, C])]), q_rope], axis=-1)
-    query = g.op("Reshape", [query, g.const([0, 0, H * (C + R)])])
+    q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, G, H // G, R])])
+    query = g.op("Reshape", [g.op("Concat", [q_lat, q_rope], axis=-1), g.const([0, 0, H * (C + R)])])
     entry = g.op("Concat", [latent, rope(k_rope, layer["inv_freq"])], axis=-1)
 
     quantized = opts.kv_bits in (4, 8)

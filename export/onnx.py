@@ -432,9 +432,6 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
-    if genai and body != "gqa":
-        raise ValueError("--genai needs the gqa attention body (onnxruntime-genai drives GroupQueryAttention's cache): "
-                         f"drop --attention {body}")
     refuse_existing(out, overwrite)
     if model is None:
         src = load_model(model_dir, original)

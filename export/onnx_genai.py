@@ -21,6 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edge_mla.export.onnx_latent_attention import MS, latent_attention_gqa
 from edge_mla.runtimes.onnxruntime import META, read_meta
 
 MODEL = "genai.onnx"
@@ -36,8 +37,7 @@ def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
     and 4) and writes present_key and present_value from their own buffers."""
     past, presents = function.input[at], list(function.output[1:])
     if len(presents) != 2 or not any(n.op_type == "GroupQueryAttention" for n in function.node):
-        raise ValueError("onnxruntime-genai needs the in-place cache of the gqa attention body; re-export with "
-                         "`edge-mla export onnx --attention gqa`")
+        raise ValueError("onnxruntime-genai needs the in-place cache of the gqa attention body")
     kv = copy.deepcopy(function)
     kv.name = KV_FUNCTION
     inputs = list(function.input)
@@ -87,12 +87,21 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
             at = next(j for j, n in enumerate(inputs) if n in value_of)
             inputs[at:at + 1] = [inputs[at], value_of[inputs[at]]]
             node.op_type = KV_FUNCTION
+            if len(node.output) == 2:  # the matmul body writes one present; genai's value cache is the second
+                i = list(value_of).index(inputs[at])
+                node.output.append(PRESENT.format("value") % i)
+                key = next(v for v in graph.output if v.name == rename[node.output[1]])
+                graph.output.append(copy.deepcopy(key))
+                graph.output[-1].name = node.output[2]
         node.input[:] = [rename.get(n, n) for n in inputs]
         node.output[:] = [rename.get(n, n) for n in node.output]
-    if mla:
+    if mla:  # genai drives GroupQueryAttention's two caches: the gqa body, whichever body model.onnx carries
         function = next(f for f in model.functions if f.name == "LatentAttention")
-        model.functions.append(_kv_function(function, at))
+        gqa = function if any(n.op_type == "GroupQueryAttention" for n in function.node) else latent_attention_gqa()
+        model.functions.append(_kv_function(gqa, at))
         model.functions.remove(function)
+        if not any(o.domain == MS for o in model.opset_import):
+            model.opset_import.append(helper.make_opsetid(MS, 1))
 
     # logits for every new position, as genai allocates them: logits_to_keep = the new token count
     keep = next(v for v in graph.input if v.name == "logits_to_keep")

@@ -110,8 +110,22 @@ def test_learned_latent_norm_is_exact(tmp_path, latent):
         expected = model(ids).logits[0].numpy()
     decoder = OnnxDecoder(folder, threads=1, context=64)
     assert np.abs(decoder.forward(ids[0].numpy(), keep=ids.shape[1]) - expected).max() < 1e-3
+    # onnxruntime runs every latent norm (and the first layer's input norm) as one fused kernel
+    fused = optimized_op_types(folder)["SimplifiedLayerNormalization"]
+    assert fused == model.config.num_hidden_layers + 1, fused
     with pytest.raises(ValueError, match="latent norm"):
         onnx_export.decoder_from_mla(model, rotate_latent=True)
+
+
+def optimized_op_types(folder) -> Counter:
+    """Op types of the graph onnxruntime runs (after its fusions and function inlining)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(folder / "optimized.onnx")
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
+    ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    return Counter(n.op_type for n in onnx.load(str(folder / "optimized.onnx"), load_external_data=False).graph.node)
 
 
 def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, mla_model):

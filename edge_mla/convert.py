@@ -186,7 +186,7 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     windows, the original attention's inputs and outputs on them are handed with the converted block to
     `converted(i, attn, inputs, outputs)` (the recovery) before the layer is written."""
     from edge_mla.calibration import new_stats, stats_hook
-    from edge_mla.layerwise import Progress
+    from edge_mla.layerwise import Progress, heap_allocations
 
     config = model.config
     if getattr(config, "mla", None):
@@ -226,7 +226,8 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
                 mla["o_bias"] = layer.self_attn.o_proj.bias is not None  # Llama with attention_bias
             layer.self_attn = convert_layer(layer.self_attn, maps, plan, s, config, mla, inv_freq, i)
         if converted is not None and io[0]:
-            converted(i, layer.self_attn, torch.cat(io[0]), torch.cat(io[1]))
+            with heap_allocations():
+                converted(i, layer.self_attn, torch.cat(io[0]), torch.cat(io[1]))
         if written is not None:
             written(i, layer)
         if walk is not None:

@@ -82,19 +82,49 @@ class Checkpoint:
         return self.tensor(name, None)[ids].to(dtype)
 
 
-def give_back_freed_memory() -> None:
-    """Make glibc return every freed block of 1 MiB or more to the system at once. By default its mmap threshold
-    grows to the largest block freed (up to 32 MiB), after which a layer's tensors come from the heap, which does
-    not shrink: measured on a 16-layer test model, RSS then grew 40-50 MB with every layer read; with a fixed
-    threshold it stays flat (tests/test_memory_cap.py). No-op where libc is not glibc."""
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+FREED_BLOCKS_RETURNED = 1 << 20  # blocks of 1 MiB or more go back to the system when freed
+HEAP_BLOCKS = 32 << 20  # glibc's own largest dynamic threshold
+_threshold = None  # what this process set last (None: glibc's dynamic default)
+
+
+def _mmap_threshold(size: int | None) -> None:
+    global _threshold
+    _threshold = size
+    if size is None:
+        return
     import ctypes
     import ctypes.util
 
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
+        libc.mallopt(M_MMAP_THRESHOLD, size)
+    except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
+
+
+def give_back_freed_memory() -> None:
+    """Make glibc return every freed block of 1 MiB or more to the system at once. By default its mmap threshold
+    grows to the largest block freed (up to 32 MiB), after which a layer's tensors come from the heap, which does
+    not shrink: measured on a 16-layer test model, RSS then grew 40-50 MB with every layer read; with a fixed
+    threshold it stays flat (tests/test_memory_cap.py). No-op where libc is not glibc."""
+    _mmap_threshold(FREED_BLOCKS_RETURNED)
+
+
+@contextmanager
+def heap_allocations():
+    """Blocks up to 32 MiB from the heap while the body runs, where give_back_freed_memory is in force: a training
+    loop (the recovery) allocates and frees the same few-MB tensors thousands of times, and under that threshold
+    each is an mmap, page faults and an munmap (measured: the build's recovery 1.5-1.8x slower, half its CPU time
+    in the kernel). The heap's blocks are reused from step to step, so it does not grow with the layers."""
+    before = _threshold
+    if before is not None:
+        _mmap_threshold(HEAP_BLOCKS)
+    try:
+        yield
+    finally:
+        if before is not None:
+            _mmap_threshold(before)
 
 
 class Rows:

@@ -24,9 +24,8 @@ from pathlib import Path
 import torch
 
 from edge_mla import precision, recover
-from edge_mla.build import RECOVER_LENGTH, RECOVER_WINDOWS
+from edge_mla.build import recovery_windows
 from edge_mla.convert import calibrate_and_convert, save
-from edge_mla.data import calibration_windows
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export
 from edge_mla.plans import PLANS
@@ -77,7 +76,7 @@ def main() -> None:
     gguf_export.export(src, original["gguf"], weights=weights, cache_type=cache)
     report("original", original)
     teacher = recover.collect_attention_io(
-        src.model, calibration_windows(src.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
+        src.model, recovery_windows(src.tokenizer))
     calibrate_and_convert(src, PLANS["recovered"])
     converted = src.model
     for name in args.variants.split(","):

@@ -25,9 +25,8 @@ from pathlib import Path
 import torch
 
 from edge_mla import precision, recover
-from edge_mla.build import RECOVER_LENGTH, RECOVER_WINDOWS
+from edge_mla.build import recovery_windows
 from edge_mla.convert import calibrate_and_convert, save
-from edge_mla.data import calibration_windows
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export
 from edge_mla.plans import PLANS
@@ -132,7 +131,7 @@ def main() -> None:
                     continue
                 if steps and teacher is None:
                     teacher = recover.collect_attention_io(
-                        base.model, calibration_windows(base.tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH))
+                        base.model, recovery_windows(base.tokenizer))
                 latent = width - ROPE_DIM
                 src = copy.deepcopy(base)
                 t0 = time.perf_counter()

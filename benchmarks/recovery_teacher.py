@@ -10,8 +10,9 @@ and outputs over that text, and scored by the relative error of its output, with
 weights, on 4 x 512 tokens of held-out Wikipedia and of the ABC news text (neither trains anything). A per-layer
 proxy for perplexity: minutes, not the hour a whole recovered model per variant takes on 2 cores.
 
-Variants (joined with ';'; '+' concatenates texts; '@N' sets the steps): first:N (the first N windows of the
-calibration split, the build's text before), spread:N (N windows spread over the split, data.spread_windows),
+Variants (joined with ';'; '+' concatenates texts; '@N' sets the steps, '/LR' the learning rate): first:N (the first N windows of the
+calibration split, the build's text before), spread:N (N windows spread over the split, data.spread_windows), book:NAME:N (N windows spread over
+one of data.BOOKS),
 jsonl:PATH:N (N windows of a JSONL file's "text" fields, e.g. the original model's own samples,
 edge_mla.selfdistill).
 """
@@ -27,7 +28,7 @@ import torch
 from edge_mla import recover as rc
 from edge_mla.build import recovery_options
 from edge_mla.convert import calibrate_and_convert
-from edge_mla.data import news_text, split_text, spread_windows, token_windows
+from edge_mla.data import book_text, news_text, split_text, spread_windows, token_windows
 from edge_mla.mla import mla_layers
 from edge_mla.plans import PLANS
 from edge_mla.source import load_source
@@ -41,6 +42,10 @@ def windows(tokenizer, spec: str) -> torch.Tensor:
         return token_windows(tokenizer, split_text("calibration"), LENGTH, int(rest))
     if kind == "spread":
         return spread_windows(tokenizer, count=int(rest), length=LENGTH)
+    if kind == "book":  # N windows spread over one of data.BOOKS
+        name, _, count = rest.partition(":")
+        book = token_windows(tokenizer, book_text(name), LENGTH)
+        return book[torch.linspace(0, len(book) - 1, int(count)).round().long()]
     if kind == "jsonl":
         path, _, count = rest.rpartition(":")
         with open(path, encoding="utf-8") as f:
@@ -55,6 +60,8 @@ def main() -> None:
     ap.add_argument("--layers", default="3,14,25")
     ap.add_argument("--variants", default="first:16;spread:48;spread:96;first:16+spread:16@600")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps per layer where a variant names none")
+    ap.add_argument("--compute", choices=["auto", "float32", "bf16"], default="auto",
+                    help="the training's forward: bfloat16 autocast, float32, or as the build picks (recover.native_bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -63,13 +70,17 @@ def main() -> None:
     tok = src.tokenizer
     original = copy.deepcopy(src.model)
     layers = [int(v) for v in args.layers.split(",")]
-    variants = [(v.partition("@")[0], int(v.partition("@")[2] or args.steps)) for v in args.variants.split(";")]
+    bf16 = {"auto": None, "float32": False, "bf16": True}[args.compute]
+    variants = []
+    for v in args.variants.split(";"):
+        v, _, lr = v.partition("/")
+        variants.append((v.partition("@")[0], int(v.partition("@")[2] or args.steps), float(lr or 1e-4)))
 
     def io(w: torch.Tensor) -> dict:
         ins, outs = rc.collect_attention_io(original, w, desc="teacher pass")
         return {i: (ins[i], outs[i]) for i in layers}
 
-    texts = {spec: io(windows(tok, spec)) for spec in {s for v, _ in variants for s in v.split("+")}}
+    texts = {spec: io(windows(tok, spec)) for spec in {s for v, _, _ in variants for s in v.split("+")}}
     held_out = {"wiki": io(token_windows(tok, split_text("heldout"), LENGTH, 4)),
                 "news": io(token_windows(tok, news_text(), LENGTH, 4))}
     calibrate_and_convert(src, PLANS["recovered"])  # training-free, in place
@@ -85,18 +96,19 @@ def main() -> None:
         return {k: round(rc.evaluate_attention(shipped, *held_out[k][i]), 5) for k in held_out}
 
     rows = []
-    print("| layer | teacher | steps | held-out Wikipedia error | news error | seconds |\n|---|---|---|---|---|---|")
+    print("| layer | teacher | steps | lr | held-out Wikipedia error | news error | seconds |\n|---|---|---|---|---|---|---|")
     for i in layers:
-        for spec, steps in variants:
+        for spec, steps, lr in variants:
             ins = torch.cat([texts[s][i][0] for s in spec.split("+")])
             outs = torch.cat([texts[s][i][1] for s in spec.split("+")])
             block = copy.deepcopy(blocks[i])
             t0 = time.perf_counter()
-            rc.LayerRecovery(steps=steps, **recovery_options(4, 4))(i, block, ins, outs)
-            row = {"layer": i, "teacher": spec, "windows": int(ins.shape[0]), "steps": steps, **score(block, i),
+            rc.LayerRecovery(steps=steps, bf16=bf16, **{**recovery_options(4, 4), "lr": lr})(i, block, ins, outs)
+            row = {"layer": i, "teacher": spec, "windows": int(ins.shape[0]), "steps": steps, "lr": lr,
+                   "compute": args.compute, **score(block, i),
                    "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            print(f"| {i} | {spec} | {steps} | {row['wiki']:.4f} | {row['news']:.4f} | {row['seconds']} |", flush=True)
+            print(f"| {i} | {spec} | {steps} | {lr:g} | {row['wiki']:.4f} | {row['news']:.4f} | {row['seconds']} |", flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"model": args.model, "threads": 1, "held_out": "4 x 512 tokens per text",

@@ -3,12 +3,12 @@
     python benchmarks/width_table.py [--widths 320,256,192,128] [--json docs/results/width_table.json]
 
 For each C + R (R = 32: the build's rope key, the 16 highest frequencies; C = width - 32), the conversion the
-build runs, training-free and then recovered on the CPU (`recover.recover_converted`, through the q4_0 cache, 300
-steps per layer as the build does), each exported at 4-bit weights as the build exports it (GGUF q4_0 with
+build runs, training-free and then recovered on the CPU as the build recovers (`recover.recover_converted` with
+`build.recovery_options`: through the q4_0 cache and the 4-bit weights, a learned latent norm, `plans.RECOVER_STEPS`
+steps per layer on the build's teacher windows), each exported at 4-bit weights as the build exports it (GGUF q4_0 with
 attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 / q4_0
-caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each; default the build's int4,
-as each export costs minutes on 2 cores), on the build's two texts (`quality.TEXTS`, the same
-token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
+caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each), on the build's two texts
+(`quality.TEXTS`, the same token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
 the same caches. Rows are written to --json after each model; a rerun with the same --json resumes where it stopped.
 """
 from __future__ import annotations
@@ -25,11 +25,11 @@ from pathlib import Path
 import torch
 
 from edge_mla import precision, recover
-from edge_mla.build import recovery_windows
+from edge_mla.build import recovery_options, recovery_windows
 from edge_mla.convert import calibrate_and_convert, save
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export
-from edge_mla.plans import PLANS
+from edge_mla.plans import PLANS, RECOVER_STEPS
 from edge_mla.quality import measure
 from edge_mla.source import load_source
 
@@ -83,10 +83,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--widths", default="128,256,320,192", help="C + R per layer (R = %d)" % ROPE_DIM)
-    ap.add_argument("--steps", type=int, default=300, help="recovery steps per layer (the build's default)")
+    ap.add_argument("--steps", type=int, default=RECOVER_STEPS, help="recovery steps per layer (the build's default)")
     ap.add_argument("--windows", type=int, default=4, help="token windows per text (the build's default)")
     ap.add_argument("--length", type=int, default=512)
-    ap.add_argument("--onnx-caches", default="4", help="onnxruntime cache bits to export and score (of 16,8,4)")
+    ap.add_argument("--onnx-caches", default="16,8,4", help="onnxruntime cache bits to export and score")
     ap.add_argument("--threads", type=int, default=1,
                     help="threads for torch and the runtimes (1: a shared machine; oversubscribed cores spin)")
     ap.add_argument("--json", default="docs/results/width_table.json")
@@ -140,7 +140,7 @@ def main() -> None:
                 recovery_s = 0.0
                 if steps:
                     info = recover.recover_converted(src.model, (list(teacher[0]), list(teacher[1])), steps=steps,
-                                                     cache_bits=4)
+                                                     **recovery_options(4, 4))
                     recovery_s = info["seconds"]
                     print(f"{name}: recovery {recovery_s:.0f} s", flush=True)
                 save(src.model, src.tokenizer, tmp / name)

@@ -12,13 +12,15 @@ from edge_mla import budget as bud
 from edge_mla import precision, provenance, recover
 from edge_mla.convert import head_dim_of, resolve_plan
 from edge_mla.data import spread_windows
-from edge_mla.plans import PLANS, RECOVER_STEPS, Plan
+from edge_mla.plans import PLANS, RECOVER_LR, RECOVER_STEPS, Plan
 from edge_mla.publish import refuse_existing, staged_folder
 
-# Teacher text for the CPU recovery: 48 x 512 calibration tokens spread over the whole split, and 500 Adam steps per
-# layer. Per layer on held-out Wikipedia and news, more articles and more steps both cut the block's error; the
-# first 16 windows (a few articles) at 300 steps left it under-fitted (docs/recovery.md). Held-out text is never
-# used; the quality target's check windows (the split's end) are left out.
+# Teacher text for the CPU recovery: 48 x 512 calibration tokens spread over the whole split, and 600 Adam steps per
+# layer at a peak learning rate of 2e-4, under bf16 autocast where the CPU has it (recover.native_bf16: 1.25x faster
+# on 2 threads, the same error; 700 steps took the build to 16.5 minutes). Per layer on held-out Wikipedia and news, more articles, more steps and 2e-4 rather than 1e-4 all
+# cut the block's error; the first 16 windows (a few articles) at 300 steps left it under-fitted, and 4e-4
+# over-shoots at late layers (docs/recovery.md). Held-out text is never used; the quality
+# target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
 
 
@@ -34,7 +36,7 @@ def recovery_options(bits: int, kv_bits: int) -> dict:
     which lets the GGUF store kv_a at 4 bits too; onnxruntime's int4 shares q4_0's grid. The per-head
     up-projections stay 8-bit: 4-bit ones, trained through, saved 2.8 MB of GGUF for +5% perplexity in llama.cpp
     (docs/recovery.md, benchmarks/recovery_runtimes.py)."""
-    return dict(cache_bits=kv_bits, weight_bits=bits, latent_norm=True, up_projections=False)
+    return dict(cache_bits=kv_bits, weight_bits=bits, latent_norm=True, up_projections=False, lr=RECOVER_LR)
 
 
 def recovery_step(recover_steps: int, bits: int, kv_bits: int) -> str:

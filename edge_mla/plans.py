@@ -27,8 +27,10 @@ class Plan:
 # runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).
 QUALITY_BOUND = 0.40
 DEFAULT_LATENT = 256
-# Adam steps per attention block of the build's CPU recovery (build.py says why this many).
-RECOVER_STEPS = 500
+# Adam steps per attention block of the build's CPU recovery, and their peak learning rate (cosine to zero): build.py
+# says why.
+RECOVER_STEPS = 600
+RECOVER_LR = 2e-4
 
 PLANS = {
     "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),

@@ -155,6 +155,22 @@ def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
     assert error_with_4_bit_weights() < 0.8 * before
 
 
+def test_bf16_training_runs_its_forward_in_bfloat16_keeps_float32_weights_and_still_learns():
+    model = tiny_model("llama-gqa")
+    stats = stats_for(model)
+    x, y = (t[0] for t in recover.collect_attention_io(model, calibration_windows(n=4, length=32)))
+    convert(model, Plan(selection="shared", latent=32), stats)
+    attn = mla_layers(model)[0]
+    seen = set()
+    hook = attn.q_proj.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
+    stats = recover.train_attention(attn, x, y, steps=60, lr=3e-3, weight_bits=4, bf16=True)
+    hook.remove()
+    assert torch.bfloat16 in seen  # the training forward ran under autocast
+    assert torch.float32 in seen  # the before/after scoring did not
+    assert all(p.dtype == torch.float32 for p in attn.parameters())
+    assert stats["mse_after"] < 0.8 * stats["mse_before"]
+
+
 def test_gguf_keeps_the_per_head_up_projections_at_8_bits_under_q4_0():
     from gguf import GGMLQuantizationType as QT
 

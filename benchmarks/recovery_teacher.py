@@ -10,11 +10,10 @@ and outputs over that text, and scored by the relative error of its output, with
 weights, on 4 x 512 tokens of held-out Wikipedia and of the ABC news text (neither trains anything). A per-layer
 proxy for perplexity: minutes, not the hour a whole recovered model per variant takes on 2 cores.
 
-Variants (joined with ';'; '+' concatenates texts; '@N' sets the steps, '/LR' the learning rate): first:N (the first N windows of the
-calibration split, the build's text before), spread:N (N windows spread over the split, data.spread_windows), book:NAME:N (N windows spread over
-one of data.BOOKS),
-jsonl:PATH:N (N windows of a JSONL file's "text" fields, e.g. the original model's own samples,
-edge_mla.selfdistill).
+Variants (joined with ';'; '+' concatenates texts; '@N' sets the steps, '/LR' the learning rate): first:N (the first
+N windows of the calibration split, the build's text before), spread:N (N windows spread over the split,
+data.spread_windows), book:NAME:N (N windows spread over one of data.BOOKS), jsonl:PATH:N (N windows of a JSONL
+file's "text" fields, e.g. the original model's own samples, edge_mla.selfdistill).
 """
 from __future__ import annotations
 
@@ -61,7 +60,7 @@ def main() -> None:
     ap.add_argument("--variants", default="first:16;spread:48;spread:96;first:16+spread:16@600")
     ap.add_argument("--steps", type=int, default=300, help="Adam steps per layer where a variant names none")
     ap.add_argument("--compute", choices=["auto", "float32", "bf16"], default="auto",
-                    help="the training's forward: bfloat16 autocast, float32, or as the build picks (recover.native_bf16)")
+                    help="the training's forward: bf16 autocast, float32, or as the build picks (recover.native_bf16)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -96,7 +95,7 @@ def main() -> None:
         return {k: round(rc.evaluate_attention(shipped, *held_out[k][i]), 5) for k in held_out}
 
     rows = []
-    print("| layer | teacher | steps | lr | held-out Wikipedia error | news error | seconds |\n|---|---|---|---|---|---|---|")
+    print("| layer | teacher | steps | lr | held-out Wikipedia error | news error | seconds |\n" + "|---" * 7 + "|")
     for i in layers:
         for spec, steps, lr in variants:
             ins = torch.cat([texts[s][i][0] for s in spec.split("+")])
@@ -108,7 +107,8 @@ def main() -> None:
                    "compute": args.compute, **score(block, i),
                    "seconds": round(time.perf_counter() - t0, 1)}
             rows.append(row)
-            print(f"| {i} | {spec} | {steps} | {lr:g} | {row['wiki']:.4f} | {row['news']:.4f} | {row['seconds']} |", flush=True)
+            print(f"| {i} | {spec} | {steps} | {lr:g} | {row['wiki']:.4f} | {row['news']:.4f} | {row['seconds']} |",
+                  flush=True)
             if args.json:
                 with open(args.json, "w") as f:
                     json.dump({"model": args.model, "threads": 1, "held_out": "4 x 512 tokens per text",

@@ -5,11 +5,12 @@
 For each C + R (R = 32: the build's rope key, the 16 highest frequencies; C = width - 32), the conversion the
 build runs, training-free and then recovered on the CPU as the build recovers (`recover.recover_converted` with
 `build.recovery_options`: through the q4_0 cache and the 4-bit weights, a learned latent norm, `plans.RECOVER_STEPS`
-steps per layer on the build's teacher windows), each exported at 4-bit weights as the build exports it (GGUF q4_0 with
-attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 / q4_0
-caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each), on the build's two texts
-(`quality.TEXTS`, the same token windows for every row). The original model, exported by the same exporters at the same bits, is scored with
-the same caches. Rows are written to --json after each model; a rerun with the same --json resumes where it stopped.
+steps per layer on the build's teacher windows), each exported at 4-bit weights as the build exports it (GGUF q4_0
+with attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 /
+q4_0 caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each), on the build's two
+texts (`quality.TEXTS`, the same token windows for every row). The original model, exported by the same exporters
+at the same bits, is scored with the same caches. Rows are written to --json after each model; a rerun with the
+same --json resumes where it stopped. --modes recovered skips the training-free rows.
 """
 from __future__ import annotations
 
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--widths", default="128,256,320,192", help="C + R per layer (R = %d)" % ROPE_DIM)
     ap.add_argument("--steps", type=int, default=RECOVER_STEPS, help="recovery steps per layer (the build's default)")
+    ap.add_argument("--modes", default="free,recovered", help="training-free and/or recovered rows")
     ap.add_argument("--windows", type=int, default=4, help="token windows per text (the build's default)")
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--onnx-caches", default="16,8,4", help="onnxruntime cache bits to export and score")
@@ -124,7 +126,8 @@ def main() -> None:
                    width=None, recovery=None)
         teacher = None
         # Every width training-free first (minutes each), then recovered (the recovery is the slow part).
-        for steps in (0, args.steps):
+        modes = args.modes.split(",")
+        for steps in [0] * ("free" in modes) + [args.steps] * ("recovered" in modes):
             for width in widths:
                 name = f"mla-{width}-{'recovered' if steps else 'free'}"
                 if name in done:

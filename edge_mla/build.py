@@ -17,10 +17,10 @@ from edge_mla.publish import refuse_existing, staged_folder
 
 # Teacher text for the CPU recovery: 48 x 512 calibration tokens spread over the whole split, and 600 Adam steps per
 # layer at a peak learning rate of 2e-4, under bf16 autocast where the CPU has it (recover.native_bf16: 1.25x faster
-# on 2 threads, the same error; 700 steps took the build to 16.5 minutes). Per layer on held-out Wikipedia and news, more articles, more steps and 2e-4 rather than 1e-4 all
-# cut the block's error; the first 16 windows (a few articles) at 300 steps left it under-fitted, and 4e-4
-# over-shoots at late layers (docs/recovery.md). Held-out text is never used; the quality
-# target's check windows (the split's end) are left out.
+# on 2 threads, the same error; 700 steps took the build to 16.5 minutes). Per layer on held-out Wikipedia and news,
+# more articles, more steps and 2e-4 rather than 1e-4 all cut the block's error; the first 16 windows (a few
+# articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
+# is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
 
 

@@ -318,7 +318,7 @@ def test_sampler_greedy_is_generate_and_top_p_is_transformers():
     eos and the padding after it included; its nucleus filter is transformers' TopPLogitsWarper's, bit for bit."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from edge_mla.selfdistill import Sampler, top_p_filter
+    from edge_mla.selfdistill import GROUPED_DECODE, Sampler, top_p_filter
 
     torch.manual_seed(0)
     model = tiny_model("llama-gqa").eval()
@@ -338,13 +338,47 @@ def test_sampler_greedy_is_generate_and_top_p_is_transformers():
     free = reference(eos=model.config.vocab_size + 1)  # an eos it cannot write: 10 tokens each
     eos = int(free[1, 3])  # one that row 1 writes: it stops there, the others maybe later
     expected = reference(eos)
-    got = Sampler(model, len(prompts), 10, compile=False, width_step=8)(prompts, eos, 0, top_p=None)
+    sampler = Sampler(model, len(prompts), 10, compile=False, width_step=8)
+    assert model.config._attn_implementation == GROUPED_DECODE  # the references above ran transformers' SDPA
+    got = sampler(prompts, eos, 0, top_p=None)
     assert (got[:, : expected.shape[1]] == expected).all(), (got, expected)
     assert (got[:, expected.shape[1]:] == 0).all() and got[1, 3] == eos and (got[1, 4:] == 0).all()
 
     logits = torch.randn(16, 500) * 3
     for p in (0.5, 0.9, 0.95):
         assert torch.equal(top_p_filter(logits, p), TopPLogitsWarper(p)(None, logits.clone()))
+
+
+def test_grouped_decode_attention_is_repeated_kv_attention():
+    """The sampler's decode attention (query heads as rows of their key/value head) equals attention over keys and
+    values repeated for every query head, as transformers' eager attention computes it, padding mask included; a
+    query of several tokens goes to transformers' SDPA path unchanged."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    from edge_mla.selfdistill import grouped_decode_attention
+
+    torch.manual_seed(0)
+    b, kv, groups, slots, d = 3, 2, 3, 11, 8
+    module = SimpleNamespace(num_key_value_groups=groups, is_causal=True, training=False)
+    key, value = torch.randn(b, kv, slots, d, dtype=torch.float64), torch.randn(b, kv, slots, d, dtype=torch.float64)
+    mask = torch.ones(b, 1, 1, slots, dtype=torch.bool)
+    mask[0, ..., :4] = False  # left padding of rows 0 and 2
+    mask[2, ..., :1] = False
+    query = torch.randn(b, kv * groups, 1, d, dtype=torch.float64)
+    scores = query @ repeat_kv(key, groups).transpose(-1, -2) * 0.3
+    expected = (scores.masked_fill(~mask, -float("inf")).softmax(-1) @ repeat_kv(value, groups)).transpose(1, 2)
+    got, _ = grouped_decode_attention(module, query, key, value, mask, scaling=0.3)
+    assert got.shape == (b, 1, kv * groups, d)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+
+    prefill = torch.randn(b, kv * groups, 4, d, dtype=torch.float64)
+    causal = torch.ones(b, 1, 4, slots, dtype=torch.bool).tril(slots - 4)
+    scores = prefill @ repeat_kv(key, groups).transpose(-1, -2) * 0.3
+    expected = (scores.masked_fill(~causal, -float("inf")).softmax(-1) @ repeat_kv(value, groups)).transpose(1, 2)
+    got, _ = grouped_decode_attention(module, prefill, key, value, causal, scaling=0.3)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
 
 
 def test_build_config_trains_on_the_cpu(tmp_path, text_file):

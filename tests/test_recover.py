@@ -137,12 +137,17 @@ def test_recovery_from_teacher_io_taken_before_an_in_place_conversion():
     assert all(s["mse_after"] < 0.8 * s["mse_before"] for s in out)
 
 
-def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
+def first_block_and_its_teacher_io():
+    """A tiny GQA model's first attention block, converted (C = 32), with the original block's inputs and outputs."""
     model = tiny_model("llama-gqa")
     stats = stats_for(model)
     x, y = (t[0] for t in recover.collect_attention_io(model, calibration_windows(n=4, length=32)))
     convert(model, Plan(selection="shared", latent=32), stats)
-    attn = mla_layers(model)[0]
+    return mla_layers(model)[0], x, y
+
+
+def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
+    attn, x, y = first_block_and_its_teacher_io()
 
     def error_with_4_bit_weights():
         with torch.no_grad():
@@ -156,11 +161,7 @@ def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
 
 
 def test_bf16_training_runs_its_forward_in_bfloat16_keeps_float32_weights_and_still_learns():
-    model = tiny_model("llama-gqa")
-    stats = stats_for(model)
-    x, y = (t[0] for t in recover.collect_attention_io(model, calibration_windows(n=4, length=32)))
-    convert(model, Plan(selection="shared", latent=32), stats)
-    attn = mla_layers(model)[0]
+    attn, x, y = first_block_and_its_teacher_io()
     seen = set()
     hook = attn.q_proj.register_forward_hook(lambda m, a, out: seen.add(out.dtype))
     stats = recover.train_attention(attn, x, y, steps=60, lr=3e-3, weight_bits=4, bf16=True)

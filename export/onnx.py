@@ -23,6 +23,7 @@ FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
 BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_graph.py)
+KV_SCALES = ("row", "channel")  # int4 cache scales: per row over static per-channel ones, or static per channel
 QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
 
 
@@ -49,6 +50,10 @@ def add_arguments(parser) -> None:
                         help="LatentAttention body: gqa (com.microsoft GroupQueryAttention) or matmul (plain ops: "
                              "one MatMul of all heads against the cache; any onnxruntime); both update the cache "
                              "in place (docs/onnx.md compares them)")
+    parser.add_argument("--kv-scales", default=None, choices=KV_SCALES,
+                        help="int4 cache scales: row (static per-channel scales to even out the channels, and a "
+                             "scale per cached row: the matmul body only) or channel (static per channel only); "
+                             "default: row where the body allows it")
     parser.add_argument("--original", action="store_true",
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
@@ -66,7 +71,7 @@ def main(args) -> int:
                  block_size=args.block_size, symmetric=not args.asymmetric, head_bits=args.head_bits,
                  weight_method=args.weight_method, accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
                  calib_text=args.calib_text, calib_windows=args.calib_windows, calib_length=args.calib_length,
-                 overwrite=args.force, genai=args.genai)
+                 overwrite=args.force, genai=args.genai, kv_scales=args.kv_scales)
     meta = json.loads((out / META).read_text())
     size = sum(f.stat().st_size for f in out.iterdir() if f.name.startswith("model.onnx"))
     cache = meta["cache"]
@@ -76,8 +81,14 @@ def main(args) -> int:
     return 0
 
 
+def default_kv_scales(kv_bits: int, body: str, original: bool = False) -> str:
+    """Per-row scales where the body can keep them (docs/onnx.md: they cost the int4 cache far less quality;
+    genai.onnx, whose GroupQueryAttention keeps static ones only, runs on the static per-channel ones)."""
+    return "row" if kv_bits == 4 and body == "matmul" and not original else "channel"
+
+
 def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None,
-                  weight_method: str = "rtn") -> None:
+                  weight_method: str = "rtn", kv_scales: str = "channel") -> None:
     """Refuse unsupported settings before any work, naming the fix."""
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"--weight-bits {weight_bits} is not supported: choose one of {WEIGHT_BITS}")
@@ -93,6 +104,11 @@ def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, he
         raise ValueError(f"--block-size {block_size} is not supported: MatMulNBits needs a power of two >= 16")
     if body not in BODIES:
         raise ValueError(f"--attention {body} is not supported: choose one of {BODIES}")
+    if kv_scales not in KV_SCALES:
+        raise ValueError(f"--kv-scales {kv_scales} is not supported: choose one of {KV_SCALES}")
+    if kv_scales == "row" and (kv_bits != 4 or body != "matmul"):
+        raise ValueError("--kv-scales row needs the int4 cache and the matmul body (--kv-bits 4 --attention "
+                         "matmul); GroupQueryAttention keeps static scales only: use --kv-scales channel")
     if kv_bits in (4, 8) and body == "gqa":  # the matmul body quantizes with plain ops
         import onnxruntime
 
@@ -396,7 +412,9 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
     else:
         cache.update(kv_heads=dec.kv_heads, head_dim=dec.head_dim)
     if opts.cache_scales is not None:
-        cache["scales"] = {"kind": "static per channel (x = code * scale)", "calibration": weights.pop("calib"),
+        kind = ("static per channel and one per row (x = code * row scale * channel scale; the row scales in "
+                "past_row_scale.N)" if opts.row_scales else "static per channel (x = code * scale)")
+        cache["scales"] = {"kind": kind, "calibration": weights.pop("calib"),
                            "layers": [np.asarray(s).round(8).ravel().tolist() if dec.kind == "mla" else
                                       {"key": s[0].ravel().tolist(), "value": s[1].ravel().tolist()}
                                       for s in opts.cache_scales]}
@@ -425,13 +443,14 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
-           model=None, tokenizer=None, checkpoint=None, genai: bool = False) -> Path:
+           model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str | None = None) -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
     lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
     read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
-    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method)
+    kv_scales = kv_scales or default_kv_scales(kv_bits, body, original)
+    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales)
     refuse_existing(out, overwrite)
     if model is None:
         src = load_model(model_dir, original)
@@ -449,7 +468,8 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                               up_bits=(4 if weight_bits == 4 and (getattr(model.config, "mla", None) or {}).get(
                                   "four_bit_up_projections") else 8) if quantized else weight_bits,
                               weight_bits=weight_bits if quantized else 0, head_bits=head_bits or 0,
-                              symmetric=symmetric, accuracy_level=accuracy_level, method=weight_method)
+                              symmetric=symmetric, accuracy_level=accuracy_level, method=weight_method,
+                              row_scales=kv_scales == "row")
     calib = None
     if kv_bits in (4, 8):  # the static cache scales, fitted as the layers are read
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it

@@ -53,12 +53,30 @@ def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
     return kv
 
 
+ROW_SCALE = "_row_scale."  # in the names of the row-scale buffers of a `--kv-scales row` export
+
+
+def _drop_row_scales(graph: onnx.GraphProto) -> None:
+    """A row-scaled export's graph without its row scales (the LatentAttention node's last input and output, and
+    their graph I/O), its attention marked static per channel: genai's GroupQueryAttention keeps the rows on the
+    static per-channel scales alone (the same ones), at their quality (docs/onnx.md)."""
+    for values in (graph.input, graph.output):
+        for value in [v for v in values if ROW_SCALE in v.name]:
+            values.remove(value)
+    for node in graph.node:
+        if node.op_type == "LatentAttention" and any(ROW_SCALE in n for n in node.input):
+            node.input[:] = [n for n in node.input if ROW_SCALE not in n]
+            node.output[:] = [n for n in node.output if ROW_SCALE not in n]
+            next(a for a in node.attribute if a.name == "kv_quant").s = b"PER_CHANNEL"
+
+
 def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     """The export's graph with genai's names: the cache I/O per layer as key/value pairs, logits for every new
     position (the logits_to_keep input becomes the new token count)."""
     model = copy.deepcopy(model)
     graph = model.graph
     mla = meta["architecture"] == "mla"
+    _drop_row_scales(graph)
     rename: dict[str, str] = {}
     value_of: dict[str, str] = {}  # MLA: the past input -> the name of its twin, genai's value cache
     for i, tensors in enumerate(_per_layer(meta)):
@@ -115,7 +133,7 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
 
 def _per_layer(meta: dict) -> list[list[dict]]:
     """The cache tensors of every layer: [latent] for MLA, [key, value] for the baseline."""
-    tensors = meta["cache"]["tensors"]
+    tensors = [t for t in meta["cache"]["tensors"] if ROW_SCALE not in t["past"]]
     if meta["architecture"] == "mla":
         if meta["cache"]["mode"] != "inplace":
             raise ValueError("onnxruntime-genai needs the in-place cache of the gqa attention body; re-export with "
@@ -176,7 +194,8 @@ def genai_config(folder: Path, meta: dict, model: onnx.ModelProto) -> dict:
 def genai_meta(meta: dict) -> dict:
     """What the genai files hold, for edge_mla_onnx.json (genai refuses unknown keys in its own config)."""
     mla = meta["architecture"] == "mla"
-    return {"model": MODEL, "config": CONFIG, "cache_bytes_per_token": meta["cache"]["bytes_per_token"] * (2 if mla else 1),
+    rows = sum(t["heads"] * t["width"] * np.dtype(t["dtype"]).itemsize for layer in _per_layer(meta) for t in layer)
+    return {"model": MODEL, "config": CONFIG, "cache_bytes_per_token": rows * (2 if mla else 1),
             "cache_layout": "the latent row [c | k_rope] kept in both genai's key and value cache (in place)" if mla
                             else "the original model's K and V caches"}
 

@@ -156,6 +156,7 @@ class Options:
     body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
+    row_scales: bool = False  # MLA int4 cache, matmul body: a scale per cached row beside the static ones
     up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
     block_size: int = 32
     # 2D weights: 4 or 8 = MatMulNBits (onnx_quant.block_codes: llama.cpp's q4_0 / q8_0 grids when symmetric);
@@ -178,6 +179,9 @@ def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
         if dec.kind == "mla":
             presents = [f"present.{i}", f"present.{i}.alias"] if opts.body == "gqa" else [f"present.{i}"]
             out.append(dict(past=f"past.{i}", present=presents, heads=1, width=width, dtype=name))
+            if opts.row_scales:
+                out.append(dict(past=f"past_row_scale.{i}", present=[f"present_row_scale.{i}"], heads=1, width=1,
+                                dtype="float32"))
         else:
             for part in ("key", "value"):
                 out.append(dict(past=f"past_{part}.{i}", present=[f"present_{part}.{i}"], heads=dec.kv_heads,
@@ -368,12 +372,15 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     inputs = [query, entry, f"past.{i}", seqlens_k, total,
               g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)) if quantized else "",
               rope.positions]
-    outputs = [g.fresh(f"layers.{i}.attn/latent")] + cache_tensors(dec, opts)[i]["present"]
+    layer_cache = [t for t in cache_tensors(dec, opts) if t["past"].endswith(f".{i}")]
+    inputs += [t["past"] for t in layer_cache[1:]]  # the row scales' buffer
+    outputs = [g.fresh(f"layers.{i}.attn/latent")] + [name for t in layer_cache for name in t["present"]]
     # declared, so that ONNX shape inference can go on past a node whose body it cannot see into
     g.value_info.append(helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, ["batch", "sequence", H * C]))
     g.op("LatentAttention", inputs, outputs, domain=DOMAIN, name=f"layers.{i}.attn.latent_attention",
          num_heads=H, latent_dim=C, rope_dim=R, scale=float(dec.softmax_scale),
-         kv_bits=opts.kv_bits if quantized else 0, kv_quant="PER_CHANNEL" if quantized else "NONE")
+         kv_bits=opts.kv_bits if quantized else 0,
+         kv_quant=("PER_ROW" if opts.row_scales else "PER_CHANNEL") if quantized else "NONE")
     # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
     att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
     v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
@@ -516,6 +523,6 @@ def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
         quantized = opts.kv_bits in (4, 8)
         functions.append(latent_attention_gqa() if opts.body == "gqa" else
                          latent_attention_matmul(opts.kv_bits if quantized else 0, dec.num_heads, dec.latent_dim,
-                                                 dec.rope_dim))
+                                                 dec.rope_dim, row_scales=opts.row_scales))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

@@ -99,7 +99,8 @@ def _int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
     return {"pack": pack, "query": query, "latent": out[:, :latent]}
 
 
-def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) -> onnx.FunctionProto:
+def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
+                            row_scales: bool = False) -> onnx.FunctionProto:
     """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float),
     written for the model's own cache type and widths (a model-local function: one export, one layout).
 
@@ -114,7 +115,18 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
     it) and the attended latent by exactly 8 (the weights sum to one). Row r = s*H + h sits at position
     positions[s] and sees keys 0 .. positions[s]. The mask and the write positions depend only on `positions` and
     `total_sequence_length`, which every layer shares: onnxruntime computes them once per run, not per layer.
+
+    row_scales (int4 only): each row also gets its own scale, kept in a second cache buffer (`past_row_scale`
+    [B, 1, L, 1] float32): the static scales only even out the channels (y = x / s_channel), and the row's codes
+    are round(y / s_row) with llama.cpp's q4_0 rule s_row = y[argmax |y|] / -8 (the largest value is code -8
+    exactly, the rest use all 16 codes), so a row is never clipped. The
+    static scales still fold into the query and the latent; s_row multiplies the row's score and its attention
+    weight (q . (code * s_row) = s_row (q . code)). The stored +8 then shifts a row's score by 8 s_row sum(q),
+    which is no longer the same for every row: it is subtracted (a sum column of the query matrix), as is 8 s_row
+    per row from the attended latent (the weights times s_row no longer sum to one).
     """
+    if row_scales and kv_bits != 4:
+        raise ValueError("per-row cache scales are made for the int4 cache")
     nodes: list[onnx.NodeProto] = []
     width = latent + rope
 
@@ -140,7 +152,15 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
     if kv_bits:
         node("Reshape", ["cache_scale", const("minus1", [-1])], "cs")  # [W]
         lo, hi = onnx_quant.CODE_RANGE[kv_bits]
-        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"),
+        scaled = node("Div", ["entry", "cs"], "scaled")
+        if row_scales:  # s_row = y[argmax |y|] / -8 (q4_0's rule), 1 for a zero row
+            node("ArgMax", [node("Abs", [scaled], "scaled_abs")], "row_peak_at", axis=-1, keepdims=1)
+            node("Mul", [node("GatherElements", [scaled, "row_peak_at"], "row_peak", axis=-1),
+                         const("per_code_min", 1 / lo, np.float32)], "row_s")  # [B, S, 1]
+            node("Where", [node("Equal", ["row_s", const("zero_f", 0.0, np.float32)], "row_zero"),
+                           const("one_f", 1.0, np.float32), "row_s"], "row_scale_new")
+            scaled = node("Div", [scaled, "row_scale_new"], "scaled_row")
+        node("Clip", [node("Round", [scaled], "rounded"),
                       const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
         node("Mul", ["cs", "softmax_scale"], "cs_scaled")
         node("Slice", ["cs", const("zero1", [0]), const("c1", [latent])], "cs_latent")
@@ -150,8 +170,11 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
                      const("offset", 8 * 17, np.float32)], "packed")
         node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
         # the query's and the latent's matrices, scales folded in (constants: folded at load)
+        q_pick = m["query"]
+        if row_scales:  # one more column: 8 sum(q * scales), the score shift of the stored +8 before s_row
+            q_pick = np.concatenate([q_pick, np.full((width, 1), 8, np.float32)], 1)
         node("Mul", [node("Unsqueeze", ["cs_scaled", const("last", [-1])], "cs_col"),
-                     const("q_pick", m["query"], np.float32)], "q_matrix")
+                     const("q_pick", q_pick, np.float32)], "q_matrix")
         node("Mul", ["cs_latent", const("lat_pick", m["latent"], np.float32)], "lat_matrix")
         node("Mul", ["cs_latent", const("minus8", -8.0, np.float32)], "lat_bias")
     elif kv_bits == 8:
@@ -164,16 +187,24 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
     node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
     # the T cached rows [B, 1, T, stored width], as float
     node("Slice", ["present", const("zero1", [0]), "t1", const("two1", [2])], "cached")
+    if row_scales:  # the rows' scales: written beside them, read as [B, 1, 1, T]
+        node("Unsqueeze", ["row_scale_new", const("one1", [1])], "row_scale_new4")
+        node("Expand", ["positions4", node("Shape", ["row_scale_new4"], "row_scale_shape")], "row_idx")
+        node("ScatterElements", ["past_row_scale", "row_idx", "row_scale_new4"], "present_row_scale", axis=2)
+        node("Reshape", [node("Slice", ["present_row_scale", const("zero1", [0]), "t1", const("two1", [2])],
+                              "row_scales_t"), const("row_shape", [0, 1, 1, -1])], "s_rows")
     node("Reshape", ["query", const("qshape", [0, 1, -1, width])], "q")  # [B, 1, S*H, W]
     if kv_bits == 4:
         node("Cast", ["cached"], "x", to=TensorProto.FLOAT)
         node("Floor", [node("Mul", ["x", const("sixteenth", 1 / 16, np.float32)], "x16")], "x_hi")
-        node("Split", [node("MatMul", ["q", "q_matrix"], "q_both"), const("halves", [width // 2] * 2)], "q_split",
-             axis=-1)
-        nodes[-1].output[:] = ["q_x", "q_hi"]
+        node("Split", [node("MatMul", ["q", "q_matrix"], "q_both"),
+                       const("halves", [width // 2] * 2 + ([1] if row_scales else []))], "q_split", axis=-1)
+        nodes[-1].output[:] = ["q_x", "q_hi"] + (["q_shift"] if row_scales else [])
         node("Add", [node("MatMul", ["q_x", node("Transpose", ["x"], "x_t", perm=[0, 1, 3, 2])], "scores_x"),
                      node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 1, 3, 2])], "scores_hi")],
-             "scores")
+             "scores_codes" if row_scales else "scores")
+        if row_scales:
+            node("Mul", [node("Sub", ["scores_codes", "q_shift"], "scores_unshifted"), "s_rows"], "scores")
     else:
         node("Cast" if kv_bits else "CastLike", ["cached"] + ([] if kv_bits else ["query"]), "kv",
              **({"to": TensorProto.FLOAT} if kv_bits else {}))
@@ -182,9 +213,14 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
     node("Softmax", [node("Where", ["allowed", "scores", const("neg", -1e30, np.float32)], "masked")], "probs",
          axis=-1)
     if kv_bits == 4:  # the attended [x | hi] -> latent codes + 8 -> latent
-        both = node("Concat", [node("MatMul", ["probs", "x"], "att_x"), node("MatMul", ["probs", "x_hi"], "att_hi")],
+        weights = node("Mul", ["probs", "s_rows"], "probs_scaled") if row_scales else "probs"
+        both = node("Concat", [node("MatMul", [weights, "x"], "att_x"), node("MatMul", [weights, "x_hi"], "att_hi")],
                     "att_both", axis=-1)
-        node("Add", [node("MatMul", [both, "lat_matrix"], "att_scaled"), "lat_bias"], "att")
+        bias = "lat_bias"
+        if row_scales:  # the +8 of each row, times its weight and scale: -8 s_channel sum_t(p_t s_t)
+            bias = node("Mul", [node("ReduceSum", [weights, const("last", [-1])], "weight_sum", keepdims=1),
+                                "lat_bias"], "lat_bias_rows")
+        node("Add", [node("MatMul", [both, "lat_matrix"], "att_scaled"), bias], "att")
     elif kv_bits == 8:
         node("MatMul", [node("MatMul", ["probs", "kv"], "att_codes"), "lat_matrix"], "att")
     else:
@@ -192,7 +228,8 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int) ->
                        const("last", [-1])], "att")
     node("Reshape", ["att", const("oshape", [0, -1, heads * latent])], "output")
     return helper.make_function(
-        DOMAIN, "LatentAttention", LATENT_INPUTS, ["output", "present"], _dedupe(nodes),
+        DOMAIN, "LatentAttention", LATENT_INPUTS + (["past_row_scale"] if row_scales else []),
+        ["output", "present"] + (["present_row_scale"] if row_scales else []), _dedupe(nodes),
         [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
                    "Reference body: one MatMul of all heads against the cached rows, one against the latent.")

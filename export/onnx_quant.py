@@ -95,6 +95,17 @@ def fake_quantize(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(x / scale), lo, hi) * scale
 
 
+def row_fake_quantize(x: np.ndarray, channel_scale: np.ndarray, bits: int = 4) -> np.ndarray:
+    """The round trip of a cache with per-row scales over static per-channel ones (the matmul body's
+    `--kv-scales row`): y = x / channel_scale, per row s = y[argmax |y|] / code min (q4_0's rule; 1 for a zero
+    row), codes = round(y / s)."""
+    lo, hi = CODE_RANGE[bits]
+    y = x / channel_scale
+    s = np.take_along_axis(y, np.abs(y).argmax(-1)[..., None], -1) * np.float32(1 / lo)
+    s = np.where(s == 0, np.float32(1), s)
+    return np.clip(np.rint(y / s), lo, hi) * s * channel_scale
+
+
 def channel_scales(samples: np.ndarray, bits: int, groups: np.ndarray) -> np.ndarray:
     """Static per-channel scales for `samples` [tokens, channels]: per group of channels (a rope pair shares one,
     since rotation mixes its two channels), the clipping level among 20 fractions of the group's max |x| that

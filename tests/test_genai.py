@@ -45,17 +45,23 @@ def mla_model():
     return converted("llama-gqa")
 
 
-@pytest.mark.parametrize("bits,body", [(32, "gqa"), (4, "gqa"), (4, "matmul")])
-def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_model, bits, body):
-    """genai runs the gqa body whichever body model.onnx carries (the matmul body's cache is the same bytes)."""
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=bits, kv_bits=bits, genai=True, body=body)
+@pytest.mark.parametrize("bits,body,scales", [(32, "gqa", None), (4, "gqa", None), (4, "matmul", "channel"),
+                                              (4, "matmul", "row")])
+def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_model, bits, body, scales):
+    """genai runs the gqa body whichever body model.onnx carries (the matmul body's cache is the same bytes); a
+    row-scaled export's genai.onnx keeps the static per-channel scales alone: the tokens of a gqa-body export."""
+    folder = export(mla_model, tmp_path / "onnx", weight_bits=bits, kv_bits=bits, genai=True, body=body,
+                    kv_scales=scales)
+    reference = folder if scales != "row" else export(mla_model, tmp_path / "static", weight_bits=bits,
+                                                      kv_bits=bits)
     config = json.loads((folder / CONFIG).read_text())
     meta = json.loads((folder / "edge_mla_onnx.json").read_text())
     assert config["model"]["decoder"]["filename"] == MODEL and config["search"]["past_present_share_buffer"]
     onnx.checker.check_model(str(folder / MODEL), full_check=True)
     # genai's key and value caches both hold the latent row: twice the runner's single buffer
-    assert meta["genai"]["cache_bytes_per_token"] == 2 * meta["cache"]["bytes_per_token"]
-    expected = runner_greedy(folder, PROMPT, NEW)
+    row_scales = 4 * mla_model.config.num_hidden_layers if scales == "row" else 0  # float32 per row and layer
+    assert meta["genai"]["cache_bytes_per_token"] == 2 * (meta["cache"]["bytes_per_token"] - row_scales)
+    expected = runner_greedy(reference, PROMPT, NEW)
     assert len(expected) >= 8  # enough tokens before any end-of-text to be a real comparison
     assert genai_greedy(folder, PROMPT, NEW) == expected
 

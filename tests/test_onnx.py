@@ -20,7 +20,8 @@ from edge_mla import cli
 from edge_mla.convert import Plan, convert, save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import DOMAIN
-from edge_mla.mla import forward_with_cache
+from edge_mla.export import onnx_quant
+from edge_mla.mla import forward_with_cache, mla_layers
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
 from test_cli import word_tokenizer
 
@@ -200,7 +201,8 @@ def test_quantized_exports_run_and_stay_close(tmp_path, mla_model, text_file, we
 def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
     """Both LatentAttention bodies over the same quantized cache: the same codes in the buffer, the same logits
     in one prefill, in chunks and token by token."""
-    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64)
+    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64,
+                  kv_scales="channel")
     folders = {body: export(mla_model, tmp_path / body, body=body, **common) for body in ("gqa", "matmul")}
     ids = prompt()[0].numpy()
     got = {}
@@ -211,6 +213,57 @@ def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
     assert np.abs(got["matmul"][0] - got["gqa"][0]).max() < 1e-3
     same = np.mean(got["matmul"][1] == got["gqa"][1])
     assert same > 0.999, same  # the same codes in the buffer (a rounding tie may go the other way)
+
+
+def test_row_scaled_int4_cache_is_its_round_trip(tmp_path, mla_model, text_file):
+    """The matmul body's default int4 cache (a scale per row over the static per-channel ones) gives the logits of
+    the PyTorch model whose cached rows pass through the same round trip (onnx_quant.row_fake_quantize), in one
+    prefill, in chunks and token by token; the scales in the second buffer follow q4_0's rule on x / s_channel."""
+    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=4, body="matmul",
+                    calib_text=str(text_file), calib_windows=4, calib_length=64)
+    meta = json.loads((folder / META).read_text())
+    assert "one per row" in meta["cache"]["scales"]["kind"]
+    names = [t["past"] for t in meta["cache"]["tensors"]]
+    assert names[:2] == ["past.0", "past_row_scale.0"] and len(names) == 2 * mla_model.config.num_hidden_layers
+    width = LATENT + mla_model.config.mla["rope_dim"]
+    assert meta["cache"]["bytes_per_token"] == mla_model.config.num_hidden_layers * (width // 2 + 4)
+    channel = [np.asarray(s, np.float32) for s in meta["cache"]["scales"]["layers"]]
+    rows = {}
+
+    def round_trip(i):
+        def apply(entry):
+            rows.setdefault(i, entry.detach().numpy()[0, 0])
+            return torch.from_numpy(onnx_quant.row_fake_quantize(entry.numpy(), channel[i]))
+        return apply
+
+    layers = mla_layers(mla_model)
+    ids = prompt()
+    try:
+        for i, attn in enumerate(layers):
+            attn.cache_quant = round_trip(i)
+        with torch.no_grad():
+            expected = mla_model(ids).logits[0].numpy()
+    finally:
+        for attn in layers:
+            attn.cache_quant = None
+    ids = ids[0].numpy()
+    for chunk in (0, 7):
+        decoder = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=chunk)
+        got = np.concatenate([decoder.forward(ids[:20], keep=20)] +
+                             [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))])
+        assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    stored = decoder.buffers["past_row_scale.1"].numpy()[0, 0, :len(ids), 0]
+    y = rows[1] / channel[1]
+    want = np.take_along_axis(y, np.abs(y).argmax(-1)[:, None], -1)[:, 0] / -8
+    assert np.allclose(stored, want, rtol=1e-4)  # the graph's rows are PyTorch's to float32 rounding
+
+
+def test_row_scales_need_the_matmul_body_and_int4(tmp_path, mla_model):
+    with pytest.raises(ValueError, match="matmul body"):
+        export(mla_model, tmp_path / "a", weight_bits=32, kv_bits=4, body="gqa", kv_scales="row")
+    with pytest.raises(ValueError, match="int4 cache"):
+        export(mla_model, tmp_path / "b", weight_bits=32, kv_bits=8, body="matmul", kv_scales="row")
+    assert not any(tmp_path.iterdir())
 
 
 @pytest.mark.parametrize("body", ["gqa", "matmul"])

@@ -172,6 +172,9 @@ def build_site(folder: str | Path, out: str | Path, weights: str = "float16", ov
     missing = [f for f in (meta["model"], *MODEL_FILES) if not (folder / f).exists()]
     if missing:
         raise ValueError(f"{folder} lacks {', '.join(missing)}: re-export it with `edge-mla export onnx`")
+    if meta["cache"].get("attention_body") == "matmul":  # the page feeds a growing cache, not an in-place buffer
+        raise ValueError(f"{folder} has the matmul attention body, whose cache is a preallocated in-place buffer; "
+                         "the page feeds a growing cache: re-export with `edge-mla export onnx --attention gqa`")
     modules = npm_packages()
     with staged_folder(out) as site:
         for name in PAGE_FILES:

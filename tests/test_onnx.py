@@ -258,6 +258,13 @@ def test_row_scaled_int4_cache_is_its_round_trip(tmp_path, mla_model, text_file)
     assert np.allclose(stored, want, rtol=1e-4)  # the graph's rows are PyTorch's to float32 rounding
 
 
+def test_web_page_refuses_a_matmul_body_export_before_any_work(capsys, tmp_path, mla_model):
+    """The page feeds a growing cache; the matmul body writes into a preallocated buffer (no browser needed)."""
+    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body="matmul")
+    assert cli.main(["web", str(folder), "--out", str(tmp_path / "site")]) == cli.EXIT_BAD_INPUT
+    assert "--attention gqa" in capsys.readouterr().err and not (tmp_path / "site").exists()
+
+
 def test_row_scales_need_the_matmul_body_and_int4(tmp_path, mla_model):
     with pytest.raises(ValueError, match="matmul body"):
         export(mla_model, tmp_path / "a", weight_bits=32, kv_bits=4, body="gqa", kv_scales="row")

@@ -58,7 +58,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
           quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int = 256,
-          max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf")) -> dict:
+          max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
+          threads: int | None = None) -> dict:
     from edge_mla import families, preflight
     from edge_mla.source import load_source
 
@@ -199,7 +200,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if quality_windows:
             from edge_mla.quality import measure
             quality_rows = measure(files, src.tokenizer, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
-                                   count=quality_windows, length=quality_length)
+                                   count=quality_windows, length=quality_length, threads=threads)
         speeds = {}
         speed_prompt = min(speed_prompt, limit - 32)  # a tiny model's context bounds the prompt
         if speed_prompt > 0:
@@ -207,7 +208,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             from edge_mla.quality import text_windows
             print(f"      speed of both builds on this machine ({speed_prompt}-token prompt, then 32 tokens)")
             prompt = text_windows(src.tokenizer, "wikipedia-heldout", 1, speed_prompt)[0].tolist()
-            speed_rows = speed.measure(files, prompt, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits])
+            speed_rows = speed.measure(files, prompt, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
+                                       threads=threads)
             speeds = speed.by_runtime(speed_rows)
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)

@@ -184,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "conversion and recovery)")
     p.add_argument("--speed-prompt", type=int, default=256,
                    help="prompt tokens for the prefill/decode speed of both builds on this machine (0: skip)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for the build and its measurements (default: all cores). With other work on the "
+                        "machine give the free cores: a busy core makes the recovery's threads wait, up to 10x slower")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--formats", default="onnx,gguf",
                    help="outputs, comma-separated: onnx, gguf or both; checked against the model before any work "
@@ -277,9 +280,13 @@ def cmd_build(args) -> int:
     out = args.out or default_out(args.model, args.device)
     from edge_mla.target import parse_loss
     loss = parse_loss(args.max_quality_loss) if args.max_quality_loss is not None else None
-    build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force, args.devices,
-          args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps, args.speed_prompt,
-          loss, formats)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads {args.threads}: give 1 or more (the cores the build may use)")
+    from edge_mla.convert import torch_threads
+    with torch_threads(args.threads):  # the build's own work; its measurements' runtimes get the count too
+        build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force,
+              args.devices, args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps,
+              args.speed_prompt, loss, formats, threads=args.threads)
     return 0
 
 

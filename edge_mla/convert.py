@@ -164,16 +164,22 @@ def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: 
 
 
 @contextmanager
-def one_thread():
-    """The conversion's linear algebra (SVDs, eigendecompositions of matrices of a few hundred rows) on one thread:
-    threading buys nothing at that size, and when the cores are busy OpenMP's spin-waits made one SVD 100x slower
-    (measured on 2 cores with another job running: 20 s against 0.15 s)."""
+def torch_threads(count: int | None):
+    """torch's CPU threads set to `count` (None: unchanged) for the block, and restored after it."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    if count:
+        torch.set_num_threads(count)
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def one_thread():
+    """The conversion's linear algebra (SVDs, eigendecompositions of matrices of a few hundred rows) on one thread:
+    threading buys nothing at that size, and when the cores are busy OpenMP's spin-waits made one SVD 100x slower
+    (measured on 2 cores with another job running: 20 s against 0.15 s)."""
+    return torch_threads(1)
 
 
 @torch.no_grad()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import time
 import warnings
 
@@ -260,6 +261,19 @@ def q4_0_weights(attn: MLAAttention, up_projections: bool = False) -> dict:
 EVAL_WINDOWS = 16
 
 
+CONTENTION_MIN_SECONDS = 5.0  # shorter recoveries (tiny models) are not worth a warning
+
+
+def machine_busy_seconds() -> float | None:
+    """CPU seconds all processes have used since boot (Linux /proc/stat; None elsewhere)."""
+    try:
+        fields = open("/proc/stat").readline().split()
+    except OSError:
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 def native_bf16() -> bool:
     """Whether this CPU runs bfloat16 matrix products natively (AVX512-BF16 or AMX): there bf16 autocast makes the
     recovery 1.25x faster on 2 threads, 1.4x on one (docs/recovery.md); elsewhere it would be emulated, and slower."""
@@ -371,6 +385,7 @@ class LayerRecovery:
         self.bf16 = native_bf16() if bf16 is None else bf16
         self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
         self.stats, self.eps, self.four_bit, self.tokens, self.aligned, self.quant = [], [], [], 0, False, None
+        self.contended = False
 
     def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
         C = attn.latent_dim
@@ -383,15 +398,33 @@ class LayerRecovery:
             self.eps.append(install_latent_norm(attn, ins))
         self.quant = shipped_cache_quant(attn, self.cache_bits)
         saved, attn.cache_quant = attn.cache_quant, self.quant and straight_through(self.quant)
+        busy, cpu = machine_busy_seconds(), time.process_time()
         with torch.enable_grad():  # called from inside the conversion's no_grad
             s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
                                 up_projections=self.up_projections, bf16=self.bf16)
+        if busy is not None:
+            ours = time.process_time() - cpu
+            self._check_cores(i, machine_busy_seconds() - busy - ours, s["seconds"])
         attn.cache_quant = saved
         self.four_bit = sorted(q4_0_weights(attn, self.up_projections)) if self.weight_bits == 4 else []
         self.tokens = int(ins.shape[0] * ins.shape[1])
         self.stats.append({"layer": i, **s})
         print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
               f"({s['seconds']:.1f}s)", flush=True)
+
+    def _check_cores(self, i: int, others_s: float, wall_s: float) -> None:
+        """Say so, once, when other processes kept cores busy (others_s: their CPU seconds) while this layer trained
+        on more threads than the cores left free: the recovery's many small multi-threaded ops then wait for a
+        preempted thread at every step (measured: 2.7x slower with one busy core of two, up to 10x)."""
+        threads, cores = torch.get_num_threads(), os.cpu_count() or 1
+        others = others_s / max(wall_s, 1e-9)  # cores the other processes used, on average
+        if self.contended or threads == 1 or wall_s < CONTENTION_MIN_SECONDS or threads + others < cores + 0.5:
+            return
+        self.contended = True
+        free = max(1, round(cores - others))
+        print(f"      warning: other processes kept {others:.1f} of this machine's {cores} cores busy while layer "
+              f"{i + 1} trained on {threads} threads, which then wait for each other: the recovery runs several times "
+              f"slower. Free the cores, or run the build with --threads {free}", flush=True)
 
     def summary(self, mla: dict) -> dict:
         if self.latent_norm:

@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from edge_mla import cli
 from edge_mla.runtimes.gguf_file import check_gguf
@@ -27,10 +28,13 @@ def tiny_source(tmp_path_factory, tokenizer):
 
 def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
+    threads = torch.get_num_threads()
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4",
-                     "--context", "256", "--out", str(out), "--recover-steps", "0", "--speed-prompt", "0"])  # training-free
+                     "--context", "256", "--out", str(out), "--recover-steps", "0", "--speed-prompt", "0",
+                     "--threads", "1"])  # training-free
     captured = capsys.readouterr()
     assert code == 0, captured.err[-3000:]
+    assert torch.get_num_threads() == threads  # --threads holds for the build only
     for step in ("[1/5]", "[2/5]", "[3/5]", "[4/5]", "[5/5]"):
         assert step in captured.out
     report = json.loads((out / "report.json").read_text())
@@ -67,6 +71,12 @@ def test_build_that_cannot_fit_writes_nothing(tmp_path, tiny_source, capsys):
     err = capsys.readouterr().err
     assert code == 2 and "nothing fits Speck" in err and "MB more than" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+def test_threads_must_be_positive(tmp_path, tiny_source, capsys):
+    code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi5", "--threads", "0",
+                     "--out", str(tmp_path / "b")])
+    assert code == 2 and "--threads 0" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
 def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):

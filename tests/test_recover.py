@@ -209,3 +209,22 @@ def test_up_projection_round_trips_are_blocked_as_the_gguf_stores_them():
     assert np.array_equal(emulated["k_up"].detach().transpose(1, 2).numpy(), dequantize(quantize(k_b, q4), q4))
     v_b = attn.v_up.detach().numpy()  # [G, d, C]: rows of C
     assert np.array_equal(emulated["v_up"].detach().numpy(), dequantize(quantize(v_b, q4), q4))
+
+
+def test_recovery_says_once_when_other_work_takes_the_cores(capsys, monkeypatch):
+    """Other processes that kept a core of two busy while a long layer trained on 2 threads are reported once, with
+    the fix; a machine otherwise idle, a short layer, or a 1-thread run are not."""
+    recovery = recover.LayerRecovery(steps=1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    monkeypatch.setattr(recover.os, "cpu_count", lambda: 2)
+    recovery._check_cores(0, others_s=0.5, wall_s=20.0)  # the machine was ours
+    recovery._check_cores(0, others_s=2.0, wall_s=2.0)  # too short to judge
+    assert capsys.readouterr().out == ""
+    recovery._check_cores(1, others_s=9.0, wall_s=10.0)
+    recovery._check_cores(2, others_s=9.0, wall_s=10.0)
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and "layer 2" in out and "--threads 1" in out
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    recover.LayerRecovery(steps=1)._check_cores(0, others_s=9.0, wall_s=10.0)
+    assert capsys.readouterr().out == ""
+    assert recover.machine_busy_seconds() is None or recover.machine_busy_seconds() > 0

@@ -10,11 +10,13 @@ layer caches over the calibration windows). Schemes:
 
 - float: no quantization;
 - static: onnxruntime's static per-channel int4 (GroupQueryAttention's, the gqa body's);
-- row: the matmul body's `--kv-scales row` (onnx_quant.row_fake_quantize: channels evened out by the static scales,
-  one scale per row by q4_0's rule, y[argmax |y|] / -8);
-- row-absmax: the same with s = max |y| / 7 (the code -8 unused);
+- row: the matmul body's `--kv-scales row` (onnx_quant.group_fake_quantize: channels evened out by the static
+  scales, one float16 scale per row by q4_0's rule, y[argmax |y|] / -8);
+- row-absmax: one scale per row, s = max |y| / 7 (the code -8 unused);
 - row-unscaled-channels: the row rule without the static scales;
-- q4_0: llama.cpp's cache (blocks of 32, q4_0's rule, float16 scales), what the CPU recovery trains through.
+- q4_0: the matmul body's `--kv-scales q4_0`: q4_0 blocks of 32 over the ONNX row (rope key in NEOX order);
+- q4_0-llama.cpp: llama.cpp's cache (its rope key interleaved), what the CPU recovery trains through; the same
+  blocks as q4_0 when R = 32.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import time
 import numpy as np
 import torch
 
-SCHEMES = ("float", "static", "row", "row-absmax", "row-unscaled-channels", "q4_0")
+SCHEMES = ("float", "static", "row", "row-absmax", "row-unscaled-channels", "q4_0", "q4_0-llama.cpp")
 
 
 def fitted_scales(model, layers, tokenizer, windows: int, length: int) -> list[np.ndarray]:
@@ -48,15 +50,17 @@ def round_trip(scheme: str, channel: np.ndarray, latent_dim: int):
     from edge_mla import recover
     from edge_mla.export import onnx_quant
 
+    width = len(channel)
     numpy = {
         "static": lambda x: onnx_quant.fake_quantize(x, channel, 4),
-        "row": lambda x: onnx_quant.row_fake_quantize(x, channel),
+        "row": lambda x: onnx_quant.group_fake_quantize(x, width, channel),
         "row-absmax": lambda x: _row_absmax(x, channel),
-        "row-unscaled-channels": lambda x: onnx_quant.row_fake_quantize(x, np.ones_like(channel)),
+        "row-unscaled-channels": lambda x: onnx_quant.group_fake_quantize(x, width),
+        "q4_0": lambda x: onnx_quant.group_fake_quantize(x, 32),  # the ONNX row (NEOX rope) in blocks of 32
     }
     if scheme == "float":
         return None
-    if scheme == "q4_0":
+    if scheme == "q4_0-llama.cpp":
         return recover.mla_cache_q4_0(latent_dim)
     return lambda entry: torch.from_numpy(numpy[scheme](entry.numpy()).astype(np.float32))
 

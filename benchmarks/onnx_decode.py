@@ -85,7 +85,7 @@ def exports(args) -> dict[str, Path]:
         body, _, scales = name.partition("-")  # e.g. matmul-channel: the matmul body with static scales only
         folders[f"mla_{name}"] = work / f"mla_{name}_w{args.bits}_kv{args.kv_bits}"
         if not folders[f"mla_{name}"].exists() or args.reexport:
-            export(args.mla, folders[f"mla_{name}"], body=body, kv_scales=scales or None, **common)
+            export(args.mla, folders[f"mla_{name}"], body=body, kv_scales=scales or "channel", **common)
     folders["original"] = work / f"original_w{args.bits}_kv{args.original_kv_bits or args.kv_bits}"
     if not folders["original"].exists() or args.reexport:
         export(args.source, folders["original"], original=True, **(common | {"kv_bits": args.original_kv_bits or args.kv_bits}))
@@ -139,8 +139,8 @@ def main() -> int:
     p.add_argument("--original-kv-bits", type=int, default=None, help="the original's cache bits, if not --kv-bits")
     p.add_argument("--bodies", nargs="+", default=["gqa", "matmul"],
                    help="LatentAttention bodies to measure, BODY or BODY-SCALES for an int4 cache's --kv-scales "
-                        "(matmul-channel; default scales otherwise); a name whose folder mla_NAME_wB_kvK already exists "
-                        "in --work is measured as it is, e.g. an export by older code")
+                        "(matmul-q4_0, matmul-row; static per-channel scales otherwise); a name whose folder "
+                        "mla_NAME_wB_kvK already exists in --work is measured as it is, e.g. an export by older code")
     p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per run (0: one piece)")
     p.add_argument("--source", default="smollm2-135m", help="the original model it was converted from")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "edge_mla_onnx_bench"))

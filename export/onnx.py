@@ -23,7 +23,7 @@ FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
 BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_graph.py)
-KV_SCALES = ("row", "channel")  # int4 cache scales: per row over static per-channel ones, or static per channel
+KV_SCALES = ("q4_0", "row", "channel")  # int4 cache scales: llama.cpp's q4_0 blocks, one per row, static ones
 QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
 
 
@@ -50,10 +50,11 @@ def add_arguments(parser) -> None:
                         help="LatentAttention body: gqa (com.microsoft GroupQueryAttention) or matmul (plain ops: "
                              "one MatMul of all heads against the cache; any onnxruntime); both update the cache "
                              "in place (docs/onnx.md compares them)")
-    parser.add_argument("--kv-scales", default=None, choices=KV_SCALES,
-                        help="int4 cache scales: row (static per-channel scales to even out the channels, and a "
-                             "scale per cached row: the matmul body only) or channel (static per channel only); "
-                             "default: row where the body allows it")
+    parser.add_argument("--kv-scales", default="channel", choices=KV_SCALES,
+                        help="int4 cache scales: q4_0 (llama.cpp's q4_0 blocks: a float16 scale per 32 values of "
+                             "each row; C + R a multiple of 32), row (one scale per row over static per-channel "
+                             "ones): the matmul body only, better quality at a slower decode (docs/onnx.md); or "
+                             "channel (static per channel, GroupQueryAttention's; the default)")
     parser.add_argument("--original", action="store_true",
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
@@ -81,12 +82,6 @@ def main(args) -> int:
     return 0
 
 
-def default_kv_scales(kv_bits: int, body: str, original: bool = False) -> str:
-    """Per-row scales where the body can keep them (docs/onnx.md: they cost the int4 cache far less quality;
-    genai.onnx, whose GroupQueryAttention keeps static ones only, runs on the static per-channel ones)."""
-    return "row" if kv_bits == 4 and body == "matmul" and not original else "channel"
-
-
 def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None,
                   weight_method: str = "rtn", kv_scales: str = "channel") -> None:
     """Refuse unsupported settings before any work, naming the fix."""
@@ -106,9 +101,9 @@ def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, he
         raise ValueError(f"--attention {body} is not supported: choose one of {BODIES}")
     if kv_scales not in KV_SCALES:
         raise ValueError(f"--kv-scales {kv_scales} is not supported: choose one of {KV_SCALES}")
-    if kv_scales == "row" and (kv_bits != 4 or body != "matmul"):
-        raise ValueError("--kv-scales row needs the int4 cache and the matmul body (--kv-bits 4 --attention "
-                         "matmul); GroupQueryAttention keeps static scales only: use --kv-scales channel")
+    if kv_scales != "channel" and (kv_bits != 4 or body != "matmul"):
+        raise ValueError(f"--kv-scales {kv_scales} needs the int4 cache and the matmul body (--kv-bits 4 "
+                         "--attention matmul); GroupQueryAttention keeps static scales only: use --kv-scales channel")
     if kv_bits in (4, 8) and body == "gqa":  # the matmul body quantizes with plain ops
         import onnxruntime
 
@@ -413,7 +408,9 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
         cache.update(kv_heads=dec.kv_heads, head_dim=dec.head_dim)
     if opts.cache_scales is not None:
         kind = ("static per channel and one per row (x = code * row scale * channel scale; the row scales in "
-                "past_row_scale.N)" if opts.row_scales else "static per channel (x = code * scale)")
+                "past_group_scale.N)" if opts.cache_scales_mode == "row" else
+                "llama.cpp's q4_0 blocks of 32 (x = d (nibble - 8), d float16 in past_group_scale.N)"
+                if opts.cache_scales_mode == "q4_0" else "static per channel (x = code * scale)")
         cache["scales"] = {"kind": kind, "calibration": weights.pop("calib"),
                            "layers": [np.asarray(s).round(8).ravel().tolist() if dec.kind == "mla" else
                                       {"key": s[0].ravel().tolist(), "value": s[1].ravel().tolist()}
@@ -443,13 +440,12 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
-           model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str | None = None) -> Path:
+           model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str = "channel") -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
     lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
     read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
-    kv_scales = kv_scales or default_kv_scales(kv_bits, body, original)
     check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales)
     refuse_existing(out, overwrite)
     if model is None:
@@ -460,6 +456,9 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     dec = decoder_from_original(model, checkpoint) if original else decoder_from_mla(model, rotate_latent, checkpoint)
     if body != "gqa" and dec.kind != "mla":
         raise ValueError(f"--attention {body} applies to MLA models; the baseline always uses GroupQueryAttention")
+    if kv_scales == "q4_0" and dec.cache_width % 32:
+        raise ValueError(f"--kv-scales q4_0 needs C + R a multiple of 32 (this model caches {dec.cache_width} "
+                         "numbers per token): use --kv-scales row")
     quantized = weight_bits in (4, 8)
     weight_method = weight_method if weight_bits == 4 else "rtn"  # 8-bit round-to-nearest is close to float
     opts = onnx_graph.Options(kv_bits=kv_bits, body=body, fp16_weights=weight_bits == 16, block_size=block_size,
@@ -469,7 +468,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                                   "four_bit_up_projections") else 8) if quantized else weight_bits,
                               weight_bits=weight_bits if quantized else 0, head_bits=head_bits or 0,
                               symmetric=symmetric, accuracy_level=accuracy_level, method=weight_method,
-                              row_scales=kv_scales == "row")
+                              cache_scales_mode=kv_scales if kv_bits == 4 else "channel")
     calib = None
     if kv_bits in (4, 8):  # the static cache scales, fitted as the layers are read
         from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it

@@ -53,7 +53,7 @@ def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
     return kv
 
 
-ROW_SCALE = "_row_scale."  # in the names of the row-scale buffers of a `--kv-scales row` export
+ROW_SCALE = "_group_scale."  # in the names of the row-scale buffers of a `--kv-scales row|q4_0` export
 
 
 def _drop_row_scales(graph: onnx.GraphProto) -> None:

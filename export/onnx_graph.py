@@ -22,7 +22,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from edge_mla.export import onnx_quant
-from edge_mla.export.onnx_latent_attention import (DOMAIN, MS, OPSET, latent_attention_gqa,
+from edge_mla.export.onnx_latent_attention import (DOMAIN, MS, OPSET, SCALE_GROUP, latent_attention_gqa,
                                                    latent_attention_matmul)
 
 IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions written by onnx 1.23
@@ -156,7 +156,7 @@ class Options:
     body: str = "gqa"  # LatentAttention body: "gqa" (GroupQueryAttention) or "matmul" (all heads in one MatMul)
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
-    row_scales: bool = False  # MLA int4 cache, matmul body: a scale per cached row beside the static ones
+    cache_scales_mode: str = "channel"  # MLA int4 cache, matmul body: also "row" or "q4_0" scales kept per row
     up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
     block_size: int = 32
     # 2D weights: 4 or 8 = MatMulNBits (onnx_quant.block_codes: llama.cpp's q4_0 / q8_0 grids when symmetric);
@@ -170,6 +170,12 @@ class Options:
     method: str = "rtn"  # 4-bit layer weights: rtn, or hqq (onnx_quant.hqq_codes; the head stays rtn)
 
 
+def scale_groups(dec: Decoder, mode: str) -> int:
+    """Scales kept per cached row: one ("row") or one per 32 values ("q4_0")."""
+    group = SCALE_GROUP[mode] or dec.cache_width
+    return dec.cache_width // group
+
+
 def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
     """The cache I/O of every layer: past input, the present outputs bound to the same buffer, and their shape."""
     name, _, per_byte = CACHE_TYPES[opts.kv_bits]
@@ -179,9 +185,9 @@ def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
         if dec.kind == "mla":
             presents = [f"present.{i}", f"present.{i}.alias"] if opts.body == "gqa" else [f"present.{i}"]
             out.append(dict(past=f"past.{i}", present=presents, heads=1, width=width, dtype=name))
-            if opts.row_scales:
-                out.append(dict(past=f"past_row_scale.{i}", present=[f"present_row_scale.{i}"], heads=1, width=1,
-                                dtype="float32"))
+            if opts.cache_scales_mode != "channel":  # float16 scales of each row's groups (onnx_latent_attention)
+                out.append(dict(past=f"past_group_scale.{i}", present=[f"present_group_scale.{i}"], heads=1,
+                                width=scale_groups(dec, opts.cache_scales_mode), dtype="float16"))
         else:
             for part in ("key", "value"):
                 out.append(dict(past=f"past_{part}.{i}", present=[f"present_{part}.{i}"], heads=dec.kv_heads,
@@ -380,7 +386,8 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     g.op("LatentAttention", inputs, outputs, domain=DOMAIN, name=f"layers.{i}.attn.latent_attention",
          num_heads=H, latent_dim=C, rope_dim=R, scale=float(dec.softmax_scale),
          kv_bits=opts.kv_bits if quantized else 0,
-         kv_quant=("PER_ROW" if opts.row_scales else "PER_CHANNEL") if quantized else "NONE")
+         kv_quant={"channel": "PER_CHANNEL", "row": "PER_ROW", "q4_0": "Q4_0"}[opts.cache_scales_mode]
+         if quantized else "NONE")
     # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
     att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
     v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
@@ -523,6 +530,6 @@ def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
         quantized = opts.kv_bits in (4, 8)
         functions.append(latent_attention_gqa() if opts.body == "gqa" else
                          latent_attention_matmul(opts.kv_bits if quantized else 0, dec.num_heads, dec.latent_dim,
-                                                 dec.rope_dim, row_scales=opts.row_scales))
+                                                 dec.rope_dim, scales=opts.cache_scales_mode))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

@@ -99,36 +99,55 @@ def _int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
     return {"pack": pack, "query": query, "latent": out[:, :latent]}
 
 
+SCALE_GROUP = {"row": None, "q4_0": 32}  # int4 cache scales kept beside the rows: one per row, or per 32 values
+
+
+def _group_matrices(group: int) -> np.ndarray:
+    """unpack [g, g]: a group's attended [bytes x | high nibbles hi] (g/2 each) -> its g nibbles in channel order
+    (channel 2k = x_k - 16 hi_k, channel 2k+1 = hi_k)."""
+    half = group // 2
+    k = np.arange(half)
+    out = np.zeros((group, group), np.float32)
+    out[k, 2 * k], out[half + k, 2 * k], out[half + k, 2 * k + 1] = 1, -16, 1
+    return out
+
+
 def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
-                            row_scales: bool = False) -> onnx.FunctionProto:
+                            scales: str = "channel") -> onnx.FunctionProto:
     """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float),
     written for the model's own cache type and widths (a model-local function: one export, one layout).
 
-    The new rows are quantized (static per-channel scales) and written into the cache buffer by ScatterElements
-    at their positions; bound to the same buffer as the past, the cache updates in place. Heads are folded into
-    rows, so one MatMul scores every head's latent query against the cached rows, q [B, 1, S*H, W] x rows^T
-    [B, 1, W, T], and one more takes the attended latent, probs x rows. The cached codes are never scaled: the
-    scales multiply the query and the attended latent instead (q . (code * s) = (q * s) . code), folded with the
-    softmax scale into one matrix each (onnxruntime folds them at load: one small MatMul per side per layer).
-    An int4 cache is read as its bytes x = lo + 16 hi and their high nibbles hi = floor(x / 16) (float, see
-    `_int4_matrices`). The +8 of the stored nibbles shifts every score of a row by the same amount (softmax ignores
-    it) and the attended latent by exactly 8 (the weights sum to one). Row r = s*H + h sits at position
-    positions[s] and sees keys 0 .. positions[s]. The mask and the write positions depend only on `positions` and
-    `total_sequence_length`, which every layer shares: onnxruntime computes them once per run, not per layer.
+    The new rows are quantized and written into the cache buffer by ScatterElements at their positions; bound to
+    the same buffer as the past, the cache updates in place. Heads are folded into rows, so one MatMul scores every
+    head's latent query against the cached rows, q [B, 1, S*H, W] x rows^T [B, 1, W, T], and one more takes the
+    attended latent, probs x rows. The cached codes are never scaled: the scales multiply the query and the
+    attended latent instead (q . (code * s) = (q * s) . code), folded with the softmax scale into one matrix each
+    (onnxruntime folds them at load: one small MatMul per side per layer). An int4 cache is read as its bytes
+    x = lo + 16 hi and their high nibbles hi = floor(x / 16) (float, see `_int4_matrices`). Row r = s*H + h sits at
+    position positions[s] and sees keys 0 .. positions[s]. The mask and the write positions depend only on
+    `positions` and `total_sequence_length`, which every layer shares: onnxruntime computes them once per run.
 
-    row_scales (int4 only): each row also gets its own scale, kept in a second cache buffer (`past_row_scale`
-    [B, 1, L, 1] float32): the static scales only even out the channels (y = x / s_channel), and the row's codes
-    are round(y / s_row) with llama.cpp's q4_0 rule s_row = y[argmax |y|] / -8 (the largest value is code -8
-    exactly, the rest use all 16 codes), so a row is never clipped. The
-    static scales still fold into the query and the latent; s_row multiplies the row's score and its attention
-    weight (q . (code * s_row) = s_row (q . code)). The stored +8 then shifts a row's score by 8 s_row sum(q),
-    which is no longer the same for every row: it is subtracted (a sum column of the query matrix), as is 8 s_row
-    per row from the attended latent (the weights times s_row no longer sum to one).
+    scales (int4): "channel": static per-channel scales (cache_scale); the +8 of the stored nibbles shifts every
+    score of a row by the same amount (softmax ignores it) and the attended latent by exactly 8. "row" and
+    "q4_0": the rows also carry scales of their own, in a second cache buffer (`past_group_scale` [B, 1, L, G]
+    float16), by llama.cpp's q4_0 rule (per group, d = the value of largest magnitude / -8, nibble =
+    trunc(x / d + 8.5) clipped to 15, x = d (nibble - 8)); "row": one group per row, over the row divided by the
+    static per-channel scales (which only even the channels out); "q4_0": groups of 32 values of the row itself,
+    llama.cpp's q4_0 cache. Each group's partial score q_g . nibbles_g, less the shift 8 sum(q_g) (a column per
+    group in the query matrix), is multiplied by its d and the groups summed; the attended latent likewise
+    (weights times d, less 8 d per weight).
     """
-    if row_scales and kv_bits != 4:
-        raise ValueError("per-row cache scales are made for the int4 cache")
-    nodes: list[onnx.NodeProto] = []
+    if scales not in ("channel", *SCALE_GROUP):
+        raise ValueError(f"cache scales {scales!r}: choose channel, {', '.join(SCALE_GROUP)}")
     width = latent + rope
+    grouped = scales != "channel"
+    if grouped and kv_bits != 4:
+        raise ValueError(f"{scales} cache scales are made for the int4 cache")
+    group = SCALE_GROUP.get(scales) or width
+    if grouped and width % group:
+        raise ValueError(f"q4_0 cache scales need C + R a multiple of {group}, got {width}")
+    groups = width // group
+    nodes: list[onnx.NodeProto] = []
 
     def node(op, inputs, output, **attrs):
         nodes.append(helper.make_node(op, inputs, [output], **attrs))
@@ -149,34 +168,48 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
     node("LessOrEqual", ["keys", rows], "allowed")
     node("Reshape", ["positions", const("column4", [1, 1, -1, 1])], "positions4")
     # the new rows in the cache's code, [B, 1, S, stored width]
-    if kv_bits:
+    channel = kv_bits and scales != "q4_0"  # static per-channel scales in play
+    if channel:
         node("Reshape", ["cache_scale", const("minus1", [-1])], "cs")  # [W]
-        lo, hi = onnx_quant.CODE_RANGE[kv_bits]
-        scaled = node("Div", ["entry", "cs"], "scaled")
-        if row_scales:  # s_row = y[argmax |y|] / -8 (q4_0's rule), 1 for a zero row
-            node("ArgMax", [node("Abs", [scaled], "scaled_abs")], "row_peak_at", axis=-1, keepdims=1)
-            node("Mul", [node("GatherElements", [scaled, "row_peak_at"], "row_peak", axis=-1),
-                         const("per_code_min", 1 / lo, np.float32)], "row_s")  # [B, S, 1]
-            node("Where", [node("Equal", ["row_s", const("zero_f", 0.0, np.float32)], "row_zero"),
-                           const("one_f", 1.0, np.float32), "row_s"], "row_scale_new")
-            scaled = node("Div", [scaled, "row_scale_new"], "scaled_row")
-        node("Clip", [node("Round", [scaled], "rounded"),
-                      const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
         node("Mul", ["cs", "softmax_scale"], "cs_scaled")
         node("Slice", ["cs", const("zero1", [0]), const("c1", [latent])], "cs_latent")
-    if kv_bits == 4:  # two codes per byte: code_2k + 8 + 16 (code_2k+1 + 8)
+    if grouped:  # q4_0's rule per group of the row (over x / s_channel for "row")
+        y = node("Div", ["entry", "cs"], "scaled") if channel else "entry"
+        yg = node("Reshape", [y, const("group_shape", [0, 0, groups, group])], "y_groups")  # [B, S, G, g]
+        node("ArgMax", [node("Abs", [yg], "y_abs")], "peak_at", axis=-1, keepdims=1)
+        d = node("Mul", [node("GatherElements", [yg, "peak_at"], "peak", axis=-1),
+                         const("per_code_min", -1 / 8, np.float32)], "d")  # [B, S, G, 1]
+        inv = node("Where", [node("Equal", [d, const("zero_f", 0.0, np.float32)], "d_zero"),
+                             const("zero_f", 0.0, np.float32), node("Reciprocal", [d], "d_inv")], "inv")
+        node("Clip", [node("Floor", [node("Add", [node("Mul", [yg, inv], "y_scaled"),
+                                                  const("half_up", 8.5, np.float32)], "y_shifted")], "y_floor"),
+                      const("nibble_min", 0.0, np.float32), const("nibble_max", 15.0, np.float32)], "nibbles_g")
+        nibbles = node("Reshape", ["nibbles_g", const("row_shape", [0, 0, width])], "nibbles")  # code + 8
+        node("Cast", [node("Reshape", [d, const("scale_shape", [0, 0, groups])], "d_row")], "d16",
+             to=TensorProto.FLOAT16)
+    elif kv_bits:
+        lo, hi = onnx_quant.CODE_RANGE[kv_bits]
+        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"),
+                      const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
+    if kv_bits == 4:  # two nibbles per byte: nibble_2k + 16 nibble_2k+1, each code + 8
         m = _int4_matrices(width, latent)
-        node("Add", [node("MatMul", ["codes", const("pack", m["pack"], np.float32)], "packed_signed"),
-                     const("offset", 8 * 17, np.float32)], "packed")
+        if grouped:
+            node("MatMul", [nibbles, const("pack", m["pack"], np.float32)], "packed")
+        else:
+            node("Add", [node("MatMul", ["codes", const("pack", m["pack"], np.float32)], "packed_signed"),
+                         const("offset", 8 * 17, np.float32)], "packed")
         node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
-        # the query's and the latent's matrices, scales folded in (constants: folded at load)
+        # the query's matrix, scales folded in (a constant: folded at load); grouped: + 8 sum(q) per group
         q_pick = m["query"]
-        if row_scales:  # one more column: 8 sum(q * scales), the score shift of the stored +8 before s_row
-            q_pick = np.concatenate([q_pick, np.full((width, 1), 8, np.float32)], 1)
-        node("Mul", [node("Unsqueeze", ["cs_scaled", const("last", [-1])], "cs_col"),
+        if grouped:
+            sums = np.zeros((width, groups), np.float32)
+            sums[np.arange(width), np.arange(width) // group] = 8
+            q_pick = np.concatenate([q_pick, sums], 1)
+        node("Mul", [node("Unsqueeze", ["cs_scaled" if channel else "softmax_scale", const("last", [-1])], "cs_col"),
                      const("q_pick", q_pick, np.float32)], "q_matrix")
-        node("Mul", ["cs_latent", const("lat_pick", m["latent"], np.float32)], "lat_matrix")
-        node("Mul", ["cs_latent", const("minus8", -8.0, np.float32)], "lat_bias")
+        if not grouped:
+            node("Mul", ["cs_latent", const("lat_pick", m["latent"], np.float32)], "lat_matrix")
+            node("Mul", ["cs_latent", const("minus8", -8.0, np.float32)], "lat_bias")
     elif kv_bits == 8:
         node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
         node("Mul", ["cs_latent", const("lat_pick", np.eye(width, latent), np.float32)], "lat_matrix")
@@ -187,24 +220,36 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
     node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
     # the T cached rows [B, 1, T, stored width], as float
     node("Slice", ["present", const("zero1", [0]), "t1", const("two1", [2])], "cached")
-    if row_scales:  # the rows' scales: written beside them, read as [B, 1, 1, T]
-        node("Unsqueeze", ["row_scale_new", const("one1", [1])], "row_scale_new4")
-        node("Expand", ["positions4", node("Shape", ["row_scale_new4"], "row_scale_shape")], "row_idx")
-        node("ScatterElements", ["past_row_scale", "row_idx", "row_scale_new4"], "present_row_scale", axis=2)
-        node("Reshape", [node("Slice", ["present_row_scale", const("zero1", [0]), "t1", const("two1", [2])],
-                              "row_scales_t"), const("row_shape", [0, 1, 1, -1])], "s_rows")
+    if grouped:  # the rows' scales: written beside them, read as [B, 1, G, 1, T]
+        node("Unsqueeze", ["d16", const("one1", [1])], "d16_4")
+        node("Expand", ["positions4", node("Shape", ["d16_4"], "d_shape")], "d_idx")
+        node("ScatterElements", ["past_group_scale", "d_idx", "d16_4"], "present_group_scale", axis=2)
+        node("Unsqueeze", [node("Transpose", [node("Cast", [
+            node("Slice", ["present_group_scale", const("zero1", [0]), "t1", const("two1", [2])], "d_cached16")],
+            "d_cached", to=TensorProto.FLOAT)], "d_t", perm=[0, 1, 3, 2]), const("three1", [3])], "d_rows")
     node("Reshape", ["query", const("qshape", [0, 1, -1, width])], "q")  # [B, 1, S*H, W]
     if kv_bits == 4:
         node("Cast", ["cached"], "x", to=TensorProto.FLOAT)
         node("Floor", [node("Mul", ["x", const("sixteenth", 1 / 16, np.float32)], "x16")], "x_hi")
         node("Split", [node("MatMul", ["q", "q_matrix"], "q_both"),
-                       const("halves", [width // 2] * 2 + ([1] if row_scales else []))], "q_split", axis=-1)
-        nodes[-1].output[:] = ["q_x", "q_hi"] + (["q_shift"] if row_scales else [])
+                       const("halves", [width // 2] * 2 + ([groups] if grouped else []))], "q_split", axis=-1)
+        nodes[-1].output[:] = ["q_x", "q_hi"] + (["q_shift"] if grouped else [])
+    if kv_bits == 4 and grouped:  # per group: [x | hi] against [q_x | q_hi], [B, 1, G, S*H, T]
+        half5 = const("half5", [0, 0, 0, groups, group // 2])
+        node("Concat", [node("Reshape", ["x", half5], "x_g"), node("Reshape", ["x_hi", half5], "x_hi_g")],
+             "kv_g", axis=-1)  # [B, 1, T, G, g]
+        node("Concat", [node("Reshape", ["q_x", half5], "q_x_g"), node("Reshape", ["q_hi", half5], "q_hi_g")],
+             "q_g", axis=-1)  # [B, 1, S*H, G, g]
+        raw = node("MatMul", [node("Transpose", ["q_g"], "q_gt", perm=[0, 1, 3, 2, 4]),
+                              node("Transpose", ["kv_g"], "kv_gt", perm=[0, 1, 3, 4, 2])], "scores_g")
+        shift = node("Unsqueeze", [node("Transpose", ["q_shift"], "q_shift_t", perm=[0, 1, 3, 2]),
+                                   const("last", [-1])], "shift_g")  # [B, 1, G, S*H, 1]
+        node("ReduceSum", [node("Mul", [node("Sub", [raw, shift], "scores_g0"), "d_rows"], "scores_gd"),
+                           const("two1", [2])], "scores", keepdims=0)
+    elif kv_bits == 4:
         node("Add", [node("MatMul", ["q_x", node("Transpose", ["x"], "x_t", perm=[0, 1, 3, 2])], "scores_x"),
                      node("MatMul", ["q_hi", node("Transpose", ["x_hi"], "x_hi_t", perm=[0, 1, 3, 2])], "scores_hi")],
-             "scores_codes" if row_scales else "scores")
-        if row_scales:
-            node("Mul", [node("Sub", ["scores_codes", "q_shift"], "scores_unshifted"), "s_rows"], "scores")
+             "scores")
     else:
         node("Cast" if kv_bits else "CastLike", ["cached"] + ([] if kv_bits else ["query"]), "kv",
              **({"to": TensorProto.FLOAT} if kv_bits else {}))
@@ -212,15 +257,24 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
         node("MatMul", ["qs", node("Transpose", ["kv"], "kv_t", perm=[0, 1, 3, 2])], "scores")
     node("Softmax", [node("Where", ["allowed", "scores", const("neg", -1e30, np.float32)], "masked")], "probs",
          axis=-1)
-    if kv_bits == 4:  # the attended [x | hi] -> latent codes + 8 -> latent
-        weights = node("Mul", ["probs", "s_rows"], "probs_scaled") if row_scales else "probs"
-        both = node("Concat", [node("MatMul", [weights, "x"], "att_x"), node("MatMul", [weights, "x_hi"], "att_hi")],
+    if kv_bits == 4 and grouped:  # weights p_t d_t,g against each group's [x | hi], unpacked, less 8 sum(p d)
+        w = node("Mul", [node("Unsqueeze", ["probs", const("two1", [2])], "probs5"), "d_rows"], "w_g")
+        att = node("MatMul", [w, node("Transpose", ["kv_g"], "kv_g_t", perm=[0, 1, 3, 2, 4])], "att_g")
+        node("Add", [node("MatMul", [att, const("unpack", _group_matrices(group), np.float32)], "att_nibbles"),
+                     node("Mul", [node("ReduceSum", [w, const("last", [-1])], "w_sum", keepdims=1),
+                                  const("minus8", -8.0, np.float32)], "att_offset")], "att_codes_g")
+        row = node("Reshape", [node("Transpose", ["att_codes_g"], "att_codes_t", perm=[0, 1, 3, 2, 4]),
+                               const("qshape", [0, 1, -1, width])], "att_row")  # [B, 1, S*H, W]
+        att_latent = node("Slice", [row, const("zero1", [0]), const("c1", [latent]), const("last", [-1])],
+                          "att_latent")
+        if channel:
+            node("Mul", [att_latent, "cs_latent"], "att")
+        else:
+            node("Identity", [att_latent], "att")
+    elif kv_bits == 4:  # the attended [x | hi] -> latent codes + 8 -> latent
+        both = node("Concat", [node("MatMul", ["probs", "x"], "att_x"), node("MatMul", ["probs", "x_hi"], "att_hi")],
                     "att_both", axis=-1)
-        bias = "lat_bias"
-        if row_scales:  # the +8 of each row, times its weight and scale: -8 s_channel sum_t(p_t s_t)
-            bias = node("Mul", [node("ReduceSum", [weights, const("last", [-1])], "weight_sum", keepdims=1),
-                                "lat_bias"], "lat_bias_rows")
-        node("Add", [node("MatMul", [both, "lat_matrix"], "att_scaled"), bias], "att")
+        node("Add", [node("MatMul", [both, "lat_matrix"], "att_scaled"), "lat_bias"], "att")
     elif kv_bits == 8:
         node("MatMul", [node("MatMul", ["probs", "kv"], "att_codes"), "lat_matrix"], "att")
     else:
@@ -228,8 +282,8 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
                        const("last", [-1])], "att")
     node("Reshape", ["att", const("oshape", [0, -1, heads * latent])], "output")
     return helper.make_function(
-        DOMAIN, "LatentAttention", LATENT_INPUTS + (["past_row_scale"] if row_scales else []),
-        ["output", "present"] + (["present_row_scale"] if row_scales else []), _dedupe(nodes),
+        DOMAIN, "LatentAttention", LATENT_INPUTS + (["past_group_scale"] if grouped else []),
+        ["output", "present"] + (["present_group_scale"] if grouped else []), _dedupe(nodes),
         [helper.make_opsetid("", OPSET)], attributes=LATENT_ATTRIBUTES,
         doc_string="Absorbed MLA attention over a latent cache [c | k_rope]; value = c. "
                    "Reference body: one MatMul of all heads against the cached rows, one against the latent.")

@@ -95,15 +95,18 @@ def fake_quantize(x: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     return np.clip(np.rint(x / scale), lo, hi) * scale
 
 
-def row_fake_quantize(x: np.ndarray, channel_scale: np.ndarray, bits: int = 4) -> np.ndarray:
-    """The round trip of a cache with per-row scales over static per-channel ones (the matmul body's
-    `--kv-scales row`): y = x / channel_scale, per row s = y[argmax |y|] / code min (q4_0's rule; 1 for a zero
-    row), codes = round(y / s)."""
-    lo, hi = CODE_RANGE[bits]
-    y = x / channel_scale
-    s = np.take_along_axis(y, np.abs(y).argmax(-1)[..., None], -1) * np.float32(1 / lo)
-    s = np.where(s == 0, np.float32(1), s)
-    return np.clip(np.rint(y / s), lo, hi) * s * channel_scale
+def group_fake_quantize(x: np.ndarray, group: int, channel_scale: np.ndarray | None = None) -> np.ndarray:
+    """The round trip of the matmul body's int4 cache with scales kept per row: q4_0's rule (gguf-py's, bit for
+    bit) on every `group` values of the last axis, over x / channel_scale when given (`--kv-scales row`: one group
+    per row over the static per-channel scales; `--kv-scales q4_0`: groups of 32 of x itself)."""
+    y = (x / channel_scale if channel_scale is not None else x).astype(np.float32)
+    g = y.reshape(*y.shape[:-1], -1, group)
+    d = np.take_along_axis(g, np.abs(g).argmax(-1)[..., None], -1) / np.float32(-8)
+    with np.errstate(divide="ignore"):
+        inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
+    nibbles = np.clip(np.trunc(g * inv + np.float32(8.5)), 0, 15)
+    out = (d.astype(np.float16).astype(np.float32) * (nibbles - 8)).reshape(y.shape)
+    return out * channel_scale if channel_scale is not None else out
 
 
 def channel_scales(samples: np.ndarray, bits: int, groups: np.ndarray) -> np.ndarray:

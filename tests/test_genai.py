@@ -59,7 +59,7 @@ def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_
     assert config["model"]["decoder"]["filename"] == MODEL and config["search"]["past_present_share_buffer"]
     onnx.checker.check_model(str(folder / MODEL), full_check=True)
     # genai's key and value caches both hold the latent row: twice the runner's single buffer
-    row_scales = 4 * mla_model.config.num_hidden_layers if scales == "row" else 0  # float32 per row and layer
+    row_scales = 2 * mla_model.config.num_hidden_layers if scales == "row" else 0  # float16 per row and layer
     assert meta["genai"]["cache_bytes_per_token"] == 2 * (meta["cache"]["bytes_per_token"] - row_scales)
     expected = runner_greedy(reference, PROMPT, NEW)
     assert len(expected) >= 8  # enough tokens before any end-of-text to be a real comparison

@@ -201,8 +201,7 @@ def test_quantized_exports_run_and_stay_close(tmp_path, mla_model, text_file, we
 def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
     """Both LatentAttention bodies over the same quantized cache: the same codes in the buffer, the same logits
     in one prefill, in chunks and token by token."""
-    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64,
-                  kv_scales="channel")
+    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64)
     folders = {body: export(mla_model, tmp_path / body, body=body, **common) for body in ("gqa", "matmul")}
     ids = prompt()[0].numpy()
     got = {}
@@ -215,47 +214,60 @@ def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
     assert same > 0.999, same  # the same codes in the buffer (a rounding tie may go the other way)
 
 
-def test_row_scaled_int4_cache_is_its_round_trip(tmp_path, mla_model, text_file):
-    """The matmul body's default int4 cache (a scale per row over the static per-channel ones) gives the logits of
-    the PyTorch model whose cached rows pass through the same round trip (onnx_quant.row_fake_quantize), in one
-    prefill, in chunks and token by token; the scales in the second buffer follow q4_0's rule on x / s_channel."""
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=4, body="matmul",
+@pytest.mark.parametrize("scales", ["row", "q4_0"])
+def test_int4_cache_with_scales_per_row_is_its_round_trip(tmp_path, text_file, scales):
+    """The matmul body's int4 caches whose scales are kept with the rows (float16, q4_0's rule: one per row over
+    the static per-channel scales, or per 32 values) give the logits of the PyTorch model whose cached rows pass
+    through the same round trip (onnx_quant.group_fake_quantize, which is gguf-py's q4_0 on groups of 32), in one
+    prefill, in chunks and token by token; the stored scales are q4_0's d."""
+    model = converted("llama-gqa", latent=16)  # C + R = 32: one q4_0 block per row
+    folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=4, body="matmul", kv_scales=scales,
                     calib_text=str(text_file), calib_windows=4, calib_length=64)
     meta = json.loads((folder / META).read_text())
-    assert "one per row" in meta["cache"]["scales"]["kind"]
+    width, layers = 16 + model.config.mla["rope_dim"], model.config.num_hidden_layers
     names = [t["past"] for t in meta["cache"]["tensors"]]
-    assert names[:2] == ["past.0", "past_row_scale.0"] and len(names) == 2 * mla_model.config.num_hidden_layers
-    width = LATENT + mla_model.config.mla["rope_dim"]
-    assert meta["cache"]["bytes_per_token"] == mla_model.config.num_hidden_layers * (width // 2 + 4)
-    channel = [np.asarray(s, np.float32) for s in meta["cache"]["scales"]["layers"]]
+    assert names[:2] == ["past.0", "past_group_scale.0"] and len(names) == 2 * layers
+    assert meta["cache"]["bytes_per_token"] == layers * (width // 2 + 2)  # one float16 scale per row here
+    channel = [np.asarray(s, np.float32) if scales == "row" else None for s in meta["cache"]["scales"]["layers"]]
+    group = width if scales == "row" else 32
     rows = {}
 
     def round_trip(i):
         def apply(entry):
             rows.setdefault(i, entry.detach().numpy()[0, 0])
-            return torch.from_numpy(onnx_quant.row_fake_quantize(entry.numpy(), channel[i]))
+            return torch.from_numpy(onnx_quant.group_fake_quantize(entry.numpy(), group, channel[i]))
         return apply
 
-    layers = mla_layers(mla_model)
+    layers_ = mla_layers(model)
     ids = prompt()
-    try:
-        for i, attn in enumerate(layers):
-            attn.cache_quant = round_trip(i)
-        with torch.no_grad():
-            expected = mla_model(ids).logits[0].numpy()
-    finally:
-        for attn in layers:
-            attn.cache_quant = None
+    for i, attn in enumerate(layers_):
+        attn.cache_quant = round_trip(i)
+    with torch.no_grad():
+        expected = model(ids).logits[0].numpy()
     ids = ids[0].numpy()
     for chunk in (0, 7):
         decoder = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=chunk)
         got = np.concatenate([decoder.forward(ids[:20], keep=20)] +
                              [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))])
         assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
-    stored = decoder.buffers["past_row_scale.1"].numpy()[0, 0, :len(ids), 0]
-    y = rows[1] / channel[1]
+    stored = decoder.buffers["past_group_scale.1"].numpy()[0, 0, :len(ids), 0].astype(np.float32)
+    y = rows[1] / channel[1] if scales == "row" else rows[1]
     want = np.take_along_axis(y, np.abs(y).argmax(-1)[:, None], -1)[:, 0] / -8
-    assert np.allclose(stored, want, rtol=1e-4)  # the graph's rows are PyTorch's to float32 rounding
+    assert np.allclose(stored, want.astype(np.float16).astype(np.float32), rtol=2e-3)  # float16, from the graph's rows
+
+
+def test_q4_0_cache_round_trip_is_gguf_py_and_the_recovery_s():
+    """The reference of the q4_0 cache scales is gguf-py's q4_0 bit for bit, and the CPU recovery's emulation."""
+    from gguf import GGMLQuantizationType
+    from gguf.quants import dequantize, quantize
+
+    from edge_mla.recover import q4_0_roundtrip
+
+    x = (np.random.default_rng(0).standard_normal((64, 96)) * np.logspace(-3, 2, 96)).astype(np.float32)
+    x[3] = 0  # a zero row: d = 0, codes 8
+    want = dequantize(quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
+    assert np.array_equal(onnx_quant.group_fake_quantize(x, 32), want)
+    assert np.array_equal(q4_0_roundtrip(torch.from_numpy(x)).numpy(), want)
 
 
 def test_web_page_refuses_a_matmul_body_export_before_any_work(capsys, tmp_path, mla_model):
@@ -265,12 +277,16 @@ def test_web_page_refuses_a_matmul_body_export_before_any_work(capsys, tmp_path,
     assert "--attention gqa" in capsys.readouterr().err and not (tmp_path / "site").exists()
 
 
-def test_row_scales_need_the_matmul_body_and_int4(tmp_path, mla_model):
+def test_scales_per_row_need_the_matmul_body_int4_and_whole_blocks(tmp_path, mla_model):
     with pytest.raises(ValueError, match="matmul body"):
         export(mla_model, tmp_path / "a", weight_bits=32, kv_bits=4, body="gqa", kv_scales="row")
     with pytest.raises(ValueError, match="int4 cache"):
-        export(mla_model, tmp_path / "b", weight_bits=32, kv_bits=8, body="matmul", kv_scales="row")
+        export(mla_model, tmp_path / "b", weight_bits=32, kv_bits=8, body="matmul", kv_scales="q4_0")
+    with pytest.raises(ValueError, match="multiple of 32"):  # C + R = 40
+        export(mla_model, tmp_path / "c", weight_bits=32, kv_bits=4, body="matmul", kv_scales="q4_0")
     assert not any(tmp_path.iterdir())
+    default = export(mla_model, tmp_path / "d", weight_bits=32, kv_bits=4, body="matmul")
+    assert json.loads((default / META).read_text())["cache"]["scales"]["kind"].startswith("static per channel")
 
 
 @pytest.mark.parametrize("body", ["gqa", "matmul"])

@@ -45,7 +45,7 @@ def mla_model():
     return converted("llama-gqa")
 
 
-@pytest.mark.parametrize("bits,body,scales", [(32, "gqa", None), (4, "gqa", None), (4, "matmul", "channel"),
+@pytest.mark.parametrize("bits,body,scales", [(32, "gqa", "channel"), (4, "gqa", "channel"), (4, "matmul", "channel"),
                                               (4, "matmul", "row")])
 def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_model, bits, body, scales):
     """genai runs the gqa body whichever body model.onnx carries (the matmul body's cache is the same bytes); a

@@ -42,7 +42,7 @@ def child(folder: str, ids_file: str, context: int, new: int, threads: int, chun
     from edge_mla.runtimes.onnxruntime import OnnxDecoder
 
     ids = np.load(ids_file)[:context]
-    decoder = OnnxDecoder(folder, threads=threads, context=context + new, prefill_chunk=chunk)
+    decoder = OnnxDecoder(folder, threads=threads, context=context + new, prefill_chunk=None if chunk < 0 else chunk)
     t0, c0 = time.perf_counter(), time.process_time()
     logits = decoder.forward(ids)
     prefill, prefill_cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -61,7 +61,8 @@ def child(folder: str, ids_file: str, context: int, new: int, threads: int, chun
 
 
 def measure(folder: Path, ids_file: str, context: int, new: int, threads: int, chunk: int) -> dict:
-    cmd = [sys.executable, __file__, "--child", str(folder), ids_file, str(context), str(new), str(threads), str(chunk)]
+    cmd = [sys.executable, __file__, "--child", str(folder), ids_file, str(context), str(new), str(threads),
+           str(-1 if chunk is None else chunk)]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise RuntimeError(result.stderr[-2000:])
@@ -141,7 +142,8 @@ def main() -> int:
                    help="LatentAttention bodies to measure, BODY or BODY-SCALES for an int4 cache's --kv-scales "
                         "(matmul-q4_0, matmul-row; static per-channel scales otherwise); a name whose folder "
                         "mla_NAME_wB_kvK already exists in --work is measured as it is, e.g. an export by older code")
-    p.add_argument("--prefill-chunk", type=int, default=128, help="prompt tokens per run (0: one piece)")
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per run (0: one piece; default: each export's own, else the runner's 128)")
     p.add_argument("--source", default="smollm2-135m", help="the original model it was converted from")
     p.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "edge_mla_onnx_bench"))
     p.add_argument("--reexport", action="store_true")

@@ -401,6 +401,8 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
         "bytes_per_token": int(bytes_per_token),
         "tensors": tensors,
     }
+    if dec.kind == "mla" and onnx_graph.prefill_chunk(opts):
+        cache["prefill_chunk"] = onnx_graph.prefill_chunk(opts)
     if dec.kind == "mla":
         cache.update(latent_dim=dec.latent_dim, rope_dim=dec.rope_dim,
                      latent_padding=dec.latent_dim - model.config.mla["latent_dim"])

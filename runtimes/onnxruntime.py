@@ -35,14 +35,16 @@ def read_meta(folder: str | Path) -> dict:
 
 
 PREFILL_CHUNK = 128  # prompt tokens per run: attention scratch grows with chunk x context, not prompt x context
+# (an export may name its own in its metadata: the matmul body's q4_0 cache keeps a score matrix per 32 values)
 
 
 class OnnxDecoder:
     """One onnxruntime session and its cache. `forward(ids)` appends ids to the cache and returns their logits.
-    Long inputs run in chunks of `prefill_chunk` tokens (0: in one piece), so prefill memory grows linearly."""
+    Long inputs run in chunks of `prefill_chunk` tokens (0: in one piece; None: the export's own, else
+    PREFILL_CHUNK), so prefill memory grows linearly."""
 
     def __init__(self, folder: str | Path, threads: int | None = None, context: int | None = None,
-                 prefill_chunk: int = PREFILL_CHUNK):
+                 prefill_chunk: int | None = None):
         import onnxruntime as ort
 
         self.folder = Path(folder)
@@ -61,7 +63,8 @@ class OnnxDecoder:
         self.session = ort.InferenceSession(str(self.folder / self.meta["model"]), options,
                                             providers=["CPUExecutionProvider"])
         self.cache = self.meta["cache"]
-        self.prefill_chunk = prefill_chunk
+        self.prefill_chunk = prefill_chunk if prefill_chunk is not None else self.cache.get("prefill_chunk",
+                                                                                              PREFILL_CHUNK)
         self.reset(context or self.meta["max_context"])
 
     def reset(self, context: int) -> None:

@@ -250,6 +250,9 @@ def test_int4_cache_with_scales_per_row_is_its_round_trip(tmp_path, text_file, s
         got = np.concatenate([decoder.forward(ids[:20], keep=20)] +
                              [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))])
         assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
+    # the q4_0 body's prefill scratch is a score matrix per 32 values: its export asks the runner for short chunks
+    assert meta["cache"].get("prefill_chunk") == (32 if scales == "q4_0" else None)
+    assert OnnxDecoder(folder, threads=1, context=8).prefill_chunk == meta["cache"].get("prefill_chunk", 128)
     stored = decoder.buffers["past_group_scale.1"].numpy()[0, 0, :len(ids), 0].astype(np.float32)
     y = rows[1] / channel[1] if scales == "row" else rows[1]
     want = np.take_along_axis(y, np.abs(y).argmax(-1)[:, None], -1)[:, 0] / -8

@@ -53,20 +53,20 @@ def _kv_function(function: onnx.FunctionProto, at: int) -> onnx.FunctionProto:
     return kv
 
 
-ROW_SCALE = "_group_scale."  # in the names of the row-scale buffers of a `--kv-scales row|q4_0` export
+GROUP_SCALE = "_group_scale."  # in the names of the scale buffers of a `--kv-scales row|q4_0` export
 
 
-def _drop_row_scales(graph: onnx.GraphProto) -> None:
-    """A row-scaled export's graph without its row scales (the LatentAttention node's last input and output, and
-    their graph I/O), its attention marked static per channel: genai's GroupQueryAttention keeps the rows on the
-    static per-channel scales alone (the same ones), at their quality (docs/onnx.md)."""
+def _drop_group_scales(graph: onnx.GraphProto) -> None:
+    """A graph with scales kept per row (`--kv-scales row|q4_0`) without them (the LatentAttention node's last input
+    and output, and their graph I/O), its attention marked static per channel: genai's GroupQueryAttention keeps the
+    rows on the static per-channel scales alone (the export fits them too), at their quality (docs/onnx.md)."""
     for values in (graph.input, graph.output):
-        for value in [v for v in values if ROW_SCALE in v.name]:
+        for value in [v for v in values if GROUP_SCALE in v.name]:
             values.remove(value)
     for node in graph.node:
-        if node.op_type == "LatentAttention" and any(ROW_SCALE in n for n in node.input):
-            node.input[:] = [n for n in node.input if ROW_SCALE not in n]
-            node.output[:] = [n for n in node.output if ROW_SCALE not in n]
+        if node.op_type == "LatentAttention" and any(GROUP_SCALE in n for n in node.input):
+            node.input[:] = [n for n in node.input if GROUP_SCALE not in n]
+            node.output[:] = [n for n in node.output if GROUP_SCALE not in n]
             next(a for a in node.attribute if a.name == "kv_quant").s = b"PER_CHANNEL"
 
 
@@ -76,7 +76,7 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     graph = model.graph
     mla = meta["architecture"] == "mla"
-    _drop_row_scales(graph)
+    _drop_group_scales(graph)
     rename: dict[str, str] = {}
     value_of: dict[str, str] = {}  # MLA: the past input -> the name of its twin, genai's value cache
     for i, tensors in enumerate(_per_layer(meta)):
@@ -133,7 +133,7 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
 
 def _per_layer(meta: dict) -> list[list[dict]]:
     """The cache tensors of every layer: [latent] for MLA, [key, value] for the baseline."""
-    tensors = [t for t in meta["cache"]["tensors"] if ROW_SCALE not in t["past"]]
+    tensors = [t for t in meta["cache"]["tensors"] if GROUP_SCALE not in t["past"]]
     if meta["architecture"] == "mla":
         if meta["cache"]["mode"] != "inplace":
             raise ValueError("onnxruntime-genai needs the in-place cache of the gqa attention body; re-export with "

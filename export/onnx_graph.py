@@ -183,23 +183,24 @@ def prefill_chunk(opts: Options) -> int | None:
     return 32 if opts.cache_scales_mode == "q4_0" else None
 
 
-def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
-    """The cache I/O of every layer: past input, the present outputs bound to the same buffer, and their shape."""
+def layer_cache_tensors(dec: Decoder, opts: Options, i: int) -> list[dict]:
+    """The cache I/O of layer i: past input, the present outputs bound to the same buffer, and their shape."""
     name, _, per_byte = CACHE_TYPES[opts.kv_bits]
     width = dec.cache_width // per_byte
-    out = []
-    for i in range(len(dec.layers)):
-        if dec.kind == "mla":
-            presents = [f"present.{i}", f"present.{i}.alias"] if opts.body == "gqa" else [f"present.{i}"]
-            out.append(dict(past=f"past.{i}", present=presents, heads=1, width=width, dtype=name))
-            if opts.cache_scales_mode != "channel":  # float16 scales of each row's groups (onnx_latent_attention)
-                out.append(dict(past=f"past_group_scale.{i}", present=[f"present_group_scale.{i}"], heads=1,
-                                width=scale_groups(dec, opts.cache_scales_mode), dtype="float16"))
-        else:
-            for part in ("key", "value"):
-                out.append(dict(past=f"past_{part}.{i}", present=[f"present_{part}.{i}"], heads=dec.kv_heads,
-                                width=width, dtype=name))
+    if dec.kind != "mla":
+        return [dict(past=f"past_{part}.{i}", present=[f"present_{part}.{i}"], heads=dec.kv_heads, width=width,
+                     dtype=name) for part in ("key", "value")]
+    presents = [f"present.{i}", f"present.{i}.alias"] if opts.body == "gqa" else [f"present.{i}"]
+    out = [dict(past=f"past.{i}", present=presents, heads=1, width=width, dtype=name)]
+    if opts.cache_scales_mode != "channel":  # float16 scales of each row's groups (onnx_latent_attention)
+        out.append(dict(past=f"past_group_scale.{i}", present=[f"present_group_scale.{i}"], heads=1,
+                        width=scale_groups(dec, opts.cache_scales_mode), dtype="float16"))
     return out
+
+
+def cache_tensors(dec: Decoder, opts: Options) -> list[dict]:
+    """The cache I/O of every layer, in layer order."""
+    return [t for i in range(len(dec.layers)) for t in layer_cache_tensors(dec, opts, i)]
 
 
 PIECE_VALUES = 1 << 20  # a matrix is quantized and written this many values (4 MB of float32) at a time
@@ -385,7 +386,7 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     inputs = [query, entry, f"past.{i}", seqlens_k, total,
               g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)) if quantized else "",
               rope.positions]
-    layer_cache = [t for t in cache_tensors(dec, opts) if t["past"].endswith(f".{i}")]
+    layer_cache = layer_cache_tensors(dec, opts, i)
     inputs += [t["past"] for t in layer_cache[1:]]  # the row scales' buffer
     outputs = [g.fresh(f"layers.{i}.attn/latent")] + [name for t in layer_cache for name in t["present"]]
     # declared, so that ONNX shape inference can go on past a node whose body it cannot see into

@@ -102,16 +102,6 @@ def _int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
 SCALE_GROUP = {"row": None, "q4_0": 32}  # int4 cache scales kept beside the rows: one per row, or per 32 values
 
 
-def _group_matrices(group: int) -> np.ndarray:
-    """unpack [g, g]: a group's attended [bytes x | high nibbles hi] (g/2 each) -> its g nibbles in channel order
-    (channel 2k = x_k - 16 hi_k, channel 2k+1 = hi_k)."""
-    half = group // 2
-    k = np.arange(half)
-    out = np.zeros((group, group), np.float32)
-    out[k, 2 * k], out[half + k, 2 * k], out[half + k, 2 * k + 1] = 1, -16, 1
-    return out
-
-
 def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
                             scales: str = "channel") -> onnx.FunctionProto:
     """Body of plain ai.onnx ops that reads the cache once for all heads, for a cache of `kv_bits` (0 = float),
@@ -260,7 +250,8 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
     if kv_bits == 4 and grouped:  # weights p_t d_t,g against each group's [x | hi], unpacked, less 8 sum(p d)
         w = node("Mul", [node("Unsqueeze", ["probs", const("two1", [2])], "probs5"), "d_rows"], "w_g")
         att = node("MatMul", [w, node("Transpose", ["kv_g"], "kv_g_t", perm=[0, 1, 3, 2, 4])], "att_g")
-        node("Add", [node("MatMul", [att, const("unpack", _group_matrices(group), np.float32)], "att_nibbles"),
+        unpack = _int4_matrices(group, group)["latent"]  # a group's attended [x | hi] -> its nibbles
+        node("Add", [node("MatMul", [att, const("unpack", unpack, np.float32)], "att_nibbles"),
                      node("Mul", [node("ReduceSum", [w, const("last", [-1])], "w_sum", keepdims=1),
                                   const("minus8", -8.0, np.float32)], "att_offset")], "att_codes_g")
         row = node("Reshape", [node("Transpose", ["att_codes_g"], "att_codes_t", perm=[0, 1, 3, 2, 4]),

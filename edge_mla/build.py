@@ -12,7 +12,7 @@ from edge_mla import budget as bud
 from edge_mla import precision, provenance, recover
 from edge_mla.convert import head_dim_of, resolve_plan
 from edge_mla.data import spread_windows
-from edge_mla.plans import PLANS, RECOVER_LR, RECOVER_STEPS, Plan
+from edge_mla.plans import PLANS, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
 from edge_mla.publish import refuse_existing, staged_folder
 
 # Teacher text for the CPU recovery: 48 x 512 calibration tokens spread over the whole split, and 600 Adam steps per
@@ -59,7 +59,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
           quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int = 256,
           max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
-          threads: int | None = None) -> dict:
+          threads: int | None = None, calibration: Calibration = Calibration()) -> dict:
     from edge_mla import families, preflight
     from edge_mla.source import load_source
 
@@ -115,13 +115,15 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if "onnx" in formats:
             orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
                                            head_bits=precision.head_bits(bits), model=src.model,
-                                           tokenizer=src.tokenizer, checkpoint=src.checkpoint)
+                                           tokenizer=src.tokenizer, checkpoint=src.checkpoint,
+                                           **calibration.of("onnx"))
         if "gguf" in formats:
             orig_gguf = original / "original.gguf"
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
-            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n)
+            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
+                                             calibration)
             k = 4 + bool(recover_steps)
         elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
             teacher = recover.collect_attention_io(
@@ -141,7 +143,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         for i, plan in enumerate(attempts):
             last = i == len(attempts) - 1
             step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
-            mla = calibrate_and_convert(src, plan)
+            mla = calibrate_and_convert(src, plan, **calibration.of("convert"))
             print("      " + describe(mla, config))
             k = 4
             if recover_steps:
@@ -188,10 +190,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if "onnx" in formats:  # + onnxruntime-genai's files (docs/phones.md)
             onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
                                           head_bits=precision.head_bits(bits), model=None if streamed else src.model,
-                                          tokenizer=src.tokenizer, genai=True)
+                                          tokenizer=src.tokenizer, genai=True, **calibration.of("onnx"))
         if "gguf" in formats:  # streamed: read back from mla/ a layer at a time
             gguf_file = staging / "model.gguf"
-            gguf_export.export(str(mla_dir) if streamed else src, gguf_file, weights=weights, cache_type=cache)
+            gguf_export.export(str(mla_dir) if streamed else src, gguf_file, weights=weights, cache_type=cache,
+                               **calibration.of("gguf"))
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
             "tokens per text)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
@@ -256,7 +259,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
 
 
 def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int, kv_bits: int, t0: float,
-                      n: int):
+                      n: int, calibration: Calibration = Calibration()):
     """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
     each layer as it is done when the source stays on disk (streamed), the whole model after otherwise. Returns
     (the MLA section, out)."""
@@ -273,9 +276,10 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int,
     if src.checkpoint is not None:
         out.mkdir()
         writer = FolderWriter(out, src.checkpoint, config.num_hidden_layers)
-        mla = calibrate_and_convert(src, plan, written=writer.layer, teacher=teacher, converted=recovery)
+        mla = calibrate_and_convert(src, plan, written=writer.layer, teacher=teacher, converted=recovery,
+                                    **calibration.of("convert"))
     else:
-        mla = calibrate_and_convert(src, plan, teacher=teacher, converted=recovery)
+        mla = calibrate_and_convert(src, plan, teacher=teacher, converted=recovery, **calibration.of("convert"))
     if recovery is not None:
         mla["recovery"] = recovery.summary(mla)  # before the config is written: it may add to the MLA section
     if src.checkpoint is not None:

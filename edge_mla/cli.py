@@ -47,8 +47,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", default="attention", choices=plans.WEIGHTINGS,
                    help="weights: the paper's plain SVD; activations/balanced/attention: calibrated on text, "
                         "each losing less than the one before (docs/conversion_quality.md)")
-    p.add_argument("--calib-windows", type=int, default=16, help="calibration windows of --calib-length tokens")
-    p.add_argument("--calib-length", type=int, default=1024, help="tokens per calibration window")
+    p.add_argument("--calib-windows", type=int, default=plans.CALIBRATION_DEFAULTS["convert"][0], help="calibration windows of --calib-length tokens")
+    p.add_argument("--calib-length", type=int, default=plans.CALIBRATION_DEFAULTS["convert"][1], help="tokens per calibration window")
     p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
 
 
@@ -187,6 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the build and its measurements (default: all cores). With other work on the "
                         "machine give the free cores: a busy core makes the recovery's threads wait, up to 10x slower")
+    p.add_argument("--calib-windows", type=int, default=None,
+                   help="calibration windows for every step that reads text (default: each step's own: "
+                        + ", ".join(f"{k} {w}" for k, (w, _) in plans.CALIBRATION_DEFAULTS.items())
+                        + "); fewer shorten a big model's build (docs/scale.md)")
+    p.add_argument("--calib-length", type=int, default=None,
+                   help="tokens per calibration window (default: each step's own: "
+                        + ", ".join(f"{k} {n}" for k, (_, n) in plans.CALIBRATION_DEFAULTS.items()) + ")")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--formats", default="onnx,gguf",
                    help="outputs, comma-separated: onnx, gguf or both; checked against the model before any work "
@@ -271,6 +278,7 @@ def cmd_build(args) -> int:
     from edge_mla.preflight import parse_formats
 
     formats = parse_formats(args.formats)
+    calibration = plans.Calibration(args.calib_windows, args.calib_length).check()
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
@@ -286,7 +294,7 @@ def cmd_build(args) -> int:
     with torch_threads(args.threads):  # the build's own work; its measurements' runtimes get the count too
         build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force,
               args.devices, args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps,
-              args.speed_prompt, loss, formats, threads=args.threads)
+              args.speed_prompt, loss, formats, threads=args.threads, calibration=calibration)
     return 0
 
 

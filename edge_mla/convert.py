@@ -12,7 +12,7 @@ import torch
 from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
 from edge_mla.mla import MLAAttention, install_mla
-from edge_mla.plans import Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
+from edge_mla.plans import CALIBRATION_DEFAULTS, Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.source import SourceError, check_architecture
 
@@ -341,7 +341,8 @@ def timed(fn, *args, **kwargs):
 
 
 
-def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_length: int = 1024,
+def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = CALIBRATION_DEFAULTS["convert"][0],
+                          calib_length: int = CALIBRATION_DEFAULTS["convert"][1],
                           text: str | None = None, written=None, teacher: torch.Tensor | None = None,
                           converted=None) -> dict:
     """Calibrate on text and convert a `source.Source` in place, layer by layer (layerwise.Walk: a lazily loaded
@@ -369,7 +370,8 @@ def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = 16, calib_len
     return mla
 
 
-def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = 16, calib_length: int = 1024,
+def convert_source(src, plan: Plan, out: str | Path, *, calib_windows: int = CALIBRATION_DEFAULTS["convert"][0],
+                   calib_length: int = CALIBRATION_DEFAULTS["convert"][1],
                    text: str | None = None, overwrite: bool = False) -> tuple[Path, dict]:
     """Calibrate -> convert -> save a `source.Source`. Checks plan and output path before slow steps. A lazily
     loaded source is written layer by layer as it is converted (one layer resident at a time)."""

@@ -22,6 +22,29 @@ class Plan:
     rope_components: int = 1  # shared head only: principal mixes per frequency that keep RoPE
 
 
+# Calibration text each step of the build reads by default, (windows, tokens per window): the conversion's
+# statistics, the ONNX cache scales, the GGUF latent check (the CLI's --calib-windows/--calib-length defaults).
+CALIBRATION_DEFAULTS = {"convert": (16, 1024), "onnx": (8, 512), "gguf": (4, 512)}
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The build's calibration text: a given windows or length replaces that of every step's own default. On a big
+    model and a small machine fewer tokens shorten every pass through the model (docs/scale.md)."""
+    windows: int | None = None
+    length: int | None = None
+
+    def of(self, step: str) -> dict:
+        windows, length = CALIBRATION_DEFAULTS[step]
+        return {"calib_windows": self.windows or windows, "calib_length": self.length or length}
+
+    def check(self) -> "Calibration":
+        for flag, value in (("--calib-windows", self.windows), ("--calib-length", self.length)):
+            if value is not None and value < 1:
+                raise ValueError(f"{flag} {value}: give 1 or more (or leave it out for each step's default)")
+        return self
+
+
 # The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
 # the original in docs/conversion_quality.md (SmolLM2-135M). A shared rope head keeps every frequency (llama.cpp
 # runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).

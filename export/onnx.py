@@ -15,6 +15,7 @@ import numpy as np
 
 from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_folder
+from edge_mla.plans import CALIBRATION_DEFAULTS
 from edge_mla.runtimes.onnxruntime import META
 
 from edge_mla.export import onnx_graph, onnx_quant
@@ -59,8 +60,8 @@ def add_arguments(parser) -> None:
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
                                                            "Wikipedia calibration part)")
-    parser.add_argument("--calib-windows", type=int, default=8, help="calibration windows for the cache scales")
-    parser.add_argument("--calib-length", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--calib-windows", type=int, default=CALIBRATION_DEFAULTS["onnx"][0], help="calibration windows for the cache scales")
+    parser.add_argument("--calib-length", type=int, default=CALIBRATION_DEFAULTS["onnx"][1], help="tokens per calibration window")
     parser.add_argument("--genai", action="store_true", help="also write onnxruntime-genai's genai.onnx and "
                                                              "genai_config.json (docs/phones.md)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -441,7 +442,8 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
 def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: int | None = None,
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
-           calib_text: str | None = None, calib_windows: int = 8, calib_length: int = 512, overwrite: bool = False,
+           calib_text: str | None = None, calib_windows: int = CALIBRATION_DEFAULTS["onnx"][0],
+           calib_length: int = CALIBRATION_DEFAULTS["onnx"][1], overwrite: bool = False,
            model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str = "channel") -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
     lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is

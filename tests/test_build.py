@@ -79,6 +79,33 @@ def test_threads_must_be_positive(tmp_path, tiny_source, capsys):
     assert code == 2 and "--threads 0" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_source, capsys, monkeypatch):
+    from edge_mla import data
+
+    calls = []
+    real = data.calibration_windows
+    monkeypatch.setattr(data, "calibration_windows",
+                        lambda tok, text=None, *, count, length: calls.append((count, length)) or real(
+                            tok, text, count=count, length=length))
+    out = tmp_path / "build"
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
+                     "--context", "256", "-o", str(out), "--recover-steps", "0", "--quality-windows", "0",
+                     "--speed-prompt", "0", "--threads", "1", "--calib-windows", "2", "--calib-length", "48"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    # the conversion, both ONNX exports' int4 cache scales and the MLA GGUF's latent check: each read 2 x 48
+    assert len(calls) == 4 and set(calls) == {(2, 48)}
+    assert json.loads((out / "report.json").read_text())["mla"]["calibration_tokens"] == 96
+    calls.clear()
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
+                     "--context", "256", "-o", str(tmp_path / "b2"), "--recover-steps", "0", "--quality-windows",
+                     "0", "--speed-prompt", "0", "--threads", "1", "--calib-windows", "3", "--formats", "gguf"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    assert calls == [(3, 1024), (3, 512)]  # a length not given stays each step's own
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi5", "--calib-length", "0",
+                     "-o", str(tmp_path / "b3")])
+    assert code == 2 and "--calib-length 0" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+
+
 def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi5", "--context", "100000",
                      "--out", str(tmp_path / "b")])

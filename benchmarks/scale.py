@@ -11,7 +11,7 @@ are merged into docs/results/scale.json (one row per model and step) and printed
 The calibration is cut to --calib-windows x --calib-length tokens (default 2 x 512; a default conversion reads
 16 x 1024) so that an 8B fits an afternoon on 2 cores: the conversion's progress lines give the rate through the
 layers, from which the default's time follows. GGUF's latent check and ONNX's cache scales read 1 x 128 tokens
-(defaults 4 x 512 and 8 x 512).
+(defaults 4 x 512 and 8 x 512); the build step reads --calib-windows x --calib-length everywhere.
 """
 from __future__ import annotations
 
@@ -60,9 +60,10 @@ def commands(model: str, out: Path, calib: tuple[int, int], rope_pairs: int | No
                         "--calib-windows", "1", "--calib-length", "128", "--force"],
         "export onnx": ["export", "onnx", str(out / "mla"), "-o", str(out / "onnx"), "--bits", "4",
                         "--calib-windows", "1", "--calib-length", "128", "--force"],
-        "build": ["build", "-m", model, "--device", "laptop-16gb", "--bits", "4", "--formats", "gguf",
-                  "--recover-steps", "0", "--quality-windows", "0", "--speed-prompt", "0", "-o", str(out / "build"),
-                  "--force"],
+        # the whole build, both formats, every calibration step on windows x length tokens
+        "build": ["build", "-m", model, "--device", "laptop-16gb", "--bits", "4", "--recover-steps", "0",
+                  "--quality-windows", "0", "--speed-prompt", "0", "--calib-windows", str(windows),
+                  "--calib-length", str(length), "-o", str(out / "build"), "--force"],
     }
 
 

@@ -1,7 +1,7 @@
 """Before any conversion: will every chosen exporter take this model? `edge-mla build` asks right after loading,
 so a model that GGUF (or ONNX) cannot express stops at once with the reason and the fix, instead of after the
 conversion and the other export. The checks are the exporters' own functions (export/gguf.py, gguf_tensors.py,
-export/onnx.py), applied to what the conversion will produce: the kept rope frequencies, the biases, the FFN.
+export/onnx_weights.py), applied to what the conversion will produce: the kept rope frequencies, the biases, the FFN.
 """
 from __future__ import annotations
 
@@ -90,15 +90,15 @@ def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
     converted model, or, with `originals` (the build), the original exported the same way to compare.
     Returns the plan (its rope key fitted to GGUF, fit_rope_key) and notes on what the conversion approximates."""
     from edge_mla.export import gguf as gguf_export
-    from edge_mla.export import onnx as onnx_export
+    from edge_mla.export import onnx_weights
 
     plan, notes = fit_rope_key(model, plan, formats)
     mla, original = "the MLA model", "the original, exported to compare"
     steps = []  # (format, what it would carry, the exporter's check)
     if "onnx" in formats:
-        steps.append(("onnx", mla, lambda: onnx_export.check_config(model.config)))
+        steps.append(("onnx", mla, lambda: onnx_weights.check_config(model.config)))
         if originals:
-            steps.append(("onnx", original, lambda: onnx_export.check_original(model)))
+            steps.append(("onnx", original, lambda: onnx_weights.check_original(model)))
     if "gguf" in formats:
         steps.append(("gguf", mla, lambda: check_gguf(model, plan, align, checkpoint)))
         if originals:

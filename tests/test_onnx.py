@@ -20,7 +20,7 @@ from edge_mla import cli
 from edge_mla.convert import Plan, convert, save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import DOMAIN
-from edge_mla.export import onnx_quant
+from edge_mla.export import onnx_quant, onnx_weights
 from edge_mla.mla import forward_with_cache, mla_layers
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
 from test_cli import word_tokenizer
@@ -115,7 +115,7 @@ def test_learned_latent_norm_is_exact(tmp_path, latent):
     fused = optimized_op_types(folder)["SimplifiedLayerNormalization"]
     assert fused == model.config.num_hidden_layers + 1, fused
     with pytest.raises(ValueError, match="latent norm"):
-        onnx_export.decoder_from_mla(model, rotate_latent=True)
+        onnx_weights.decoder_from_mla(model, rotate_latent=True)
 
 
 def optimized_op_types(folder) -> Counter:

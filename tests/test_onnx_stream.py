@@ -23,6 +23,7 @@ from onnx import TensorProto, helper
 from conftest import prompt, stats_for, tiny_model
 from edge_mla.convert import Plan, convert, convert_source, load_any
 from edge_mla.export import onnx as onnx_export
+from edge_mla.export import onnx_weights
 from edge_mla.export import onnx_graph
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder
 from edge_mla.source import load_source
@@ -96,7 +97,7 @@ def onnxruntime_quantized(model, folder, bits: int, accuracy_level: int) -> None
     from onnxruntime.quantization import matmul_nbits_quantizer as q
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    proto = onnx_graph.build_model(onnx_export.decoder_from_mla(model), onnx_graph.Options(kv_bits=32, up_bits=8))
+    proto = onnx_graph.build_model(onnx_weights.decoder_from_mla(model), onnx_graph.Options(kv_bits=32, up_bits=8))
     absorbed = [n.name for n in proto.graph.node if ".absorb_" in n.name]
     for ops in (("MatMul",), ("Gather",)) if bits == 4 else (("MatMul",),):
         config = q.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=accuracy_level,
@@ -183,7 +184,7 @@ def test_walk_records_what_the_whole_model_caches(original):
     with torch.no_grad():
         whole = [cached_tensors(forward_with_cache(model, w[None])[1]) for w in windows]
     for i in range(model.config.num_hidden_layers):
-        got = onnx_export.cached_rows(walk, i)
+        got = onnx_weights.cached_rows(walk, i)
         expected = [np.concatenate([cache[i][part][0].transpose(0, 1).numpy() for cache in whole])
                     for part in range(len(got))]
         assert len(got) == (2 if original else 1)

@@ -50,7 +50,8 @@ def parameters(model: str) -> int:
     return total
 
 
-def commands(model: str, out: Path, calib: tuple[int, int], rope_pairs: int | None) -> dict[str, list[str]]:
+def commands(model: str, out: Path, calib: tuple[int, int], rope_pairs: int | None,
+             formats: str = "onnx,gguf") -> dict[str, list[str]]:
     windows, length = calib
     rope = ["--rope-pairs", str(rope_pairs)] if rope_pairs else []
     return {
@@ -63,7 +64,7 @@ def commands(model: str, out: Path, calib: tuple[int, int], rope_pairs: int | No
         # the whole build, both formats, every calibration step on windows x length tokens
         "build": ["build", "-m", model, "--device", "laptop-16gb", "--bits", "4", "--recover-steps", "0",
                   "--quality-windows", "0", "--speed-prompt", "0", "--calib-windows", str(windows),
-                  "--calib-length", str(length), "-o", str(out / "build"), "--force"],
+                  "--calib-length", str(length), "--formats", formats, "-o", str(out / "build"), "--force"],
     }
 
 
@@ -86,6 +87,8 @@ def main(argv=None) -> int:
     parser.add_argument("--calib-length", type=int, default=512)
     parser.add_argument("--rope-pairs", type=int, default=None,
                         help="fewer rope pairs, for llama3-scaled RoPE in GGUF (e.g. 15 for Llama-3.2-1B)")
+    parser.add_argument("--formats", default="onnx,gguf",
+                        help="the build step's outputs (onnx for a model GGUF cannot carry: Qwen2's attention biases)")
     parser.add_argument("--note", default="2 shared CPU cores (other jobs running), 24 GB RAM")
     args = parser.parse_args(argv)
     steps = [s.strip() for s in args.steps.split(",")]
@@ -95,7 +98,7 @@ def main(argv=None) -> int:
         out = args.out / name
         out.mkdir(parents=True, exist_ok=True)
         params = parameters(model)
-        cmds = commands(model, out, (args.calib_windows, args.calib_length), args.rope_pairs)
+        cmds = commands(model, out, (args.calib_windows, args.calib_length), args.rope_pairs, args.formats)
         for step in steps:
             print(f"{name}: {step} ...", flush=True)
             result = run_step(cmds[step], out / f"{step.replace(' ', '-')}.log")

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from edge_mla.budget import MB, Device, Footprint
 
-CONTEXTS = (512, 2048, 4096, 8192)
+# Priced up to the model's limit: a big model's cache decides at 32K-128K tokens, not at 4K.
+CONTEXTS = (512, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 # Perplexity within this of the original's counts as "no worse": the run-to-run spread of 4 x 512-token windows
 # between runtimes and cache types is of this order.
 SAME_QUALITY = 0.02
@@ -47,21 +48,27 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
                                          f"{usable:.0f} MB usable)"
     elif mla_fits and not orig_fits:
         row["choice"], text = "mla", f"{where} only the MLA build fits: {mla_mb:.0f} MB against {orig_mb:.0f} MB " \
-                                     f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if cost else "")
+                                     f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if quality else
+                                                                    "; its quality was not measured")
     elif orig_fits and not mla_fits:
         row["choice"], text = "original", f"{where} only the original fits ({orig_mb:.0f} MB against {mla_mb:.0f} MB)"
     elif saves <= 0:
         row["choice"], text = "original", f"{where} the original is the better choice: it needs {-saves:.0f} MB " \
                                           f"less" + (f", and MLA would cost {cost}" if cost else "")
-    elif quality and quality[0] <= 1 + SAME_QUALITY:
+    elif not quality:  # --quality-windows 0: memory alone cannot say which model is better
+        row["choice"] = "unmeasured"
+        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%), but its quality was not "
+                f"measured (--quality-windows 0): compare the two builds' perplexity before choosing"
+                + (f"; {cost}" if cost else ""))
+    elif quality[0] <= 1 + SAME_QUALITY:
         row["choice"], text = "mla", f"{where} MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) at the same " \
                                      f"quality ({cost})"
     else:
         # Both fit: the saving only frees memory for other work, so the better model is the original, unless
         # that memory is what the user needs.
         row["choice"] = "original"
-        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) for {cost or 'unmeasured quality'}"
-                f": the original is the better choice unless that memory is needed elsewhere")
+        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) for {cost}: the original "
+                "is the better choice unless that memory is needed elsewhere")
     row["text"] = text
     return row
 
@@ -83,6 +90,11 @@ def verdicts(footprints: list[Footprint], device: Device, contexts: list[int], q
 def recommendation(rows: list[dict]) -> str:
     """One sentence over every runtime and context: where (if anywhere) the MLA build is the better choice."""
     wins = [r for r in rows if r["choice"] == "mla"]
+    open_rows = [r for r in rows if r["choice"] == "unmeasured"]
+    if not wins and open_rows:
+        first = min(open_rows, key=lambda r: r["context"])
+        return (f"The MLA build needs less memory from {first['context']} tokens in {first['runtime']}, but its "
+                "quality was not measured (--quality-windows 0): measure both builds' perplexity before choosing.")
     if not wins:
         return ("On this device the original model at the same bits is the better choice at every context priced; "
                 "the MLA build pays where memory is short (longer contexts, smaller devices, larger models).")

@@ -55,6 +55,22 @@ def test_same_quality_and_less_memory_is_an_mla_win_and_the_recommendation_names
     assert "original model at the same bits is the better choice" in recommendation(rows[:1])
 
 
+def test_unmeasured_quality_is_said_not_guessed_and_long_contexts_are_priced():
+    long_mla, long_orig = (Footprint(fp.name, fp.runtime, fp.kind, fp.weights_bytes, fp.kv_bytes_per_token, 131072)
+                           for fp in (MLA, ORIGINAL))
+    assert contexts_for(4096, 131072) == [512, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
+    assert contexts_for(4096, 8192) == [512, 2048, 4096, 8192]
+    usable = (memory_mb(long_mla, 131072) + memory_mb(long_orig, 131072)) / 2
+    rows = {r["context"]: r for r in verdicts([long_mla, long_orig], device(usable), contexts_for(4096, 131072), {},
+                                              {})}
+    assert rows[512]["choice"] == "original"  # MLA needs more memory there: no quality needed to say so
+    assert rows[8192]["choice"] == "unmeasured" and "not measured" in rows[8192]["text"]
+    assert rows[131072]["choice"] == "mla" and "only the MLA build fits" in rows[131072]["text"]
+    assert "quality was not measured" in rows[131072]["text"]
+    assert recommendation([rows[512], rows[8192]]).startswith("The MLA build needs less memory from 8192 tokens")
+    assert "better choice from 131072" in recommendation(list(rows.values()))
+
+
 def test_run_commands_carry_the_priced_cache():
     cmds = run_commands("model.gguf", "onnx", "q4_0", 4096)
     assert "-ctk q4_0" in cmds["llama.cpp"] and "-fa on" in cmds["llama.cpp"] and "-c 4096" in cmds["llama.cpp"]

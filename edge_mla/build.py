@@ -64,6 +64,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
+    calibration.check()
     recover_steps = 0 if finetune_tokens else recover_steps  # the fine-tune recovers more, and on the GPU
     trained = bool(finetune_tokens or recover_steps)
     kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, trained), "--kv-bits")

@@ -47,8 +47,9 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weighting", default="attention", choices=plans.WEIGHTINGS,
                    help="weights: the paper's plain SVD; activations/balanced/attention: calibrated on text, "
                         "each losing less than the one before (docs/conversion_quality.md)")
-    p.add_argument("--calib-windows", type=int, default=plans.CALIBRATION_DEFAULTS["convert"][0], help="calibration windows of --calib-length tokens")
-    p.add_argument("--calib-length", type=int, default=plans.CALIBRATION_DEFAULTS["convert"][1], help="tokens per calibration window")
+    windows, length = plans.CALIBRATION_DEFAULTS["convert"]
+    p.add_argument("--calib-windows", type=int, default=windows, help="calibration windows of --calib-length tokens")
+    p.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
     p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
 
 
@@ -188,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPU threads for the build and its measurements (default: all cores). With other work on the "
                         "machine give the free cores: a busy core makes the recovery's threads wait, up to 10x slower")
     p.add_argument("--calib-windows", type=int, default=None,
-                   help="calibration windows for every step that reads text (default: each step's own: "
+                   help="calibration windows of the conversion, ONNX cache scales and GGUF latent check "
+                        "(default: each's own: "
                         + ", ".join(f"{k} {w}" for k, (w, _) in plans.CALIBRATION_DEFAULTS.items())
                         + "); fewer shorten a big model's build (docs/scale.md)")
     p.add_argument("--calib-length", type=int, default=None,

@@ -12,7 +12,8 @@ import torch
 from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
 from edge_mla.mla import MLAAttention, install_mla
-from edge_mla.plans import CALIBRATION_DEFAULTS, Plan  # noqa: F401  (re-exported: convert.Plan is what callers import with convert())
+# Plan is re-exported: convert.Plan is what callers import with convert()
+from edge_mla.plans import CALIBRATION_DEFAULTS, Plan  # noqa: F401
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.source import SourceError, check_architecture
 

@@ -183,4 +183,7 @@ def calibration_windows(tokenizer, text: str | None = None, *, count: int, lengt
     built-in Wikipedia sample, or of the user's text file."""
     if tokenizer is None:
         raise ValueError("calibration needs the model's tokenizer to read text")
+    if count < 1 or length < 1:
+        raise ValueError(f"calibration of {count} x {length} tokens: give --calib-windows and --calib-length of 1 or "
+                         "more")
     return token_windows(tokenizer, load_text(text, "calibration"), length, count)

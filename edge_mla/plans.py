@@ -29,14 +29,16 @@ CALIBRATION_DEFAULTS = {"convert": (16, 1024), "onnx": (8, 512), "gguf": (4, 512
 
 @dataclass(frozen=True)
 class Calibration:
-    """The build's calibration text: a given windows or length replaces that of every step's own default. On a big
-    model and a small machine fewer tokens shorten every pass through the model (docs/scale.md)."""
+    """The calibration text of the conversion, the ONNX cache scales and the GGUF latent check: a given windows or
+    length replaces that of each step's own default (the CPU recovery reads its own 48 x 512). On a big model and a
+    small machine fewer tokens shorten every pass through the model (docs/scale.md)."""
     windows: int | None = None
     length: int | None = None
 
     def of(self, step: str) -> dict:
         windows, length = CALIBRATION_DEFAULTS[step]
-        return {"calib_windows": self.windows or windows, "calib_length": self.length or length}
+        return {"calib_windows": windows if self.windows is None else self.windows,
+                "calib_length": length if self.length is None else self.length}
 
     def check(self) -> "Calibration":
         for flag, value in (("--calib-windows", self.windows), ("--calib-length", self.length)):

@@ -77,6 +77,14 @@ def quality_table(rows: list[dict]) -> str:
             f"scored on the same token windows; in brackets the MLA build's perplexity over the original's.</p>")
 
 
+CHOICE_LABELS = {"mla": "MLA", "original": "original", "neither": "neither fits",
+                 "unmeasured": "MLA saves memory; quality not measured"}
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}x"
+
+
 def verdict_section(summary: dict) -> str:
     """Which model to pick, per runtime and context; the measured speeds; the commands that run the files."""
     verdicts = summary.get("verdicts") or []
@@ -84,8 +92,8 @@ def verdict_section(summary: dict) -> str:
         return ""
     lines = "".join(
         f"<tr><td>{v['runtime']}</td><td>{v['context']}</td><td>{v['mla_mb']:.0f}</td><td>{v['original_mb']:.0f}</td>"
-        f"<td>{v.get('perplexity_ratio', float('nan')):.2f}x</td><td>{v['decode_bound_mla']:.0f} / "
-        f"{v['decode_bound_original']:.0f}</td><td><b>{'MLA' if v['choice'] == 'mla' else v['choice']}</b></td></tr>"
+        f"<td>{_ratio(v.get('perplexity_ratio'))}</td><td>{v['decode_bound_mla']:.0f} / "
+        f"{v['decode_bound_original']:.0f}</td><td><b>{CHOICE_LABELS[v['choice']]}</b></td></tr>"
         for v in verdicts)
     speed = "".join(
         f"<tr><td>{runtime}</td><td>{s['prefill_tokens_per_s'].get('mla', 0):.0f} / "

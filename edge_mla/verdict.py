@@ -49,16 +49,17 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
     elif mla_fits and not orig_fits:
         row["choice"], text = "mla", f"{where} only the MLA build fits: {mla_mb:.0f} MB against {orig_mb:.0f} MB " \
                                      f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if quality else
-                                                                    "; its quality was not measured")
+                                                                    "; its quality was not measured"
+                                                                    + (f"; {cost}" if cost else ""))
     elif orig_fits and not mla_fits:
         row["choice"], text = "original", f"{where} only the original fits ({orig_mb:.0f} MB against {mla_mb:.0f} MB)"
     elif saves <= 0:
         row["choice"], text = "original", f"{where} the original is the better choice: it needs {-saves:.0f} MB " \
                                           f"less" + (f", and MLA would cost {cost}" if cost else "")
-    elif not quality:  # --quality-windows 0: memory alone cannot say which model is better
+    elif not quality:  # not measured in this runtime: memory alone cannot say which model is better
         row["choice"] = "unmeasured"
         text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%), but its quality was not "
-                f"measured (--quality-windows 0): compare the two builds' perplexity before choosing"
+                f"measured in {mla.runtime}: compare the two builds' perplexity before choosing"
                 + (f"; {cost}" if cost else ""))
     elif quality[0] <= 1 + SAME_QUALITY:
         row["choice"], text = "mla", f"{where} MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) at the same " \
@@ -94,7 +95,8 @@ def recommendation(rows: list[dict]) -> str:
     if not wins and open_rows:
         first = min(open_rows, key=lambda r: r["context"])
         return (f"The MLA build needs less memory from {first['context']} tokens in {first['runtime']}, but its "
-                "quality was not measured (--quality-windows 0): measure both builds' perplexity before choosing.")
+                "quality was not measured there (--quality-windows 0, or the runtime is not installed): measure "
+                "both builds' perplexity before choosing.")
     if not wins:
         return ("On this device the original model at the same bits is the better choice at every context priced; "
                 "the MLA build pays where memory is short (longer contexts, smaller devices, larger models).")

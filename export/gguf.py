@@ -60,8 +60,10 @@ def add_arguments(parser) -> None:
                              "there is one, else built from the folder's HF tokenizer)")
     parser.add_argument("--tokenizer-pre", default=None,
                         help="llama.cpp pre-tokenizer name for an HF tokenizer (e.g. gpt-2, smollm, llama-bpe, qwen2)")
-    parser.add_argument("--calib-windows", type=int, default=CALIBRATION_DEFAULTS["gguf"][0], help="calibration windows for the latent-norm check")
-    parser.add_argument("--calib-length", type=int, default=CALIBRATION_DEFAULTS["gguf"][1], help="tokens per calibration window")
+    windows, length = CALIBRATION_DEFAULTS["gguf"]
+    parser.add_argument("--calib-windows", type=int, default=windows,
+                        help="calibration windows for the latent-norm check")
+    parser.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
     parser.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
     parser.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer (q4_k)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
@@ -301,8 +303,9 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
 
 
 def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DEFAULT_ALIGN,
-           tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None, calib_windows: int = CALIBRATION_DEFAULTS["gguf"][0],
-           calib_length: int = CALIBRATION_DEFAULTS["gguf"][1], text: str | None = None, threads: int | None = None,
+           tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None,
+           calib_windows: int = CALIBRATION_DEFAULTS["gguf"][0], calib_length: int = CALIBRATION_DEFAULTS["gguf"][1],
+           text: str | None = None, threads: int | None = None,
            force: bool = False, cache_type: str = "f16") -> tuple[GGUFInfo, list[str]]:
     """Write MODEL as a GGUF at OUT (atomically) and check it as llama.cpp would. Returns (info, notes).
     `cache_type` is the llama.cpp cache the file is meant to run with: recorded in it, used by `edge-mla run`."""

@@ -61,8 +61,9 @@ def add_arguments(parser) -> None:
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
     parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
                                                            "Wikipedia calibration part)")
-    parser.add_argument("--calib-windows", type=int, default=CALIBRATION_DEFAULTS["onnx"][0], help="calibration windows for the cache scales")
-    parser.add_argument("--calib-length", type=int, default=CALIBRATION_DEFAULTS["onnx"][1], help="tokens per calibration window")
+    windows, length = CALIBRATION_DEFAULTS["onnx"]
+    parser.add_argument("--calib-windows", type=int, default=windows, help="calibration windows for the cache scales")
+    parser.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
     parser.add_argument("--genai", action="store_true", help="also write onnxruntime-genai's genai.onnx and "
                                                              "genai_config.json (docs/phones.md)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")

@@ -131,7 +131,8 @@ def decoder_from_mla(model, rotate_latent: bool = False, checkpoint=None) -> onn
             entry["latent_norm"] = np.pad(_np(a.latent_norm.weight), (0, pad))
         if a.q_proj.bias is not None:
             b = _np(a.kv_a_proj.bias)
-            entry["kv_a_bias"] = np.concatenate([rot @ np.concatenate([b[:C], np.zeros(pad)]), b[C:]]).astype(np.float32)
+            latent_bias = rot @ np.concatenate([b[:C], np.zeros(pad)])
+            entry["kv_a_bias"] = np.concatenate([latent_bias, b[C:]]).astype(np.float32)
         return entry
 
     return onnx_graph.Decoder(kind="mla", head_dim=mla["head_dim"], layers=Layers(model, checkpoint, entry_of),

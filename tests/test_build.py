@@ -94,7 +94,20 @@ def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_sourc
     assert code == 0, capsys.readouterr().err[-3000:]
     # the conversion, both ONNX exports' int4 cache scales and the MLA GGUF's latent check: each read 2 x 48
     assert len(calls) == 4 and set(calls) == {(2, 48)}
-    assert json.loads((out / "report.json").read_text())["mla"]["calibration_tokens"] == 96
+    report = json.loads((out / "report.json").read_text())
+    assert report["mla"]["calibration_tokens"] == 96
+    # no perplexity runs: where MLA needs less memory the verdict says quality was not measured, and the page too
+    for v in report["verdicts"]:
+        if v["mla_fits"] and v["original_fits"] and v["saves_mb"] > 0:
+            assert v["choice"] == "unmeasured" and "not measured" in v["text"]
+    assert "nan" not in (out / "report.html").read_text()
+    calls.clear()
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
+                     "--context", "256", "-o", str(tmp_path / "b1"), "--recover-steps", "0", "--quality-windows",
+                     "0", "--speed-prompt", "0", "--threads", "1", "--calib-length", "40"])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    # each step keeps its own windows: conversion 16, the two ONNX exports 8, the GGUF latent check 4
+    assert sorted(calls) == [(4, 40), (8, 40), (8, 40), (16, 40)]
     calls.clear()
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
                      "--context", "256", "-o", str(tmp_path / "b2"), "--recover-steps", "0", "--quality-windows",
@@ -104,6 +117,9 @@ def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_sourc
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi5", "--calib-length", "0",
                      "-o", str(tmp_path / "b3")])
     assert code == 2 and "--calib-length 0" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+    code = cli.main(["convert", "-m", str(tiny_source), "--calib-length", "0", "-o", str(tmp_path / "c")])
+    assert code == 2 and "give --calib-windows and --calib-length of 1 or more" in capsys.readouterr().err
+    assert not (tmp_path / "c").exists()
 
 
 def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):

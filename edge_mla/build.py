@@ -85,6 +85,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     # A folder's weights stay on disk and are read a layer at a time (layerwise.py) by the conversion and by both
     # exporters, except for the quality target's retries, which re-convert a pristine in-memory copy.
     src = load_source(model, lazy=max_quality_loss is None)
+    if max_quality_loss is not None:
+        from edge_mla import target
+        target.check_calibration(src.tokenizer, *calibration.sizes("convert"))
     streamed = src.checkpoint is not None
     config = src.model.config
     limit = int(config.max_position_embeddings)

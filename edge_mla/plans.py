@@ -35,10 +35,15 @@ class Calibration:
     windows: int | None = None
     length: int | None = None
 
-    def of(self, step: str) -> dict:
+    def sizes(self, step: str) -> tuple[int, int]:
+        """(windows, tokens per window) that `step` reads."""
         windows, length = CALIBRATION_DEFAULTS[step]
-        return {"calib_windows": windows if self.windows is None else self.windows,
-                "calib_length": length if self.length is None else self.length}
+        return (windows if self.windows is None else self.windows, length if self.length is None else self.length)
+
+    def of(self, step: str) -> dict:
+        """The step's calibration as the keyword arguments of its function."""
+        windows, length = self.sizes(step)
+        return {"calib_windows": windows, "calib_length": length}
 
     def check(self) -> "Calibration":
         for flag, value in (("--calib-windows", self.windows), ("--calib-length", self.length)):

@@ -31,6 +31,19 @@ def parse_loss(text: str) -> float:
     return loss
 
 
+def check_calibration(tokenizer, windows: int, length: int) -> None:
+    """Refuse a conversion calibration long enough to reach the check windows (it reads the split from its start):
+    the check would then score text the conversion was fitted on."""
+    from edge_mla.data import split_text
+
+    tokens = len(tokenizer(split_text("calibration"), add_special_tokens=False).input_ids)
+    start = (tokens // CHECK_LENGTH - CHECK_WINDOWS) * CHECK_LENGTH  # where the check windows begin
+    if windows * length > start:
+        raise ValueError(f"--max-quality-loss checks on the last {CHECK_WINDOWS} x {CHECK_LENGTH} tokens of the "
+                         f"calibration text, and a calibration of {windows} x {length} tokens would read them: use at "
+                         f"most {start} calibration tokens (e.g. --calib-windows {max(1, start // length)})")
+
+
 def widths(plan: Plan, full_latent: int, original_cache_width: int) -> list[Plan]:
     """The plan, then wider latents, while the MLA cache row stays narrower than the original's (no saving past
     that) and within the model's full rank."""

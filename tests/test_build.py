@@ -117,6 +117,9 @@ def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_sourc
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi5", "--calib-length", "0",
                      "-o", str(tmp_path / "b3")])
     assert code == 2 and "--calib-length 0" in capsys.readouterr().err and not (tmp_path / "b3").exists()
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi5", "--max-quality-loss", "10%",
+                     "--calib-windows", "10000000", "-o", str(tmp_path / "b4")])
+    assert code == 2 and "would read them" in capsys.readouterr().err and not (tmp_path / "b4").exists()
     code = cli.main(["convert", "-m", str(tiny_source), "--calib-length", "0", "-o", str(tmp_path / "c")])
     assert code == 2 and "give --calib-windows and --calib-length of 1 or more" in capsys.readouterr().err
     assert not (tmp_path / "c").exists()

@@ -48,9 +48,8 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
                                          f"{usable:.0f} MB usable)"
     elif mla_fits and not orig_fits:
         row["choice"], text = "mla", f"{where} only the MLA build fits: {mla_mb:.0f} MB against {orig_mb:.0f} MB " \
-                                     f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if quality else
-                                                                    "; its quality was not measured"
-                                                                    + (f"; {cost}" if cost else ""))
+                                     f"({usable:.0f} MB usable)" + (f"; it costs {cost}" if cost else "") \
+                                     + ("" if quality else "; its quality was not measured")
     elif orig_fits and not mla_fits:
         row["choice"], text = "original", f"{where} only the original fits ({orig_mb:.0f} MB against {mla_mb:.0f} MB)"
     elif saves <= 0:

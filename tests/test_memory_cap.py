@@ -1,15 +1,21 @@
-"""The streamed conversion and ONNX export run in a process whose memory is capped well below the model's size.
+"""The streamed conversion and ONNX export hold a few layers, not the model: their peak RSS grows by much less
+than the model's size.
 
 A child process imports everything and warms up the one-off costs that do not grow with the model (a tokenizer
-pass over the calibration text, the linear-algebra libraries' buffers), then caps its data segment
-(RLIMIT_DATA: heap and private mappings) at what it holds plus HEADROOM_MB, and converts a 16-layer model whose
-float32 weights (833 MiB) are 5.5 times the headroom: streamed it fits; loaded whole (the same cap) it cannot.
-The converted model is then exported to ONNX (4-bit weights, int4 cache with calibrated scales) under a cap of
-EXPORT_HEADROOM_MB (4.2 times less than the model), the same way; onnxruntime's check of the file, which holds the
-whole model, runs in a child of its own.
+pass over the calibration text, the linear-algebra libraries' buffers), resets its peak-RSS mark
+(/proc/self/clear_refs), converts a 16-layer model whose float32 weights are 833 MiB, and prints how far its peak
+RSS (VmHWM) rose above where it stood. Streamed, the rise stays under HEADROOM_MB; the same child loading the
+model whole rises past it, so the bound tells the two apart. The converted model is then exported to ONNX (4-bit
+weights, int4 cache with calibrated scales) the same way, under EXPORT_HEADROOM_MB; onnxruntime's check of the
+file, which holds the whole model, runs in a child of its own.
+
+What is measured is resident memory, not an address-space cap: a cap (RLIMIT_DATA/AS) counts the allocator's
+arenas and every thread's reservations, which differ by host (an AMX-advertising Xeon VM failed to mmap a shard
+under the cap that the same code met on AMD).
 """
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -18,27 +24,48 @@ import torch
 
 from test_gguf import bpe_tokenizer, corpus
 
-HEADROOM_MB = 150
-EXPORT_HEADROOM_MB = 200  # the export also holds the tokenizer, the walk's windows and the packing's row pieces
+# Peak-RSS rise each child may show: streamed it needs a layer or two of float32 weights (52 MiB each), the
+# calibration activations and file pages of the shards being read; whole, it holds all 833 MiB.
+HEADROOM_MB = 400
+EXPORT_HEADROOM_MB = 400  # the export also holds the tokenizer, the walk's windows and the packing's row pieces
 
-CHILD = r"""
-import resource, sys
+# Peak RSS of the child itself: the kernel's high-water mark, reset once the warm-up is done (writing 5 to
+# clear_refs); where the reset is refused, the rise is counted from the current RSS to the warm-up's peak and more,
+# which only over-states it.
+PEAK_RSS = r"""
+def _status_kb(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key + ":")).split()[1])
+
+def peak_mark():
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS")
+
+def rise_mb(start_kb):
+    return (_status_kb("VmHWM") - start_kb) / 1024
+"""
+
+RISE = re.compile(r"peak RSS rose (\d+) MB")
+
+CHILD = PEAK_RSS + r"""
+import sys
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM  # noqa: F401
-from edge_mla import data, layerwise
+from edge_mla import data
 from edge_mla.convert import Plan, convert_source
 from edge_mla.source import load_source
 
-folder, out, lazy, headroom, text = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed", int(sys.argv[4]), sys.argv[5]
+folder, out, lazy, text = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed", sys.argv[4]
 data.calibration_windows(AutoTokenizer.from_pretrained(folder), text, count=2, length=64)
 a = torch.randn(256, 256, dtype=torch.float64)
 torch.linalg.eigh(a @ a.T), torch.linalg.svd(a), a.float() @ a.float()
-vm_data = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) << 10
-cap = vm_data() + (headroom << 20)
-resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+start = peak_mark()
 src = load_source(folder, lazy=lazy)
 convert_source(src, Plan(selection="shared", latent=128), out, calib_windows=2, calib_length=64, text=text)
-print(f"converted under the cap, peak RSS {layerwise.peak_rss_mb():.0f} MB")
+print(f"converted, peak RSS rose {rise_mb(start):.0f} MB")
 """
 
 
@@ -60,72 +87,75 @@ def big_folder(tmp_path_factory):
     folder = tmp_path_factory.mktemp("capped") / "llama-16x512"
     model.save_pretrained(folder, max_shard_size="50MB")
     tokenizer.save_pretrained(folder)
-    (folder.parent / "calibration.txt").write_text(corpus())  # short: the cap is not spent on tokenizing a corpus
+    (folder.parent / "calibration.txt").write_text(corpus())  # short: memory is not spent on tokenizing a corpus
     float32_mb = 4 * sum(p.numel() for p in model.parameters()) / 2 ** 20
-    assert float32_mb > 5 * HEADROOM_MB  # the model is several times what the child may add
+    assert float32_mb > 2 * HEADROOM_MB  # the model is several times what the child may add
     return folder
 
 
-EXPORT_CHILD = r"""
-import resource, sys
+EXPORT_CHILD = PEAK_RSS + r"""
+import sys
 import numpy as np
 import onnxruntime  # noqa: F401
 import torch
 from transformers import AutoTokenizer
-from edge_mla import data, layerwise
+from edge_mla import data
 from edge_mla.convert import load_any
 from edge_mla.export import onnx as onnx_export, onnx_quant
 
-folder, out, lazy, headroom, text = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed", int(sys.argv[4]), sys.argv[5]
+folder, out, lazy, text = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed", sys.argv[4]
 data.calibration_windows(AutoTokenizer.from_pretrained(folder), text, count=2, length=64)
 onnx_quant.block_codes(np.ones((64, 64), np.float32), 4, 32)
 a = torch.randn(256, 256)
 a @ a, torch.nn.functional.scaled_dot_product_attention(a[None, None], a[None, None], a[None, None], is_causal=True)
-vm_data = lambda: int(next(l for l in open("/proc/self/status") if l.startswith("VmData")).split()[1]) << 10
-cap = vm_data() + (headroom << 20)
-resource.setrlimit(resource.RLIMIT_DATA, (cap, cap))
+start = peak_mark()
 onnx_export.SMOKE_TEST_IN_CHILD = 0  # onnxruntime's check holds the whole model: a process of its own
 src = None if lazy else load_any(folder)
 onnx_export.export(folder, out, weight_bits=4, kv_bits=4, head_bits=8, calib_text=text, calib_windows=2,
                    calib_length=64, model=src and src.model, tokenizer=src and src.tokenizer)
-print(f"exported under the cap, peak RSS {layerwise.peak_rss_mb():.0f} MB")
+print(f"exported, peak RSS rose {rise_mb(start):.0f} MB")
 """
 
 
-def run_capped(folder, out, mode, child=CHILD, headroom=HEADROOM_MB):
-    return subprocess.run([sys.executable, "-c", child, str(folder), str(out), mode, str(headroom),
+def run_child(folder, out, mode, child=CHILD):
+    return subprocess.run([sys.executable, "-c", child, str(folder), str(out), mode,
                            str(folder.parent / "calibration.txt")],
                           capture_output=True, text=True, timeout=600)
+
+
+def rise(result) -> int:
+    assert result.returncode == 0, result.stderr[-2000:]
+    found = RISE.search(result.stdout)
+    assert found, result.stdout[-2000:]
+    return int(found.group(1))
 
 
 @pytest.fixture(scope="module")
 def streamed_conversion(tmp_path_factory, big_folder):
     out = tmp_path_factory.mktemp("converted") / "mla"
-    return run_capped(big_folder, out, "streamed"), out
+    return run_child(big_folder, out, "streamed"), out
 
 
-def test_streamed_conversion_fits_under_a_memory_cap(tmp_path, big_folder, streamed_conversion):
+def test_streamed_conversion_peak_rss_stays_far_below_the_model(tmp_path, big_folder, streamed_conversion):
     streamed, out = streamed_conversion
-    assert streamed.returncode == 0, streamed.stderr[:2000]
-    assert "converted under the cap" in streamed.stdout
+    streamed_mb = rise(streamed)
     assert (out / "config.json").exists()
-    whole = run_capped(big_folder, tmp_path / "whole", "whole")  # the cap bites: the in-memory load cannot fit
-    assert whole.returncode != 0 and not (tmp_path / "whole").exists()
-    assert "memory" in whole.stderr.lower()
+    assert streamed_mb < HEADROOM_MB, streamed.stdout
+    whole_mb = rise(run_child(big_folder, tmp_path / "whole", "whole"))  # the bound tells the two apart
+    assert whole_mb > HEADROOM_MB, (streamed_mb, whole_mb)
 
 
-def test_streamed_onnx_export_fits_under_a_memory_cap(tmp_path, big_folder, streamed_conversion):
+def test_streamed_onnx_export_peak_rss_stays_far_below_the_model(tmp_path, big_folder, streamed_conversion):
     import numpy as np
 
     from edge_mla.runtimes.onnxruntime import OnnxDecoder
 
     converted = streamed_conversion[1]
     (converted.parent / "calibration.txt").write_text((big_folder.parent / "calibration.txt").read_text())
-    streamed = run_capped(converted, tmp_path / "onnx", "streamed", EXPORT_CHILD, EXPORT_HEADROOM_MB)
-    assert streamed.returncode == 0, streamed.stderr[-2000:]
-    assert "exported under the cap" in streamed.stdout
+    streamed = run_child(converted, tmp_path / "onnx", "streamed", EXPORT_CHILD)
+    streamed_mb = rise(streamed)
+    assert streamed_mb < EXPORT_HEADROOM_MB, streamed.stdout
     logits = OnnxDecoder(tmp_path / "onnx", threads=1, context=16).forward(np.arange(3, 11), keep=8)
     assert logits.shape[0] == 8 and np.isfinite(logits).all()
-    whole = run_capped(converted, tmp_path / "whole", "whole", EXPORT_CHILD, EXPORT_HEADROOM_MB)  # loaded whole
-    assert whole.returncode != 0 and not (tmp_path / "whole").exists()
-    assert "memory" in whole.stderr.lower()
+    whole_mb = rise(run_child(converted, tmp_path / "whole", "whole", EXPORT_CHILD))  # loaded whole
+    assert whole_mb > EXPORT_HEADROOM_MB, (streamed_mb, whole_mb)

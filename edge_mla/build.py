@@ -22,13 +22,18 @@ from edge_mla.publish import refuse_existing, staged_folder
 # articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
 # is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
+# The steps after the recovery (the MLA exports, perplexity on the battery and speed of four files) took this many
+# times the original's exports on the built-in model (measured 2026-12-06 on the 2-core AMD EPYC host).
+AFTER_RECOVERY = 10.0
 
 
-def recovery_windows(tokenizer):
+def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):
+    """The recovery's teacher windows, from the same texts the conversion calibrates on (the built-in mixture of
+    kinds or the user's files)."""
     from edge_mla.target import CHECK_LENGTH, CHECK_WINDOWS
 
-    return spread_windows(tokenizer, count=RECOVER_WINDOWS, length=RECOVER_LENGTH,
-                          hold_out_tokens=CHECK_WINDOWS * CHECK_LENGTH)
+    return spread_windows(tokenizer, texts or None, count=RECOVER_WINDOWS, length=RECOVER_LENGTH,
+                          hold_out_tokens=0 if texts else CHECK_WINDOWS * CHECK_LENGTH)
 
 
 def recovery_options(bits: int, kv_bits: int) -> dict:
@@ -59,7 +64,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
           quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int = 256,
           max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
-          threads: int | None = None, calibration: Calibration = Calibration()) -> dict:
+          threads: int | None = None, calibration: Calibration = Calibration(),
+          time_budget: float | None = None, thresholds=None) -> dict:
     from edge_mla import families, preflight
     from edge_mla.source import load_source
 
@@ -84,6 +90,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     step(t0, 1, n, f"loading {model}")
     # A folder's weights stay on disk and are read a layer at a time (layerwise.py) by the conversion and by both
     # exporters, except for the quality target's retries, which re-convert a pristine in-memory copy.
+    preflight.check_gguf_header(model, formats)  # a GGUF's header and tensor list decide before any de-quantizing
     src = load_source(model, lazy=max_quality_loss is None)
     if max_quality_loss is not None:
         from edge_mla import target
@@ -114,7 +121,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         # The original first, through the same exporters at the same bits: the conversion then changes the
         # loaded model in place, so the source is read from disk once.
         step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
-        original = staging / ".original"
+        original, t_original = staging / ".original", time.perf_counter()
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
             orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
@@ -126,12 +133,15 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
 
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
+            deadline = None
+            if time_budget and recover_steps:
+                deadline = recovery_deadline(t0, time_budget, time.perf_counter() - t_original, formats)
             mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
-                                             calibration)
+                                             calibration, deadline)
             k = 4 + bool(recover_steps)
         elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
             teacher = recover.collect_attention_io(
-                src.model, recovery_windows(src.tokenizer),
+                src.model, recovery_windows(src.tokenizer, calibration.texts),
                 desc="      teacher pass (original attention on calibration text)")
         attempts = []  # the quality target's tries, each converted from a pristine in-memory copy
         if max_quality_loss is not None:
@@ -221,19 +231,29 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
                                               orig_onnx, orig_gguf)
         if quality_windows:
-            from edge_mla.quality import TEXTS, as_dicts, ratios
+            from edge_mla.quality import agreement, as_dicts, ratios, texts_about
+            from edge_mla.verdict import worst_ratio
             summary["quality"] = as_dicts(quality_rows)
-            summary["quality_texts"] = TEXTS
+            summary["quality_texts"] = texts_about()
             summary["quality_ratio"] = ratios(quality_rows)
-            for key, value in summary["quality_ratio"].items():
-                summary["key_figures"][f"perplexity MLA / original ({key})"] = f"{value:.2f}x"
+            summary["quality_agreement"] = agreement(quality_rows)
+            for runtime in ("llama.cpp", "onnxruntime"):
+                worst = worst_ratio(summary["quality_ratio"], runtime)
+                if worst:
+                    summary["key_figures"][f"perplexity MLA / original, worst text ({runtime})"] = (
+                        f"{worst[0]:.2f}x ({worst[1]})")
+                chat = summary["quality_agreement"].get(f"{runtime}, chat")
+                if chat is not None:
+                    summary["key_figures"][f"next token as the original's, chat ({runtime})"] = f"{100 * chat:.1f}%"
         summary["bits"], summary["kv_bits"] = bits, kv_bits
         if speeds:
             summary["speed"] = speed.as_dicts(speed_rows)
         summary["runtimes"] = speeds
         from edge_mla import verdict
+        thresholds = thresholds or verdict.Thresholds()
+        summary["verdict_thresholds"] = asdict(thresholds)
         summary["verdicts"] = verdict.verdicts(footprints, device, verdict.contexts_for(context, limit),
-                                               summary.get("quality_ratio", {}), speeds)
+                                               summary.get("quality_ratio", {}), speeds, thresholds)
         summary["recommendation"] = verdict.recommendation(summary["verdicts"])
         summary["run_commands"] = verdict.run_commands(gguf_file.name if gguf_file else None,
                                                        onnx_dir.name if onnx_dir else None, cache, context)
@@ -244,6 +264,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary["finetune_tokens"] = finetune_tokens
         summary["recovery"] = mla.get("recovery")
         summary["build_seconds"] = round(time.perf_counter() - t0, 1)
+        summary["time_budget_seconds"] = time_budget
         fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
         if not fits:
             raise ValueError(no_fit_message(budgets, device, context))  # a device/context to change: exit 2
@@ -262,8 +283,20 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     return summary
 
 
+def recovery_deadline(t0: float, budget: float, original_export_seconds: float, formats) -> float:
+    """When the recovery must end for the build to end within `budget`: what is left after the time the steps
+    after it are expected to take, AFTER_RECOVERY x the original's export on this machine (the MLA exports repeat
+    it; the perplexity and speed runs scale with the same model and machine). Says what it expects."""
+    after = AFTER_RECOVERY * original_export_seconds * len(formats) / 2
+    deadline = t0 + budget - after
+    left = deadline - time.perf_counter()
+    print(f"      time budget {budget / 60:.1f} min: the recovery gets {max(left, 0) / 60:.1f} min; the steps after it "
+          f"are expected to take {after / 60:.1f} min ({AFTER_RECOVERY:.0f}x the original's export here)", flush=True)
+    return deadline
+
+
 def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int, kv_bits: int, t0: float,
-                      n: int, calibration: Calibration = Calibration()):
+                      n: int, calibration: Calibration = Calibration(), deadline: float | None = None):
     """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
     each layer as it is done when the source stays on disk (streamed), the whole model after otherwise. Returns
     (the MLA section, out)."""
@@ -274,8 +307,9 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int,
     recovery = teacher = None
     if recover_steps:
         step(t0, 4, n, recovery_step(recover_steps, bits, kv_bits) + ", as each layer is converted")
-        recovery = recover.LayerRecovery(steps=recover_steps, **recovery_options(bits, kv_bits))
-        teacher = recovery_windows(src.tokenizer)
+        budget = None if deadline is None else recover.StepBudget(deadline, src.model.config.num_hidden_layers)
+        recovery = recover.LayerRecovery(steps=recover_steps, budget=budget, **recovery_options(bits, kv_bits))
+        teacher = recovery_windows(src.tokenizer, calibration.texts)
     config = src.model.config
     if src.checkpoint is not None:
         out.mkdir()

@@ -50,7 +50,10 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     windows, length = plans.CALIBRATION_DEFAULTS["convert"]
     p.add_argument("--calib-windows", type=int, default=windows, help="calibration windows of --calib-length tokens")
     p.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
-    p.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
+    p.add_argument("--calib-text", "--text", dest="calib_text", nargs="+", default=None, metavar="FILE",
+                   help="text or JSONL files of your own domain to calibrate on, each one kind of text (JSONL: "
+                        "\"text\" or chat \"messages\" a line; default: the built-in mixture of prose, code, "
+                        "technical docs and chat, docs/texts.md)")
 
 
 def _model_arg(p: argparse.ArgumentParser) -> None:
@@ -106,7 +109,7 @@ def cmd_convert(args) -> int:
     plan = _plan_from(args, src.model.config)
     t0 = time.perf_counter()
     path, mla = convert_source(src, plan, out, calib_windows=args.calib_windows, calib_length=args.calib_length,
-                               text=args.text, overwrite=args.force)
+                               text=args.calib_text, overwrite=args.force)
     print(f"wrote {path} in {time.perf_counter() - t0:.1f} s")
     print(describe(mla, src.model.config))
     return 0
@@ -170,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recover-steps", type=int, default=plans.RECOVER_STEPS,
                    help="CPU recovery: steps per attention block of layer-wise distillation towards the original, "
                         "through the chosen cache (0: a training-free build, latent 256, docs/recovery.md)")
+    p.add_argument("--time-budget", default=plans.DEFAULT_TIME_BUDGET,
+                   help="wall time the build aims for (15m, 900s, 1.5h): the CPU recovery gets what the other steps "
+                        "leave, measured on this machine, up to --recover-steps a layer ('none': always "
+                        "--recover-steps)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
     p.add_argument("-o", "--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
@@ -196,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-length", type=int, default=None,
                    help="tokens per calibration window (default: each step's own: "
                         + ", ".join(f"{k} {n}" for k, (_, n) in plans.CALIBRATION_DEFAULTS.items()) + ")")
+    p.add_argument("--calib-text", "--text", dest="calib_text", nargs="+", default=None, metavar="FILE",
+                   help="text or JSONL files of your own domain to calibrate and recover on, each one kind of text (JSONL: "
+                        "\"text\" or chat \"messages\" a line; default: the built-in mixture of prose, code, "
+                        "technical docs and chat, docs/texts.md)")
+    p.add_argument("--verdict-min-saving", default="10%",
+                   help="where both fit, recommend MLA only if it saves at least this share of the device's usable "
+                        "memory (docs/verdict.md)")
+    p.add_argument("--verdict-max-loss", default="10%",
+                   help="... and its perplexity on the worst text of the battery is within this of the original's")
+    p.add_argument("--verdict-min-speed", type=float, default=0.85,
+                   help="... and it decodes at least this fraction of the original's speed")
     p.add_argument("--devices", default=None, help="extra device catalog (TOML)")
     p.add_argument("--formats", default="onnx,gguf",
                    help="outputs, comma-separated: onnx, gguf or both; checked against the model before any work "
@@ -275,12 +293,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def verdict_thresholds(args):
+    from edge_mla.target import parse_share
+    from edge_mla.verdict import Thresholds
+
+    if not 0 < args.verdict_min_speed <= 10:
+        raise ValueError(f"--verdict-min-speed {args.verdict_min_speed}: give a speed ratio such as 0.85")
+    return Thresholds(parse_share(args.verdict_min_saving, "--verdict-min-saving"),
+                      parse_share(args.verdict_max_loss, "--verdict-max-loss"), args.verdict_min_speed)
+
+
 def cmd_build(args) -> int:
     from edge_mla.build import build
     from edge_mla.preflight import parse_formats
 
     formats = parse_formats(args.formats)
-    calibration = plans.Calibration(args.calib_windows, args.calib_length).check()
+    calibration = plans.Calibration(args.calib_windows, args.calib_length, tuple(args.calib_text or ())).check()
     plan = None
     if args.latent is not None or args.selection is not None:
         import dataclasses
@@ -296,7 +324,9 @@ def cmd_build(args) -> int:
     with torch_threads(args.threads):  # the build's own work; its measurements' runtimes get the count too
         build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force,
               args.devices, args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps,
-              args.speed_prompt, loss, formats, threads=args.threads, calibration=calibration)
+              args.speed_prompt, loss, formats, threads=args.threads, calibration=calibration,
+              time_budget=None if args.time_budget.lower() == "none" else plans.parse_duration(args.time_budget),
+              thresholds=verdict_thresholds(args))
     return 0
 
 

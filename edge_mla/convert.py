@@ -210,9 +210,16 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     uses_rope = families.rope_layers(config)
     progress = Progress(len(layers), walk.tokens if walk and calibrate else 0, "converting")
     mla = None
+    # With a recovery that corrects drift, the teacher windows also run through the converted layers (the
+    # student's stream): each block then learns from the inputs it will see and towards the original's residual
+    # stream, making up for what earlier blocks lost instead of passing it on.
+    student = None
+    if walk is not None and getattr(converted, "corrects_drift", False) and "teacher" in walk.hidden:
+        student = [h.clone() for h in walk.hidden["teacher"]]
     for i, layer in enumerate(layers):
         s = stats[i] if stats is not None and calibrate else None
         io = ([], [])
+        original_stream = walk.hidden.get("teacher") if student is not None else None
         if walk is not None:
             walk.load(i)
             s = new_stats(config) if calibrate else None
@@ -233,8 +240,14 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
                 mla["o_bias"] = layer.self_attn.o_proj.bias is not None  # Llama with attention_bias
             layer.self_attn = convert_layer(layer.self_attn, maps, plan, s, config, mla, inv_freq, i)
         if converted is not None and io[0]:
+            ins, outs = torch.cat(io[0]), torch.cat(io[1])
+            if student is not None:  # the student's inputs; the target closes the gap to the original's stream
+                ins = torch.cat([layer.input_layernorm(h).float() for h in student])
+                outs = outs + torch.cat(original_stream).float() - torch.cat(student).float()
             with heap_allocations():
-                converted(i, layer.self_attn, torch.cat(io[0]), torch.cat(io[1]))
+                converted(i, layer.self_attn, ins, outs)
+            if student is not None:
+                student = [layer(h, **walk.arguments["teacher"][i]) for h in student]
         if written is not None:
             written(i, layer)
         if walk is not None:
@@ -349,7 +362,7 @@ def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = CALIBRATION_D
     """Calibrate on text and convert a `source.Source` in place, layer by layer (layerwise.Walk: a lazily loaded
     source is read one layer at a time, and `written(i, layer)` may write and release each converted layer);
     `teacher` windows [n, T] and `converted`: the recovery, layer by layer (convert()). Returns the MLA section."""
-    from edge_mla.data import calibration_windows
+    from edge_mla.data import calibration_label, calibration_windows
     from edge_mla.layerwise import Walk
 
     plan = resolve_plan(src.model.config, plan)
@@ -367,7 +380,7 @@ def calibrate_and_convert(src, plan: Plan, *, calib_windows: int = CALIBRATION_D
     if src.gguf is not None:
         mla["source_gguf"] = str(src.gguf)
     mla["calibration_tokens"] = 0 if windows is None else int(windows.numel())
-    mla["calibration_text"] = text or "built-in Wikipedia sample, calibration part (gensim 4.4.0)"
+    mla["calibration_text"] = calibration_label(text)
     return mla
 
 

@@ -139,13 +139,60 @@ def training_texts() -> list[str]:
 
 
 def load_text(path: str | None, part: str) -> str:
-    """A user's text file when given, else the built-in corpus part."""
+    """A user's text file when given, else the built-in Wikipedia part."""
     if path is None:
         return split_text(part)
+    return read_text_file(path)
+
+
+def read_text_file(path: str, tokenizer=None) -> str:
+    """A plain text file, or JSONL with one object a line: {"text": ...}, or {"messages": [{"role", "content"}...]}
+    rendered in the model's chat template (the tokenizer's)."""
+    import json
+
     file = Path(path)
     if not file.is_file():
         raise FileNotFoundError(f"text file {file} does not exist")
-    return file.read_text(encoding="utf-8", errors="replace")
+    raw = file.read_text(encoding="utf-8", errors="replace")
+    if file.suffix != ".jsonl":
+        return raw
+    parts = []
+    for number, line in enumerate(raw.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}:{number} is not JSON ({e.msg}): a .jsonl file holds one JSON object a line")
+        if isinstance(record, dict) and isinstance(record.get("text"), str):
+            parts.append(record["text"])
+        elif isinstance(record, dict) and isinstance(record.get("messages"), list):
+            from edge_mla.texts import render_messages
+            parts.append(render_messages(tokenizer, record["messages"]))
+        else:
+            raise ValueError(f'{file}:{number}: each JSONL line needs "text" (a string) or "messages" (a list of '
+                             '{"role", "content"})')
+    return ARTICLE_SEP.join(parts)
+
+
+BUILT_IN_CALIBRATION = "built-in mixture: Wikipedia calibration part, Python code, technical docs, chat (docs/texts.md)"
+
+
+def calibration_texts(tokenizer, text: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """What calibration reads, one text per kind: the user's files (each its own kind) or the built-in mixture of
+    kinds (edge_mla.texts.fit_texts), so that the latent keeps what code and chat need, not only prose."""
+    if text is None or len(text) == 0:
+        from edge_mla.texts import fit_texts
+        return list(fit_texts(tokenizer).values())
+    paths = [text] if isinstance(text, (str, Path)) else list(text)
+    return [read_text_file(path, tokenizer) for path in paths]
+
+
+def calibration_label(text: str | list[str] | tuple[str, ...] | None) -> str:
+    """The calibration text as the report names it."""
+    if text is None or len(text) == 0:
+        return BUILT_IN_CALIBRATION
+    return ", ".join(str(p) for p in ([text] if isinstance(text, (str, Path)) else text))
 
 
 def token_windows(tokenizer, text: str, length: int, count: int | None = None) -> torch.Tensor:
@@ -165,25 +212,39 @@ def write_text_atomic(path: Path, text: str) -> None:
         tmp.write_text(text, encoding="utf-8")
 
 
-def spread_windows(tokenizer, text: str | None = None, *, count: int, length: int,
+def spread_windows(tokenizer, text: str | list[str] | tuple[str, ...] | None = None, *, count: int, length: int,
                    hold_out_tokens: int = 0) -> torch.Tensor:
-    """`count` windows of `length` tokens spread evenly over the calibration text (the built-in split or the
-    user's file), leaving its last `hold_out_tokens` tokens out: more of its articles than the first windows hold."""
-    windows = token_windows(tokenizer, load_text(text, "calibration"), length)
-    usable = windows[: len(windows) - -(-hold_out_tokens // length)]
-    if len(usable) == 0:
-        raise ValueError(f"the calibration text holds too few windows of {length} tokens; give more text")
-    if len(usable) <= count:
-        return usable
-    return usable[torch.linspace(0, len(usable) - 1, count).round().long()]
+    """`count` windows of `length` tokens, balanced over the calibration texts (one kind each) and spread evenly
+    over each, interleaved so that any prefix is balanced too; the first text's last `hold_out_tokens` tokens are
+    left out (the quality target's check windows)."""
+    per_text = []
+    for i, raw in enumerate(calibration_texts(tokenizer, text)):
+        ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        windows = ids[: ids.numel() // length * length].view(-1, length)
+        if i == 0 and hold_out_tokens:
+            windows = windows[: len(windows) - -(-hold_out_tokens // length)]
+        if len(windows):
+            per_text.append(windows)
+    if not per_text:
+        raise ValueError(f"the calibration text holds no window of {length} tokens; give more text or a shorter "
+                         "--calib-length")
+    shares = [0] * len(per_text)  # round-robin: each text one more window until count or the texts run out
+    while sum(shares) < count and any(s < len(w) for s, w in zip(shares, per_text)):
+        for i, w in enumerate(per_text):
+            if shares[i] < len(w) and sum(shares) < count:
+                shares[i] += 1
+    picked = [w[torch.linspace(0, len(w) - 1, k).round().long()] for w, k in zip(per_text, shares)]
+    order = sorted(((j, i) for i, k in enumerate(shares) for j in range(k)))
+    return torch.stack([picked[i][j] for j, i in order])
 
 
-def calibration_windows(tokenizer, text: str | None = None, *, count: int, length: int) -> torch.Tensor:
-    """The windows every calibration step reads: `count` x `length` tokens of the calibration part of the
-    built-in Wikipedia sample, or of the user's text file."""
+def calibration_windows(tokenizer, text: str | list[str] | tuple[str, ...] | None = None, *, count: int,
+                        length: int) -> torch.Tensor:
+    """The windows every calibration step reads: `count` x `length` tokens balanced over the built-in mixture of
+    kinds of text, or over the user's text files."""
     if tokenizer is None:
         raise ValueError("calibration needs the model's tokenizer to read text")
     if count < 1 or length < 1:
         raise ValueError(f"calibration of {count} x {length} tokens: give --calib-windows and --calib-length of 1 or "
                          "more")
-    return token_windows(tokenizer, load_text(text, "calibration"), length, count)
+    return spread_windows(tokenizer, text, count=count, length=length)

@@ -3,6 +3,7 @@ build chooses from. No torch here: the CLI reads the choices without loading any
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 PER_HEAD_SELECTIONS = ("high", "low", "uniform", "2norm", "partition", "partition-2norm")
 SELECTIONS = PER_HEAD_SELECTIONS + ("shared",)
@@ -29,11 +30,13 @@ CALIBRATION_DEFAULTS = {"convert": (16, 1024), "onnx": (8, 512), "gguf": (4, 512
 
 @dataclass(frozen=True)
 class Calibration:
-    """The calibration text of the conversion, the ONNX cache scales and the GGUF latent check: a given windows or
-    length replaces that of each step's own default (the CPU recovery reads its own 48 x 512). On a big model and a
+    """The calibration text of the conversion, the CPU recovery, the ONNX cache scales and the GGUF latent check: a
+    given windows or length replaces that of each step's own default (the recovery reads its own 48 x 512), and
+    given texts replace the built-in mixture in every step. On a big model and a
     small machine fewer tokens shorten every pass through the model (docs/scale.md)."""
     windows: int | None = None
     length: int | None = None
+    texts: tuple[str, ...] = ()  # the user's text files (each one kind of text); empty: the built-in mixture
 
     def sizes(self, step: str) -> tuple[int, int]:
         """(windows, tokens per window) that `step` reads."""
@@ -43,12 +46,16 @@ class Calibration:
     def of(self, step: str) -> dict:
         """The step's calibration as the keyword arguments of its function."""
         windows, length = self.sizes(step)
-        return {"calib_windows": windows, "calib_length": length}
+        text_argument = "calib_text" if step == "onnx" else "text"
+        return {"calib_windows": windows, "calib_length": length, text_argument: self.texts or None}
 
     def check(self) -> "Calibration":
         for flag, value in (("--calib-windows", self.windows), ("--calib-length", self.length)):
             if value is not None and value < 1:
                 raise ValueError(f"{flag} {value}: give 1 or more (or leave it out for each step's default)")
+        for path in self.texts:
+            if not Path(path).is_file():
+                raise ValueError(f"--calib-text {path}: no such file; give text or JSONL files of your own domain")
         return self
 
 
@@ -61,6 +68,22 @@ DEFAULT_LATENT = 256
 # says why.
 RECOVER_STEPS = 600
 RECOVER_LR = 2e-4
+# The build's default time budget: what the built-in model's build fits on a 2-core machine. The recovery takes
+# what the other steps leave (recover.StepBudget), up to RECOVER_STEPS a layer.
+DEFAULT_TIME_BUDGET = "15m"
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '900s', '1.5h' or plain seconds -> seconds."""
+    value = text.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(value[-1:], None)
+    try:
+        seconds = float(value[:-1] if unit else value) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"--time-budget {text!r} is not a duration: write it as 15m, 900s or 1.5h") from None
+    if seconds <= 0:
+        raise ValueError(f"--time-budget {text}: give a positive duration, e.g. 15m")
+    return seconds
 
 PLANS = {
     "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),

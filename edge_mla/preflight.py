@@ -5,11 +5,14 @@ export/onnx_weights.py), applied to what the conversion will produce: the kept r
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from edge_mla import families
 
 FORMATS = ("onnx", "gguf")
+MLA, ORIGINAL = "the MLA model", "the original, exported to compare"
 
 
 def parse_formats(text: str | None) -> tuple[str, ...]:
@@ -20,6 +23,43 @@ def parse_formats(text: str | None) -> tuple[str, ...]:
         raise ValueError(f"--formats {text!r}: choose one or more of {', '.join(FORMATS)}, comma-separated "
                          "(e.g. --formats onnx)")
     return tuple(f for f in FORMATS if f in names)
+
+
+def refusal(fmt: str, what: str, err: Exception) -> ValueError:
+    """The one-line refusal: which format cannot carry what, the exporter's reason, and the fix (the other format)."""
+    other = next(f for f in FORMATS if f != fmt)
+    return ValueError(f"{fmt.upper()} cannot carry {what}: {str(err).rstrip('.')}. Fix: build {other} only "
+                      f"with --formats {other} (docs/models.md)")
+
+
+def check_gguf_header(model: str | Path, formats: tuple[str, ...]) -> None:
+    """For a .gguf source, what its header and tensor list decide, before transformers de-quantizes every tensor
+    (call before source.load_source; any other source: nothing to do): the source checks (source.check_gguf_source:
+    architecture, what the GGUF loader would drop), then for GGUF the attention biases, read alone (a few KB), with
+    check()'s refusal. What depends on the plan (NoPE width, rope grid per selection) is left to check()."""
+    path = Path(str(model)).expanduser()
+    if path.suffix != ".gguf" or not path.is_file():
+        return
+    import gguf
+    import torch
+
+    from edge_mla.export.gguf_tensors import check_attention_biases
+    from edge_mla.source import check_gguf_source
+
+    arch, keys, tensors = check_gguf_source(path)
+    if "gguf" not in formats:
+        return
+
+    def bias(i: int, name: str):
+        t = tensors.get(f"blk.{i}.{name}.bias")
+        return None if t is None else torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).copy())
+
+    try:
+        for i in range(int(keys.get(f"{arch}.block_count", 0))):
+            check_attention_biases(i, {proj: bias(i, name) for proj, name in (
+                ("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v"), ("o_proj", "attn_output"))})
+    except ValueError as err:
+        raise refusal("gguf", MLA, err) from None
 
 
 def kept_frequencies(model, plan) -> list[np.ndarray]:
@@ -93,7 +133,7 @@ def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
     from edge_mla.export import onnx_weights
 
     plan, notes = fit_rope_key(model, plan, formats)
-    mla, original = "the MLA model", "the original, exported to compare"
+    mla, original = MLA, ORIGINAL
     steps = []  # (format, what it would carry, the exporter's check)
     if "onnx" in formats:
         steps.append(("onnx", mla, lambda: onnx_weights.check_config(model.config)))
@@ -107,9 +147,7 @@ def check(model, plan, formats: tuple[str, ...], *, originals: bool = False,
         try:
             fn()
         except ValueError as err:
-            other = next(f for f in FORMATS if f != fmt)
-            raise ValueError(f"{fmt.upper()} cannot carry {what}: {str(err).rstrip('.')}. Fix: build {other} only "
-                             f"with --formats {other} (docs/models.md)") from None
+            raise refusal(fmt, what, err) from None
     if families.has_qk_norm(model):
         notes.append("q/k norms: approximated by calibrated per-head constants (docs/models.md)")
     return plan, notes

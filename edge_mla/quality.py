@@ -1,8 +1,10 @@
-"""Quality through the runtimes themselves: held-out perplexity of an exported file (GGUF in llama.cpp, ONNX in
-onnxruntime) on two texts, the MLA build and the original side by side on the same token windows.
+"""Quality through the runtimes themselves: perplexity of an exported file (GGUF in llama.cpp, ONNX in onnxruntime)
+on a battery of kinds of text (edge_mla.texts: prose, news, code, technical docs, chat in the model's template,
+math), the MLA build and the original side by side on the same token windows, and how often the two agree on the
+next token.
 
-The texts: the held-out 20% of the built-in Wikipedia sample (nothing is fitted on it) and the Lee ABC news
-corpus, another domain that nothing is fitted on. Both come from the PyPI wheel of gensim 4.4.0 (test data).
+No text of the battery is fitted on: Wikipedia's held-out split, and sources no calibration step reads
+(docs/texts.md).
 """
 from __future__ import annotations
 
@@ -11,10 +13,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-TEXTS = {
-    "wikipedia-heldout": "held-out 20% of the Wikipedia sample (gensim 4.4.0; CC BY-SA 3.0)",
-    "abc-news": "Lee background corpus, ABC news 2001 (gensim 4.4.0); another domain, never fitted on",
-}
+
+def texts_about() -> dict:
+    from edge_mla.texts import BATTERY_ABOUT
+    return dict(BATTERY_ABOUT)
 
 
 @dataclass
@@ -25,71 +27,95 @@ class QualityRow:
     perplexity: float
     tokens: int  # predicted tokens scored
     cache: str  # the cache it ran with (q4_0, int4, ...)
+    top1_agreement: float | None = None  # MLA only: share of positions whose argmax is the original's
 
 
 def text_windows(tokenizer, text: str, count: int, length: int) -> np.ndarray:
-    """[count, length] token ids of one of TEXTS, tokenized once by the model's own tokenizer so that every file
-    is scored on the same ids."""
-    from edge_mla.data import load_text, news_text, token_windows
+    """[count, length] token ids of one text of the battery, tokenized once by the model's own tokenizer so that
+    every file is scored on the same ids; windows spread over the whole text."""
+    from edge_mla.data import token_windows
+    from edge_mla.texts import battery_text
 
-    raw = {"wikipedia-heldout": lambda: load_text(None, "heldout"), "abc-news": news_text}[text]()
-    return token_windows(tokenizer, raw, length, count).numpy()
+    windows = token_windows(tokenizer, battery_text(tokenizer, text), length).numpy()
+    if len(windows) <= count:
+        return windows
+    return windows[np.linspace(0, len(windows) - 1, count).round().astype(int)]
 
 
 def _nll_sum(logits: np.ndarray, ids: np.ndarray) -> float:
-    """Summed negative log-likelihood of ids[1:] under logits[:-1] ([T, V] float)."""
-    x = logits[:-1].astype(np.float64)
-    peak = x.max(1, keepdims=True)
-    log_z = peak[:, 0] + np.log(np.exp(x - peak).sum(1))
-    return float((log_z - x[np.arange(len(x)), ids[1:]]).sum())
+    """Summed negative log-likelihood of ids[1:] under logits[:-1] ([T, V] float). In float32, in place, a row block
+    at a time: a 512 x 49K window in float64 took the build a second a window (96 windows a build)."""
+    x = np.asarray(logits[:-1], dtype=np.float32)
+    total = 0.0
+    for start in range(0, len(x), 128):
+        block = x[start:start + 128] - x[start:start + 128].max(1, keepdims=True)
+        picked = block[np.arange(len(block)), ids[start + 1:start + 1 + len(block)]]
+        np.exp(block, out=block)
+        total += float((np.log(block.sum(1, dtype=np.float64)) - picked).sum())
+    return total
 
 
-def gguf_nll(path: str, windows: np.ndarray, kv_type: str, threads: int | None = None) -> tuple[float, int]:
-    """llama.cpp's logits over each window from an empty cache (run it through llamacpp.run_isolated)."""
+def _scores(logits: np.ndarray, ids: np.ndarray) -> tuple[float, np.ndarray]:
+    return _nll_sum(logits, ids), logits[:-1].argmax(1).astype(np.int32)
+
+
+def gguf_scores(path: str, windows: dict, kv_type: str, threads: int | None = None) -> dict:
+    """llama.cpp's summed NLL and argmax per text over each window from an empty cache: {text: (nll, n, argmax)}.
+    One child process scores every text (run it through llamacpp.run_isolated)."""
     from edge_mla.runtimes import llamacpp
 
-    length = windows.shape[1]
+    length = next(iter(windows.values())).shape[1]
     model = llamacpp.open_model(path, n_ctx=length, threads=threads, kv_type=kv_type, logits_all=True,
                                 n_batch=length)
-    total = 0.0
-    for ids in windows:
-        total += _nll_sum(llamacpp.prompt_logits(model, ids.tolist()), ids)
-    return total, windows.size - len(windows)
+    found = {}
+    for text, rows in windows.items():
+        scored = [_scores(llamacpp.prompt_logits(model, ids.tolist()), ids) for ids in rows]
+        found[text] = (sum(s[0] for s in scored), rows.size - len(rows), np.stack([s[1] for s in scored]))
+    return found
 
 
-def onnx_nll(folder: str, windows: np.ndarray, threads: int | None = None) -> tuple[float, int]:
+def onnx_scores(folder: str, windows: dict, threads: int | None = None) -> dict:
     from edge_mla.runtimes.onnxruntime import OnnxDecoder
 
-    length = windows.shape[1]
+    length = next(iter(windows.values())).shape[1]
     decoder = OnnxDecoder(folder, threads=threads, context=length)
-    total = 0.0
-    for ids in windows:
-        decoder.reset(length)
-        total += _nll_sum(decoder.forward(ids.astype(np.int64), keep=length), ids)
-    return total, windows.size - len(windows)
+    found = {}
+    for text, rows in windows.items():
+        scored = []
+        for ids in rows:
+            decoder.reset(length)
+            scored.append(_scores(decoder.forward(ids.astype(np.int64), keep=length), ids))
+        found[text] = (sum(s[0] for s in scored), rows.size - len(rows), np.stack([s[1] for s in scored]))
+    return found
 
 
 def measure(files: dict, tokenizer, *, kv_type: str, onnx_cache: str, count: int = 4, length: int = 512,
-            threads: int | None = None, progress=print) -> list[QualityRow]:
-    """Perplexity of every file on every text. files: {model: {"gguf": path, "onnx": folder}}."""
+            threads: int | None = None, texts: tuple[str, ...] | None = None, progress=print) -> list[QualityRow]:
+    """Perplexity of every file on every text of the battery, and the MLA build's next-token agreement with the
+    original in the same runtime. files: {model: {"gguf": path, "onnx": folder}}, "original" among the models."""
     from edge_mla.runtimes import llamacpp
     from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+    from edge_mla.texts import BATTERY
 
-    rows = []
-    for text in TEXTS:
-        windows = text_windows(tokenizer, text, count, length)
-        for model, paths in files.items():
-            for runtime, path in (("llama.cpp", paths.get("gguf")), ("onnxruntime", paths.get("onnx"))):
-                if path is None:
-                    continue
-                cache = onnx_cache
-                if runtime == "llama.cpp":
-                    cache = runnable_cache_type(check_gguf(path), kv_type)
-                    nll, n = llamacpp.run_isolated(gguf_nll, str(path), windows, cache, threads)
-                else:
-                    nll, n = onnx_nll(str(path), windows, threads)
-                row = QualityRow(model, runtime, text, round(math.exp(nll / n), 3), n, cache)
-                progress(f"      perplexity {row.perplexity:7.2f}  {model:8s} {runtime:11s} {text} ({n} tokens)")
+    windows = {text: text_windows(tokenizer, text, count, length) for text in (texts or BATTERY)}
+    rows, argmax = [], {}
+    for runtime, kind in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")):
+        for model in sorted(files, key=lambda m: m != "original"):  # the original first: agreement needs it
+            path = files[model].get(kind)
+            if path is None:
+                continue
+            if runtime == "llama.cpp":
+                cache = runnable_cache_type(check_gguf(path), kv_type)
+                scores = llamacpp.run_isolated(gguf_scores, str(path), windows, cache, threads)
+            else:
+                cache, scores = onnx_cache, onnx_scores(str(path), windows, threads)
+            for text, (nll, n, top1) in scores.items():
+                argmax[(model, runtime, text)] = top1
+                reference = argmax.get(("original", runtime, text))
+                agree = None if model == "original" or reference is None else round(float((top1 == reference).mean()), 4)
+                row = QualityRow(model, runtime, text, round(math.exp(nll / n), 3), n, cache, agree)
+                progress(f"      perplexity {row.perplexity:7.2f}  {model:8s} {runtime:11s} {text} ({n} tokens)"
+                         + ("" if agree is None else f", next token as the original's {100 * agree:.1f}%"))
                 rows.append(row)
     return rows
 
@@ -99,6 +125,11 @@ def ratios(rows: list[QualityRow]) -> dict:
     found = {(r.model, r.runtime, r.text): r.perplexity for r in rows}
     return {f"{runtime}, {text}": round(found[("mla", runtime, text)] / found[("original", runtime, text)], 3)
             for (model, runtime, text) in found if model == "mla" and ("original", runtime, text) in found}
+
+
+def agreement(rows: list[QualityRow]) -> dict:
+    """The MLA build's next-token agreement with the original, per (runtime, text)."""
+    return {f"{r.runtime}, {r.text}": r.top1_agreement for r in rows if r.top1_agreement is not None}
 
 
 def as_dicts(rows: list[QualityRow]) -> list[dict]:

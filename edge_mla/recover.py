@@ -280,6 +280,10 @@ def native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+PROBE_STEPS = 8  # timed on a copy of the first block: the seconds per step of this machine, today
+MIN_BUDGET_STEPS = 50  # below this a block barely moves; a budget too small for it is overrun, and the build says so
+
+
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                     batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16,
                     up_projections: bool = False, bf16: bool = False) -> dict:
@@ -302,6 +306,7 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
     g = torch.Generator().manual_seed(seed)
     scale = y.pow(2).mean()  # normalized loss: the same learning rate suits every layer
     autocast = torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=bf16)
+    t_train = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(0, x.shape[0], (batch,), generator=g)
         with autocast, warnings.catch_warnings():
@@ -315,11 +320,12 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
         loss.backward()
         opt.step()
         sched.step()
+    t_train = time.perf_counter() - t_train
     for p, flag in zip(attn.parameters(), flags):
         p.requires_grad_(flag)
     after = evaluate_attention(attn, x[:EVAL_WINDOWS], y[:EVAL_WINDOWS])
     attn.to(dtype)
-    return {"mse_before": before, "mse_after": after, "seconds": time.perf_counter() - t0}
+    return {"mse_before": before, "mse_after": after, "seconds": time.perf_counter() - t0, "train_seconds": t_train}
 
 
 @torch.no_grad()
@@ -372,6 +378,41 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
     return recovery.summary(model.config.mla)
 
 
+class StepBudget:
+    """How many Adam steps each remaining layer gets so that the recovery ends by `deadline` (time.perf_counter()):
+    the time left shared evenly over the layers left, less what a layer costs besides its training steps (its
+    calibration, conversion, teacher pass and evaluation, as last measured), at the seconds per step measured so far
+    (a short probe on the first layer), between MIN_BUDGET_STEPS and the plan's steps. The machine's speed is
+    measured, not assumed: the same build took 33 s a layer on one host and 20 s on another."""
+
+    def __init__(self, deadline: float, layers: int):
+        self.deadline, self.layers = deadline, layers
+        self.seconds_per_step, self.other_seconds, self.chosen = None, 0.0, []
+        self.last_call, self.last_train = None, 0.0
+
+    def steps_for(self, i: int, most: int, probe) -> int:
+        now = time.perf_counter()
+        if self.last_call is not None:  # the wall time since the last layer's call, less its training loop
+            self.other_seconds = max(now - self.last_call - self.last_train, 0.0)
+        if self.seconds_per_step is None:
+            self.seconds_per_step = probe(PROBE_STEPS)
+        self.last_call = time.perf_counter()
+        left = max(self.deadline - self.last_call, 0.0) / max(self.layers - i, 1) - self.other_seconds
+        steps = int(min(most, max(MIN_BUDGET_STEPS, left / self.seconds_per_step)))
+        self.chosen.append(steps)
+        return steps
+
+    def spent(self, stats: dict, steps: int) -> None:
+        """The layer's training loop: its pace from now on."""
+        self.last_train = stats["train_seconds"]
+        if steps:
+            self.seconds_per_step = stats["train_seconds"] / steps
+
+    def describe(self) -> str:
+        return (f"{min(self.chosen)}-{max(self.chosen)} steps a layer at {1000 * self.seconds_per_step:.0f} ms a step"
+                if self.chosen else "unused")
+
+
 class LayerRecovery:
     """recover_converted, one layer at a time: what the layer-by-layer build (convert.convert's `converted`
     callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs. The
@@ -380,8 +421,12 @@ class LayerRecovery:
     need (latent_norm_eps, four_bit_up_projections): call it before the config is written."""
 
     def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16,
-                 latent_norm: bool = False, up_projections: bool = False, bf16: bool | None = None):
+                 latent_norm: bool = False, up_projections: bool = False, bf16: bool | None = None,
+                 budget: "StepBudget | None" = None, corrects_drift: bool = False):
         self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
+        self.budget = budget  # None: `steps` on every layer; else as many as the time left buys, at most `steps`
+        # convert() reads this: train each block on the converted model's own inputs towards the original's stream
+        self.corrects_drift = corrects_drift
         self.bf16 = native_bf16() if bf16 is None else bf16
         self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
         self.stats, self.eps, self.four_bit, self.tokens, self.aligned, self.quant = [], [], [], 0, False, None
@@ -399,9 +444,15 @@ class LayerRecovery:
         self.quant = shipped_cache_quant(attn, self.cache_bits)
         saved, attn.cache_quant = attn.cache_quant, self.quant and straight_through(self.quant)
         busy, cpu = machine_busy_seconds(), time.process_time()
+        steps = self.steps
         with torch.enable_grad():  # called from inside the conversion's no_grad
-            s = train_attention(attn, ins, outs, self.steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
+            if self.budget is not None:
+                steps = self.budget.steps_for(i, self.steps, lambda n: self._probe(attn, ins, outs, n))
+            s = train_attention(attn, ins, outs, steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
                                 up_projections=self.up_projections, bf16=self.bf16)
+        s["steps"] = steps
+        if self.budget is not None:
+            self.budget.spent(s, steps)
         if busy is not None:
             ours = time.process_time() - cpu
             self._check_cores(i, machine_busy_seconds() - busy - ours, s["seconds"])
@@ -410,7 +461,14 @@ class LayerRecovery:
         self.tokens = int(ins.shape[0] * ins.shape[1])
         self.stats.append({"layer": i, **s})
         print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
-              f"({s['seconds']:.1f}s)", flush=True)
+              f"({steps} steps, {s['seconds']:.1f}s)", flush=True)
+
+    def _probe(self, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor, steps: int) -> float:
+        """Seconds per training step of this block on this machine, timed on a throw-away copy."""
+        import copy
+        s = train_attention(copy.deepcopy(attn), ins[:1], outs[:1], steps, self.lr, 1, "all",
+                            weight_bits=self.weight_bits, up_projections=self.up_projections, bf16=self.bf16)
+        return s["train_seconds"] / steps
 
     def _check_cores(self, i: int, others_s: float, wall_s: float) -> None:
         """Say so, once, when other processes kept cores busy (others_s: their CPU seconds) while this layer trained
@@ -432,7 +490,10 @@ class LayerRecovery:
         if self.up_projections:
             mla["four_bit_up_projections"] = True
         stats = self.stats
-        return {"steps_per_layer": self.steps, "lr": self.lr, "teacher_tokens": self.tokens,
+        steps = [s["steps"] for s in stats]
+        return {"steps_per_layer": self.steps if not steps or min(steps) == max(steps) else
+                f"{min(steps)}-{max(steps)} (mean {sum(steps) / len(steps):.0f})",
+                "time_budget": self.budget and self.budget.describe(), "lr": self.lr, "teacher_tokens": self.tokens,
                 "compute": "bfloat16 autocast" if self.bf16 else "float32",
                 "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
                 "trained_through": ("q4_0 cache" if self.quant else "float cache") + (

@@ -67,6 +67,8 @@ def quality_table(rows: list[dict]) -> str:
             r = ppl.get((model, runtime, text))
             base = ppl.get(("original", runtime, text))
             ratio = f" ({r['perplexity'] / base['perplexity']:.2f}x)" if r and base and model == "mla" else ""
+            if r and r.get("top1_agreement") is not None:
+                ratio += f"<br><small>{100 * r['top1_agreement']:.0f}% same next token</small>"
             cells.append(f"<td>{r['perplexity']:.2f}{ratio}</td>" if r else "<td>-</td>")
         cache = next(r["cache"] for r in rows if (r["model"], r["runtime"]) == (model, runtime))
         lines.append(f"<tr><td>{'MLA' if model == 'mla' else 'original'}</td><td>{runtime}</td><td>{cache}</td>"
@@ -74,7 +76,9 @@ def quality_table(rows: list[dict]) -> str:
     head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
     return (f"<h2>Quality: held-out perplexity through the runtimes (lower is better)</h2><table><tr><th>model</th>"
             f"<th>runtime</th><th>cache</th>{head}</tr>{''.join(lines)}</table><p>Both builds at the same bits, "
-            f"scored on the same token windows; in brackets the MLA build's perplexity over the original's.</p>")
+            f"scored on the same token windows of every kind of text (none of them fitted on); in brackets the MLA build's "
+            f"perplexity over the original's, below it the share of positions where its most likely next token is "
+            f"the original's.</p>")
 
 
 CHOICE_LABELS = {"mla": "MLA", "original": "original", "neither": "neither fits",
@@ -108,7 +112,12 @@ def verdict_section(summary: dict) -> str:
     commands = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                        for k, v in (summary.get("run_commands") or {}).items())
     texts = "".join(f"<li>{html.escape(v['text'])}</li>" for v in verdicts)
-    return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>"
+    t = summary.get("verdict_thresholds")
+    rule = (f"<p>Where both fit, MLA is recommended only if it saves at least {100 * t['min_saved_share']:.0f}% of "
+            f"the device's usable memory, loses at most {100 * t['max_quality_loss']:.0f}% perplexity on its worst "
+            f"text and decodes at {t['min_speed']:.2f}x the original's speed or better (--verdict-min-saving, "
+            f"--verdict-max-loss, --verdict-min-speed).</p>") if t else ""
+    return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
             f"original (worst text)</th><th>decode bound on the device, tok/s (MLA / original)</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"

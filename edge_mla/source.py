@@ -134,6 +134,70 @@ def _plain_copy(model):
     return plain
 
 
+# llama.cpp's architecture names that are another model type in transformers (the REFUSED ones among them).
+GGUF_MODEL_TYPES = {"gemma3": "gemma3_text", "qwen2moe": "qwen2_moe", "qwen3moe": "qwen3_moe"}
+# The biases transformers' GGUF loader reads, per architecture; it drops every other bias tensor without a word.
+GGUF_KEPT_BIASES = {"qwen2": ("attn_q.bias", "attn_k.bias", "attn_v.bias")}
+
+
+def _gguf_readable() -> list[str]:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    return [a for a in SUPPORTED_ARCHITECTURES if a in GGUF_SUPPORTED_ARCHITECTURES]
+
+
+def _unreadable(path: Path, why: str) -> str:
+    return (f"{path} is not a GGUF model that transformers can read ({why}). edge-mla reads "
+            f"{'/'.join(_gguf_readable())} GGUF files; for another model give its Hugging Face folder.")
+
+
+def gguf_header(path: Path) -> tuple[str, dict, dict]:
+    """(architecture, keys, tensors by name) of a GGUF file, memory-mapped: tensor infos only, no tensor read (the
+    tokenizer's keys are left out)."""
+    try:
+        import gguf
+
+        reader = gguf.GGUFReader(path)
+    except Exception as err:
+        reraise_missing(err, f"reading {path.name}")
+        raise SourceError(_unreadable(path, f"{type(err).__name__}: {err}")) from err
+    keys = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
+    return keys.get("general.architecture"), keys, {t.name: t for t in reader.tensors}
+
+
+def check_gguf_source(path: Path) -> tuple[str, dict, dict]:
+    """Refuse from the header alone, before transformers de-quantizes every tensor: an architecture edge-mla does not
+    convert (check_architecture's message) or transformers cannot read, and what transformers' GGUF loader would
+    silently drop (RoPE scaling, per-frequency RoPE factors, a partial rotary, biases it has no place for), since
+    the model it loads would then not be this one. Returns gguf_header(path)."""
+    import re
+    from types import SimpleNamespace
+
+    arch, keys, tensors = gguf_header(path)
+    key = lambda name: keys.get(f"{arch}.{name}")  # noqa: E731
+    check_architecture(SimpleNamespace(model_type=GGUF_MODEL_TYPES.get(arch, arch), rope_theta=key("rope.freq_base")))
+    if arch not in _gguf_readable():
+        raise SourceError(_unreadable(path, f"its architecture '{arch}' is not one transformers' GGUF loader reads"))
+    dropped = []
+    scaling = key("rope.scaling.type")
+    if scaling not in (None, "none") and key("rope.scaling.factor") != 1.0:
+        dropped.append(f"its '{scaling}' RoPE scaling")
+    dropped += [f"its {n} tensor (per-frequency RoPE factors)" for n in tensors if n.startswith(("rope_freqs",
+                                                                                                 "rope_factors"))]
+    heads, rope_dim = key("attention.head_count"), key("rope.dimension_count")
+    head_dim = key("attention.key_length") or (key("embedding_length") // heads if heads else None)
+    if rope_dim and head_dim and rope_dim != head_dim:
+        dropped.append(f"its partial rotary (RoPE on {rope_dim} of {head_dim} head dims)")
+    biases = sorted({re.sub(r"^blk\.\d+\.", "", n) for n in tensors if n.endswith(".bias")}
+                    - set(GGUF_KEPT_BIASES.get(arch, ())))
+    if biases:
+        dropped.append(f"its {', '.join(biases)} tensors")
+    if dropped:
+        raise SourceError(f"{path}: transformers' GGUF loader drops {' and '.join(dropped)}, so the model it would "
+                          "load is not this one. Give the model's Hugging Face folder instead (docs/models.md)")
+    return arch, keys, tensors
+
+
 def _load_gguf(path: Path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -142,9 +206,7 @@ def _load_gguf(path: Path):
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except Exception as err:  # transformers raises many kinds here: a missing package, or a file it cannot read
         reraise_missing(err, f"reading {path.name}")
-        raise SourceError(f"{path} is not a GGUF model that transformers can read ({type(err).__name__}: {err}). "
-                          "edge-mla reads llama/mistral/qwen2 GGUF files; for another model give its Hugging Face "
-                          "folder.") from err
+        raise SourceError(_unreadable(path, f"{type(err).__name__}: {err}")) from err
     check_architecture(model.config)
     return _plain_copy(model), tokenizer
 
@@ -222,6 +284,7 @@ def load_source(spec: str = DEFAULT_MODEL, lazy: bool = False) -> Source:
             raise SourceError(f"model file {path} does not exist")
         if path.suffix != ".gguf":
             raise SourceError(f"{path} is a file but not a .gguf model; give a .gguf file or a model folder")
+        check_gguf_source(path)  # from the header, before transformers de-quantizes every tensor
         model, tokenizer = _load_gguf(path)
         return _finish(Source(model, tokenizer, path.stem, None, path.resolve()))
     if path.is_dir():

@@ -31,6 +31,18 @@ def parse_loss(text: str) -> float:
     return loss
 
 
+def parse_share(text: str, flag: str) -> float:
+    """'10%' or '0.10' -> 0.10, for a flag that takes a share."""
+    value = text.strip()
+    try:
+        share = float(value[:-1]) / 100 if value.endswith("%") else float(value)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r} is not a share: write it as 10% or 0.10") from None
+    if not 0 <= share <= 1:
+        raise ValueError(f"{flag} {text}: give a share between 0% and 100%, e.g. 10%")
+    return share
+
+
 def check_calibration(tokenizer, windows: int, length: int) -> None:
     """Refuse a conversion calibration long enough to reach the check windows (it reads the split from its start):
     the check would then score text the conversion was fitted on."""

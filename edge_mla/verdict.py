@@ -5,13 +5,22 @@ that were priced.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from edge_mla.budget import MB, Device, Footprint
 
 # Priced up to the model's limit: a big model's cache decides at 32K-128K tokens, not at 4K.
 CONTEXTS = (512, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
-# Perplexity within this of the original's counts as "no worse": the run-to-run spread of 4 x 512-token windows
-# between runtimes and cache types is of this order.
-SAME_QUALITY = 0.02
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When both fit, MLA is recommended only if it saves a share of the device's usable memory a user would notice,
+    its worst text of the battery is within max_quality_loss of the original's perplexity, and it decodes at
+    min_speed of the original's speed or better (the build's flags --verdict-*; docs/verdict.md)."""
+    min_saved_share: float = 0.10
+    max_quality_loss: float = 0.10
+    min_speed: float = 0.85
 
 
 def contexts_for(context: int, limit: int) -> list[int]:
@@ -25,23 +34,31 @@ def worst_ratio(quality_ratio: dict, runtime: str) -> tuple[float, str] | None:
 
 
 def verdict(mla: Footprint, original: Footprint, device: Device, context: int, quality: tuple | None,
-            speed: dict | None) -> dict:
+            speed: dict | None, thresholds: Thresholds = Thresholds()) -> dict:
     usable = device.usable_mb
     mla_mb, orig_mb = mla.memory_bytes(context) / MB, original.memory_bytes(context) / MB
     saves = orig_mb - mla_mb
     mla_fits, orig_fits = mla_mb <= usable, orig_mb <= usable
     bound = lambda fp: device.bandwidth_gbs * 1e9 / (fp.weights_bytes + fp.kv_bytes_per_token * context)  # noqa: E731
     row = {"runtime": mla.runtime, "context": context, "mla_mb": round(mla_mb, 1), "original_mb": round(orig_mb, 1),
-           "saves_mb": round(saves, 1), "mla_fits": mla_fits, "original_fits": orig_fits,
+           "saves_mb": round(saves, 1), "saved_share_of_device": round(saves / usable, 4) if usable else None,
+           "mla_fits": mla_fits, "original_fits": orig_fits,
            "decode_bound_mla": round(bound(mla), 1), "decode_bound_original": round(bound(original), 1)}
-    cost = ""
+    costs, misses = [], []
     if quality:
         ratio, text = quality
         row["perplexity_ratio"], row["perplexity_text"] = ratio, text
-        cost = f"{100 * (ratio - 1):+.0f}% perplexity ({text})"
-    if speed and "decode_ratio" in speed:
-        row["decode_ratio_measured"] = speed["decode_ratio"]
-        cost += f"{', ' if cost else ''}{speed['decode_ratio']:.2f}x the decode speed (measured on the build machine)"
+        costs.append(f"{100 * (ratio - 1):+.0f}% perplexity on its worst text ({text})")
+        if ratio > 1 + thresholds.max_quality_loss:
+            misses.append(f"its worst text loses more than {100 * thresholds.max_quality_loss:.0f}%")
+    decode = (speed or {}).get("decode_ratio")
+    if decode is not None:
+        row["decode_ratio_measured"] = decode
+        costs.append(f"{decode:.2f}x the decode speed (measured on the build machine)")
+        if decode < thresholds.min_speed:
+            misses.append(f"it decodes slower than {thresholds.min_speed:.2f}x")
+    cost = ", ".join(costs)
+    share = f"{saves:.0f} MB, {100 * saves / usable:.1f}% of the {usable:.0f} MB usable"
     where = f"at {context} tokens in {mla.runtime}"
     if not mla_fits and not orig_fits:
         row["choice"], text = "neither", f"{where} neither fits {device.name} ({mla_mb:.0f} / {orig_mb:.0f} MB of " \
@@ -55,26 +72,27 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
     elif saves <= 0:
         row["choice"], text = "original", f"{where} the original is the better choice: it needs {-saves:.0f} MB " \
                                           f"less" + (f", and MLA would cost {cost}" if cost else "")
+    elif saves / usable < thresholds.min_saved_share:
+        row["choice"] = "original"
+        text = (f"{where} both fit and MLA saves only {share} (a saving is worth it from "
+                f"{100 * thresholds.min_saved_share:.0f}%): the original is the better choice" +
+                (f"; MLA would cost {cost}" if cost else ""))
     elif not quality:  # not measured in this runtime: memory alone cannot say which model is better
         row["choice"] = "unmeasured"
-        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%), but its quality was not "
-                f"measured in {mla.runtime}: compare the two builds' perplexity before choosing"
-                + (f"; {cost}" if cost else ""))
-    elif quality[0] <= 1 + SAME_QUALITY:
-        row["choice"], text = "mla", f"{where} MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) at the same " \
-                                     f"quality ({cost})"
-    else:
-        # Both fit: the saving only frees memory for other work, so the better model is the original, unless
-        # that memory is what the user needs.
+        text = (f"{where} both fit; MLA saves {share}, but its quality was not measured in {mla.runtime}: compare "
+                "the two builds' perplexity before choosing" + (f"; {cost}" if cost else ""))
+    elif misses:
         row["choice"] = "original"
-        text = (f"{where} both fit; MLA saves {saves:.0f} MB ({100 * saves / orig_mb:.0f}%) for {cost}: the original "
-                "is the better choice unless that memory is needed elsewhere")
+        text = (f"{where} both fit; MLA saves {share} but {' and '.join(misses)} ({cost}): the original is the "
+                "better choice unless that memory is needed elsewhere")
+    else:
+        row["choice"], text = "mla", f"{where} MLA saves {share} at {cost}"
     row["text"] = text
     return row
 
 
 def verdicts(footprints: list[Footprint], device: Device, contexts: list[int], quality_ratio: dict,
-             speeds: dict) -> list[dict]:
+             speeds: dict, thresholds: Thresholds = Thresholds()) -> list[dict]:
     """One verdict per runtime (the MLA file against the original exported the same way) and context."""
     rows = []
     for mla in (fp for fp in footprints if fp.kind == "mla"):
@@ -83,7 +101,7 @@ def verdicts(footprints: list[Footprint], device: Device, contexts: list[int], q
         for context in contexts:
             if context <= min(mla.max_context or context, original.max_context or context):
                 rows.append(verdict(mla, original, device, context, worst_ratio(quality_ratio, mla.runtime),
-                                    speeds.get(mla.runtime)))
+                                    speeds.get(mla.runtime), thresholds))
     return rows
 
 
@@ -97,8 +115,9 @@ def recommendation(rows: list[dict]) -> str:
                 "quality was not measured there (--quality-windows 0, or the runtime is not installed): measure "
                 "both builds' perplexity before choosing.")
     if not wins:
-        return ("On this device the original model at the same bits is the better choice at every context priced; "
-                "the MLA build pays where memory is short (longer contexts, smaller devices, larger models).")
+        return ("On this device the original model at the same bits is the better choice at every context priced: "
+                "where both fit, the MLA build saves too little of the device's memory for what it costs (or costs too "
+                "much); it pays where memory is short (longer contexts, smaller devices, larger models).")
     first = min(wins, key=lambda r: r["context"])
     return f"The MLA build is the better choice from {first['context']} tokens in {first['runtime']}: {first['text']}."
 

@@ -64,7 +64,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--calib-windows", type=int, default=windows,
                         help="calibration windows for the latent-norm check")
     parser.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
-    parser.add_argument("--text", default=None, help="calibration text file (default: built-in Wikipedia sample)")
+    parser.add_argument("--calib-text", "--text", dest="calib_text", nargs="+", default=None, metavar="FILE",
+                        help="text or JSONL files for the latent-norm check (default: the built-in mixture of "
+                             "kinds of text, docs/texts.md)")
     parser.add_argument("--threads", type=int, default=None, help="threads for llama.cpp's quantizer (q4_k)")
     parser.add_argument("--force", action="store_true", help="replace --out if it exists")
 
@@ -74,7 +76,7 @@ def main(args) -> int:
     info, notes = export(args.model_dir, args.out, weights=weights, align=args.align,
                          cache_type=precision.gguf_cache_type(args.kv_bits),
                          tokenizer_gguf=args.tokenizer_gguf, tokenizer_pre=args.tokenizer_pre,
-                         calib_windows=args.calib_windows, calib_length=args.calib_length, text=args.text,
+                         calib_windows=args.calib_windows, calib_length=args.calib_length, text=args.calib_text,
                          threads=args.threads, force=args.force)
     size = info.path.stat().st_size / 1e6
     kind = (f"deepseek2 MLA, cache row C + R = {info.latent_dim} + {info.rope_dim}" if info.is_mla
@@ -356,14 +358,16 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     return info, notes
 
 
-def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text: str | None) -> list:
+def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text) -> list:
     """general.* as llama.cpp's converter fills them (the source model's name, not a folder's), and edge_mla.*:
     the cache type the file was priced with and where it came from."""
+    from edge_mla.data import calibration_label
+
     W = gguf.GGUFWriter
     source = loaded.mla.get("source") if loaded.mla else loaded.name
     record = provenance.record(source, mla=loaded.mla, bits=precision.CACHE_BITS_OF_TYPE.get(weights),
                                kv_bits=precision.CACHE_BITS_OF_TYPE[cache_type],
-                               calibration=text or "built-in Wikipedia sample (gensim 4.4.0)")
+                               calibration=calibration_label(text))
     name = record["model_name"]
     params = sum(p.numel() for p in loaded.model.parameters())
     what = (f"Multi-head Latent Attention conversion of {name} by edge-mla (latent {loaded.mla['latent_dim']}, "

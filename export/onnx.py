@@ -59,8 +59,9 @@ def add_arguments(parser) -> None:
                              "channel (static per channel, GroupQueryAttention's; the default)")
     parser.add_argument("--original", action="store_true",
                         help="export an unconverted model with standard GQA attention (the baseline to compare)")
-    parser.add_argument("--calib-text", default=None, help="text for the cache scales (default: built-in "
-                                                           "Wikipedia calibration part)")
+    parser.add_argument("--calib-text", nargs="+", default=None, metavar="FILE",
+                        help="text or JSONL files for the cache scales (default: the built-in mixture of kinds of "
+                             "text, docs/texts.md)")
     windows, length = CALIBRATION_DEFAULTS["onnx"]
     parser.add_argument("--calib-windows", type=int, default=windows, help="calibration windows for the cache scales")
     parser.add_argument("--calib-length", type=int, default=length, help="tokens per calibration window")
@@ -224,7 +225,7 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
 def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: int | None = None,
            block_size: int = 32, symmetric: bool = True, head_bits: int | None = None, accuracy_level: int = 4,
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
-           calib_text: str | None = None, calib_windows: int = CALIBRATION_DEFAULTS["onnx"][0],
+           calib_text: str | list[str] | None = None, calib_windows: int = CALIBRATION_DEFAULTS["onnx"][0],
            calib_length: int = CALIBRATION_DEFAULTS["onnx"][1], overwrite: bool = False,
            model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str = "channel") -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
@@ -257,7 +258,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                               cache_scales_mode=kv_scales if kv_bits == 4 else "channel")
     calib = None
     if kv_bits in (4, 8):  # the static cache scales, fitted as the layers are read
-        from edge_mla.data import calibration_windows  # torch: imported when used, the CLI starts without it
+        from edge_mla.data import calibration_label, calibration_windows  # torch: imported when used
         from edge_mla.layerwise import Walk
 
         windows = calibration_windows(tokenizer, calib_text, count=calib_windows, length=calib_length)
@@ -265,7 +266,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
         dec.layers.calibrate(Walk(model, checkpoint, {"cache": windows}),
                              lambda parts: layer_scales(dec, kv_bits, parts), opts.cache_scales)
         calib = {"windows": int(windows.shape[0]), "tokens_per_window": int(windows.shape[1]),
-                 "text": calib_text or "built-in Wikipedia calibration part (edge_mla.data)"}
+                 "text": calibration_label(calib_text)}
     weights = {"bits": weight_bits, "calib": calib}
     shared = dec.tied and (not quantized or symmetric)
     if quantized:

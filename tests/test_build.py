@@ -125,6 +125,40 @@ def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_sourc
     assert not (tmp_path / "c").exists()
 
 
+def test_calib_text_reaches_every_step_that_reads_text_and_the_report_names_it(tmp_path, tiny_source, capsys,
+                                                                               monkeypatch):
+    """--calib-text FILE...: the conversion, the recovery's teacher, both ONNX cache scales and the GGUF latent
+    check all read the user's files (each a kind of its own), never the built-in mixture."""
+    from edge_mla import data, texts
+    from test_gguf import corpus
+
+    files = []
+    for i in range(2):
+        files.append(tmp_path / f"domain{i}.txt")
+        files[-1].write_text(corpus(4000, seed=10 + i))
+    files.append(tmp_path / "chats.jsonl")
+    files[-1].write_text("\n".join(json.dumps({"messages": [{"role": "user", "content": corpus(40, seed=j)},
+                                                            {"role": "assistant", "content": corpus(80, seed=j)}]})
+                                   for j in range(40)))
+    monkeypatch.setattr(texts, "fit_texts", lambda tok: pytest.fail("the built-in mixture was read"))
+    read = []
+    real = data.spread_windows
+    monkeypatch.setattr(data, "spread_windows", lambda tok, text=None, **kw: read.append(text) or real(tok, text, **kw))
+    out = tmp_path / "build"
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
+                     "--context", "256", "-o", str(out), "--recover-steps", "2", "--quality-windows", "0",
+                     "--speed-prompt", "0", "--threads", "1", "--calib-length", "48", "--calib-text", *map(str, files)])
+    assert code == 0, capsys.readouterr().err[-3000:]
+    # conversion, recovery teacher, two ONNX cache scales, GGUF latent check (absent with a learned latent norm)
+    assert len(read) >= 4 and all(tuple(text) == tuple(map(str, files)) for text in read), read
+    report = json.loads((out / "report.json").read_text())
+    assert report["mla"]["calibration_text"] == ", ".join(map(str, files))
+    assert report["provenance"]["calibration"] == ", ".join(map(str, files))
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi5", "--calib-text", str(tmp_path / "none.txt"),
+                     "-o", str(tmp_path / "b")])
+    assert code == 2 and "--calib-text" in capsys.readouterr().err and not (tmp_path / "b").exists()
+
+
 def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):
     code = cli.main(["build", "--model", str(tiny_source), "--device", "rpi5", "--context", "100000",
                      "--out", str(tmp_path / "b")])

@@ -1,12 +1,15 @@
 """The layer-by-layer (streamed) path gives what the in-memory path gives: same statistics, same converted weights."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from conftest import calibration_windows, tiny_model
 from edge_mla.calibration import collect_stats, new_stats, stats_hook
 from edge_mla.convert import Plan, convert_source, load
+from edge_mla.layerwise import layer_arguments
 from edge_mla.source import load_source
 from test_gguf import bpe_tokenizer, tiny
 
@@ -140,3 +143,44 @@ def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
     gguf_export.export(str(tmp_path / "out"), tmp_path / "streamed.gguf", weights="q8_0")
     gguf_export.export(load_any(tmp_path / "out"), tmp_path / "memory.gguf", weights="q8_0")
     assert gguf_contents(tmp_path / "streamed.gguf") == gguf_contents(tmp_path / "memory.gguf")
+
+
+def test_drift_correcting_recovery_trains_each_block_on_the_converted_models_own_stream(tmp_path, tokenizer):
+    """corrects_drift: layer 0 sees the original's inputs (nothing converted yet); layer 1 sees the input norm of
+    the stream after the converted (and recovered) layer 0, not the original's; its target is the original block's
+    output plus the gap between the two streams, so that the converted layer's residual meets the original's."""
+    from edge_mla.convert import calibrate_and_convert
+    from edge_mla.source import Source, _finish
+
+    from test_gguf import corpus
+
+    (tmp_path / "calibration.txt").write_text(corpus())
+    plan = Plan(selection="shared", rope_pairs=4, latent=32)
+    options = {"calib_windows": 2, "calib_length": 48, "text": str(tmp_path / "calibration.txt")}
+    teacher = calibration_windows(seed=3, n=2, length=32)
+    original = tiny("llama-gqa", len(tokenizer))
+    with torch.no_grad():  # the original stream at layer 1, and its attention's output there
+        h0 = original.model.embed_tokens(teacher)
+        args = layer_arguments(original, h0[:1])[0]
+        h1 = torch.cat([original.model.layers[0](h0[j:j + 1], **args) for j in range(2)])
+        x1 = original.model.layers[1].input_layernorm(h1)
+        y1 = torch.cat([original.model.layers[1].self_attn(x1[j:j + 1], **args)[0] for j in range(2)])
+    seen = {}
+
+    class Recording:
+        corrects_drift = True
+
+        def __call__(self, i, attn, ins, outs):
+            seen[i] = (ins.clone(), outs.clone())
+
+    model = copy.deepcopy(original)
+    calibrate_and_convert(_finish(Source(model, tokenizer, "tiny", None)), plan, teacher=teacher,
+                          converted=Recording(), **options)
+    with torch.no_grad():
+        s1 = torch.cat([model.model.layers[0](h0[j:j + 1], **args) for j in range(2)])  # the converted layer 0
+    ins0, _ = seen[0]
+    ins1, outs1 = seen[1]
+    assert torch.allclose(ins0, original.model.layers[0].input_layernorm(h0), atol=1e-5)
+    assert not torch.allclose(ins1, x1, atol=1e-3)  # not the original's inputs ...
+    assert torch.allclose(ins1, model.model.layers[1].input_layernorm(s1), atol=1e-5)  # ... the student's
+    assert torch.allclose(outs1, y1 + h1 - s1, atol=1e-4)

@@ -18,20 +18,22 @@ def test_nll_sum_is_cross_entropy():
     logits = rng.standard_normal((20, 50)).astype(np.float32) * 4
     ids = rng.integers(0, 50, 20)
     expected = F.cross_entropy(torch.from_numpy(logits[:-1]).double(), torch.from_numpy(ids[1:]), reduction="sum")
-    assert math.isclose(quality._nll_sum(logits, ids), float(expected), rel_tol=1e-9)
+    assert math.isclose(quality._nll_sum(logits, ids), float(expected), rel_tol=1e-6)  # float32 arithmetic
 
 
 def test_onnx_perplexity_equals_pytorch(tmp_path):
     model = converted("llama-gqa")
     folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     windows = np.random.default_rng(1).integers(3, VOCAB, (3, 40))
-    nll, n = quality.onnx_nll(str(folder), windows, threads=1)
+    nll, n, top1 = quality.onnx_scores(str(folder), {"some-text": windows}, threads=1)["some-text"]
     with torch.no_grad():
         logits = model(torch.from_numpy(windows)).logits
     expected = F.cross_entropy(logits[:, :-1].reshape(-1, VOCAB), torch.from_numpy(windows[:, 1:]).reshape(-1),
                                reduction="sum")
     assert n == 3 * 39
     assert math.isclose(nll, float(expected), rel_tol=1e-4)
+    agree = (top1 == logits[:, :-1].argmax(-1).numpy()).mean()
+    assert top1.shape == (3, 39) and agree > 0.97  # fp32 export: the same next token (ties aside)
 
 
 def test_ratios_pair_each_mla_row_with_the_original_on_the_same_runtime_and_text():
@@ -39,3 +41,18 @@ def test_ratios_pair_each_mla_row_with_the_original_on_the_same_runtime_and_text
             quality.QualityRow("original", "llama.cpp", "abc-news", 10.0, 100, "q4_0"),
             quality.QualityRow("mla", "onnxruntime", "abc-news", 30.0, 100, "int4")]
     assert quality.ratios(rows) == {"llama.cpp, abc-news": 1.2}
+
+
+def test_agreement_is_the_share_of_positions_with_the_originals_next_token(tmp_path, monkeypatch):
+    """measure() pairs each MLA file with the original in the same runtime, position by position."""
+    original = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mla = np.array([[1, 2, 0, 4], [5, 0, 7, 8]])  # 6 of 8 positions agree
+    scored = {"original": original, "mla": mla}
+    monkeypatch.setattr(quality, "text_windows", lambda tok, text, count, length: np.zeros((2, 5), np.int64))
+    monkeypatch.setattr(quality, "onnx_scores", lambda folder, windows, threads=None: {
+        text: (8 * math.log(2.0), 8, scored[folder]) for text in windows})
+    rows = quality.measure({"mla": {"onnx": "mla"}, "original": {"onnx": "original"}}, None, kv_type="q4_0",
+                           onnx_cache="int4", texts=("chat", "python-code"), progress=lambda *_: None)
+    assert {(r.model, r.text) for r in rows} == {(m, t) for m in ("mla", "original") for t in ("chat", "python-code")}
+    assert quality.agreement(rows) == {"onnxruntime, chat": 0.75, "onnxruntime, python-code": 0.75}
+    assert all(r.perplexity == 2.0 for r in rows)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edge_mla.budget import MB, RUNTIME_BASE_BYTES, RUNTIME_BYTES_PER_TOKEN, Device, Footprint
-from edge_mla.verdict import contexts_for, recommendation, run_commands, verdict, verdicts
+from edge_mla.verdict import Thresholds, contexts_for, recommendation, run_commands, verdict, verdicts
 
 RUNTIME = "llama.cpp"
 
@@ -28,7 +28,7 @@ def test_both_fit_and_mla_is_worse_then_the_original_is_the_choice_but_the_savin
     v = verdict(MLA, ORIGINAL, device(8000), 8192, (1.17, "abc-news"), {"decode_ratio": 0.8})
     saved = memory_mb(ORIGINAL, 8192) - memory_mb(MLA, 8192)
     assert saved > 0 and v["saves_mb"] == round(saved, 1)
-    assert v["choice"] == "original" and f"saves {saved:.0f} MB" in v["text"] and "+17% perplexity" in v["text"]
+    assert v["choice"] == "original" and f"saves only {saved:.0f} MB" in v["text"] and "+17% perplexity" in v["text"]
     assert "0.80x the decode speed" in v["text"]
 
 
@@ -45,8 +45,43 @@ def test_only_mla_fits():
     assert verdict(MLA, ORIGINAL, device(10), context, None, None)["choice"] == "neither"
 
 
-def test_same_quality_and_less_memory_is_an_mla_win_and_the_recommendation_names_where_it_starts():
-    rows = verdicts([MLA, ORIGINAL], device(8000), contexts_for(4096, 8192), {"llama.cpp, wiki": 1.01}, {})
+def test_a_saving_too_small_to_notice_keeps_the_original_whatever_the_quality():
+    v = verdict(MLA, ORIGINAL, device(8000), 8192, (1.01, "chat"), {"decode_ratio": 0.95})
+    saved = memory_mb(ORIGINAL, 8192) - memory_mb(MLA, 8192)
+    assert 0 < v["saves_mb"] < 0.10 * 8000 and v["choice"] == "original" and "saves only" in v["text"]
+    assert "from 10%" in v["text"] and v["saved_share_of_device"] == round(saved / 8000, 4)
+
+
+# A bigger model's cache (10x SmolLM2's a token) and weights of 1 MB: the cache is most of the memory, so MLA's
+# halved cache is a saving a device notices.
+BIG_CACHE_MLA, BIG_CACHE_ORIGINAL = footprint("mla", 1, 32400), footprint("original", 1, 64800)
+
+
+def roomy_device(context: int) -> Device:
+    """A device both fit on with 5% to spare."""
+    return device(1.05 * memory_mb(BIG_CACHE_ORIGINAL, context))
+
+
+def test_a_noticeable_saving_is_an_mla_win_only_within_the_quality_and_speed_thresholds():
+    context = 8192
+    dev = roomy_device(context)
+    win = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.08, "python-code"), {"decode_ratio": 0.9})
+    assert win["mla_fits"] and win["original_fits"] and win["saved_share_of_device"] > 0.10
+    assert win["choice"] == "mla" and "% of the" in win["text"] and "python-code" in win["text"]
+    worse = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.15, "python-code"), {"decode_ratio": 0.9})
+    assert worse["choice"] == "original" and "worst text loses more than 10%" in worse["text"]
+    slower = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.05, "chat"), {"decode_ratio": 0.7})
+    assert slower["choice"] == "original" and "decodes slower than 0.85x" in slower["text"]
+    lenient = Thresholds(max_quality_loss=0.2, min_speed=0.5)
+    assert verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.15, "chat"), {"decode_ratio": 0.7},
+                   lenient)["choice"] == "mla"
+    strict = Thresholds(min_saved_share=0.9)
+    assert verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.0, "chat"), None, strict)["choice"] == "original"
+
+
+def test_the_recommendation_names_where_mla_starts_to_pay():
+    rows = verdicts([BIG_CACHE_MLA, BIG_CACHE_ORIGINAL], roomy_device(8192), contexts_for(4096, 8192),
+                    {"llama.cpp, wiki": 1.01}, {})
     by_context = {r["context"]: r for r in rows}
     assert sorted(by_context) == [512, 2048, 4096, 8192]
     assert by_context[512]["choice"] == "original" and by_context[8192]["choice"] == "mla"
@@ -61,8 +96,9 @@ def test_unmeasured_quality_is_said_not_guessed_and_long_contexts_are_priced():
     assert contexts_for(4096, 131072) == [512, 2048, 4096, 8192, 16384, 32768, 65536, 131072]
     assert contexts_for(4096, 8192) == [512, 2048, 4096, 8192]
     usable = (memory_mb(long_mla, 131072) + memory_mb(long_orig, 131072)) / 2
+    any_saving = Thresholds(min_saved_share=0.0)  # unmeasured is said wherever MLA saves anything at all
     rows = {r["context"]: r for r in verdicts([long_mla, long_orig], device(usable), contexts_for(4096, 131072), {},
-                                              {})}
+                                              {}, any_saving)}
     assert rows[512]["choice"] == "original"  # MLA needs more memory there: no quality needed to say so
     assert rows[8192]["choice"] == "unmeasured" and "not measured" in rows[8192]["text"]
     assert rows[131072]["choice"] == "mla" and "only the MLA build fits" in rows[131072]["text"]

@@ -361,7 +361,7 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
 
 def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16,
                       weight_bits: int = 16, latent_norm: bool = False, up_projections: bool = False,
-                      bf16: bool | None = None) -> dict:
+                      bf16: bool | None = None, corrects_drift: bool = False) -> dict:
     """What the build runs after converting in place, on every layer (LayerRecovery): the latent turned by a
     Hadamard within each 32-block (exact; a 4-bit cache then loses less, docs/recovery.md), then the block trained
     towards the original's outputs `io` (collect_attention_io, taken before the conversion; consumed layer by
@@ -369,6 +369,9 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
     (the up-projections too with up_projections: recorded in config.mla, so the exporters store them at 4 bits).
     latent_norm: a learned latent RMSNorm, which llama.cpp's deepseek2 has; GGUF kv_a is then 4-bit too. Returns a
     summary for report.json."""
+    if corrects_drift:
+        raise ValueError("recover_converted trains on inputs gathered before the conversion: it cannot follow the "
+                         "converted model's stream; use LayerRecovery(corrects_drift=True) in the conversion")
     recovery = LayerRecovery(steps=steps, lr=lr, cache_bits=cache_bits, weight_bits=weight_bits,
                              latent_norm=latent_norm, up_projections=up_projections, bf16=bf16)
     ins, outs = io
@@ -494,6 +497,8 @@ class LayerRecovery:
         return {"steps_per_layer": self.steps if not steps or min(steps) == max(steps) else
                 f"{min(steps)}-{max(steps)} (mean {sum(steps) / len(steps):.0f})",
                 "time_budget": self.budget and self.budget.describe(), "lr": self.lr, "teacher_tokens": self.tokens,
+                "inputs": ("the converted model's own stream, towards the original's residual stream"
+                           if self.corrects_drift else "the original's stream"),
                 "compute": "bfloat16 autocast" if self.bf16 else "float32",
                 "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
                 "trained_through": ("q4_0 cache" if self.quant else "float cache") + (

@@ -71,7 +71,7 @@ def quality_table(rows: list[dict]) -> str:
                 ratio += f"<br><small>{100 * r['top1_agreement']:.0f}% same next token</small>"
             cells.append(f"<td>{r['perplexity']:.2f}{ratio}</td>" if r else "<td>-</td>")
         cache = next(r["cache"] for r in rows if (r["model"], r["runtime"]) == (model, runtime))
-        lines.append(f"<tr><td>{'MLA' if model == 'mla' else 'original'}</td><td>{runtime}</td><td>{cache}</td>"
+        lines.append(f"<tr><td>{'MLA' if model == 'mla' else html.escape(model)}</td><td>{runtime}</td><td>{cache}</td>"
                      + "".join(cells) + "</tr>")
     head = "".join(f"<th>{html.escape(t)}</th>" for t in texts)
     return (f"<h2>Quality: held-out perplexity through the runtimes (lower is better)</h2><table><tr><th>model</th>"

@@ -183,12 +183,16 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     assert cli.main(["run", str(out / "model.gguf"), "-n", "2", "--threads", "1"]) == 0
     assert "KV cache q8_0" in capsys.readouterr().err  # the cache type report.json priced
     assert report["provenance"]["source"] == str(tiny_source) and report["provenance"]["versions"]["torch"]
-    # perplexity of both builds through both runtimes on both texts, side by side
+    # perplexity of both builds through both runtimes on every text of the battery, side by side
+    from edge_mla.texts import BATTERY
+
     rows = {(r["model"], r["runtime"], r["text"]): r for r in report["quality"]}
-    assert len(rows) == 8 and all(r["perplexity"] > 1 and r["tokens"] == 63 for r in rows.values())
+    assert len(rows) == 2 * 2 * len(BATTERY) and all(r["perplexity"] > 1 and r["tokens"] == 63 for r in rows.values())
     assert rows[("mla", "llama.cpp", "abc-news")]["cache"] == "q8_0"
-    assert set(report["quality_ratio"]) == {"llama.cpp, wikipedia-heldout", "llama.cpp, abc-news",
-                                            "onnxruntime, wikipedia-heldout", "onnxruntime, abc-news"}
+    pairs = {f"{runtime}, {text}" for runtime in ("llama.cpp", "onnxruntime") for text in BATTERY}
+    assert set(report["quality_ratio"]) == pairs and set(report["quality_agreement"]) == pairs
+    assert all(0 <= a <= 1 for a in report["quality_agreement"].values())
+    assert set(report["quality_texts"]) == set(BATTERY)
     assert "Quality: held-out perplexity" in (out / "report.html").read_text()
     # speed of both builds in both runtimes, measured side by side, and a verdict per runtime and context
     assert {(r["model"], r["runtime"]) for r in report["speed"]} == {(m, r) for m in ("mla", "original")

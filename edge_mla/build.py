@@ -25,8 +25,9 @@ from edge_mla.publish import refuse_existing, staged_folder
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
 # The steps after the recovery (the MLA exports, perplexity on the battery and speed of four files) took this many
 # times the original's same-bits exports on the built-in model (measured 2026-12-06 on the 2-core AMD EPYC host:
-# 332 s after 25 s of exports, 255 s of it the battery's perplexity through five files).
-AFTER_RECOVERY = 13.0
+# 292 s after 30 s of exports alone, 332 s after 25 s with another process starting; about 250 s of it the
+# battery's perplexity through five files).
+AFTER_RECOVERY = 11.0
 
 
 def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):

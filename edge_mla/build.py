@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from edge_mla import budget as bud
-from edge_mla import precision, provenance, recover
+from edge_mla import precision, provenance, recover, timebudget
 from edge_mla.convert import head_dim_of, resolve_plan
 from edge_mla.data import spread_windows
 from edge_mla.plans import PLANS, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
@@ -23,11 +23,6 @@ from edge_mla.publish import refuse_existing, staged_folder
 # articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
 # is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
-# The steps after the recovery (the MLA exports, perplexity on the battery and speed of four files) took this many
-# times the original's same-bits exports on the built-in model (measured 2026-12-06 on the 2-core AMD EPYC host:
-# 292 s after 30 s of exports alone, 332 s after 25 s with another process starting; about 250 s of it the
-# battery's perplexity through five files).
-AFTER_RECOVERY = 11.0
 
 
 def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):
@@ -153,7 +148,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
             deadline = None
             if time_budget and recover_steps:
-                deadline = recovery_deadline(t0, time_budget, same_bits_exports, formats)
+                deadline = timebudget.recovery_deadline(t0, time_budget, same_bits_exports)
             mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
                                              calibration, deadline)
             k = 4 + bool(recover_steps)
@@ -304,19 +299,6 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     return summary
 
 
-def recovery_deadline(t0: float, budget: float, original_export_seconds: float, formats) -> float:
-    """When the recovery must end for the build to end within `budget`: what is left after the time the steps
-    after it are expected to take, AFTER_RECOVERY x the original's same-bits exports on this machine (the MLA
-    exports repeat them; the perplexity and speed runs scale with the same model and machine). Says what it
-    expects."""
-    after = AFTER_RECOVERY * original_export_seconds
-    deadline = t0 + budget - after
-    left = deadline - time.perf_counter()
-    print(f"      time budget {budget / 60:.1f} min: the recovery gets {max(left, 0) / 60:.1f} min; the steps after it "
-          f"are expected to take {after / 60:.1f} min ({AFTER_RECOVERY:.0f}x the original's export here)", flush=True)
-    return deadline
-
-
 def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int, kv_bits: int, t0: float,
                       n: int, calibration: Calibration = Calibration(), deadline: float | None = None):
     """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
@@ -330,7 +312,7 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int,
     if recover_steps:
         step(t0, 4, n, recovery_step(recover_steps, bits, kv_bits, budgeted=deadline is not None)
              + ", as each layer is converted")
-        budget = None if deadline is None else recover.StepBudget(deadline, src.model.config.num_hidden_layers)
+        budget = None if deadline is None else timebudget.StepBudget(deadline, src.model.config.num_hidden_layers)
         recovery = recover.LayerRecovery(steps=recover_steps, budget=budget, **recovery_options(bits, kv_bits))
         teacher = recovery_windows(src.tokenizer, calibration.texts)
     config = src.model.config

@@ -6,7 +6,7 @@ import sys
 import time
 from pathlib import Path
 
-from edge_mla import plans, precision
+from edge_mla import plans, precision, timebudget
 from edge_mla.publish import refuse_existing
 from edge_mla.source import DEFAULT_MODEL
 
@@ -325,7 +325,7 @@ def cmd_build(args) -> int:
         build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force,
               args.devices, args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps,
               args.speed_prompt, loss, formats, threads=args.threads, calibration=calibration,
-              time_budget=None if args.time_budget.lower() == "none" else plans.parse_duration(args.time_budget),
+              time_budget=None if args.time_budget.lower() == "none" else timebudget.parse_duration(args.time_budget),
               thresholds=verdict_thresholds(args))
     return 0
 

@@ -69,21 +69,8 @@ DEFAULT_LATENT = 256
 RECOVER_STEPS = 600
 RECOVER_LR = 2e-4
 # The build's default time budget: what the built-in model's build fits on a 2-core machine. The recovery takes
-# what the other steps leave (recover.StepBudget), up to RECOVER_STEPS a layer.
+# what the other steps leave (timebudget.StepBudget), up to RECOVER_STEPS a layer.
 DEFAULT_TIME_BUDGET = "15m"
-
-
-def parse_duration(text: str) -> float:
-    """'15m', '900s', '1.5h' or plain seconds -> seconds."""
-    value = text.strip().lower()
-    unit = {"s": 1, "m": 60, "h": 3600}.get(value[-1:], None)
-    try:
-        seconds = float(value[:-1] if unit else value) * (unit or 1)
-    except ValueError:
-        raise ValueError(f"--time-budget {text!r} is not a duration: write it as 15m, 900s or 1.5h") from None
-    if seconds <= 0:
-        raise ValueError(f"--time-budget {text}: give a positive duration, e.g. 15m")
-    return seconds
 
 PLANS = {
     "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),

@@ -280,10 +280,6 @@ def native_bf16() -> bool:
     return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-PROBE_STEPS = 8  # timed on a copy of the first block: the seconds per step of this machine, today
-MIN_BUDGET_STEPS = 50  # below this a block barely moves; a budget too small for it is overrun, and the build says so
-
-
 def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float,
                     batch: int = 1, params: str = "all", seed: int = 0, weight_bits: int = 16,
                     up_projections: bool = False, bf16: bool = False) -> dict:
@@ -381,41 +377,6 @@ def recover_converted(model, io: tuple, *, steps: int = 300, lr: float = 1e-4, c
     return recovery.summary(model.config.mla)
 
 
-class StepBudget:
-    """How many Adam steps each remaining layer gets so that the recovery ends by `deadline` (time.perf_counter()):
-    the time left shared evenly over the layers left, less what a layer costs besides its training steps (its
-    calibration, conversion, teacher pass and evaluation, as last measured), at the seconds per step measured so far
-    (a short probe on the first layer), between MIN_BUDGET_STEPS and the plan's steps. The machine's speed is
-    measured, not assumed: the same build took 33 s a layer on one host and 20 s on another."""
-
-    def __init__(self, deadline: float, layers: int):
-        self.deadline, self.layers = deadline, layers
-        self.seconds_per_step, self.other_seconds, self.chosen = None, 0.0, []
-        self.last_call, self.last_train = None, 0.0
-
-    def steps_for(self, i: int, most: int, probe) -> int:
-        now = time.perf_counter()
-        if self.last_call is not None:  # the wall time since the last layer's call, less its training loop
-            self.other_seconds = max(now - self.last_call - self.last_train, 0.0)
-        if self.seconds_per_step is None:
-            self.seconds_per_step = probe(PROBE_STEPS)
-        self.last_call = time.perf_counter()
-        left = max(self.deadline - self.last_call, 0.0) / max(self.layers - i, 1) - self.other_seconds
-        steps = int(min(most, max(MIN_BUDGET_STEPS, left / self.seconds_per_step)))
-        self.chosen.append(steps)
-        return steps
-
-    def spent(self, stats: dict, steps: int) -> None:
-        """The layer's training loop: its pace from now on."""
-        self.last_train = stats["train_seconds"]
-        if steps:
-            self.seconds_per_step = stats["train_seconds"] / steps
-
-    def describe(self) -> str:
-        return (f"{min(self.chosen)}-{max(self.chosen)} steps a layer at {1000 * self.seconds_per_step:.0f} ms a step"
-                if self.chosen else "unused")
-
-
 class LayerRecovery:
     """recover_converted, one layer at a time: what the layer-by-layer build (convert.convert's `converted`
     callback) runs on each block as soon as it is converted, with that layer's teacher inputs and outputs. The
@@ -425,7 +386,7 @@ class LayerRecovery:
 
     def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16,
                  latent_norm: bool = False, up_projections: bool = False, bf16: bool | None = None,
-                 budget: "StepBudget | None" = None, corrects_drift: bool = False):
+                 budget=None, corrects_drift: bool = False):
         self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
         self.budget = budget  # None: `steps` on every layer; else as many as the time left buys, at most `steps`
         # convert() reads this: train each block on the converted model's own inputs towards the original's stream

@@ -1,0 +1,74 @@
+"""The build's time budget (`--time-budget`): how long the steps after the recovery will take on this machine,
+and how many Adam steps each layer's recovery gets so that the whole build ends in time. Measured, not assumed:
+the same build's recovery ran at 33 s a layer on one host and 20 s on another, and 1.5x slower on the Intel one."""
+from __future__ import annotations
+
+import time
+
+# The steps after the recovery (the MLA exports, perplexity on the battery and speed of four files) took this many
+# times the original's same-bits exports on the built-in model (measured 2026-12-06 on the 2-core AMD EPYC host:
+# 292 s after 30 s of exports alone, 332 s after 25 s with another process starting; about 250 s of it the
+# battery's perplexity through five files).
+AFTER_RECOVERY = 11.0
+PROBE_STEPS = 8  # timed on a copy of the first block: the seconds per step of this machine, today
+MIN_BUDGET_STEPS = 50  # below this a block barely moves; a budget too small for it is overrun, and the build says so
+
+
+def parse_duration(text: str) -> float:
+    """'15m', '900s', '1.5h' or plain seconds -> seconds."""
+    value = text.strip().lower()
+    unit = {"s": 1, "m": 60, "h": 3600}.get(value[-1:], None)
+    try:
+        seconds = float(value[:-1] if unit else value) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"--time-budget {text!r} is not a duration: write it as 15m, 900s or 1.5h") from None
+    if seconds <= 0:
+        raise ValueError(f"--time-budget {text}: give a positive duration, e.g. 15m")
+    return seconds
+
+def recovery_deadline(t0: float, budget: float, original_export_seconds: float) -> float:
+    """When the recovery must end for the build to end within `budget`: what is left after the time the steps
+    after it are expected to take, AFTER_RECOVERY x the original's same-bits exports on this machine (the MLA
+    exports repeat them; the perplexity and speed runs scale with the same model and machine). Says what it
+    expects."""
+    after = AFTER_RECOVERY * original_export_seconds
+    deadline = t0 + budget - after
+    left = deadline - time.perf_counter()
+    print(f"      time budget {budget / 60:.1f} min: the recovery gets {max(left, 0) / 60:.1f} min; the steps after it "
+          f"are expected to take {after / 60:.1f} min ({AFTER_RECOVERY:.0f}x the original's export here)", flush=True)
+    return deadline
+
+
+class StepBudget:
+    """How many Adam steps each remaining layer gets so that the recovery ends by `deadline` (time.perf_counter()):
+    the time left shared evenly over the layers left, less what a layer costs besides its training steps (its
+    calibration, conversion, teacher pass and evaluation, as last measured), at the seconds per step measured so far
+    (a short probe on the first layer), between MIN_BUDGET_STEPS and the plan's steps. The machine's speed is
+    measured, not assumed: the same build took 33 s a layer on one host and 20 s on another."""
+
+    def __init__(self, deadline: float, layers: int):
+        self.deadline, self.layers = deadline, layers
+        self.seconds_per_step, self.other_seconds, self.chosen = None, 0.0, []
+        self.last_call, self.last_train = None, 0.0
+
+    def steps_for(self, i: int, most: int, probe) -> int:
+        now = time.perf_counter()
+        if self.last_call is not None:  # the wall time since the last layer's call, less its training loop
+            self.other_seconds = max(now - self.last_call - self.last_train, 0.0)
+        if self.seconds_per_step is None:
+            self.seconds_per_step = probe(PROBE_STEPS)
+        self.last_call = time.perf_counter()
+        left = max(self.deadline - self.last_call, 0.0) / max(self.layers - i, 1) - self.other_seconds
+        steps = int(min(most, max(MIN_BUDGET_STEPS, left / self.seconds_per_step)))
+        self.chosen.append(steps)
+        return steps
+
+    def spent(self, stats: dict, steps: int) -> None:
+        """The layer's training loop: its pace from now on."""
+        self.last_train = stats["train_seconds"]
+        if steps:
+            self.seconds_per_step = stats["train_seconds"] / steps
+
+    def describe(self) -> str:
+        return (f"{min(self.chosen)}-{max(self.chosen)} steps a layer at {1000 * self.seconds_per_step:.0f} ms a step"
+                if self.chosen else "unused")

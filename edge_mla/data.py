@@ -247,4 +247,8 @@ def calibration_windows(tokenizer, text: str | list[str] | tuple[str, ...] | Non
     if count < 1 or length < 1:
         raise ValueError(f"calibration of {count} x {length} tokens: give --calib-windows and --calib-length of 1 or "
                          "more")
-    return spread_windows(tokenizer, text, count=count, length=length)
+    from edge_mla.target import CHECK_LENGTH, CHECK_WINDOWS
+
+    # the built-in prose's last windows are --max-quality-loss's check: no calibration step reads them
+    held = 0 if text else CHECK_WINDOWS * CHECK_LENGTH
+    return spread_windows(tokenizer, text, count=count, length=length, hold_out_tokens=held)

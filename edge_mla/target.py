@@ -4,8 +4,9 @@ The conversion (and CPU recovery) is tried at the plan's latent width first, the
 model's perplexity on a held-out part of the calibration text is within the target of the original's. The check
 runs in PyTorch with float weights on both sides and the MLA model's cache as the build ships it (the q4_0 round
 trip for a 4-bit cache): the width decides the conversion's loss, the exporters then quantize both models alike.
-The check windows are the calibration split's last ones, which neither the statistics nor the teacher pass read
-(they take its first windows), and never the texts the report scores.
+The check windows are the Wikipedia calibration split's last ones, which neither the statistics nor the teacher
+pass read (data.calibration_windows and build.recovery_windows leave them out), and never the texts the report
+scores.
 """
 from __future__ import annotations
 

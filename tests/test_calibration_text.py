@@ -89,3 +89,18 @@ def test_a_missing_file_and_too_little_text_are_refused(tmp_path, tokenizer):
     short.write_text("a few words")
     with pytest.raises(ValueError, match="no window of 64 tokens.*--calib-length"):
         data.calibration_windows(tokenizer, [str(short)], count=2, length=64)
+
+
+def test_the_built_in_mixture_leaves_the_quality_targets_check_windows_out(tmp_path, tokenizer, monkeypatch):
+    """--max-quality-loss checks on the last windows of the built-in prose: no calibration window may hold them."""
+    from edge_mla import target, texts
+
+    prose, code = corpus(6000, seed=1), corpus(3000, seed=2)
+    monkeypatch.setattr(texts, "fit_texts", lambda tok: {"prose": prose, "code": code})
+    monkeypatch.setattr(target, "CHECK_WINDOWS", 3)
+    monkeypatch.setattr(target, "CHECK_LENGTH", 64)
+    prose_windows = data.token_windows(tokenizer, prose, 64)
+    checked = {tuple(w.tolist()) for w in prose_windows[-3:]}
+    picked = data.calibration_windows(tokenizer, None, count=len(prose_windows) * 2, length=64)
+    assert not checked & {tuple(w.tolist()) for w in picked}
+    assert {tuple(w.tolist()) for w in prose_windows[:-3]} <= {tuple(w.tolist()) for w in picked}

@@ -23,7 +23,7 @@ class HELP(argparse.HelpFormatter):
         text = action.help or ""
         if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
             return text
-        return f"{text} (default: {action.default})"
+        return f"{text} (default: {str(action.default).replace('%', '%%')})"  # argparse %-formats the help
 
 
 DEFAULT_LATENT = plans.DEFAULT_LATENT  # (tests import it from here)

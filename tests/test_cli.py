@@ -165,3 +165,15 @@ def test_interrupt_in_cli_exits_cleanly(capsys, tmp_path, model_dir, text_file, 
     code, _, err = run(capsys, "convert", "--model", model_dir, "--out", out, *small(text_file))
     assert code == 130 and "nothing was written" in err
     assert not out.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".mla")] == []
+
+
+@pytest.mark.parametrize("command", [["build"], ["convert"], ["eval"], ["budget"], ["devices"], ["finetune"],
+                                     ["export", "onnx"], ["export", "gguf"], ["run"], ["web"]])
+def test_every_commands_help_renders_with_its_defaults(command, capsys):
+    with pytest.raises(SystemExit) as done:
+        cli.main([*command, "--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert "usage:" in out and ("(default:" in out or command == ["devices"])
+    if command == ["build"]:
+        assert "--time-budget" in out and "(default: 10%)" in out and "--calib-text" in out

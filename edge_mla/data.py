@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bz2
 import re
+import weakref
 import xml.etree.ElementTree as ET
 import zipfile
 from pathlib import Path
@@ -195,16 +196,34 @@ def calibration_label(text: str | list[str] | tuple[str, ...] | None) -> str:
     return ", ".join(str(p) for p in ([text] if isinstance(text, (str, Path)) else text))
 
 
+_TOKENIZED = weakref.WeakKeyDictionary()  # tokenizer -> {(len, hash) of a text: its ids}
+
+
+def token_ids(tokenizer, text: str) -> torch.Tensor:
+    """The text's token ids, 1-D. Kept per tokenizer for the process: a build reads the same calibration texts in
+    every step (conversion, recovery, both ONNX exports, the GGUF check), megabytes each."""
+    try:
+        seen = _TOKENIZED.setdefault(tokenizer, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced: tokenize each time
+        seen = {}
+    key = (len(text), hash(text))
+    if key not in seen:
+        if len(seen) >= 16:
+            seen.clear()
+        seen[key] = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    return seen[key]
+
+
 def token_windows(tokenizer, text: str, length: int, count: int | None = None) -> torch.Tensor:
     """Non-overlapping windows of `length` tokens, [n, length]; as many as the text holds, at most `count`."""
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids[0]
+    ids = token_ids(tokenizer, text)
     n = ids.numel() // length
     if n == 0:
         raise ValueError(f"text holds {ids.numel()} tokens, fewer than one window of {length}; give more text "
                          "or a shorter window")
     if count is not None:
         n = min(n, count)
-    return ids[: n * length].view(n, length)
+    return ids[: n * length].view(n, length).clone()  # the cached ids stay as they are
 
 
 def write_text_atomic(path: Path, text: str) -> None:
@@ -219,7 +238,7 @@ def spread_windows(tokenizer, text: str | list[str] | tuple[str, ...] | None = N
     left out (the quality target's check windows)."""
     per_text = []
     for i, raw in enumerate(calibration_texts(tokenizer, text)):
-        ids = tokenizer(raw, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        ids = token_ids(tokenizer, raw)
         windows = ids[: ids.numel() // length * length].view(-1, length)
         if i == 0 and hold_out_tokens:
             windows = windows[: len(windows) - -(-hold_out_tokens // length)]

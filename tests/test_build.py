@@ -67,7 +67,8 @@ def test_build_that_cannot_fit_writes_nothing(tmp_path, tiny_source, capsys):
                        'runtimes = ["llama.cpp"]\nsource = "a made-up device for this test, far too small"\n')
     out = tmp_path / "build"
     code = cli.main(["build", "--model", str(tiny_source), "--device", "speck", "--devices", str(devices),
-                     "--context", "256", "--out", str(out)])
+                     "--context", "256", "--out", str(out), "--recover-steps", "5", "--quality-windows", "0",
+                     "--speed-prompt", "0", "--threads", "1"])  # the refusal, not the measurements
     err = capsys.readouterr().err
     assert code == 2 and "nothing fits Speck" in err and "MB more than" in err
     assert not out.exists() and not [p for p in tmp_path.iterdir() if ".partial-" in p.name]

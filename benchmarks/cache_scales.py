@@ -85,12 +85,13 @@ def main() -> None:
     from edge_mla.convert import load
     from edge_mla.eval import perplexity
     from edge_mla.mla import mla_layers
-    from edge_mla.quality import TEXTS, text_windows
+    from edge_mla.quality import text_windows
+    from edge_mla.texts import BATTERY
 
     model, tokenizer = load(args.mla)
     layers = mla_layers(model)
     channel = fitted_scales(model, layers, tokenizer, args.calib_windows, args.calib_length)
-    texts = {text: torch.from_numpy(text_windows(tokenizer, text, args.windows, args.length)) for text in TEXTS}
+    texts = {text: torch.from_numpy(text_windows(tokenizer, text, args.windows, args.length)) for text in BATTERY}
     rows = []
     for scheme in args.schemes:
         for i, attn in enumerate(layers):

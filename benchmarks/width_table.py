@@ -8,7 +8,7 @@ build runs, training-free and then recovered on the CPU as the build recovers (`
 steps per layer on the build's teacher windows), each exported at 4-bit weights as the build exports it (GGUF q4_0
 with attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 /
 q4_0 caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each), on the build's two
-texts (`quality.TEXTS`, the same token windows for every row). The original model, exported by the same exporters
+texts (`texts.BATTERY`, the same token windows for every row). The original model, exported by the same exporters
 at the same bits, is scored with the same caches. Rows are written to --json after each model; a rerun with the
 same --json resumes where it stopped. --modes recovered skips the training-free rows.
 """

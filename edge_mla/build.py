@@ -191,7 +191,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                           "fine-tune (--finetune-tokens) recovers more")
                 mla["quality_target"] = {"max_loss": max_quality_loss, "met": met, "tried": tried,
                                          "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
-                                                       "calibration text (read by no other step)"}
+                                                       "built-in Wikipedia calibration split (read by no other step)"}
                 break
             src.model = copy.deepcopy(pristine)
         if max_quality_loss is not None:

@@ -117,7 +117,7 @@ def cmd_convert(args) -> int:
 
 def cmd_eval(args) -> int:
     from edge_mla.convert import load_any
-    from edge_mla.data import CORPUS_ABOUT, load_text, token_windows
+    from edge_mla.data import CORPUS_ABOUT, load_text, read_text_file, token_windows
     from edge_mla.eval import generate_text, perplexity
     from edge_mla.mla import set_absorbed
 
@@ -125,7 +125,8 @@ def cmd_eval(args) -> int:
     model, tokenizer = src.model, src.tokenizer
     set_absorbed(model, args.absorbed)
     if args.windows > 0:
-        windows = token_windows(tokenizer, load_text(args.text, "heldout"), args.length, args.windows)
+        text = read_text_file(args.text, tokenizer) if args.text else load_text(None, "heldout")
+        windows = token_windows(tokenizer, text, args.length, args.windows)
         ppl = perplexity(model, windows)
         where = args.text or CORPUS_ABOUT
         print(f"perplexity {ppl:.2f} on {windows.numel()} tokens ({windows.shape[0]} x {args.length}; {where})")

@@ -1,6 +1,8 @@
 """Real English text without a data hub, and token windows for calibration and perplexity.
 
-The default corpus is the English Wikipedia sample that ships inside the gensim wheel on PyPI
+Calibration reads a balanced mixture of kinds of text (edge_mla.texts: prose, code, docs, chat), or the user's
+files (`--calib-text`), windows taken round-robin over them (spread_windows). The prose among them is the English
+Wikipedia sample that ships inside the gensim wheel on PyPI
 (gensim/test/test_data/enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2: 106 articles of
 early-2000s Wikipedia, Anarchism, Autism, Albedo, ...). Wikipedia text is licensed CC BY-SA 3.0
 (https://creativecommons.org/licenses/by-sa/3.0/); gensim itself is LGPL-2.1 and only the text is used.

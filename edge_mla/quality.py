@@ -29,7 +29,7 @@ def texts_about() -> dict:
 class QualityRow:
     model: str  # "mla", "original" or ORIGINAL_INT8
     runtime: str  # "llama.cpp" or "onnxruntime"
-    text: str  # a key of TEXTS
+    text: str  # a key of texts.BATTERY
     perplexity: float
     tokens: int  # predicted tokens scored
     cache: str  # the cache it ran with (q4_0, int4, ...)

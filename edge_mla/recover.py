@@ -455,7 +455,7 @@ class LayerRecovery:
             mla["four_bit_up_projections"] = True
         stats = self.stats
         steps = [s["steps"] for s in stats]
-        return {"steps_per_layer": self.steps if not steps or min(steps) == max(steps) else
+        return {"steps_per_layer": self.steps if not steps else steps[0] if min(steps) == max(steps) else
                 f"{min(steps)}-{max(steps)} (mean {sum(steps) / len(steps):.0f})",
                 "time_budget": self.budget and self.budget.describe(), "lr": self.lr, "teacher_tokens": self.tokens,
                 "inputs": ("the converted model's own stream, towards the original's residual stream"

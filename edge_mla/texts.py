@@ -170,8 +170,16 @@ def _chunks(text: str, limit: int = ANSWER_CHARS) -> list[str]:
 
 
 def _wiki_turns() -> list[list[tuple[str, str]]]:
+    from edge_mla.target import CHECK_LENGTH, CHECK_WINDOWS
+
+    articles = data.split_text("calibration").split(data.ARTICLE_SEP)
+    # --max-quality-loss checks on the split's last tokens: leave out the articles they may fall in (8 characters a
+    # token is more than English prose takes)
+    dropped = 0
+    while articles and dropped < 8 * CHECK_WINDOWS * CHECK_LENGTH:
+        dropped += len(articles.pop())
     chats = []
-    for article in data.split_text("calibration").split(data.ARTICLE_SEP):
+    for article in articles:
         title, _, body = article.partition("\n")
         parts = _chunks(body)[:TURNS_PER_CHAT]
         asks = [f"What can you tell me about {title}?"] + [f"Tell me more about {title}."] * (len(parts) - 1)
@@ -247,7 +255,7 @@ def _answer(row: dict) -> str:
 
 def fit_texts(tokenizer) -> dict[str, str]:
     """Each of FIT_KINDS -> its text: the only texts calibration and recovery may read."""
-    chat = _interleave(_cached_turns("fit_chat_wiki", _wiki_turns), _cached_turns("fit_chat_code", _code_turns),
+    chat = _interleave(_cached_turns("fit_chat_wiki_v2", _wiki_turns), _cached_turns("fit_chat_code", _code_turns),
                        _cached_turns("fit_chat_docs", _doc_turns))
     return {"prose": data.split_text("calibration"),  # exactly what calibration read before (2.3 MB)
             "code": _cached("fit_code_rich", lambda: _code_text(FIT_CODE, "rich/")),

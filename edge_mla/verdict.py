@@ -58,7 +58,7 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
         if decode < thresholds.min_speed:
             misses.append(f"it decodes slower than {thresholds.min_speed:.2f}x")
     cost = ", ".join(costs)
-    share = f"{saves:.0f} MB, {100 * saves / usable:.1f}% of the {usable:.0f} MB usable"
+    share = f"{saves:.0f} MB, {100 * saves / max(usable, 1e-9):.1f}% of the {usable:.0f} MB usable"
     where = f"at {context} tokens in {mla.runtime}"
     if not mla_fits and not orig_fits:
         row["choice"], text = "neither", f"{where} neither fits {device.name} ({mla_mb:.0f} / {orig_mb:.0f} MB of " \
@@ -72,7 +72,7 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
     elif saves <= 0:
         row["choice"], text = "original", f"{where} the original is the better choice: it needs {-saves:.0f} MB " \
                                           f"less" + (f", and MLA would cost {cost}" if cost else "")
-    elif saves / usable < thresholds.min_saved_share:
+    elif saves / max(usable, 1e-9) < thresholds.min_saved_share:
         row["choice"] = "original"
         text = (f"{where} both fit and MLA saves only {share} (a saving is worth it from "
                 f"{100 * thresholds.min_saved_share:.0f}%): the original is the better choice" +

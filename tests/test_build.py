@@ -144,7 +144,10 @@ def test_calib_text_reaches_every_step_that_reads_text_and_the_report_names_it(t
     monkeypatch.setattr(texts, "fit_texts", lambda tok: pytest.fail("the built-in mixture was read"))
     read = []
     real = data.spread_windows
-    monkeypatch.setattr(data, "spread_windows", lambda tok, text=None, **kw: read.append(text) or real(tok, text, **kw))
+    from edge_mla import build
+    recording = lambda tok, text=None, **kw: read.append(text) or real(tok, text, **kw)  # noqa: E731
+    monkeypatch.setattr(data, "spread_windows", recording)
+    monkeypatch.setattr(build, "spread_windows", recording)  # build.py holds its own name for it
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
                      "--context", "256", "-o", str(out), "--recover-steps", "2", "--quality-windows", "0",

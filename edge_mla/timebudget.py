@@ -60,6 +60,10 @@ class StepBudget:
         self.last_call = time.perf_counter()
         left = max(self.deadline - self.last_call, 0.0) / max(self.layers - i, 1) - self.other_seconds
         steps = int(min(most, max(MIN_BUDGET_STEPS, left / self.seconds_per_step)))
+        if steps == MIN_BUDGET_STEPS and MIN_BUDGET_STEPS not in self.chosen:
+            print(f"      warning: the time budget leaves too little for the recovery on this machine: every layer "
+                  f"from {i + 1} gets the least, {MIN_BUDGET_STEPS} steps, and the build will run over its budget; "
+                  "give a longer --time-budget for a better model", flush=True)
         self.chosen.append(steps)
         return steps
 

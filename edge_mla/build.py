@@ -122,6 +122,11 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     with staged_folder(out) as staging:
         # The original first, through the same exporters at the same bits: the conversion then changes the
         # loaded model in place, so the source is read from disk once.
+        if time_budget and recover_steps:
+            # one-off work (downloading and tokenizing the calibration texts) must not count in the exports that
+            # time the steps after the recovery
+            from edge_mla.data import calibration_windows
+            calibration_windows(src.tokenizer, calibration.texts or None, count=1, length=calibration.sizes("onnx")[1])
         step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
         original, t_original = staging / ".original", time.perf_counter()
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None

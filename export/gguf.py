@@ -367,7 +367,7 @@ def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text) -> list
     source = loaded.mla.get("source") if loaded.mla else loaded.name
     record = provenance.record(source, mla=loaded.mla, bits=precision.CACHE_BITS_OF_TYPE.get(weights),
                                kv_bits=precision.CACHE_BITS_OF_TYPE[cache_type],
-                               calibration=calibration_label(text))
+                               calibration=calibration_label(text) if loaded.mla else None)  # an original reads no text
     name = record["model_name"]
     params = sum(p.numel() for p in loaded.model.parameters())
     what = (f"Multi-head Latent Attention conversion of {name} by edge-mla (latent {loaded.mla['latent_dim']}, "

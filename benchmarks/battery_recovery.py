@@ -21,9 +21,9 @@ import time
 import torch
 
 from edge_mla import build, data, recover
-from edge_mla.convert import calibrate_and_convert
+from edge_mla.convert import calibrate_and_convert, named_plan
 from edge_mla.eval import perplexity
-from edge_mla.plans import PLANS, RECOVER_STEPS, Calibration
+from edge_mla.plans import RECOVER_STEPS, Calibration
 from edge_mla.quality import text_windows
 from edge_mla.source import load_source
 from edge_mla.texts import BATTERY
@@ -56,7 +56,7 @@ def main() -> None:
         recovery = recover.LayerRecovery(steps=args.steps, corrects_drift=variant.endswith("drift"),
                                          **build.recovery_options(4, 4)) if args.steps else None
         teacher = build.recovery_windows(tok, texts_in) if args.steps else None
-        calibrate_and_convert(src, PLANS["recovered"], teacher=teacher, converted=recovery,
+        calibrate_and_convert(src, named_plan("recovered", src.model.config), teacher=teacher, converted=recovery,
                               **Calibration(texts=texts_in).of("convert"))
         ratios = {key: round(perplexity(src.model, w) / reference[key], 3) for key, w in texts.items()}
         rows.append({"variant": variant, "steps": args.steps, "seconds": round(time.perf_counter() - t0),

@@ -25,10 +25,9 @@ import torch
 
 from edge_mla import precision, recover
 from edge_mla.build import recovery_windows
-from edge_mla.convert import calibrate_and_convert, save
+from edge_mla.convert import calibrate_and_convert, named_plan, save
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export
-from edge_mla.plans import PLANS
 from edge_mla.quality import measure
 from edge_mla.source import load_source
 
@@ -77,7 +76,7 @@ def main() -> None:
     report("original", original)
     teacher = recover.collect_attention_io(
         src.model, recovery_windows(src.tokenizer))
-    calibrate_and_convert(src, PLANS["recovered"])
+    calibrate_and_convert(src, named_plan("recovered", src.model.config))
     converted = src.model
     for name in args.variants.split(","):
         t0 = time.perf_counter()

@@ -26,10 +26,9 @@ import torch
 
 from edge_mla import recover as rc
 from edge_mla.build import recovery_options
-from edge_mla.convert import calibrate_and_convert
+from edge_mla.convert import calibrate_and_convert, named_plan
 from edge_mla.data import book_text, news_text, split_text, spread_windows, token_windows
 from edge_mla.mla import mla_layers
-from edge_mla.plans import PLANS
 from edge_mla.source import load_source
 
 LENGTH = 512
@@ -82,7 +81,7 @@ def main() -> None:
     texts = {spec: io(windows(tok, spec)) for spec in {s for v, _, _ in variants for s in v.split("+")}}
     held_out = {"wiki": io(token_windows(tok, split_text("heldout"), LENGTH, 4)),
                 "news": io(token_windows(tok, news_text(), LENGTH, 4))}
-    calibrate_and_convert(src, PLANS["recovered"])  # training-free, in place
+    calibrate_and_convert(src, named_plan("recovered", src.model.config))  # training-free, in place
     blocks = mla_layers(src.model)
 
     def score(attn, i: int) -> dict:

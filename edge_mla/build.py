@@ -10,9 +10,9 @@ from pathlib import Path
 
 from edge_mla import budget as bud
 from edge_mla import precision, provenance, recover, timebudget
-from edge_mla.convert import head_dim_of, resolve_plan
+from edge_mla.convert import check_saving, named_plan, original_cache_width, resolve_plan
 from edge_mla.data import spread_windows
-from edge_mla.plans import PLANS, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
+from edge_mla.plans import EXPECTED_COST, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
 from edge_mla.publish import refuse_existing, staged_folder
 
 # Teacher text for the CPU recovery: 48 x 512 calibration tokens, balanced over the kinds of the calibration mixture
@@ -68,7 +68,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
           max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
           threads: int | None = None, calibration: Calibration = Calibration(),
           time_budget: float | None = None, thresholds=None) -> dict:
-    from edge_mla import families, preflight
+    from edge_mla import preflight
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
@@ -103,12 +103,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     context = context or min(limit, 4096)
     if context > limit:
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
-    plan = plan or PLANS["finetuned" if finetune_tokens else "recovered" if recover_steps else "training-free"]
-    if plan.rope_pairs is not None:  # a model with narrower heads keeps all its frequencies
-        plan = replace(plan, rope_pairs=min(plan.rope_pairs, families.rotary_pairs(config)))
-    full = resolve_plan(config, replace(plan, latent=None)).latent
-    if plan.latent is not None and plan.latent > full:
-        plan = replace(plan, latent=full)  # a small model: its full rank is already below the default latent
+    plan_name = "finetuned" if finetune_tokens else "recovered" if recover_steps else "training-free"
+    plan = named_plan(plan_name, config, plan)
+    check_saving(config, plan, EXPECTED_COST[plan_name])
     plan, notes = preflight.check(src.model, plan, formats, originals=True,  # every exporter, before any work
                                   checkpoint=src.checkpoint)
     for note in notes:
@@ -169,7 +166,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             from edge_mla.eval import perplexity
             held_out = target.check_windows(src.tokenizer)
             reference = perplexity(src.model, held_out, desc="quality check")
-            attempts = target.widths(plan, full, 2 * config.num_key_value_heads * head_dim_of(config))
+            attempts = target.widths(plan, resolve_plan(config, replace(plan, latent=None)).latent,
+                                     original_cache_width(config))
             pristine = copy.deepcopy(src.model)  # each wider try converts the original again
             tried = []
         for i, plan in enumerate(attempts):

@@ -26,9 +26,6 @@ class HELP(argparse.HelpFormatter):
         return f"{text} (default: {str(action.default).replace('%', '%%')})"  # argparse %-formats the help
 
 
-DEFAULT_LATENT = plans.DEFAULT_LATENT  # (tests import it from here)
-
-
 def _plan_args(p: argparse.ArgumentParser) -> None:
     _model_arg(p)
     p.add_argument("--selection", default=plans.PLANS["training-free"].selection, choices=plans.SELECTIONS,
@@ -40,7 +37,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, default=None, help="latent width per KV head (total = rank * n_kv)")
     rank.add_argument("--latent", type=int, default=None,
-                      help=f"total latent width C (default {DEFAULT_LATENT}, capped at full rank)")
+                      help=f"total latent width C (default: C + R = {plans.CACHE_SHARE['training-free']:.0%} of the "
+                           "original's cache, in whole 32-number blocks; SmolLM2-135M: 256)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
     p.add_argument("--svd", default="joint", choices=plans.SVD_METHODS,
                    help="joint: one SVD of keys and values together (MHA2MLA's SVD_joint); split: one each")
@@ -87,7 +85,7 @@ def default_out(model: str, device: str) -> str:
 
 
 def _plan_from(args, config):
-    from edge_mla.convert import latent_from_rank, resolve_plan
+    from edge_mla.convert import check_saving, latent_for_share, latent_from_rank
 
     plan = plans.Plan(args.selection, args.rope_pairs, None, args.svd, args.weighting)
     if args.rank is not None:
@@ -95,8 +93,9 @@ def _plan_from(args, config):
     elif args.latent is not None:
         plan.latent = args.latent
     elif not args.full_rank:
-        full = resolve_plan(config, plan).latent
-        plan.latent = min(DEFAULT_LATENT, full)
+        plan.latent = latent_for_share(config, plan, plans.CACHE_SHARE["training-free"])
+    if not args.full_rank:  # an exact, uncompressed conversion is a choice of its own
+        check_saving(config, plan, plans.EXPECTED_COST["training-free"])
     return plan
 
 
@@ -173,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "breaks a training-free conversion, docs/recovery.md)")
     p.add_argument("--recover-steps", type=int, default=plans.RECOVER_STEPS,
                    help="CPU recovery: steps per attention block of layer-wise distillation towards the original, "
-                        "through the chosen cache (0: a training-free build, latent 256, docs/recovery.md)")
+                        "through the chosen cache (0: a training-free build, C + R = 83%% of the original's cache, docs/recovery.md)")
     p.add_argument("--time-budget", default=plans.DEFAULT_TIME_BUDGET,
                    help="wall time the build aims for (15m, 900s, 1.5h): the CPU recovery gets what the other steps "
                         "leave, measured on this machine, up to --recover-steps a layer ('none': always "
@@ -315,7 +314,7 @@ def cmd_build(args) -> int:
         import dataclasses
         base = plans.PLANS["finetuned" if args.finetune_tokens else "recovered" if args.recover_steps
                            else "training-free"]
-        plan = dataclasses.replace(base, latent=args.latent or base.latent, selection=args.selection or base.selection)
+        plan = dataclasses.replace(base, latent=args.latent, selection=args.selection or base.selection)
     out = args.out or default_out(args.model, args.device)
     from edge_mla.target import parse_loss
     loss = parse_loss(args.max_quality_loss) if args.max_quality_loss is not None else None

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -13,7 +13,7 @@ from edge_mla import families, lowrank, rope
 from edge_mla.calibration import LayerStats
 from edge_mla.mla import MLAAttention, install_mla
 # Plan is re-exported: convert.Plan is what callers import with convert()
-from edge_mla.plans import CALIBRATION_DEFAULTS, Plan  # noqa: F401
+from edge_mla.plans import CACHE_SHARE, CALIBRATION_DEFAULTS, MAX_CACHE_SHARE, PLANS, ROW_BLOCK, Plan  # noqa: F401
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.source import SourceError, check_architecture
 
@@ -44,6 +44,56 @@ def resolve_plan(config, plan: Plan) -> Plan:
     latent = plan.latent if plan.latent is not None else top
     lowrank.check_latent(latent, rows_k, rows_v, E, plan.svd)
     return Plan(plan.selection, r, latent, plan.svd, plan.weighting, plan.rope_components)
+
+
+def rope_key_width(config, plan: Plan) -> int:
+    """R: the rope key's numbers per token per layer (the plan's rope pairs filled, resolve_plan)."""
+    r = plan.rope_pairs if plan.rope_pairs is not None else min(
+        rope.default_rope_pairs(plan.selection, head_dim_of(config)), families.rotary_pairs(config))
+    return 2 * r * (plan.rope_components if plan.selection == "shared" else config.num_key_value_heads)
+
+
+def original_cache_width(config) -> int:
+    """Numbers per token per layer the original caches: a key and a value per KV head."""
+    return 2 * config.num_key_value_heads * head_dim_of(config)
+
+
+def latent_for_share(config, plan: Plan, share: float) -> int:
+    """C such that C + R is `share` of the original's cache, C + R rounded down to whole q4_0/q8_0 blocks where
+    the cache is that wide, at least one block of latent, and at most the model's full rank."""
+    total, rope_width = share * original_cache_width(config), rope_key_width(config, plan)
+    block = ROW_BLOCK if total >= 2 * ROW_BLOCK else 2
+    latent = max(int(total // block) * block - rope_width, block)
+    return min(latent, resolve_plan(config, replace(plan, latent=None)).latent)
+
+
+def named_plan(name: str, config, plan: Plan | None = None) -> Plan:
+    """One of plans.PLANS (or `plan`, the user's variant of it) fitted to this model: a rope key no wider than its
+    heads, and where no latent width is given, the named plan's share of its cache (plans.CACHE_SHARE)."""
+    plan = plan or PLANS[name]
+    if plan.rope_pairs is not None:  # a model with narrower heads keeps all its frequencies
+        plan = replace(plan, rope_pairs=min(plan.rope_pairs, families.rotary_pairs(config)))
+    if plan.latent is None:
+        plan = replace(plan, latent=latent_for_share(config, plan, CACHE_SHARE[name]))
+    return plan
+
+
+def check_saving(config, plan: Plan, expected_cost: str | None = None) -> None:
+    """Refuse, before any work, a plan whose cache keeps more than plans.MAX_CACHE_SHARE of the original's: the
+    conversion would cost quality and time and save (almost) nothing. Says which width would save memory."""
+    original, rope_width = original_cache_width(config), rope_key_width(config, plan)
+    latent = plan.latent if plan.latent is not None else resolve_plan(config, plan).latent
+    kept = (latent + rope_width) / original
+    if kept <= MAX_CACHE_SHARE:
+        return
+    half = latent_for_share(config, plan, 0.5)
+    cost = f"; expected cost: {expected_cost}" if expected_cost else ""
+    fix = (f"--latent {half} (C + R = {half + rope_width}, {1 - (half + rope_width) / original:.0%} of the cache "
+           f"saved{cost})" if half + rope_width < original * MAX_CACHE_SHARE else
+           "a narrower rope key (--rope-pairs) and latent, or keep the original model: its cache is already small")
+    raise ValueError(f"latent {latent} + rope key {rope_width} = {latent + rope_width} numbers per token per layer "
+                     f"keeps {kept:.0%} of the original's {original}: it saves less than "
+                     f"{1 - MAX_CACHE_SHARE:.0%} of the cache and would only cost quality. Use {fix}")
 
 
 def latent_from_rank(config, rank_per_kv_head: int) -> int:

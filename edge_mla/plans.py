@@ -59,11 +59,23 @@ class Calibration:
         return self
 
 
-# The training-free default: the strongest compression whose held-out perplexity stayed within QUALITY_BOUND of
-# the original in docs/conversion_quality.md (SmolLM2-135M). A shared rope head keeps every frequency (llama.cpp
-# runs it exactly) and C + R = 320 is a multiple of 32 (q8_0/q4_0 caches).
+# How wide each named plan's cache is, as a share of the original's (2 x KV heads x head_dim numbers per token per
+# layer), so the default follows the model (convert.named_plan turns the share into C, rounded to whole 32-number
+# q4_0/q8_0 blocks). On SmolLM2-135M's 384: training-free C + R = 256 + 64 = 320, the strongest compression whose
+# held-out perplexity stayed within QUALITY_BOUND of the original (docs/conversion_quality.md); recovered and
+# fine-tuned 192, half the original's (docs/quality.md, docs/finetune.md).
 QUALITY_BOUND = 0.40
-DEFAULT_LATENT = 256
+CACHE_SHARE = {"training-free": 5 / 6, "recovered": 1 / 2, "finetuned": 1 / 2}
+ROW_BLOCK = 32
+# A conversion whose cache keeps more than this share of the original's saves too little to be worth its quality
+# cost (a Qwen2.5-0.5B's 256 numbers at C + R = 192 + 64 saved nothing): refused before any work (convert.check_saving)
+MAX_CACHE_SHARE = 0.90
+# What each width is expected to cost, measured on SmolLM2-135M (MLA / original perplexity, docs/quality.md,
+# docs/conversion_quality.md): said when a plan is refused.
+EXPECTED_COST = {"training-free": "about 1.2-1.4x the original's perplexity on prose, 2-3x on code, with no training",
+                 "recovered": "1.05-1.3x the original's perplexity across six kinds of text after the build's "
+                              "15-minute CPU recovery (docs/quality.md)",
+                 "finetuned": "within a few percent of the original after a GPU fine-tune (docs/finetune.md)"}
 # Adam steps per attention block of the build's CPU recovery, and their peak learning rate (cosine to zero): build.py
 # says why.
 RECOVER_STEPS = 600
@@ -72,12 +84,13 @@ RECOVER_LR = 2e-4
 # what the other steps leave (timebudget.StepBudget), up to RECOVER_STEPS a layer.
 DEFAULT_TIME_BUDGET = "15m"
 
+# The named plans; their latent (None here) comes from CACHE_SHARE and the model (convert.named_plan).
 PLANS = {
-    "training-free": Plan(selection="shared", latent=DEFAULT_LATENT, weighting="attention"),
-    # The build's default: recovered on the CPU layer by layer, through the 4-bit cache (docs/recovery.md). C + R =
-    # 160 + 32 = 192 is half the original's 384 numbers per token per layer; the rope key keeps the 16 highest
-    # frequencies (a narrow rope key suits a q4_0 row: measured 18.11 against 20.89 for C=128, R=64).
-    "recovered": Plan(selection="shared", rope_pairs=16, latent=160, weighting="attention"),
+    "training-free": Plan(selection="shared", weighting="attention"),
+    # The build's default: recovered on the CPU layer by layer, through the 4-bit cache (docs/recovery.md). The
+    # rope key keeps the 16 highest frequencies (a narrow rope key suits a q4_0 row: on SmolLM2-135M measured 18.11
+    # against 20.89 for C=128, R=64).
+    "recovered": Plan(selection="shared", rope_pairs=16, weighting="attention"),
     # With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original).
-    "finetuned": Plan(selection="shared", latent=128, weighting="attention"),
+    "finetuned": Plan(selection="shared", weighting="attention"),
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
-from edge_mla.plans import Plan
+from edge_mla.plans import MAX_CACHE_SHARE, Plan
 
 CHECK_WINDOWS, CHECK_LENGTH = 4, 512
 WIDTH_STEP = 64  # keeps C a multiple of 32 (q4_0/q8_0 cache rows)
@@ -58,11 +58,11 @@ def check_calibration(tokenizer, windows: int, length: int) -> None:
 
 
 def widths(plan: Plan, full_latent: int, original_cache_width: int) -> list[Plan]:
-    """The plan, then wider latents, while the MLA cache row stays narrower than the original's (no saving past
-    that) and within the model's full rank."""
+    """The plan, then wider latents, while the MLA cache still saves what a conversion must (plans.MAX_CACHE_SHARE)
+    and within the model's full rank."""
     rope = 2 * (plan.rope_pairs or 0)
     out, latent = [], plan.latent
-    while latent is not None and latent <= full_latent and (not out or latent + rope < original_cache_width):
+    while latent is not None and latent <= full_latent and (not out or latent + rope <= MAX_CACHE_SHARE * original_cache_width):
         out.append(replace(plan, latent=latent))
         latent += WIDTH_STEP
     return out or [plan]

@@ -509,7 +509,7 @@ def test_smollm2_int4_weights_int4_cache_perplexity_bound(tmp_path):
     """The real model, converted with the CLI defaults and exported int4/int4: held-out perplexity through
     onnxruntime stays within the bound measured in docs/onnx.md of the float PyTorch MLA model's."""
     from edge_mla.calibration import collect_stats
-    from edge_mla.cli import DEFAULT_LATENT
+    from edge_mla.convert import named_plan
     from edge_mla.data import split_text, token_windows
     from edge_mla.eval import perplexity
     from edge_mla.runtimes.onnxruntime import perplexity as onnx_perplexity
@@ -517,7 +517,7 @@ def test_smollm2_int4_weights_int4_cache_perplexity_bound(tmp_path):
 
     src = load_source("smollm2-135m")
     stats = collect_stats(src.model, token_windows(src.tokenizer, split_text("calibration"), 512, 4))
-    convert(src.model, Plan(selection="shared", latent=DEFAULT_LATENT), stats)
+    convert(src.model, named_plan("training-free", src.model.config), stats)
     folder = onnx_export.export("smollm2-135m", tmp_path / "onnx", model=src.model, tokenizer=src.tokenizer,
                                 weight_bits=4, kv_bits=4, calib_windows=4, calib_length=512)
     heldout = token_windows(src.tokenizer, split_text("heldout"), 512, 4)

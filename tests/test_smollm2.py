@@ -10,8 +10,7 @@ import torch
 import reference
 from edge_mla import rope
 from edge_mla.calibration import collect_stats
-from edge_mla.cli import DEFAULT_LATENT
-from edge_mla.convert import Plan, convert, head_dim_of
+from edge_mla.convert import Plan, convert, head_dim_of, named_plan
 from edge_mla.data import split_text, token_windows
 from edge_mla.eval import generate_text, perplexity
 from edge_mla.mla import set_absorbed
@@ -67,7 +66,7 @@ def test_shared_head_keeping_everything_is_the_original(smol):
 def test_default_compressed_conversion_still_answers(smol):
     src, stats = smol
     mla = copy.deepcopy(src.model)
-    info = convert(mla, Plan(selection="shared", latent=DEFAULT_LATENT), stats)
+    info = convert(mla, named_plan("training-free", mla.config), stats)
     assert info["latent_dim"] + info["rope_dim"] < 2 * 3 * 64  # really compressed
     set_absorbed(mla, True)
     assert "Paris" in generate_text(mla, src.tokenizer, "The capital of France is", 8)

@@ -109,11 +109,11 @@ def test_real_smollm2_page_answers_paris(tmp_path):
     cache, answers in the browser as it does natively."""
     from edge_mla.convert import calibrate_and_convert
     from edge_mla.export import onnx as onnx_export
-    from edge_mla.plans import PLANS
+    from edge_mla.convert import named_plan
     from edge_mla.source import load_source
 
     src = load_source("smollm2-135m")
-    calibrate_and_convert(src, PLANS["training-free"], calib_windows=4, calib_length=512)
+    calibrate_and_convert(src, named_plan("training-free", src.model.config), calib_windows=4, calib_length=512)
     folder = onnx_export.export("smollm2-135m", tmp_path / "onnx", weight_bits=8, kv_bits=8, model=src.model,
                                 tokenizer=src.tokenizer)
     site_dir = web.build_site(folder, tmp_path / "site")

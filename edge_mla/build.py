@@ -274,6 +274,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         summary["verdicts"] = verdict.verdicts(footprints, device, verdict.contexts_for(context, limit),
                                                summary.get("quality_ratio", {}), speeds, thresholds)
         summary["recommendation"] = verdict.recommendation(summary["verdicts"])
+        summary["mla_pays_from"] = [verdict.pays_from(m, o, device) for m, o in verdict.pairs(footprints)]
         summary["run_commands"] = verdict.run_commands(gguf_file.name if gguf_file else None,
                                                        onnx_dir.name if onnx_dir else None, cache, context)
         shutil.rmtree(original, ignore_errors=True)
@@ -296,6 +297,9 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if v["context"] == context:
             print("  " + v["text"])
     print(summary["recommendation"])
+    for pays in summary["mla_pays_from"]:
+        print(f"  memory alone, {pays['runtime']}: " + (f"MLA pays from {pays['context']} tokens ({pays['reason']})"
+                                                        if pays["context"] else pays["reason"]))
     written = [*(["onnx/"] if "onnx" in formats else []), *(["model.gguf"] if "gguf" in formats else [])]
     print(f"wrote {out}/ (report.html, report.json, {', '.join(written)}, mla/) in {summary['build_seconds']:.0f} s, "
           f"peak RSS {peak_rss_mb():.0f} MB")

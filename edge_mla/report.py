@@ -117,7 +117,13 @@ def verdict_section(summary: dict) -> str:
             f"the device's usable memory, loses at most {100 * t['max_quality_loss']:.0f}% perplexity on its worst "
             f"text and decodes at {t['min_speed']:.2f}x the original's speed or better (--verdict-min-saving, "
             f"--verdict-max-loss, --verdict-min-speed).</p>") if t else ""
-    return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}"
+    pays = "".join(f"<li>{p['runtime']}: " + html.escape(
+        f"from {p['context']} tokens ({p['reason']}: {p['mla_mb']:.0f} MB against {p['original_mb']:.0f} MB)"
+        if p["context"] else p["reason"]) + "</li>" for p in summary.get("mla_pays_from") or [])
+    if pays:
+        share = summary["mla_pays_from"][0]["share"]
+        pays = f"<p>Memory alone: where the MLA build saves {share:.0%} of the memory or is the only one that fits</p><ul>{pays}</ul>"
+    return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}{pays}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
             f"original (worst text)</th><th>decode bound on the device, tok/s (MLA / original)</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"

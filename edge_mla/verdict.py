@@ -91,13 +91,17 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
     return row
 
 
+def pairs(footprints: list[Footprint]) -> list[tuple[Footprint, Footprint]]:
+    """(MLA file, the original exported the same way) per runtime."""
+    return [(mla, next(fp for fp in footprints if fp.kind == "original" and fp.runtime == mla.runtime
+                       and fp.name == "original")) for mla in footprints if mla.kind == "mla"]
+
+
 def verdicts(footprints: list[Footprint], device: Device, contexts: list[int], quality_ratio: dict,
              speeds: dict, thresholds: Thresholds = Thresholds()) -> list[dict]:
     """One verdict per runtime (the MLA file against the original exported the same way) and context."""
     rows = []
-    for mla in (fp for fp in footprints if fp.kind == "mla"):
-        original = next(fp for fp in footprints if fp.kind == "original" and fp.runtime == mla.runtime
-                        and fp.name == "original")
+    for mla, original in pairs(footprints):
         for context in contexts:
             if context <= min(mla.max_context or context, original.max_context or context):
                 rows.append(verdict(mla, original, device, context, worst_ratio(quality_ratio, mla.runtime),
@@ -120,6 +124,41 @@ def recommendation(rows: list[dict]) -> str:
                 "much); it pays where memory is short (longer contexts, smaller devices, larger models).")
     first = min(wins, key=lambda r: r["context"])
     return f"The MLA build is the better choice from {first['context']} tokens in {first['runtime']}: {first['text']}."
+
+
+# Memory alone: from which context the MLA file saves at least this share of the original's memory (docs/verdict.md)
+PAYS_SHARE = 0.25
+CONTEXT_STEP = 256
+
+
+def pays_from(mla: Footprint, original: Footprint, device: Device, share: float = PAYS_SHARE) -> dict:
+    """The smallest context (a multiple of CONTEXT_STEP, up to the files' limit) at which the MLA file needs at
+    least `share` less memory than the original, or is the only one of the two that fits the device; memory only
+    (quality and speed: verdict()). {"context": None} where neither happens."""
+    limit = min(mla.max_context or 1 << 20, original.max_context or 1 << 20)
+    usable = device.usable_mb * MB
+    found = []
+    # saves(c) >= share * original(c) is linear in c: solved, then rounded up to the step
+    at_zero = original.memory_bytes(0) - mla.memory_bytes(0)
+    per_token = (original.memory_bytes(1) - original.memory_bytes(0)) - (mla.memory_bytes(1) - mla.memory_bytes(0))
+    original_per_token = original.memory_bytes(1) - original.memory_bytes(0)
+    slope, need = per_token - share * original_per_token, share * original.memory_bytes(0) - at_zero
+    if need <= 0 or slope > 0:
+        context = CONTEXT_STEP if need <= 0 else -(-int(need / slope) // CONTEXT_STEP) * CONTEXT_STEP
+        if context <= limit:
+            found.append((context, f"saves {share:.0%} or more of the original's memory"))
+    context = CONTEXT_STEP  # the first step at which the original no longer fits and MLA still does
+    while context <= limit and original.memory_bytes(context) <= usable:
+        context += CONTEXT_STEP
+    if context <= limit and mla.memory_bytes(context) <= usable:
+        found.append((context, f"only the MLA build fits {device.name}"))
+    if not found:
+        return {"runtime": mla.runtime, "context": None, "share": share,
+                "reason": f"at no context up to {limit} does it save {share:.0%} or fit where the original does not"}
+    context, reason = min(found)
+    return {"runtime": mla.runtime, "context": context, "share": share, "reason": reason,
+            "mla_mb": round(mla.memory_bytes(context) / MB, 1),
+            "original_mb": round(original.memory_bytes(context) / MB, 1)}
 
 
 def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, context: int) -> dict:

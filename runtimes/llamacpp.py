@@ -101,20 +101,24 @@ class Model:
 
 
 def open_model(path: str | Path, *, n_ctx: int = 2048, threads: int | None = None, kv_type: str = "f16",
-               logits_all: bool = False, n_batch: int = 512, verbose: bool = False) -> Model:
-    """Check the file, then load it in llama.cpp with the cache type asked for (flash attention on for a
-    quantized cache, which llama.cpp requires)."""
+               logits_all: bool = False, n_batch: int = 512, n_ubatch: int | None = None,
+               flash_attn: bool | None = None, verbose: bool = False) -> Model:
+    """Check the file, then load it in llama.cpp with the cache type asked for. Flash attention: on for a
+    quantized cache (llama.cpp requires it), else off unless asked; n_ubatch defaults to n_batch."""
     info = check_gguf(path)
     check_kv_type(info, kv_type)
     llama_cpp = _llama_cpp()
     threads = threads or os.cpu_count() or 1
     qtype = int(KV_TYPES[kv_type])
+    quantized = kv_type not in ("f16", "f32")
+    if quantized and flash_attn is False:
+        raise ValueError(f"a {kv_type} cache needs flash attention in llama.cpp; use an f16 cache to run without it")
     start = len(_log_lines)
     _log_echo[0] = verbose
     try:
         llm = llama_cpp.Llama(str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                              n_batch=n_batch, n_ubatch=n_batch, logits_all=logits_all, type_k=qtype, type_v=qtype,
-                              flash_attn=kv_type not in ("f16", "f32"), verbose=False)
+                              n_batch=n_batch, n_ubatch=n_ubatch or n_batch, logits_all=logits_all, type_k=qtype,
+                              type_v=qtype, flash_attn=quantized or bool(flash_attn), verbose=False)
     except ValueError as err:
         tail = "".join(_log_lines[start:])[-600:]
         raise ValueError(f"llama.cpp could not load {path}: {err}\n{tail}") from None

@@ -111,3 +111,31 @@ def test_run_commands_carry_the_priced_cache():
     cmds = run_commands("model.gguf", "onnx", "q4_0", 4096)
     assert "-ctk q4_0" in cmds["llama.cpp"] and "-fa on" in cmds["llama.cpp"] and "-c 4096" in cmds["llama.cpp"]
     assert "-fa" not in run_commands("model.gguf", "onnx", "f16", 512)["llama.cpp"]
+
+
+def test_mla_pays_from_the_first_context_that_saves_a_quarter_of_the_memory():
+    from edge_mla.verdict import CONTEXT_STEP, pays_from
+
+    big_cache = footprint("original", 92, 64_000)  # a cache that dominates: MLA halves it
+    mla = footprint("mla", 103, 32_000)
+    got = pays_from(mla, big_cache, device(100_000))
+    c = got["context"]
+    assert c is not None and c % CONTEXT_STEP == 0 and "25%" in got["reason"]
+    saved = lambda n: memory_mb(big_cache, n) - memory_mb(mla, n)  # noqa: E731
+    assert saved(c) >= 0.25 * memory_mb(big_cache, c)  # pays here ...
+    assert saved(c - CONTEXT_STEP) < 0.25 * memory_mb(big_cache, c - CONTEXT_STEP)  # ... and not one step before
+    assert got["mla_mb"] == round(memory_mb(mla, c), 1)
+
+
+def test_mla_pays_where_only_it_fits_even_below_the_share_and_never_when_it_saves_too_little():
+    from edge_mla.verdict import pays_from
+
+    # SmolLM2's shape saves at most ~20% of its memory at any context (the weights dominate): never by share ...
+    never = pays_from(MLA, ORIGINAL, device(100_000))
+    assert never["context"] is None and "at no context" in never["reason"]
+    # ... but on a device the original outgrows first, MLA pays where only it fits
+    usable = (memory_mb(MLA, 4096) + memory_mb(ORIGINAL, 4096)) / 2
+    got = pays_from(MLA, ORIGINAL, device(usable))
+    assert "only the MLA build fits" in got["reason"]
+    assert memory_mb(ORIGINAL, got["context"]) > usable >= memory_mb(MLA, got["context"])
+    assert memory_mb(ORIGINAL, got["context"] - 256) <= usable

@@ -124,7 +124,7 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             # time the steps after the recovery
             from edge_mla.data import calibration_windows
             calibration_windows(src.tokenizer, calibration.texts or None, count=1, length=calibration.sizes("onnx")[1])
-        step(t0, 2, n, f"exporting the original at the same bits, to compare ({weights} weights, {cache} cache)")
+        step(t0, 2, n, f"exporting the original at the same bits and scoring it, to compare ({weights} weights, {cache} cache)")
         original, t_original = staging / ".original", time.perf_counter()
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
@@ -147,10 +147,22 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
             same_bits_exports += time.perf_counter() - t_gguf
 
+        battery = None
+        if quality_windows:  # the originals are scored now: what they take tells the time budget what the MLA's will
+            from edge_mla.quality import ORIGINAL_INT8, Battery
+            print(f"      perplexity of the original through llama.cpp and onnxruntime ({quality_windows} x "
+                  f"{quality_length} tokens per text)")
+            battery = Battery(src.tokenizer, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
+                              count=quality_windows, length=quality_length, threads=threads)
+            battery.score(runnable_files({"original": {"gguf": orig_gguf, "onnx": orig_onnx},
+                                          **({ORIGINAL_INT8: {"onnx": orig_onnx_int8}} if orig_onnx_int8 else {})}))
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
             deadline = None
             if time_budget and recover_steps:
-                deadline = timebudget.recovery_deadline(t0, time_budget, same_bits_exports)
+                scoring = {runtime: seconds for (model, runtime), seconds in (battery.seconds if battery else {}).items()
+                           if model == "original"}
+                deadline = timebudget.recovery_deadline(t0, time_budget,
+                                                        timebudget.after_recovery(same_bits_exports, scoring))
             mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
                                              calibration, deadline)
             k = 4 + bool(recover_steps)
@@ -226,15 +238,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             gguf_export.export(str(mla_dir) if streamed else src, gguf_file, weights=weights, cache_type=cache,
                                **calibration.of("gguf"))
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
-            f"; perplexity of both builds through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
-            "tokens per text)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
+            f"; perplexity of the MLA build through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
+            "tokens per text, the same windows as the original's)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
         files = runnable_files({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
                                 "original": {"gguf": orig_gguf, "onnx": orig_onnx}})
-        if quality_windows:
-            from edge_mla.quality import ORIGINAL_INT8, measure
-            scored = {**files, ORIGINAL_INT8: {"onnx": orig_onnx_int8}} if orig_onnx_int8 else files
-            quality_rows = measure(scored, src.tokenizer, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
-                                   count=quality_windows, length=quality_length, threads=threads)
+        if battery:
+            battery.score({"mla": files["mla"]})
+            quality_rows = battery.rows
         speeds = {}
         speed_prompt = min(speed_prompt, limit - 32)  # a tiny model's context bounds the prompt
         if speed_prompt > 0:

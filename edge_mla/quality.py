@@ -95,40 +95,63 @@ def onnx_scores(folder: str, windows: dict, threads: int | None = None) -> dict:
     return found
 
 
+class Battery:
+    """The battery's windows, tokenized once so every file is scored on the same ids, and what each file scored.
+    Files can be scored in several calls (the build scores the originals before its recovery, the MLA files after
+    it); the MLA build's next-token agreement is taken against the original scored earlier in the same runtime."""
+
+    def __init__(self, tokenizer, *, kv_type: str, onnx_cache: str, count: int = 4, length: int = 512,
+                 threads: int | None = None, texts: tuple[str, ...] | None = None, progress=print):
+        from edge_mla.texts import BATTERY
+
+        self.windows = {text: text_windows(tokenizer, text, count, length) for text in (texts or BATTERY)}
+        self.kv_type, self.onnx_cache, self.threads, self.progress = kv_type, onnx_cache, threads, progress
+        self.rows: list[QualityRow] = []
+        self.argmax: dict = {}
+        self.seconds: dict = {}  # (model, runtime) -> seconds its scoring took
+
+    def score(self, files: dict) -> list[QualityRow]:
+        """Score files ({model: {"gguf": path, "onnx": folder}}) on every text; returns (and keeps) their rows."""
+        from edge_mla.runtimes import llamacpp
+        from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+
+        rows = []
+        for runtime, kind in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")):
+            for model in sorted(files, key=lambda m: m != "original"):  # the original first: agreement needs it
+                path = files[model].get(kind)
+                if path is None:
+                    continue
+                started = time.perf_counter()
+                if runtime == "llama.cpp":
+                    cache = runnable_cache_type(check_gguf(path), self.kv_type)
+                    scores = llamacpp.run_isolated(gguf_scores, str(path), self.windows, cache, self.threads)
+                else:
+                    cache = "int8" if model == ORIGINAL_INT8 else self.onnx_cache
+                    scores = onnx_scores(str(path), self.windows, self.threads)
+                for text, (nll, n, top1) in scores.items():
+                    self.argmax[(model, runtime, text)] = top1
+                    reference = self.argmax.get(("original", runtime, text))
+                    agree = (None if model != "mla" or reference is None else
+                             round(float((top1 == reference).mean()), 4))
+                    row = QualityRow(model, runtime, text, round(math.exp(nll / n), 3), n, cache, agree)
+                    self.progress(f"      perplexity {row.perplexity:7.2f}  {model:8s} {runtime:11s} {cache:5s} "
+                                  f"{text} ({n} tokens)"
+                                  + ("" if agree is None else f", next token as the original's {100 * agree:.1f}%"))
+                    rows.append(row)
+                self.seconds[(model, runtime)] = time.perf_counter() - started
+                self.progress(f"      ({model}, {runtime}: {sum(w.size for w in self.windows.values()):,} tokens "
+                              f"scored in {self.seconds[(model, runtime)]:.0f} s)")
+        self.rows += rows
+        return rows
+
+
 def measure(files: dict, tokenizer, *, kv_type: str, onnx_cache: str, count: int = 4, length: int = 512,
             threads: int | None = None, texts: tuple[str, ...] | None = None, progress=print) -> list[QualityRow]:
     """Perplexity of every file on every text of the battery, and the MLA build's next-token agreement with the
     original in the same runtime. files: {model: {"gguf": path, "onnx": folder}}, "original" among the models."""
-    from edge_mla.runtimes import llamacpp
-    from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
-    from edge_mla.texts import BATTERY
-
-    windows = {text: text_windows(tokenizer, text, count, length) for text in (texts or BATTERY)}
-    rows, argmax = [], {}
-    for runtime, kind in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")):
-        for model in sorted(files, key=lambda m: m != "original"):  # the original first: agreement needs it
-            path = files[model].get(kind)
-            if path is None:
-                continue
-            started = time.perf_counter()
-            if runtime == "llama.cpp":
-                cache = runnable_cache_type(check_gguf(path), kv_type)
-                scores = llamacpp.run_isolated(gguf_scores, str(path), windows, cache, threads)
-            else:
-                cache = "int8" if model == ORIGINAL_INT8 else onnx_cache
-                scores = onnx_scores(str(path), windows, threads)
-            for text, (nll, n, top1) in scores.items():
-                argmax[(model, runtime, text)] = top1
-                reference = argmax.get(("original", runtime, text))
-                agree = (None if model != "mla" or reference is None else
-                         round(float((top1 == reference).mean()), 4))
-                row = QualityRow(model, runtime, text, round(math.exp(nll / n), 3), n, cache, agree)
-                progress(f"      perplexity {row.perplexity:7.2f}  {model:8s} {runtime:11s} {cache:5s} {text} ({n} tokens)"
-                         + ("" if agree is None else f", next token as the original's {100 * agree:.1f}%"))
-                rows.append(row)
-            progress(f"      ({model}, {runtime}: {sum(w.size for w in windows.values()):,} tokens scored in "
-                     f"{time.perf_counter() - started:.0f} s)")
-    return rows
+    battery = Battery(tokenizer, kv_type=kv_type, onnx_cache=onnx_cache, count=count, length=length,
+                      threads=threads, texts=texts, progress=progress)
+    return battery.score(files)
 
 
 def ratios(rows: list[QualityRow], baseline: str = "original") -> dict:

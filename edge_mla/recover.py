@@ -296,7 +296,11 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
         p.requires_grad_(False)
     for p in chosen:
         p.requires_grad_(True)
-    before = evaluate_attention(attn, x[:EVAL_WINDOWS], y[:EVAL_WINDOWS])
+    def shipped():  # the weights the runtimes will hold: 4-bit ones where they will be 4-bit
+        return q4_0_weights(attn, up_projections) if weight_bits == 4 else None
+
+    before = evaluate_attention(attn, x[:EVAL_WINDOWS], y[:EVAL_WINDOWS], shipped())
+    start = {k: v.detach().clone() for k, v in attn.state_dict().items()}
     opt = torch.optim.Adam(chosen, lr=lr)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 0.5 * (1 + math.cos(math.pi * i / max(steps, 1))))
     g = torch.Generator().manual_seed(seed)
@@ -319,14 +323,23 @@ def train_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, steps:
     t_train = time.perf_counter() - t_train
     for p, flag in zip(attn.parameters(), flags):
         p.requires_grad_(flag)
-    after = evaluate_attention(attn, x[:EVAL_WINDOWS], y[:EVAL_WINDOWS])
+    after = evaluate_attention(attn, x[:EVAL_WINDOWS], y[:EVAL_WINDOWS], shipped())
+    kept = after > before  # training made the shipped block worse (too few steps, a step too large): undo it
+    if kept:
+        attn.load_state_dict(start)
+        after = before
     attn.to(dtype)
-    return {"mse_before": before, "mse_after": after, "seconds": time.perf_counter() - t0, "train_seconds": t_train}
+    return {"mse_before": before, "mse_after": after, "seconds": time.perf_counter() - t0, "train_seconds": t_train,
+            "kept_conversion": kept}
 
 
 @torch.no_grad()
-def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor) -> float:
-    err = sum(F.mse_loss(attn(x[i:i + 1])[0], y[i:i + 1], reduction="sum").item() for i in range(x.shape[0]))
+def evaluate_attention(attn: MLAAttention, x: torch.Tensor, y: torch.Tensor, weights: dict | None = None) -> float:
+    """Relative squared error of the block's output against y, with `weights` (a functional_call mapping, e.g. the
+    4-bit weights) in place of its own where given."""
+    def run(inputs):
+        return (torch.func.functional_call(attn, weights, (inputs,)) if weights else attn(inputs))[0]
+    err = sum(F.mse_loss(run(x[i:i + 1]), y[i:i + 1], reduction="sum").item() for i in range(x.shape[0]))
     return err / y.pow(2).sum().item()
 
 
@@ -425,7 +438,8 @@ class LayerRecovery:
         self.tokens = int(ins.shape[0] * ins.shape[1])
         self.stats.append({"layer": i, **s})
         print(f"      recovering layer {i + 1}: relative MSE {s['mse_before']:.4f} -> {s['mse_after']:.4f} "
-              f"({steps} steps, {s['seconds']:.1f}s)", flush=True)
+              f"({steps} steps, {s['seconds']:.1f}s"
+              f"{'; training did not help, kept the conversion' if s.get('kept_conversion') else ''})", flush=True)
 
     def _probe(self, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor, steps: int) -> float:
         """Seconds per training step of this block on this machine, timed on a throw-away copy."""
@@ -466,4 +480,5 @@ class LayerRecovery:
                     f", 4-bit {', '.join(self.four_bit)}" if self.four_bit else "") + " (straight-through)",
                 "seconds": round(sum(s["seconds"] for s in stats), 1),
                 "relative_mse_before": round(sum(s["mse_before"] for s in stats) / max(len(stats), 1), 5),
-                "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5)}
+                "relative_mse_after": round(sum(s["mse_after"] for s in stats) / max(len(stats), 1), 5),
+                "layers_kept_as_converted": [s["layer"] for s in stats if s.get("kept_conversion")]}

@@ -132,8 +132,8 @@ CONTEXT_STEP = 256
 
 
 def pays_from(mla: Footprint, original: Footprint, device: Device, share: float = PAYS_SHARE) -> dict:
-    """The smallest context (a multiple of CONTEXT_STEP, up to the files' limit) at which the MLA file needs at
-    least `share` less memory than the original, or is the only one of the two that fits the device; memory only
+    """The smallest context (a multiple of CONTEXT_STEP, up to the files' limit) at which the MLA file fits the
+    device and needs at least `share` less memory than the original, or is the only one of the two that fits; memory only
     (quality and speed: verdict()). {"context": None} where neither happens."""
     limit = min(mla.max_context or 1 << 20, original.max_context or 1 << 20)
     usable = device.usable_mb * MB
@@ -145,7 +145,7 @@ def pays_from(mla: Footprint, original: Footprint, device: Device, share: float 
     slope, need = per_token - share * original_per_token, share * original.memory_bytes(0) - at_zero
     if need <= 0 or slope > 0:
         context = CONTEXT_STEP if need <= 0 else -(-int(need / slope) // CONTEXT_STEP) * CONTEXT_STEP
-        if context <= limit:
+        if context <= limit and mla.memory_bytes(context) <= usable:
             found.append((context, f"saves {share:.0%} or more of the original's memory"))
     context = CONTEXT_STEP  # the first step at which the original no longer fits and MLA still does
     while context <= limit and original.memory_bytes(context) <= usable:
@@ -154,7 +154,8 @@ def pays_from(mla: Footprint, original: Footprint, device: Device, share: float 
         found.append((context, f"only the MLA build fits {device.name}"))
     if not found:
         return {"runtime": mla.runtime, "context": None, "share": share,
-                "reason": f"at no context up to {limit} does it save {share:.0%} or fit where the original does not"}
+                "reason": f"at no context up to {limit} that it fits does it save {share:.0%} or fit where the "
+                          "original does not"}
     context, reason = min(found)
     return {"runtime": mla.runtime, "context": context, "share": share, "reason": reason,
             "mla_mb": round(mla.memory_bytes(context) / MB, 1),

@@ -56,3 +56,20 @@ def test_agreement_is_the_share_of_positions_with_the_originals_next_token(tmp_p
     assert {(r.model, r.text) for r in rows} == {(m, t) for m in ("mla", "original") for t in ("chat", "python-code")}
     assert quality.agreement(rows) == {"onnxruntime, chat": 0.75, "onnxruntime, python-code": 0.75}
     assert all(r.perplexity == 2.0 for r in rows)
+
+
+def test_the_original_scored_first_and_the_mla_build_later_still_pair_up(monkeypatch):
+    """The build scores the originals before its recovery and the MLA files after it: one Battery, two calls."""
+    original = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    mla = np.array([[1, 2, 3, 4], [0, 0, 7, 8]])  # 6 of 8 agree
+    scored = {"original": original, "mla": mla}
+    monkeypatch.setattr(quality, "text_windows", lambda tok, text, count, length: np.zeros((2, 5), np.int64))
+    monkeypatch.setattr(quality, "onnx_scores", lambda folder, windows, threads=None: {
+        text: (8 * math.log(3.0), 8, scored[folder]) for text in windows})
+    battery = quality.Battery(None, kv_type="q4_0", onnx_cache="int4", texts=("math",), progress=lambda *_: None)
+    first = battery.score({"original": {"onnx": "original"}})
+    later = battery.score({"mla": {"onnx": "mla"}})
+    assert [r.model for r in first] == ["original"] and [r.model for r in later] == ["mla"]
+    assert later[0].top1_agreement == 0.75 and battery.rows == first + later
+    assert quality.ratios(battery.rows) == {"onnxruntime, math": 1.0}
+    assert set(battery.seconds) == {("original", "onnxruntime"), ("mla", "onnxruntime")}

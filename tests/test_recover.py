@@ -160,6 +160,21 @@ def test_training_through_4_bit_weights_lowers_the_error_the_runtime_sees():
     assert error_with_4_bit_weights() < 0.8 * before
 
 
+def test_training_that_makes_the_shipped_block_worse_is_undone():
+    attn, x, y = first_block_and_its_teacher_io()
+    start = {k: v.clone() for k, v in attn.state_dict().items()}
+    wild = recover.train_attention(attn, x, y, steps=20, lr=5.0, weight_bits=4)  # a step far too large
+    assert wild["kept_conversion"] and wild["mse_after"] == wild["mse_before"]
+    assert all(torch.equal(v, start[k]) for k, v in attn.state_dict().items())
+    sane = recover.train_attention(attn, x, y, steps=60, lr=3e-3, weight_bits=4)
+    assert not sane["kept_conversion"] and sane["mse_after"] < 0.8 * sane["mse_before"]
+    # before/after are scored through the 4-bit weights the runtime holds
+    with torch.no_grad():
+        out = torch.func.functional_call(attn, recover.q4_0_weights(attn), (x[:recover.EVAL_WINDOWS],))[0]
+    shipped = float(((out - y[:recover.EVAL_WINDOWS]) ** 2).sum() / (y[:recover.EVAL_WINDOWS] ** 2).sum())
+    assert shipped == pytest.approx(sane["mse_after"], rel=1e-4)
+
+
 def test_bf16_training_runs_its_forward_in_bfloat16_keeps_float32_weights_and_still_learns():
     attn, x, y = first_block_and_its_teacher_io()
     seen = set()

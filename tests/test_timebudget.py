@@ -47,3 +47,18 @@ def test_durations(text, seconds):
 def test_bad_durations_name_the_flag_and_the_form(text):
     with pytest.raises(ValueError, match="--time-budget"):
         timebudget.parse_duration(text)
+
+
+def test_the_steps_after_the_recovery_are_priced_from_the_originals_measured_times(capsys):
+    after = timebudget.after_recovery(30.0, {"llama.cpp": 70.0, "onnxruntime": 36.0})
+    assert after == {"exports": pytest.approx(30.0 * timebudget.MLA_EXPORTS),
+                     "speed and report": pytest.approx(30.0 * timebudget.SPEED_AND_REPORT),
+                     "perplexity in llama.cpp": pytest.approx(70.0 * timebudget.MLA_SCORING["llama.cpp"]),
+                     "perplexity in onnxruntime": pytest.approx(36.0 * timebudget.MLA_SCORING["onnxruntime"])}
+    assert set(timebudget.after_recovery(30.0, {})) == {"exports", "speed and report"}  # --quality-windows 0
+    import time
+    t0 = time.perf_counter()
+    deadline = timebudget.recovery_deadline(t0, 900.0, after)
+    assert deadline == pytest.approx(t0 + 900.0 - sum(after.values()))
+    said = capsys.readouterr().out
+    assert "perplexity in llama.cpp 126 s" in said and "the recovery gets" in said

@@ -45,13 +45,24 @@ def config_of(shape) -> SimpleNamespace:
                            tie_word_embeddings=tied, max_position_embeddings=max_pos)
 
 
-def mla_width(shape) -> tuple[int, int]:
-    """(C, R) of the recovered plan's default: C + R = CACHE_SHARE of the original's cache in whole blocks (the
-    rule of convert.latent_for_share, which needs a transformers config)."""
+def mla_width(shape, share: float) -> tuple[int, int]:
+    """(C, R) at `share` of the original's cache in whole blocks, with the recovered plan's rope key (the rule of
+    convert.latent_for_share, which needs a transformers config)."""
     _, _, _, kv, head_dim, *_, rotary = shape
     rope = 2 * min(ROPE_PAIRS, int(head_dim * rotary) // 2)
-    total = int(CACHE_SHARE["recovered"] * 2 * kv * head_dim) // ROW_BLOCK * ROW_BLOCK
+    total = int(share * 2 * kv * head_dim) // ROW_BLOCK * ROW_BLOCK
     return total - rope, rope
+
+
+def footprints(config, shape, share: float):
+    latent, rope = mla_width(shape, share)
+    original = bud.footprint_estimate(config, Q4_0_BITS, Q4_0_CACHE_BYTES, "llama.cpp")
+    mla_config = SimpleNamespace(**vars(config), mla={"latent_dim": latent, "rope_dim": rope})
+    return original, bud.footprint_estimate(mla_config, Q4_0_BITS, Q4_0_CACHE_BYTES, "llama.cpp", name="model.gguf")
+
+
+SAVED_AT = (4096, 32768, 131072)  # contexts at which the saved share of memory is shown (up to each model's limit)
+WIDTHS = {"build (2/3 of the cache)": CACHE_SHARE["recovered"], "GPU fine-tune (1/2)": CACHE_SHARE["finetuned"]}
 
 
 def main() -> int:
@@ -62,18 +73,20 @@ def main() -> int:
     rows = []
     for name, shape in MODELS.items():
         config = config_of(shape)
-        latent, rope = mla_width(shape)
-        original = bud.footprint_estimate(config, Q4_0_BITS, Q4_0_CACHE_BYTES, "llama.cpp")
-        mla_config = SimpleNamespace(**vars(config), mla={"latent_dim": latent, "rope_dim": rope})
-        mla = bud.footprint_estimate(mla_config, Q4_0_BITS, Q4_0_CACHE_BYTES, "llama.cpp", name="model.gguf")
+        latent, rope = mla_width(shape, CACHE_SHARE["recovered"])
+        original, mla = footprints(config, shape, CACHE_SHARE["recovered"])
         row = {"model": name, "original_cache_numbers": 2 * shape[3] * shape[4], "mla_latent": latent,
                "mla_rope": rope, "original_kv_bytes_per_token": original.kv_bytes_per_token,
                "mla_kv_bytes_per_token": mla.kv_bytes_per_token, "weights_mb": round(original.weights_bytes / 1e6),
-               "max_context": shape[8], "note": REFUSED.get(name, ""), "pays_from": {}}
+               "max_context": shape[8], "note": REFUSED.get(name, ""), "pays_from": {}, "saved_share": {}}
+        for label, share in WIDTHS.items():
+            o, m = footprints(config, shape, share)
+            row["saved_share"][label] = {c: round(1 - m.memory_bytes(c) / o.memory_bytes(c), 3)
+                                         for c in SAVED_AT if c <= shape[8]}
         for device in DEVICES:
             row["pays_from"][device] = pays_from(mla, original, devices[device])
         rows.append(row)
-    head = ("| model | weights MB (q4_0) | cache numbers/token/layer: original -> MLA | "
+    head = ("| model | weights MB (q4_0) | cache numbers/token/layer: original -> MLA (C + R) | "
             + " | ".join(devices[d].name for d in DEVICES) + " |")
     lines = [head, "|" + "---|" * (3 + len(DEVICES))]
     for r in rows:
@@ -85,8 +98,19 @@ def main() -> int:
         lines.append(f"| {r['model']}{' *' if r['note'] else ''} | {r['weights_mb']:,} | "
                      f"{r['original_cache_numbers']} -> {r['mla_latent']} + {r['mla_rope']} | " + " | ".join(cells)
                      + " |")
-    print(f"Smallest context at which the MLA build saves {PAYS_SHARE:.0%} of the memory or is the only one that "
-          "fits (q4_0 weights and cache, llama.cpp's memory model; 'never': not up to the model's limit)")
+    saved = ["| model | cache numbers/token/layer | " + " | ".join(
+        f"{label}: saved at {c // 1024}K" for label in WIDTHS for c in SAVED_AT) + " |", "|" + "---|" * (2 + 6)]
+    for r in rows:
+        cells = [f"{100 * r['saved_share'][label][c]:.0f}%" if c in r["saved_share"][label] else "-"
+                 for label in WIDTHS for c in SAVED_AT]
+        saved.append(f"| {r['model']}{' *' if r['note'] else ''} | {r['original_cache_numbers']} | "
+                     + " | ".join(cells) + " |")
+    print("Share of the original's memory (weights + cache + runtime) the MLA build saves, q4_0 weights and cache, "
+          "llama.cpp's memory model ('-': beyond the model's context)")
+    print("\n".join(saved))
+    print()
+    print(f"Smallest context at which the build's MLA file (2/3 of the cache) saves {PAYS_SHARE:.0%} of the memory "
+          "or is the only one that fits ('never': not up to the model's limit)")
     print("\n".join(lines))
     for r in rows:
         if r["note"]:

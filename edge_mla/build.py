@@ -285,8 +285,13 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                                summary.get("quality_ratio", {}), speeds, thresholds)
         summary["recommendation"] = verdict.recommendation(summary["verdicts"])
         summary["mla_pays_from"] = [verdict.pays_from(m, o, device) for m, o in verdict.pairs(footprints)]
+        fast_extra = None
+        if gguf_file:
+            fast = bud.footprint_gguf(gguf_file, verdict.FAST_LLAMA_CACHE)
+            priced = next(fp for fp in footprints if fp.kind == "mla" and fp.runtime == "llama.cpp")
+            fast_extra = (fast.memory_bytes(context) - priced.memory_bytes(context)) / bud.MB
         summary["run_commands"] = verdict.run_commands(gguf_file.name if gguf_file else None,
-                                                       onnx_dir.name if onnx_dir else None, cache, context)
+                                                       onnx_dir.name if onnx_dir else None, cache, context, fast_extra)
         shutil.rmtree(original, ignore_errors=True)
         summary["plan"] = asdict(plan)
         summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,

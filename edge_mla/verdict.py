@@ -162,14 +162,26 @@ def pays_from(mla: Footprint, original: Footprint, device: Device, share: float 
             "original_mb": round(original.memory_bytes(context) / MB, 1)}
 
 
-def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, context: int) -> dict:
-    """The commands that run each file with the settings the budget priced (files the build wrote)."""
+# llama.cpp's CPU flash attention with a quantized cache converts each cached row once per head: for the MLA file at
+# 4K tokens an f16 cache with flash attention on prefilled 7.4x and decoded 3.4x faster than q4_0 (docs/speed.md,
+# benchmarks/llamacpp_settings.py), for a cache 3.6x as large.
+FAST_LLAMA_CACHE = "f16"
+
+
+def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, context: int,
+                 fast_cache_extra_mb: float | None = None) -> dict:
+    """The commands that run each file with the settings the budget priced (files the build wrote), and for
+    llama.cpp with a quantized cache the faster f16 cache with what it costs in memory at this context."""
     commands = {}
     if gguf_name:
         quantized = cache_type not in ("f16", "f32")
         llama = f"-m {gguf_name} -c {context} -ctk {cache_type} -ctv {cache_type}" + (" -fa on" if quantized else "")
         commands.update({"llama.cpp": f"llama-cli {llama}", "llama.cpp server": f"llama-server {llama}",
                          "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context}"})
+        if quantized and fast_cache_extra_mb is not None:
+            commands[f"llama.cpp, faster for long prompts ({FAST_LLAMA_CACHE} cache: "
+                     f"+{fast_cache_extra_mb:.0f} MB at {context} tokens; docs/speed.md)"] = (
+                f"llama-cli -m {gguf_name} -c {context} -ctk {FAST_LLAMA_CACHE} -ctv {FAST_LLAMA_CACHE} -fa on")
     if onnx_name:
         commands["edge-mla (onnxruntime)"] = f"edge-mla run {onnx_name} --context {context}"
     return commands

@@ -111,6 +111,10 @@ def test_run_commands_carry_the_priced_cache():
     cmds = run_commands("model.gguf", "onnx", "q4_0", 4096)
     assert "-ctk q4_0" in cmds["llama.cpp"] and "-fa on" in cmds["llama.cpp"] and "-c 4096" in cmds["llama.cpp"]
     assert "-fa" not in run_commands("model.gguf", "onnx", "f16", 512)["llama.cpp"]
+    fast = run_commands("model.gguf", "onnx", "q4_0", 4096, fast_cache_extra_mb=46.0)
+    (label, command), = [(k, v) for k, v in fast.items() if "faster" in k]
+    assert "+46 MB at 4096 tokens" in label and "-ctk f16 -ctv f16 -fa on" in command and "-c 4096" in command
+    assert not [k for k in run_commands("model.gguf", "onnx", "f16", 512, 0.0) if "faster" in k]  # already f16
 
 
 def test_mla_pays_from_the_first_context_that_saves_a_quarter_of_the_memory():

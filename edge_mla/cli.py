@@ -37,7 +37,7 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, default=None, help="latent width per KV head (total = rank * n_kv)")
     rank.add_argument("--latent", type=int, default=None,
-                      help=f"total latent width C (default: C + R = {plans.CACHE_SHARE['training-free']:.0%} of the "
+                      help=f"total latent width C (default: C + R = {100 * plans.CACHE_SHARE['training-free']:.0f}%% of the "
                            "original's cache, in whole 32-number blocks; SmolLM2-135M: 256)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
     p.add_argument("--svd", default="joint", choices=plans.SVD_METHODS,

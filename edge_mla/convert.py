@@ -82,7 +82,7 @@ def check_saving(config, plan: Plan, expected_cost: str | None = None) -> None:
     """Refuse, before any work, a plan whose cache keeps more than plans.MAX_CACHE_SHARE of the original's: the
     conversion would cost quality and time and save (almost) nothing. Says which width would save memory."""
     original, rope_width = original_cache_width(config), rope_key_width(config, plan)
-    latent = plan.latent if plan.latent is not None else resolve_plan(config, plan).latent
+    latent = resolve_plan(config, plan).latent  # the plan's own errors (a width past full rank) come first
     kept = (latent + rope_width) / original
     if kept <= MAX_CACHE_SHARE:
         return

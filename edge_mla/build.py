@@ -124,7 +124,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
             # time the steps after the recovery
             from edge_mla.data import calibration_windows
             calibration_windows(src.tokenizer, calibration.texts or None, count=1, length=calibration.sizes("onnx")[1])
-        step(t0, 2, n, f"exporting the original at the same bits and scoring it, to compare ({weights} weights, {cache} cache)")
+        step(t0, 2, n, f"exporting the original at the same bits and scoring it, to compare ({weights} weights, "
+                       f"{cache} cache)")
         original, t_original = staging / ".original", time.perf_counter()
         orig_onnx = orig_gguf = onnx_dir = gguf_file = None
         if "onnx" in formats:
@@ -159,8 +160,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
             deadline = None
             if time_budget and recover_steps:
-                scoring = {runtime: seconds for (model, runtime), seconds in (battery.seconds if battery else {}).items()
-                           if model == "original"}
+                measured = battery.seconds if battery else {}
+                scoring = {runtime: seconds for (model, runtime), seconds in measured.items() if model == "original"}
                 deadline = timebudget.recovery_deadline(t0, time_budget,
                                                         timebudget.after_recovery(same_bits_exports, scoring))
             mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
@@ -239,7 +240,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                **calibration.of("gguf"))
         step(t0, k + 1, n, f"budgeting for {device.name}" + (
             f"; perplexity of the MLA build through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
-            "tokens per text, the same windows as the original's)" if quality_windows else "") + ("; their speed" if speed_prompt else ""))
+            "tokens per text, the same windows as the original's)" if quality_windows else "")
+            + ("; their speed" if speed_prompt else ""))
         files = runnable_files({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
                                 "original": {"gguf": orig_gguf, "onnx": orig_onnx}})
         if battery:

@@ -37,7 +37,8 @@ def _plan_args(p: argparse.ArgumentParser) -> None:
     rank = p.add_mutually_exclusive_group()
     rank.add_argument("--rank", type=int, default=None, help="latent width per KV head (total = rank * n_kv)")
     rank.add_argument("--latent", type=int, default=None,
-                      help=f"total latent width C (default: C + R = {100 * plans.CACHE_SHARE['training-free']:.0f}%% of the "
+                      help=f"total latent width C (default: C + R = "
+                           f"{100 * plans.CACHE_SHARE['training-free']:.0f}%% of the "
                            "original's cache, in whole 32-number blocks; SmolLM2-135M: 256)")
     p.add_argument("--full-rank", action="store_true", help="no low-rank compression (exact NoPE/V)")
     p.add_argument("--svd", default="joint", choices=plans.SVD_METHODS,
@@ -172,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "breaks a training-free conversion, docs/recovery.md)")
     p.add_argument("--recover-steps", type=int, default=plans.RECOVER_STEPS,
                    help="CPU recovery: steps per attention block of layer-wise distillation towards the original, "
-                        "through the chosen cache (0: a training-free build, C + R = 83%% of the original's cache, docs/recovery.md)")
+                        "through the chosen cache (0: a training-free build, C + R = 83%% of the original's cache, "
+                        "docs/recovery.md)")
     p.add_argument("--time-budget", default=plans.DEFAULT_TIME_BUDGET,
                    help="wall time the build aims for (15m, 900s, 1.5h): the CPU recovery gets what the other steps "
                         "leave, measured on this machine, up to --recover-steps a layer ('none': always "

@@ -122,7 +122,8 @@ def verdict_section(summary: dict) -> str:
         if p["context"] else p["reason"]) + "</li>" for p in summary.get("mla_pays_from") or [])
     if pays:
         share = summary["mla_pays_from"][0]["share"]
-        pays = f"<p>Memory alone: where the MLA build saves {share:.0%} of the memory or is the only one that fits</p><ul>{pays}</ul>"
+        pays = (f"<p>Memory alone: where the MLA build saves {share:.0%} of the memory or is the only one that "
+                f"fits</p><ul>{pays}</ul>")
     return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}{pays}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
             f"original (worst text)</th><th>decode bound on the device, tok/s (MLA / original)</th><th>choice</th>"

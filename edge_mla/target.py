@@ -62,7 +62,8 @@ def widths(plan: Plan, full_latent: int, original_cache_width: int) -> list[Plan
     and within the model's full rank."""
     rope = 2 * (plan.rope_pairs or 0)
     out, latent = [], plan.latent
-    while latent is not None and latent <= full_latent and (not out or latent + rope <= MAX_CACHE_SHARE * original_cache_width):
+    while (latent is not None and latent <= full_latent
+           and (not out or latent + rope <= MAX_CACHE_SHARE * original_cache_width)):
         out.append(replace(plan, latent=latent))
         latent += WIDTH_STEP
     return out or [plan]

@@ -133,8 +133,8 @@ CONTEXT_STEP = 256
 
 def pays_from(mla: Footprint, original: Footprint, device: Device, share: float = PAYS_SHARE) -> dict:
     """The smallest context (a multiple of CONTEXT_STEP, up to the files' limit) at which the MLA file fits the
-    device and needs at least `share` less memory than the original, or is the only one of the two that fits; memory only
-    (quality and speed: verdict()). {"context": None} where neither happens."""
+    device and needs at least `share` less memory than the original, or is the only one of the two that fits;
+    memory only (quality and speed: verdict()). {"context": None} where neither happens."""
     limit = min(mla.max_context or 1 << 20, original.max_context or 1 << 20)
     usable = device.usable_mb * MB
     found = []

@@ -70,7 +70,12 @@ def test_convert_then_reload_without_source_and_eval(capsys, tmp_path, model_dir
     assert "perplexity" in stdout and "w3 w4 w5" in stdout
     ids = prompt()
     with torch.no_grad():
-        assert not torch.allclose(reloaded(ids).logits, original(ids).logits, atol=1e-3)  # it is compressed
+        got, reference = reloaded(ids).logits, original(ids).logits
+    assert torch.isfinite(got).all()
+    # compressed (rank 6 of 16 per KV head of a random model, measured 1.05 relative error): not the original's
+    # logits, and not blown up either
+    error = ((got - reference).norm() / reference.norm()).item()
+    assert 1e-3 < error < 5.0
 
 
 def test_save_load_roundtrip_is_bit_exact(tmp_path):

@@ -94,8 +94,9 @@ def pip_download(requirement: str, dest: Path, source: bool = False) -> Path:
     if found:
         return found[0]
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(dest), requirement]
-    if source:
-        cmd[4:4] = ["--no-binary", ":all:"]
+    if source:  # only this package from source: `:all:` also built every build dependency from source, which
+        # took 6-8 minutes for attrs' metadata on a machine without a pip cache
+        cmd[4:4] = ["--no-binary", requirement.split("==")[0]]
     result = subprocess.run(cmd, capture_output=True, text=True)
     found = [p for p in dest.iterdir() if p.name.lower().replace("-", "_").startswith(name)]
     if result.returncode != 0 or not found:

@@ -123,8 +123,10 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         # tokenizes them, minutes that later builds skip. The time budget starts after it, so a first build recovers
         # as much as any other (the fresh-clone build of 2026-12-06 spent 7.7 min before its recovery and got 50 steps
         # a layer instead of ~200).
-        from edge_mla.data import calibration_windows
-        calibration_windows(src.tokenizer, calibration.texts or None, count=1, length=calibration.sizes("onnx")[1])
+        if time_budget and recover_steps:  # (without a budget to keep, each step fetches its own when it needs it)
+            from edge_mla.data import calibration_windows
+            calibration_windows(src.tokenizer, calibration.texts or None, count=1,
+                                length=calibration.sizes("onnx")[1])
         battery = None
         if quality_windows:
             from edge_mla.quality import Battery

@@ -126,7 +126,8 @@ def verdict_section(summary: dict) -> str:
                 f"fits</p><ul>{pays}</ul>")
     return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}{pays}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
-            f"original (worst text)</th><th>decode bound on the device, tok/s (MLA / original)</th><th>choice</th>"
+            f"original (worst text)</th><th>bandwidth bound on the device, tok/s (MLA / original; bytes read only, "
+            f"not MLA's extra attention arithmetic: see the measured speed below)</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"
             f"{speed}<h3>Run the files with the settings priced</h3><ul>{commands}</ul>")
 

@@ -48,8 +48,7 @@ def resolve_plan(config, plan: Plan) -> Plan:
 
 def rope_key_width(config, plan: Plan) -> int:
     """R: the rope key's numbers per token per layer (the plan's rope pairs filled, resolve_plan)."""
-    r = plan.rope_pairs if plan.rope_pairs is not None else min(
-        rope.default_rope_pairs(plan.selection, head_dim_of(config)), families.rotary_pairs(config))
+    r = resolve_plan(config, replace(plan, latent=None)).rope_pairs  # its default where the plan gives none
     return 2 * r * (plan.rope_components if plan.selection == "shared" else config.num_key_value_heads)
 
 

@@ -25,6 +25,7 @@ FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
 BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_graph.py)
+PREFILL_FORMS = ("expanded", "absorbed")  # MLA prompt chunks (onnx_graph.prefill_form)
 KV_SCALES = ("q4_0", "row", "channel")  # int4 cache scales: llama.cpp's q4_0 blocks, one per row, static ones
 QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
 
@@ -52,6 +53,10 @@ def add_arguments(parser) -> None:
                         help="LatentAttention body: gqa (com.microsoft GroupQueryAttention) or matmul (plain ops: "
                              "one MatMul of all heads against the cache; any onnxruntime); both update the cache "
                              "in place (docs/onnx.md compares them)")
+    parser.add_argument("--prefill", default="expanded", choices=PREFILL_FORMS,
+                        help="MLA prompt chunks: expanded (up-project the cached latent to per-group keys and "
+                             "values and attend as the original model does: 2-3x faster prefill, the default) or "
+                             "absorbed (the decode form for every chunk); the cache is the same (docs/onnx.md)")
     parser.add_argument("--kv-scales", default="channel", choices=KV_SCALES,
                         help="int4 cache scales: q4_0 (llama.cpp's q4_0 blocks: a float16 scale per 32 values of "
                              "each row; C + R a multiple of 32), row (one scale per row over static per-channel "
@@ -74,7 +79,8 @@ def main(args) -> int:
     t0 = time.perf_counter()
     out = export(args.model_dir, args.out, weight_bits=args.weight_bits, kv_bits=args.kv_bits,
                  block_size=args.block_size, symmetric=not args.asymmetric, head_bits=args.head_bits,
-                 weight_method=args.weight_method, accuracy_level=args.accuracy_level, body=args.attention, original=args.original,
+                 weight_method=args.weight_method, accuracy_level=args.accuracy_level, body=args.attention,
+                 original=args.original, prefill=args.prefill,
                  calib_text=args.calib_text, calib_windows=args.calib_windows, calib_length=args.calib_length,
                  overwrite=args.force, genai=args.genai, kv_scales=args.kv_scales)
     meta = json.loads((out / META).read_text())
@@ -87,7 +93,7 @@ def main(args) -> int:
 
 
 def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, head_bits: int | None,
-                  weight_method: str = "rtn", kv_scales: str = "channel") -> None:
+                  weight_method: str = "rtn", kv_scales: str = "channel", prefill: str = "expanded") -> None:
     """Refuse unsupported settings before any work, naming the fix."""
     if weight_bits not in WEIGHT_BITS:
         raise ValueError(f"--weight-bits {weight_bits} is not supported: choose one of {WEIGHT_BITS}")
@@ -101,6 +107,8 @@ def check_options(weight_bits: int, kv_bits: int, block_size: int, body: str, he
         raise ValueError(f"--weight-method {weight_method} is not supported: choose hqq or rtn")
     if block_size < 16 or block_size & (block_size - 1):
         raise ValueError(f"--block-size {block_size} is not supported: MatMulNBits needs a power of two >= 16")
+    if prefill not in PREFILL_FORMS:
+        raise ValueError(f"--prefill {prefill} is not supported: choose one of {PREFILL_FORMS}")
     if body not in BODIES:
         raise ValueError(f"--attention {body} is not supported: choose one of {BODIES}")
     if kv_scales not in KV_SCALES:
@@ -185,6 +193,9 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
         "bytes_per_token": int(bytes_per_token),
         "tensors": tensors,
     }
+    if dec.kind == "mla":  # which form runs prompt chunks, from how many new tokens (docs/onnx.md)
+        form = onnx_graph.prefill_form(dec, opts)
+        cache["prefill"] = {"form": form, "from_tokens": onnx_graph.prefill_from(dec) if form == "expanded" else None}
     if dec.kind == "mla" and onnx_graph.prefill_chunk(opts):
         cache["prefill_chunk"] = onnx_graph.prefill_chunk(opts)
     if dec.kind == "mla":
@@ -227,13 +238,14 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
            weight_method: str = "rtn", rotate_latent: bool = False, body: str = "gqa", original: bool = False,
            calib_text: str | list[str] | None = None, calib_windows: int = CALIBRATION_DEFAULTS["onnx"][0],
            calib_length: int = CALIBRATION_DEFAULTS["onnx"][1], overwrite: bool = False,
-           model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str = "channel") -> Path:
+           model=None, tokenizer=None, checkpoint=None, genai: bool = False, kv_scales: str = "channel",
+           prefill: str = "expanded") -> Path:
     """Write the ONNX folder for `model_dir` at `out`, all or nothing. (model, tokenizer) may be given loaded, or
     lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
     read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
     kv_bits = kv_bits if kv_bits is not None else weight_bits
-    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales)
+    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales, prefill)
     refuse_existing(out, overwrite)
     if model is None:
         src = load_model(model_dir, original)
@@ -255,7 +267,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
                                   "four_bit_up_projections") else 8) if quantized else weight_bits,
                               weight_bits=weight_bits if quantized else 0, head_bits=head_bits or 0,
                               symmetric=symmetric, accuracy_level=accuracy_level, method=weight_method,
-                              cache_scales_mode=kv_scales if kv_bits == 4 else "channel")
+                              cache_scales_mode=kv_scales if kv_bits == 4 else "channel", prefill=prefill)
     calib = None
     if kv_bits in (4, 8):  # the static cache scales, fitted as the layers are read
         from edge_mla.data import calibration_label, calibration_windows  # torch: imported when used

@@ -70,12 +70,35 @@ def _drop_group_scales(graph: onnx.GraphProto) -> None:
             next(a for a in node.attribute if a.name == "kv_quant").s = b"PER_CHANNEL"
 
 
+def _absorbed_only(model: onnx.ModelProto) -> None:
+    """Each layer's If (expanded prefill form / absorbed form) replaced by its absorbed branch, inlined: genai's two
+    cache buffers are GroupQueryAttention's, which only the absorbed form drives."""
+    graph = model.graph
+    nodes = []
+    for node in graph.node:
+        if node.op_type != "If":
+            nodes.append(node)
+            continue
+        branch = next(a.g for a in node.attribute if a.name == "else_branch")
+        rename = {o.name: name for o, name in zip(branch.output, node.output)}
+        for inner in branch.node:
+            inner.output[:] = [rename.get(n, n) for n in inner.output]
+            inner.input[:] = [rename.get(n, n) for n in inner.input]
+            nodes.append(inner)
+        graph.value_info.extend(v for v in branch.value_info if v.name not in rename)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    for function in [f for f in model.functions if f.name == "LatentPrefill"]:
+        model.functions.remove(function)
+
+
 def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     """The export's graph with genai's names: the cache I/O per layer as key/value pairs, logits for every new
     position (the logits_to_keep input becomes the new token count)."""
     model = copy.deepcopy(model)
     graph = model.graph
     mla = meta["architecture"] == "mla"
+    _absorbed_only(model)
     _drop_group_scales(graph)
     rename: dict[str, str] = {}
     value_of: dict[str, str] = {}  # MLA: the past input -> the name of its twin, genai's value cache
@@ -150,12 +173,21 @@ def _token_id(folder: Path, name: str | None) -> int | None:
     return ids.get(name, tokenizer.get("model", {}).get("vocab", {}).get(name))
 
 
+def _nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of its If branches."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from _nodes(a.g)
+
+
 def genai_config(folder: Path, meta: dict, model: onnx.ModelProto) -> dict:
     layers = _per_layer(meta)
     first = layers[0][0]
     # a float table gives the hidden size; a quantized one (or the output head's shared table) leaves it 0
     embed = next((i for i in model.graph.initializer if i.name.startswith("embed_tokens")), None)
-    heads = next(a.i for n in model.graph.node if n.op_type in ("LatentAttention", "GroupQueryAttention")
+    heads = next(a.i for n in _nodes(model.graph) if n.op_type in ("LatentAttention", "GroupQueryAttention")
                  for a in n.attribute if a.name == "num_heads")
     tok_config = folder / "tokenizer_config.json"
     special = json.loads(tok_config.read_text()) if tok_config.exists() else {}

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from edge_mla.export import onnx_quant
 from edge_mla.export.onnx_latent_attention import (DOMAIN, MS, OPSET, SCALE_GROUP, latent_attention_gqa,
-                                                   latent_attention_matmul)
+                                                   latent_attention_matmul, latent_prefill, prefill_threshold)
 
 IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions written by onnx 1.23
 
@@ -157,6 +157,7 @@ class Options:
     fp16_weights: bool = False  # store float weights as fp16 (a Cast to fp32 that onnxruntime folds at load)
     cache_scales: list | None = None  # per layer: MLA [1,1,1,W]; baseline (k [1,kvH,1,d], v [1,kvH,1,d])
     cache_scales_mode: str = "channel"  # MLA int4 cache, matmul body: also "row" or "q4_0" scales kept per row
+    prefill: str = "expanded"  # MLA prompt chunks: "expanded" (LatentPrefill where it pays) or "absorbed"
     up_bits: int = 32  # MLA k_up / v_up: 8 (or 4) bits in blocks of block_size, 16 or 32 (float)
     block_size: int = 32
     # 2D weights: 4 or 8 = MatMulNBits (onnx_quant.block_codes: llama.cpp's q4_0 / q8_0 grids when symmetric);
@@ -360,7 +361,8 @@ class _Rope:
 
 
 def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, rope: _Rope,
-                   seqlens_k: str, total: str) -> str:
+                   seqlens_k: str, total: str, long_chunk: str) -> str:
+    """The MLA layer's attention; `long_chunk` (bool) picks the expanded prefill form over the absorbed one."""
     H, G, N, R, C = dec.num_heads, dec.num_groups, dec.nope_dim, dec.rope_dim, dec.latent_dim
     # one projection, rows [q_nope of every head | q_rope of every head | latent | rope key]
     w_q = layer["q"].reshape(H, N + R, -1)
@@ -374,37 +376,93 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     if dec.latent_norm_eps is not None:
         latent = _latent_norm(g, latent, layer["latent_norm"], dec.latent_norm_eps[i], dec.latent_channels,
                               f"layers.{i}.attn.latent_norm")
-    # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
-    grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
-    q_lat = g.op("MatMul", [grouped, _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)],
-                 name=f"layers.{i}.attn.absorb_k")
-    q_rope = g.op("Reshape", [rope(q_rope, layer["inv_freq"]), g.const([0, 0, G, H // G, R])])
-    query = g.op("Reshape", [g.op("Concat", [q_lat, q_rope], axis=-1), g.const([0, 0, H * (C + R)])])
+    q_rope = rope(q_rope, layer["inv_freq"])
     entry = g.op("Concat", [latent, rope(k_rope, layer["inv_freq"])], axis=-1)
-
+    k_up = _up_projection(g, f"layers.{i}.attn.k_up", layer["k_up"], opts)
+    v_up = _up_projection(g, f"layers.{i}.attn.v_up", np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1)), opts)
     quantized = opts.kv_bits in (4, 8)
-    inputs = [query, entry, f"past.{i}", seqlens_k, total,
-              g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)) if quantized else "",
-              rope.positions]
+    cache_in = [f"past.{i}", seqlens_k, total,
+                g.weight(f"layers.{i}.attn.cache_scale", opts.cache_scales[i].astype(np.float32)) if quantized else "",
+                rope.positions]
     layer_cache = layer_cache_tensors(dec, opts, i)
-    inputs += [t["past"] for t in layer_cache[1:]]  # the row scales' buffer
-    outputs = [g.fresh(f"layers.{i}.attn/latent")] + [name for t in layer_cache for name in t["present"]]
-    # declared, so that ONNX shape inference can go on past a node whose body it cannot see into
-    g.value_info.append(helper.make_tensor_value_info(outputs[0], TensorProto.FLOAT, ["batch", "sequence", H * C]))
-    g.op("LatentAttention", inputs, outputs, domain=DOMAIN, name=f"layers.{i}.attn.latent_attention",
-         num_heads=H, latent_dim=C, rope_dim=R, scale=float(dec.softmax_scale),
-         kv_bits=opts.kv_bits if quantized else 0,
-         kv_quant={"channel": "PER_CHANNEL", "row": "PER_ROW", "q4_0": "Q4_0"}[opts.cache_scales_mode]
-         if quantized else "NONE")
-    # out_h = v_up[g] attended_h (+ v_up_bias[g]): [B,S,G,H/G,C] x [G,C,d]
-    att = g.op("Reshape", [outputs[0], g.const([0, 0, G, H // G, C])])
-    v_up_t = np.ascontiguousarray(layer["v_up"].transpose(0, 2, 1))
-    out = g.op("MatMul", [att, _up_projection(g, f"layers.{i}.attn.v_up", v_up_t, opts)],
-               name=f"layers.{i}.attn.absorb_v")
+    presents = [name for t in layer_cache for name in t["present"]]
+
+    def absorbed(out: str, presents: list[str]) -> None:
+        # q_lat = k_up[g]^T q_nope for every head of group g: [B,S,G,H/G,N] x [G,N,C]
+        grouped = g.op("Reshape", [q_nope, g.const([0, 0, G, H // G, N])])
+        q_lat = g.op("MatMul", [grouped, k_up], name=f"layers.{i}.attn.absorb_k")
+        q_heads = g.op("Reshape", [q_rope, g.const([0, 0, G, H // G, R])])
+        query = g.op("Reshape", [g.op("Concat", [q_lat, q_heads], axis=-1), g.const([0, 0, H * (C + R)])])
+        latent_out = g.fresh(f"layers.{i}.attn/latent")
+        # declared, so that ONNX shape inference can go on past a node whose body it cannot see into
+        g.value_info.append(helper.make_tensor_value_info(latent_out, TensorProto.FLOAT, ["batch", "sequence", H * C]))
+        g.op("LatentAttention", [query, entry] + cache_in + [t["past"] for t in layer_cache[1:]],
+             [latent_out] + presents, domain=DOMAIN, name=f"layers.{i}.attn.latent_attention",
+             num_heads=H, latent_dim=C, rope_dim=R, scale=float(dec.softmax_scale),
+             kv_bits=opts.kv_bits if quantized else 0,
+             kv_quant={"channel": "PER_CHANNEL", "row": "PER_ROW", "q4_0": "Q4_0"}[opts.cache_scales_mode]
+             if quantized else "NONE")
+        # out_h = v_up[g] attended_h: [B,S,G,H/G,C] x [G,C,d]
+        att = g.op("Reshape", [latent_out, g.const([0, 0, G, H // G, C])])
+        g.op("Reshape", [g.op("MatMul", [att, v_up], name=f"layers.{i}.attn.absorb_v"),
+                         g.const([0, 0, H * dec.head_dim])], [out])
+
+    def expanded(out: str, presents: list[str]) -> None:
+        q_heads = g.op("Concat", [g.op("Reshape", [q_nope, g.const([0, 0, H, N])]),
+                                  g.op("Reshape", [q_rope, g.const([0, 0, H, R])])], axis=-1)
+        query = g.op("Reshape", [q_heads, g.const([0, 0, H * (N + R)])])
+        present = g.fresh(f"layers.{i}.attn/present")
+        g.op("LatentPrefill", [query, entry] + cache_in + [k_up, v_up], [out, present], domain=DOMAIN,
+             name=f"layers.{i}.attn.latent_prefill", num_heads=H, num_groups=G, latent_dim=C, rope_dim=R,
+             nope_dim=N, head_dim=dec.head_dim, scale=float(dec.softmax_scale),
+             kv_bits=opts.kv_bits if quantized else 0)
+        for name in presents:
+            g.op("Identity", [present], [name])
+
+    out = g.fresh(f"layers.{i}.attn/heads")
+    if prefill_form(dec, opts) == "absorbed":
+        absorbed(out, presents)
+    else:  # prompt chunks of at least the threshold run the expanded form, shorter ones (decode) the absorbed
+        types = [helper.np_dtype_to_tensor_dtype(np.dtype(t["dtype"])) for t in layer_cache for _ in t["present"]]
+        g.op("If", [long_chunk], [out] + presents, name=f"layers.{i}.attn.form",
+             then_branch=_branch(g, f"layers.{i}.expanded", expanded, types),
+             else_branch=_branch(g, f"layers.{i}.absorbed", absorbed, types))
     if layer.get("v_up_bias") is not None:
-        out = g.op("Add", [out, g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
-    out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])
+        out = g.op("Add", [g.op("Reshape", [out, g.const([0, 0, G, H // G, dec.head_dim])]),
+                           g.weight(f"layers.{i}.attn.v_up_bias", layer["v_up_bias"][:, None, :])])
+        out = g.op("Reshape", [out, g.const([0, 0, H * dec.head_dim])])
     return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts, layer.get("o_bias"))
+
+
+def prefill_form(dec: Decoder, opts: Options) -> str:
+    """"expanded": prompt chunks run LatentPrefill (an If per layer picks it for chunks of at least
+    `prefill_from` tokens); "absorbed": every chunk runs LatentAttention. The expanded form reads the cache in the
+    codes GroupQueryAttention writes (static per-channel scales), and attends with GroupQueryAttention, whose head
+    size (N + R, values padded to it) must be a multiple of 8."""
+    key_width = dec.nope_dim + dec.rope_dim
+    if (opts.prefill == "absorbed" or opts.cache_scales_mode != "channel" or dec.head_dim > key_width
+            or key_width % 8):
+        return "absorbed"
+    return "expanded"
+
+
+def prefill_from(dec: Decoder) -> int:
+    return prefill_threshold(dec.num_heads, dec.num_groups, dec.latent_dim, dec.rope_dim, dec.nope_dim, dec.head_dim)
+
+
+def _branch(g: Graph, name: str, body, cache_types: list[int]) -> onnx.GraphProto:
+    """A subgraph of If: the nodes `body(out, presents)` adds (weights and shared values from the outer scope)."""
+    outer = g.nodes, g.value_info
+    g.nodes, g.value_info = [], []
+    outs = [g.fresh(f"{name}/out")] + [g.fresh(f"{name}/present") for _ in cache_types]
+    try:
+        body(outs[0], outs[1:])
+        nodes, value_info = g.nodes, g.value_info
+    finally:
+        g.nodes, g.value_info = outer
+    types = [TensorProto.FLOAT] + cache_types
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(o, t, None) for o, t in zip(outs, types)],
+                             value_info=value_info)
 
 
 def _gqa_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Options, rope: tuple[str, str],
@@ -505,6 +563,8 @@ def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
         positions = g.op("Range", [g.op("Sub", [total64, new]), total64, g.const(1)])
         pos = _Rope(g, g.op("Unsqueeze", [positions, g.const([0])], name="position_ids"), dec.max_positions,
                     dec.rope_scaling)
+        # whether this run's chunk of new tokens is long enough for the expanded prefill (decided once per run)
+        long_chunk = g.op("GreaterOrEqual", [new, g.const(prefill_from(dec))], name="long_chunk")
     else:
         freqs = np.arange(dec.max_positions, dtype=np.float32)[:, None] * dec.inv_freq.astype(np.float32)[None]
         rope = (g.weight("cos_cache", np.cos(freqs) * dec.rope_scaling), g.weight("sin_cache", np.sin(freqs) * dec.rope_scaling))
@@ -516,7 +576,7 @@ def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
         else:
             h, residual = _skip_norm(g, mlp_out, residual, layer["input_norm"], dec.eps, f"layers.{i}.input_norm")
         if dec.kind == "mla":
-            att = _mla_attention(g, h, layer, i, dec, opts, pos, seqlens_k, total)
+            att = _mla_attention(g, h, layer, i, dec, opts, pos, seqlens_k, total, long_chunk)
         else:
             att = _gqa_attention(g, h, layer, i, dec, opts, rope, seqlens_k, total)
         h, residual = _skip_norm(g, att, residual, layer["post_norm"], dec.eps, f"layers.{i}.post_norm")
@@ -539,5 +599,8 @@ def build_model(dec: Decoder, opts: Options, data=None) -> onnx.ModelProto:
         functions.append(latent_attention_gqa() if opts.body == "gqa" else
                          latent_attention_matmul(opts.kv_bits if quantized else 0, dec.num_heads, dec.latent_dim,
                                                  dec.rope_dim, scales=opts.cache_scales_mode))
+        if prefill_form(dec, opts) == "expanded":
+            functions.append(latent_prefill(opts.kv_bits if quantized else 0, dec.num_heads, dec.num_groups,
+                                            dec.latent_dim, dec.rope_dim, dec.nope_dim, dec.head_dim))
     return helper.make_model(graph, opset_imports=opsets, functions=functions, ir_version=IR_VERSION,
                              producer_name="edge-mla")

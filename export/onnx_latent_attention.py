@@ -289,3 +289,121 @@ def _dedupe(nodes: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         seen.update(n.output)
         out.append(n)
     return out
+
+
+# The expanded form serves prompt chunks of at least this many tokens where the shapes give no crossover of their own
+# (see `prefill_threshold`).
+PREFILL_ATTRIBUTES = ["num_heads", "num_groups", "latent_dim", "rope_dim", "nope_dim", "head_dim", "scale",
+                      "kv_bits"]
+PREFILL_INPUTS = ["query", "entry", "past", "seqlens_k", "total_sequence_length", "cache_scale", "positions",
+                  "k_up", "v_up"]
+
+
+def prefill_threshold(heads: int, groups: int, latent: int, rope: int, nope: int, head_dim: int) -> int:
+    """Smallest chunk of new tokens for which the expanded form does less arithmetic than the absorbed one.
+
+    Per (query, cached row) pair the absorbed form (GroupQueryAttention over [c | k_rope] as key and value) does
+    heads x 2 (C + R) multiply-adds, the expanded one heads x 2 max(N + R, d) (GroupQueryAttention over per-head keys
+    [k_nope | k_rope] and values padded to the key width). The expanded form first up-projects every cached row once
+    per chunk: groups x C x (N + d). A chunk of S new tokens over T rows: S T pair costs against T up-projections."""
+    width = max(nope + rope, head_dim)
+    saved = heads * 2 * ((latent + rope) - width)
+    if saved <= 0:
+        return 1 << 62  # the expanded form never wins: keep the absorbed one
+    return max(2, -(-groups * latent * (nope + head_dim) // saved))
+
+
+def latent_prefill(kv_bits: int, heads: int, groups: int, latent: int, rope: int, nope: int,
+                   head_dim: int) -> onnx.FunctionProto:
+    """`LatentPrefill`: the same attention as LatentAttention over the same cache, in the expanded form that serves
+    prompt chunks (DeepSeek's prefill): the new rows are written into the cache in its code, the T cached rows are
+    read back, up-projected to per-group keys [k_up c | k_rope] and values v_up c, and attended by
+    GroupQueryAttention with `groups` KV heads, as the original model's attention is. Only the latent is cached.
+
+    Inputs as LatentAttention's but the query per head is [q_nope | q_rope] (N + R, not absorbed) and the
+    up-projections k_up [G, N, C] and v_up [G, C, d] come in; output [B, S, heads x d]. The cache codes are those
+    GroupQueryAttention writes (int4: code + 8 packed two per byte, low nibble first; int8; or float), so either form
+    may continue what the other wrote. Values are zero-padded to the key width where d < N + R
+    (GroupQueryAttention needs one head size)."""
+    width = latent + rope
+    key_width = nope + rope
+    if head_dim > key_width:
+        raise ValueError(f"the expanded prefill needs the value width ({head_dim}) <= N + R ({key_width})")
+    nodes: list[onnx.NodeProto] = []
+
+    def node(op, inputs, output, **attrs):
+        nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def const(name, value, dtype=np.int64):
+        return node("Constant", [], name, value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+
+    node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), const("one", [1])], "t1")
+    node("Gather", [node("Shape", ["query"], "q_shape"), const("one1", [1])], "s1")
+    node("Sub", ["t1", "s1"], "p1")  # rows cached before this chunk
+    # the new rows in the cache's code, written at their positions
+    if kv_bits:
+        node("Reshape", ["cache_scale", const("minus1", [-1])], "cs")  # [W]
+        lo, hi = onnx_quant.CODE_RANGE[kv_bits]
+        node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"),
+                      const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
+    if kv_bits == 4:
+        pack = _int4_matrices(width, latent)["pack"]
+        node("Add", [node("MatMul", ["codes", const("pack", pack, np.float32)], "packed_signed"),
+                     const("offset", 8 * 17, np.float32)], "packed")
+        node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
+    elif kv_bits == 8:
+        node("Cast", ["codes"], "rows_new", to=TensorProto.INT8)
+    else:
+        node("CastLike", ["entry", "past"], "rows_new")
+    node("Unsqueeze", ["rows_new", const("one1", [1])], "rows_new4")
+    node("Expand", [node("Reshape", ["positions", const("column4", [1, 1, -1, 1])], "positions4"),
+                    node("Shape", ["rows_new4"], "rows_shape")], "idx")
+    node("ScatterElements", ["past", "idx", "rows_new4"], "present", axis=2)
+    # the T cached rows as float [B, 1, T, W]
+    cached = node("Slice", ["present", const("zero1", [0]), "t1", const("two1", [2])], "cached")
+    if kv_bits == 4:  # byte x = lo + 16 hi -> channels (lo, hi) per byte, then (nibble - 8) x scale
+        x = node("Cast", [cached], "x", to=TensorProto.FLOAT)
+        x_hi = node("Floor", [node("Mul", [x, const("sixteenth", 1 / 16, np.float32)], "x16")], "x_hi")
+        x_lo = node("Sub", [x, node("Mul", [x_hi, const("sixteen", 16.0, np.float32)], "x_hi16")], "x_lo")
+        pairs = node("Concat", [node("Unsqueeze", [x_lo, const("last", [-1])], "lo5"),
+                                node("Unsqueeze", [x_hi, const("last", [-1])], "hi5")], "pairs", axis=-1)
+        nibbles = node("Reshape", [pairs, const("row_shape", [0, 0, 0, width])], "nibbles")
+        node("Mul", [node("Sub", [nibbles, const("eight", 8.0, np.float32)], "codes_read"), "cs"], "rows")
+    elif kv_bits == 8:
+        node("Mul", [node("Cast", [cached], "codes_read", to=TensorProto.FLOAT), "cs"], "rows")
+    else:
+        node("CastLike", [cached, "query"], "rows")
+    node("Split", ["rows", const("split_w", [latent, rope])], "latent_rows", axis=-1)
+    nodes[-1].output[:] = ["latent_rows", "rope_rows"]
+    # per group: keys [k_up c | k_rope] [B, G, T, N + R], values v_up c [B, G, T, d] (padded to N + R)
+    k_nope = node("MatMul", ["latent_rows", node("Transpose", ["k_up"], "k_up_t", perm=[0, 2, 1])], "k_nope")
+    k_rope = node("Expand", ["rope_rows", const("groups_shape", [1, groups, 1, 1])], "k_rope_g")
+    keys = node("Concat", [k_nope, k_rope], "keys", axis=-1)
+    values = node("MatMul", ["latent_rows", "v_up"], "values")
+    if head_dim < key_width:
+        values = node("Pad", [values, const("v_pad", [0, 0, 0, 0, 0, 0, 0, key_width - head_dim])], "values_padded")
+    split_at = node("Concat", ["p1", "s1"], "split_at", axis=0)
+    for part, rows in (("key", keys), ("value", values)):
+        node("Split", [rows, split_at], f"past_{part}", axis=2)
+        nodes[-1].output[:] = [f"past_{part}", f"new_{part}4"]
+        node("Reshape", [node("Transpose", [f"new_{part}4"], f"new_{part}_t", perm=[0, 2, 1, 3]),
+                         const("flat3", [0, 0, -1])], f"new_{part}")
+    gqa = helper.make_node("GroupQueryAttention",
+                           ["query", "new_key", "new_value", "past_key", "past_value", "seqlens_k",
+                            "total_sequence_length"], ["y", "y_present_key", "y_present_value"], domain=MS)
+    gqa.attribute.extend([_ref("num_heads", "num_heads", onnx.AttributeProto.INT),
+                          _ref("kv_num_heads", "num_groups", onnx.AttributeProto.INT),
+                          _ref("scale", "scale", onnx.AttributeProto.FLOAT)])
+    nodes.append(gqa)
+    if head_dim < key_width:
+        y4 = node("Reshape", ["y", const("heads4", [0, 0, heads, key_width])], "y4")
+        node("Reshape", [node("Slice", [y4, const("zero1", [0]), const("d1", [head_dim]), const("three1", [3])],
+                              "y4d"), const("flat3", [0, 0, -1])], "output")
+    else:
+        node("Identity", ["y"], "output")
+    return helper.make_function(
+        DOMAIN, "LatentPrefill", PREFILL_INPUTS, ["output", "present"], _dedupe(nodes),
+        [helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)], attributes=PREFILL_ATTRIBUTES,
+        doc_string="MLA attention of a prompt chunk in the expanded form over the latent cache [c | k_rope]: "
+                   "rows up-projected per KV group, GroupQueryAttention over them.")

@@ -129,15 +129,31 @@ def optimized_op_types(folder) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(folder / "optimized.onnx"), load_external_data=False).graph.node)
 
 
+def nodes_of(graph: onnx.GraphProto):
+    """Every node of a graph and of its If branches."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from nodes_of(a.g)
+
+
 def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
     model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     layers = mla_model.config.num_hidden_layers
-    ops = Counter((n.domain, n.op_type) for n in model.graph.node)
-    assert ops[(DOMAIN, "LatentAttention")] == layers
-    assert ops[("com.microsoft", "GroupQueryAttention")] == 0  # attention lives only inside the function
-    assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, "LatentAttention")]
+    # per layer one If: prompt chunks (then) run LatentPrefill, shorter runs (else) LatentAttention
+    forms = [n for n in model.graph.node if n.op_type == "If"]
+    assert len(forms) == layers
+    for n in forms:
+        branches = {a.name: Counter((m.domain, m.op_type) for m in a.g.node) for a in n.attribute}
+        assert branches["then_branch"][(DOMAIN, "LatentPrefill")] == 1
+        assert branches["then_branch"][(DOMAIN, "LatentAttention")] == 0
+        assert branches["else_branch"][(DOMAIN, "LatentAttention")] == 1
+    ops = Counter((n.domain, n.op_type) for n in nodes_of(model.graph))
+    assert ops[("com.microsoft", "GroupQueryAttention")] == 0  # attention lives only inside the functions
+    assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, "LatentAttention"), (DOMAIN, "LatentPrefill")]
     mla = mla_model.config.mla
     width = mla["latent_dim"] + mla["rope_dim"]
     pasts = [i for i in model.graph.input if i.name.startswith("past")]
@@ -155,8 +171,9 @@ def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, 
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
-    optimized = Counter(n.op_type for n in optimized.graph.node)
-    assert optimized["GroupQueryAttention"] == layers and optimized["LatentAttention"] == 0
+    optimized = Counter(n.op_type for n in nodes_of(optimized.graph))
+    assert optimized["GroupQueryAttention"] == 2 * layers  # one per form
+    assert optimized["LatentAttention"] == optimized["LatentPrefill"] == 0
 
 
 def test_baseline_export_of_the_original_model(tmp_path):
@@ -212,6 +229,56 @@ def test_matmul_body_equals_gqa_body(tmp_path, mla_model, text_file, kv_bits):
     assert np.abs(got["matmul"][0] - got["gqa"][0]).max() < 1e-3
     same = np.mean(got["matmul"][1] == got["gqa"][1])
     assert same > 0.999, same  # the same codes in the buffer (a rounding tie may go the other way)
+
+
+def test_prefill_threshold_is_where_the_expanded_form_does_less_arithmetic():
+    from edge_mla.export.onnx_latent_attention import prefill_threshold
+
+    # SmolLM2 at C + R = 224 + 32: up-projection 3 x 224 x (64 + 64) per row against 9 x 2 x (256 - 96) saved a pair
+    assert prefill_threshold(heads=9, groups=3, latent=224, rope=32, nope=64, head_dim=64) == 30
+    for chunk in (29, 30):  # the arithmetic of one chunk over T rows, absorbed against expanded
+        absorbed = chunk * 9 * 2 * 256
+        expanded = chunk * 9 * 2 * 96 + 3 * 224 * 128
+        assert (expanded <= absorbed) == (chunk >= 30)
+    assert prefill_threshold(heads=4, groups=2, latent=8, rope=8, nope=16, head_dim=16) > 1 << 40  # never pays
+
+
+def _threshold_of(folder) -> int:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    switch = next(n for n in model.graph.node if n.op_type == "GreaterOrEqual")
+    value = next(t for t in model.graph.initializer if t.name == switch.input[1])
+    return int(onnx.numpy_helper.to_array(value).reshape(-1)[0])
+
+
+@pytest.mark.parametrize("kv_bits", [32, 8, 4])
+def test_expanded_prefill_equals_the_absorbed_form(tmp_path, mla_model, text_file, kv_bits):
+    """The expanded prefill (LatentPrefill: up-projected keys and values, GroupQueryAttention over KV groups) against
+    the absorbed form alone, over the same cache: the same logits in one piece, in chunks that continue a cache
+    (chunk 2 runs after 25 cached rows) and token by token after it, and the same codes in the cache buffer."""
+    common = dict(weight_bits=32, kv_bits=kv_bits, calib_text=str(text_file), calib_windows=4, calib_length=64)
+    folders = {form: export(mla_model, tmp_path / form, prefill=form, **common) for form in ("expanded", "absorbed")}
+    threshold = _threshold_of(folders["expanded"])
+    ids = prompt(60)[0].numpy()
+    assert threshold <= 25 < len(ids)  # the one piece and the first two chunks of 25 take the expanded form
+    got = {}
+    for form, folder in folders.items():
+        runs = []
+        for chunk in (0, 25):
+            decoder = OnnxDecoder(folder, threads=1, context=72, prefill_chunk=chunk)
+            logits = [decoder.forward(ids, keep=len(ids))] + [decoder.forward(ids[t:t + 1]) for t in range(40, 44)]
+            runs.append((np.concatenate(logits), decoder.buffers["past.1"].numpy()[0, 0, :len(ids) + 4]))
+        got[form] = runs
+    tolerance = 1e-4 if kv_bits == 32 else 1e-3
+    for run in range(2):
+        assert np.isfinite(got["expanded"][run][0]).all()
+        assert np.abs(got["expanded"][run][0] - got["absorbed"][run][0]).max() < tolerance
+        same = np.mean(got["expanded"][run][1] == got["absorbed"][run][1])
+        assert same > 0.999 if kv_bits < 32 else np.abs(got["expanded"][run][1] - got["absorbed"][run][1]).max() < 1e-5
+    # and against PyTorch at float precision
+    if kv_bits == 32:
+        with torch.no_grad():
+            expected = mla_model(torch.tensor(ids)[None]).logits[0].numpy()
+        assert np.abs(got["expanded"][1][0][:len(ids)] - expected).max() < 1e-3
 
 
 @pytest.mark.parametrize("scales", ["row", "q4_0"])

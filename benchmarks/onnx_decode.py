@@ -84,9 +84,11 @@ def exports(args) -> dict[str, Path]:
     folders = {}
     for name in args.bodies:
         body, _, scales = name.partition("-")  # e.g. matmul-channel: the matmul body with static scales only
-        folders[f"mla_{name}"] = work / f"mla_{name}_w{args.bits}_kv{args.kv_bits}"
-        if not folders[f"mla_{name}"].exists() or args.reexport:
-            export(args.mla, folders[f"mla_{name}"], body=body, kv_scales=scales or "channel", **common)
+        for form in args.prefill_forms:  # the expanded prefill (the default) keeps the bare name
+            key = f"mla_{name}" + ("" if form == "expanded" else f"_{form}")
+            folders[key] = work / f"{key}_w{args.bits}_kv{args.kv_bits}"
+            if not folders[key].exists() or args.reexport:
+                export(args.mla, folders[key], body=body, kv_scales=scales or "channel", prefill=form, **common)
     folders["original"] = work / f"original_w{args.bits}_kv{args.original_kv_bits or args.kv_bits}"
     if not folders["original"].exists() or args.reexport:
         export(args.source, folders["original"], original=True, **(common | {"kv_bits": args.original_kv_bits or args.kv_bits}))
@@ -142,6 +144,8 @@ def main() -> int:
                    help="LatentAttention bodies to measure, BODY or BODY-SCALES for an int4 cache's --kv-scales "
                         "(matmul-q4_0, matmul-row; static per-channel scales otherwise); a name whose folder "
                         "mla_NAME_wB_kvK already exists in --work is measured as it is, e.g. an export by older code")
+    p.add_argument("--prefill-forms", nargs="+", default=["expanded"], choices=["expanded", "absorbed"],
+                   help="MLA prompt chunks: the expanded form (LatentPrefill, the default) and/or the absorbed one")
     p.add_argument("--prefill-chunk", type=int, default=None,
                    help="prompt tokens per run (0: one piece; default: each export's own, else the runner's 128)")
     p.add_argument("--source", default="smollm2-135m", help="the original model it was converted from")

@@ -80,10 +80,12 @@ class Footprint:
     kv_bytes_per_token: float
     max_context: int
     detail: str = ""
+    work_bytes_per_token: float = 0.0  # the file's own working memory per token of context (ONNX expanded prefill)
 
     def memory_bytes(self, context: int) -> float:
         return (RUNTIME_BASE_BYTES[self.runtime] + self.weights_bytes
-                + context * (self.kv_bytes_per_token + RUNTIME_BYTES_PER_TOKEN[self.runtime]))
+                + context * (self.kv_bytes_per_token + RUNTIME_BYTES_PER_TOKEN[self.runtime]
+                             + self.work_bytes_per_token))
 
 
 def footprint_gguf(path: str | Path, cache_type: str | None = None) -> Footprint:
@@ -111,8 +113,11 @@ def footprint_onnx(folder: str | Path) -> Footprint:
     weights = sum(f.stat().st_size for f in folder.glob("model.onnx*"))
     cache = meta["cache"]
     kind = "mla" if meta["architecture"] == "mla" else "original"
+    work = float(cache.get("prefill", {}).get("work_bytes_per_token", 0))
     return Footprint(folder.name, "onnxruntime", kind, weights, float(cache["bytes_per_token"]),
-                     int(meta["max_context"]), f"weights {meta['weights'].get('bits')}-bit, cache {cache['dtype']}")
+                     int(meta["max_context"]), f"weights {meta['weights'].get('bits')}-bit, cache {cache['dtype']}"
+                     + (f", expanded prefill ({work / 1000:.1f} KB a token while a prompt is read)" if work else ""),
+                     work_bytes_per_token=work)
 
 
 def footprint_estimate(config, weight_bits: float, cache_bytes_per_elem: float, runtime: str,

@@ -195,9 +195,10 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
     }
     if dec.kind == "mla":  # which form runs prompt chunks, from how many new tokens (docs/onnx.md)
         form = onnx_graph.prefill_form(dec, opts)
-        cache["prefill"] = {"form": form, "from_tokens": onnx_graph.prefill_from(dec) if form == "expanded" else None}
-    if dec.kind == "mla" and onnx_graph.prefill_chunk(opts):
-        cache["prefill_chunk"] = onnx_graph.prefill_chunk(opts)
+        cache["prefill"] = {"form": form, "from_tokens": onnx_graph.prefill_from(dec) if form == "expanded" else None,
+                            "work_bytes_per_token": onnx_graph.prefill_work_bytes(dec) if form == "expanded" else 0}
+    if dec.kind == "mla" and onnx_graph.prefill_chunk(dec, opts):
+        cache["prefill_chunk"] = onnx_graph.prefill_chunk(dec, opts)
     if dec.kind == "mla":
         cache.update(latent_dim=dec.latent_dim, rope_dim=dec.rope_dim,
                      latent_padding=dec.latent_dim - model.config.mla["latent_dim"])

@@ -177,11 +177,15 @@ def scale_groups(dec: Decoder, mode: str) -> int:
     return dec.cache_width // group
 
 
-def prefill_chunk(opts: Options) -> int | None:
-    """The runner's prompt tokens per run for this export, where its default (128) does not suit: the q4_0 cache's
-    body keeps one score matrix per 32 values (6 for C + R = 192), and 32-token chunks held a 4K prompt's peak at
-    354 MB instead of 626 MB, prefilling as fast (docs/onnx.md)."""
-    return 32 if opts.cache_scales_mode == "q4_0" else None
+def prefill_chunk(dec: Decoder, opts: Options) -> int | None:
+    """The runner's prompt tokens per run for this export, where its default (128) does not suit. The expanded
+    prefill up-projects every cached row once per chunk, so longer chunks pay: 256-token chunks read a 4K prompt at
+    315 tok/s against 194 for 128 and 155 for 64, for 11 MB more peak (docs/onnx.md). The q4_0 cache's absorbed body
+    keeps one score matrix per 32 values (6 for C + R = 192), and 32-token chunks held a 4K prompt's peak at 354 MB
+    instead of 626 MB, prefilling as fast (docs/onnx.md)."""
+    if opts.cache_scales_mode == "q4_0":
+        return 32
+    return 256 if dec.kind == "mla" and prefill_form(dec, opts) == "expanded" else None
 
 
 def layer_cache_tensors(dec: Decoder, opts: Options, i: int) -> list[dict]:
@@ -444,6 +448,14 @@ def prefill_form(dec: Decoder, opts: Options) -> str:
             or key_width % 8):
         return "absorbed"
     return "expanded"
+
+
+def prefill_work_bytes(dec: Decoder) -> int:
+    """Working memory of the expanded prefill per token of context, for the one layer it runs at a time: the
+    up-projected keys and values as GroupQueryAttention's past and present (float32, N + R wide per KV group) and
+    two float copies of the read-back row. Measured on SmolLM2-135M (C + R = 224 + 32): peak RSS grows 6.4 KB a
+    token more than the cache from 1K to 4K tokens; this gives 6.6 KB (docs/onnx.md)."""
+    return 4 * (4 * dec.num_groups * (dec.nope_dim + dec.rope_dim) + 2 * dec.cache_width)
 
 
 def prefill_from(dec: Decoder) -> int:

@@ -347,9 +347,10 @@ def latent_prefill(kv_bits: int, heads: int, groups: int, latent: int, rope: int
         lo, hi = onnx_quant.CODE_RANGE[kv_bits]
         node("Clip", [node("Round", [node("Div", ["entry", "cs"], "scaled")], "rounded"),
                       const("code_min", lo, np.float32), const("code_max", hi, np.float32)], "codes")
-    if kv_bits == 4:
-        pack = _int4_matrices(width, latent)["pack"]
-        node("Add", [node("MatMul", ["codes", const("pack", pack, np.float32)], "packed_signed"),
+    if kv_bits == 4:  # channel pair (2k, 2k+1) -> byte code_2k + 16 code_2k+1 + 8 x 17 (a [2, 1] constant, not [W, W/2])
+        pairs_new = node("Reshape", ["codes", const("pair_shape", [0, 0, width // 2, 2])], "code_pairs")
+        packed = node("MatMul", [pairs_new, const("pack_pair", [[1.0], [16.0]], np.float32)], "packed_pairs")
+        node("Add", [node("Reshape", [packed, const("byte_shape", [0, 0, width // 2])], "packed_signed"),
                      const("offset", 8 * 17, np.float32)], "packed")
         node("Cast", ["packed"], "rows_new", to=TensorProto.UINT8)
     elif kv_bits == 8:
@@ -377,7 +378,10 @@ def latent_prefill(kv_bits: int, heads: int, groups: int, latent: int, rope: int
     node("Split", ["rows", const("split_w", [latent, rope])], "latent_rows", axis=-1)
     nodes[-1].output[:] = ["latent_rows", "rope_rows"]
     # per group: keys [k_up c | k_rope] [B, G, T, N + R], values v_up c [B, G, T, d] (padded to N + R)
-    k_nope = node("MatMul", ["latent_rows", node("Transpose", ["k_up"], "k_up_t", perm=[0, 2, 1])], "k_nope")
+    # k_up c as (k_up [G, N, C] x c^T)^T: the weight is used as stored (a transposed copy would be folded into
+    # one more constant per layer at load)
+    k_nope_t = node("MatMul", ["k_up", node("Transpose", ["latent_rows"], "latent_t", perm=[0, 1, 3, 2])], "k_nope_t")
+    k_nope = node("Transpose", [k_nope_t], "k_nope", perm=[0, 1, 3, 2])
     k_rope = node("Expand", ["rope_rows", const("groups_shape", [1, groups, 1, 1])], "k_rope_g")
     keys = node("Concat", [k_nope, k_rope], "keys", axis=-1)
     values = node("MatMul", ["latent_rows", "v_up"], "values")

@@ -281,6 +281,28 @@ def test_expanded_prefill_equals_the_absorbed_form(tmp_path, mla_model, text_fil
         assert np.abs(got["expanded"][1][0][:len(ids)] - expected).max() < 1e-3
 
 
+def test_expanded_prefill_is_recorded_and_budgeted(tmp_path, mla_model):
+    """The export says which form reads prompts, from how many tokens, in which chunks, and what working memory a
+    token of context costs while it does; the memory budget counts it (and nothing for the absorbed form)."""
+    from edge_mla import budget
+
+    prints = {}
+    for form in ("expanded", "absorbed"):
+        folder = export(mla_model, tmp_path / form, weight_bits=32, kv_bits=32, prefill=form)
+        cache = json.loads((folder / META).read_text())["cache"]
+        prints[form] = budget.footprint_onnx(folder)
+        assert cache["prefill"]["form"] == form
+        if form == "expanded":
+            G, W = 2, LATENT + 16  # the tiny model: 2 KV groups, N + R = 16 + 16, C + R = 40
+            assert cache["prefill"]["from_tokens"] == _threshold_of(folder)
+            assert cache["prefill"]["work_bytes_per_token"] == 4 * (4 * G * 32 + 2 * W)
+            assert cache["prefill_chunk"] == 256 == OnnxDecoder(folder, threads=1, context=8).prefill_chunk
+        else:
+            assert cache["prefill"]["work_bytes_per_token"] == 0 and "prefill_chunk" not in cache
+    grows = {form: fp.memory_bytes(1000) - fp.memory_bytes(0) for form, fp in prints.items()}
+    assert grows["expanded"] - grows["absorbed"] == 1000 * prints["expanded"].work_bytes_per_token > 0
+
+
 @pytest.mark.parametrize("scales", ["row", "q4_0"])
 def test_int4_cache_with_scales_per_row_is_its_round_trip(tmp_path, text_file, scales):
     """The matmul body's int4 caches whose scales are kept with the rows (float16, q4_0's rule: one per row over

@@ -1,13 +1,22 @@
-"""Tiny random models built inside the tests (no download): Llama MHA and GQA, Mistral, Qwen2 with q/k/v biases."""
+"""Shared by the test modules (none imports another): tiny random models built inside the tests (no download:
+Llama MHA and GQA, Mistral, Qwen2 with q/k/v biases), their tokenizers and text, the llama.cpp probe fixture, and
+the converters and exporters' tiny-model shortcuts."""
 from __future__ import annotations
+
+import random
 
 import pytest
 import torch
 
 from edge_mla.calibration import collect_stats
+from edge_mla.convert import Plan, convert
+from edge_mla.export import gguf as export_gguf
+from edge_mla.export import onnx as onnx_export
+from edge_mla.runtimes import llamacpp
 from edge_mla.source import _finish, Source
 
 VOCAB = 96
+PROMPT, NEW = 64, 32  # the GGUF tests' prompt and greedy tokens
 
 
 def tiny_model(kind: str, seed: int = 0):
@@ -75,3 +84,134 @@ def with_latent_norms(model, seed: int = 0):
         for attn in mla_layers(model):
             attn.latent_norm.weight.mul_(0.5 + torch.rand(attn.latent_dim, generator=g))
     return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Helpers shared by test modules: tokenizers, text, tiny models for llama.cpp and onnxruntime.
+
+try:
+    import llama_cpp  # noqa: F401  (is llama.cpp installed?)
+    HAVE_LLAMA = True
+except ImportError:
+    HAVE_LLAMA = False
+
+WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which this be "
+         "city river music school house paper water light garden window market summer winter table").split()
+
+
+def corpus(n_words: int = 3000, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    lines = []
+    while n_words > 0:
+        k = rng.randint(6, 14)
+        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + rng.choice([".", ",", "!", "?"]))
+        n_words -= k
+    return "\n".join(lines)
+
+
+def bpe_tokenizer(vocab_size: int = 320):
+    """A byte-level BPE (GPT-2 style) tokenizer trained on the test corpus: llama.cpp can load it."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([corpus()], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<|endoftext|>")
+
+
+def word_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+def randomize_biases(model) -> None:
+    """q/k/v biases, where the architecture has them, large enough that dropping one would show."""
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                if proj.bias is not None:
+                    proj.bias.normal_(0, 0.5)
+
+
+def tiny(kind: str, vocab: int, seed: int = 0):
+    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.15,
+                  tie_word_embeddings=kind == "mistral", bos_token_id=1, eos_token_id=2)
+    config = {"llama-mha": lambda: LlamaConfig(num_key_value_heads=4, **common),
+              "llama-gqa": lambda: LlamaConfig(num_key_value_heads=2, **common),
+              "mistral": lambda: MistralConfig(num_key_value_heads=2, sliding_window=None, **common),
+              "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **common)}[kind]()
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    randomize_biases(model)
+    model.config._attn_implementation = "sdpa"
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return bpe_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_runs(tmp_path_factory, tokenizer):
+    if not HAVE_LLAMA:
+        pytest.skip("llama-cpp-python (llama.cpp) is not installed; ./install.sh llama to run the GGUF tests")
+    folder = tmp_path_factory.mktemp("probe") / "tiny-llama"
+    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    path = folder.parent / "probe.gguf"
+    export_gguf.export(folder, path, weights="f32")
+    try:
+        llamacpp.run_isolated(llamacpp.smoke, path)
+    except llamacpp.RuntimeCrash as err:
+        pytest.fail(f"llama.cpp does not run on this machine: {err}")
+
+
+def prompt_ids(vocab: int, n: int = PROMPT, seed: int = 3) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n,), generator=g).tolist()
+
+
+def torch_logits_and_greedy(model, ids: list[int], n: int):
+    with torch.no_grad():
+        logits = model(torch.tensor([ids])).logits[0].numpy()
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             pad_token_id=0)[0, len(ids):].tolist()
+    return logits, out
+
+
+def bf16_folder(root, kind, tokenizer):
+    """A tiny model saved like a hub download: bf16, sharded, with an index."""
+    folder = root / kind
+    tiny(kind, len(tokenizer)).to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
+    tokenizer.save_pretrained(folder)
+    assert (folder / "model.safetensors.index.json").exists()
+    return folder
+
+
+LATENT = 24  # with the shared rope head of the tiny models (R = 16): cache 40 numbers per token per layer
+
+
+def converted(kind: str, latent: int = LATENT):
+    model = tiny_model(kind)
+    convert(model, Plan(selection="shared", latent=latent), stats_for(model))
+    return model
+
+
+def export(model, out, **kw):
+    return onnx_export.export("tiny", out, model=model, tokenizer=word_tokenizer(), **kw)
+
+

@@ -11,14 +11,13 @@ from edge_mla import cli
 from edge_mla.runtimes.gguf_file import check_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-python) is not installed")
-from test_gguf import llama_cpp_runs, tokenizer  # noqa: E402,F401  (fixtures: llama.cpp runs here, probed apart)
 
 pytestmark = pytest.mark.usefixtures("llama_cpp_runs")
 
 
 @pytest.fixture(scope="module")
 def tiny_source(tmp_path_factory, tokenizer):
-    from test_gguf import tiny
+    from conftest import tiny
 
     folder = tmp_path_factory.mktemp("src") / "tiny-llama"
     tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
@@ -131,7 +130,7 @@ def test_calib_text_reaches_every_step_that_reads_text_and_the_report_names_it(t
     """--calib-text FILE...: the conversion, the recovery's teacher, both ONNX cache scales and the GGUF latent
     check all read the user's files (each a kind of its own), never the built-in mixture."""
     from edge_mla import data, texts
-    from test_gguf import corpus
+    from conftest import corpus
 
     files = []
     for i in range(2):

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from edge_mla import data
-from test_gguf import bpe_tokenizer, corpus
+from conftest import bpe_tokenizer, corpus
 
 
 @pytest.fixture(scope="module")

@@ -8,19 +8,9 @@ import random
 import pytest
 import torch
 
-from conftest import VOCAB, prompt, tiny_model
+from conftest import VOCAB, prompt, tiny_model, word_tokenizer
 from edge_mla import cli
 from edge_mla.convert import Plan, convert, load, save
-
-
-def word_tokenizer():
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 @pytest.fixture

@@ -11,13 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-import test_gguf as gguf_tools
-from conftest import calibration_windows, prompt
+from conftest import calibration_windows, corpus, prompt, prompt_ids, torch_logits_and_greedy
 from edge_mla import cli, families, preflight
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert, load, save
 from edge_mla.source import Source, SourceError, _finish, check_architecture
-from test_gguf import llama_cpp_runs, tokenizer  # noqa: F401  (fixtures: llama.cpp runs here, probed apart)
 
 TOL = 1e-4
 # Qwen3 on the tiny random model: the per-head 1/rms of q and k varies ~20% over tokens (16-dim heads), so the
@@ -116,7 +114,7 @@ def test_gemma3_is_refused_with_its_reason(capsys, tmp_path):
 def test_onnx_export_equals_pytorch_mla(tmp_path, kind):
     from edge_mla.export import onnx as onnx_export
     from edge_mla.runtimes.onnxruntime import OnnxDecoder
-    from test_cli import word_tokenizer
+    from conftest import word_tokenizer
 
     _, model = converted(kind)
     folder = onnx_export.export("tiny", tmp_path / "onnx", model=model, tokenizer=word_tokenizer(), weight_bits=32,
@@ -143,20 +141,20 @@ def test_gguf_in_llama_cpp_equals_pytorch_mla(tmp_path, kind, tokenizer, llama_c
     from edge_mla.runtimes import llamacpp
 
     vocab = len(tokenizer)
-    ids = tokenizer(gguf_tools.corpus(600, seed=2), return_tensors="pt").input_ids[0]
+    ids = tokenizer(corpus(600, seed=2), return_tensors="pt").input_ids[0]
     # one rope component (llama.cpp's one rope key holds each frequency once), every frequency, full rank
     _, model = converted(kind, vocab, ids[: 4 * 48].view(4, 48), Plan("shared"))
     folder = tmp_path / kind
     save(model, tokenizer, folder)
     text = tmp_path / "calib.txt"
-    text.write_text(gguf_tools.corpus(2000, seed=1))
+    text.write_text(corpus(2000, seed=1))
     info, _ = export_gguf.export(folder, tmp_path / "m.gguf", weights="f32", text=str(text), calib_windows=2,
                                  calib_length=64)
     mla, _ = load(folder)
-    prompt_ids = gguf_tools.prompt_ids(info.n_vocab)
-    want, _ = gguf_tools.torch_logits_and_greedy(mla, prompt_ids, 1)
+    ids = prompt_ids(info.n_vocab)
+    want, _ = torch_logits_and_greedy(mla, ids, 1)
     lm = llamacpp.open_model(info.path, n_ctx=256, threads=2, kv_type="f32", logits_all=True)
-    got = llamacpp.prompt_logits(lm, prompt_ids)
+    got = llamacpp.prompt_logits(lm, ids)
     assert np.abs(got - want).max() <= 1e-4 * max(np.abs(want).max(), 1.0)
 
 
@@ -171,7 +169,7 @@ def test_original_exports_equal_the_original(tmp_path, kind, tokenizer, llama_cp
 
     model = _finish(Source(family_model(kind, len(tokenizer)), tokenizer, f"tiny-{FAMILIES.index(kind)}",
                            None)).model
-    ids = gguf_tools.prompt_ids(len(tokenizer))
+    ids = prompt_ids(len(tokenizer))
     want = logits(model, torch.tensor([ids]))[0].numpy()
     folder = onnx_export.export("tiny", tmp_path / "onnx", model=model, tokenizer=tokenizer, weight_bits=32,
                                 kv_bits=32, original=True)
@@ -187,7 +185,7 @@ def test_original_exports_equal_the_original(tmp_path, kind, tokenizer, llama_cp
 def tiny_folder(tmp_path, tokenizer, config_class, **extra):
     from transformers import AutoModelForCausalLM
 
-    from test_gguf import randomize_biases
+    from conftest import randomize_biases
 
     torch.manual_seed(0)
     config = config_class(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=96, num_hidden_layers=2,

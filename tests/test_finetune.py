@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_model
 from edge_mla.convert import Plan, convert, load, save
 from edge_mla.finetune import TrainConfig, batch_rows, finetune, lr_at
-from test_cli import word_tokenizer
+from conftest import word_tokenizer
 
 
 @pytest.fixture

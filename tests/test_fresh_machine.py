@@ -16,7 +16,7 @@ from edge_mla import cli
 from edge_mla.convert import Plan, convert
 from edge_mla.runtimes import llamacpp
 from edge_mla.source import MissingDependency, load_source
-from test_cli import word_tokenizer
+from conftest import word_tokenizer
 
 
 def test_missing_package_is_named_with_the_install_command(tmp_path, monkeypatch, capsys):
@@ -114,7 +114,7 @@ def test_run_of_an_onnx_export_does_not_import_torch(tmp_path):
     import subprocess
     import sys
 
-    from test_onnx import converted, export
+    from conftest import converted, export
 
     folder = export(converted("llama-gqa"), tmp_path / "onnx", weight_bits=32, kv_bits=32)
     code = ("import sys; from edge_mla import cli; "

@@ -8,11 +8,10 @@ import onnx
 import pytest
 
 from conftest import tiny_model
-from edge_mla import cli
 from edge_mla.export.onnx_genai import CONFIG, MODEL
 from edge_mla.runtimes.onnxruntime import OnnxDecoder, generate
-from test_cli import word_tokenizer
-from test_onnx import converted, export
+from conftest import word_tokenizer
+from conftest import converted, export
 
 og = pytest.importorskip("onnxruntime_genai", reason="pip install -e '.[phones]' (onnxruntime-genai)")
 

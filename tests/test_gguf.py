@@ -6,103 +6,22 @@ from __future__ import annotations
 
 import json
 import math
-import random
 
 import gguf
 import numpy as np
 import pytest
-import torch
 
+from conftest import NEW, PROMPT, corpus, prompt_ids, tiny, torch_logits_and_greedy
 from edge_mla import cli
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert, load, save
 from edge_mla.export import gguf as export_gguf
 from edge_mla.runtimes import llamacpp
 
-try:
-    import llama_cpp  # noqa: F401
-    HAVE_LLAMA = True
-except ImportError:
-    HAVE_LLAMA = False
-
 # Every llama.cpp test first needs a llama.cpp that runs here: a build for another CPU dies with SIGILL, and a dead
 # pytest process would hide every other result; the probe runs in a child process and fails these tests instead.
 needs_llama = pytest.mark.usefixtures("llama_cpp_runs")
 
-PROMPT, NEW = 64, 32
-WORDS = ("the a of to and in is was for on that with as by at from his her it an were are which this be "
-         "city river music school house paper water light garden window market summer winter table").split()
-
-
-def corpus(n_words: int = 3000, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    lines = []
-    while n_words > 0:
-        k = rng.randint(6, 14)
-        lines.append(" ".join(rng.choice(WORDS) for _ in range(k)) + rng.choice([".", ",", "!", "?"]))
-        n_words -= k
-    return "\n".join(lines)
-
-
-def bpe_tokenizer(vocab_size: int = 320):
-    """A byte-level BPE (GPT-2 style) tokenizer trained on the test corpus: llama.cpp can load it."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<s>", "</s>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator([corpus()], trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<|endoftext|>")
-
-
-def randomize_biases(model) -> None:
-    """q/k/v biases, where the architecture has them, large enough that dropping one would show."""
-    with torch.no_grad():
-        for layer in model.model.layers:
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
-                if proj.bias is not None:
-                    proj.bias.normal_(0, 0.5)
-
-
-def tiny(kind: str, vocab: int, seed: int = 0):
-    from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
-
-    torch.manual_seed(seed)
-    common = dict(vocab_size=vocab, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                  num_attention_heads=4, max_position_embeddings=512, rms_norm_eps=1e-6, initializer_range=0.15,
-                  tie_word_embeddings=kind == "mistral", bos_token_id=1, eos_token_id=2)
-    config = {"llama-mha": lambda: LlamaConfig(num_key_value_heads=4, **common),
-              "llama-gqa": lambda: LlamaConfig(num_key_value_heads=2, **common),
-              "mistral": lambda: MistralConfig(num_key_value_heads=2, sliding_window=None, **common),
-              "qwen2": lambda: Qwen2Config(num_key_value_heads=2, **common)}[kind]()
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    randomize_biases(model)
-    model.config._attn_implementation = "sdpa"
-    return model.eval()
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return bpe_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def llama_cpp_runs(tmp_path_factory, tokenizer):
-    if not HAVE_LLAMA:
-        pytest.skip("llama-cpp-python (llama.cpp) is not installed; ./install.sh llama to run the GGUF tests")
-    folder = tmp_path_factory.mktemp("probe") / "tiny-llama"
-    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    path = folder.parent / "probe.gguf"
-    export_gguf.export(folder, path, weights="f32")
-    try:
-        llamacpp.run_isolated(llamacpp.smoke, path)
-    except llamacpp.RuntimeCrash as err:
-        pytest.fail(f"llama.cpp does not run on this machine: {err}")
 
 
 @pytest.fixture(scope="module")
@@ -126,19 +45,6 @@ def export(folder, out, text_file, **kw):
     kw.setdefault("calib_windows", 2)
     kw.setdefault("calib_length", 64)
     return export_gguf.export(folder, out, text=str(text_file), **kw)
-
-
-def prompt_ids(vocab: int, n: int = PROMPT, seed: int = 3) -> list[int]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(3, vocab, (n,), generator=g).tolist()
-
-
-def torch_logits_and_greedy(model, ids: list[int], n: int):
-    with torch.no_grad():
-        logits = model(torch.tensor([ids])).logits[0].numpy()
-        out = model.generate(torch.tensor([ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                             pad_token_id=0)[0, len(ids):].tolist()
-    return logits, out
 
 
 def assert_llama_cpp_matches_pytorch(path, model, n_vocab: int) -> None:

@@ -6,12 +6,11 @@ import copy
 import pytest
 import torch
 
-from conftest import calibration_windows, tiny_model
+from conftest import bf16_folder, bpe_tokenizer, calibration_windows, tiny, tiny_model
 from edge_mla.calibration import collect_stats, new_stats, stats_hook
 from edge_mla.convert import Plan, convert_source, load
 from edge_mla.layerwise import layer_arguments
 from edge_mla.source import load_source
-from test_gguf import bpe_tokenizer, tiny
 
 
 def whole_model_stats(model, windows):
@@ -39,15 +38,6 @@ def test_layer_walk_statistics_equal_whole_model_hooks(kind):
 @pytest.fixture(scope="module")
 def tokenizer():
     return bpe_tokenizer()
-
-
-def bf16_folder(root, kind, tokenizer):
-    """A tiny model saved like a hub download: bf16, sharded, with an index."""
-    folder = root / kind
-    tiny(kind, len(tokenizer)).to(torch.bfloat16).save_pretrained(folder, max_shard_size="40KB")
-    tokenizer.save_pretrained(folder)
-    assert (folder / "model.safetensors.index.json").exists()
-    return folder
 
 
 @pytest.mark.parametrize("kind,plan", [("llama-gqa", Plan(selection="shared", latent=32)),
@@ -152,7 +142,7 @@ def test_drift_correcting_recovery_trains_each_block_on_the_converted_models_own
     from edge_mla.convert import calibrate_and_convert
     from edge_mla.source import Source, _finish
 
-    from test_gguf import corpus
+    from conftest import corpus
 
     (tmp_path / "calibration.txt").write_text(corpus())
     plan = Plan(selection="shared", rope_pairs=4, latent=32)

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from test_gguf import bpe_tokenizer, corpus
+from conftest import bpe_tokenizer, corpus
 
 # Peak-RSS rise each child may show: streamed it needs a layer or two of float32 weights (52 MiB each), the
 # calibration activations and file pages of the shards being read; whole, it holds all 833 MiB.

@@ -15,26 +15,18 @@ import onnx
 import pytest
 import torch
 
-from conftest import VOCAB, prompt, stats_for, tiny_model, with_latent_norms
+from conftest import LATENT, word_tokenizer, VOCAB, converted, export, prompt, tiny_model, with_latent_norms
 from edge_mla import cli
-from edge_mla.convert import Plan, convert, save
+from edge_mla.convert import convert, save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import DOMAIN
 from edge_mla.export import onnx_quant, onnx_weights
 from edge_mla.mla import forward_with_cache, mla_layers
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
-from test_cli import word_tokenizer
 
-LATENT = 24  # with the shared rope head of the tiny models (R = 16): cache 40 numbers per token per layer
 needs_quantizer = pytest.mark.skipif(
     __import__("importlib").util.find_spec("onnx_ir") is None,
     reason="4/8-bit weights need onnxruntime.quantization's dependency onnx-ir (pip install onnx-ir)")
-
-
-def converted(kind: str, latent: int = LATENT):
-    model = tiny_model(kind)
-    convert(model, Plan(selection="shared", latent=latent), stats_for(model))
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -48,10 +40,6 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 3000)))
     return path
-
-
-def export(model, out, **kw):
-    return onnx_export.export("tiny", out, model=model, tokenizer=word_tokenizer(), **kw)
 
 
 @torch.no_grad()

@@ -27,8 +27,8 @@ from edge_mla.export import onnx_weights
 from edge_mla.export import onnx_graph
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder
 from edge_mla.source import load_source
-from test_cli import word_tokenizer
-from test_layerwise import bf16_folder
+from conftest import word_tokenizer
+from conftest import bf16_folder
 
 
 def run_graph(g: onnx_graph.Graph, out: str, feeds: dict) -> np.ndarray:
@@ -134,7 +134,7 @@ def test_packed_weights_give_the_logits_of_onnxruntimes_quantizer(tmp_path):
 @pytest.fixture(scope="module")
 def mistral_folders(tmp_path_factory):
     """A tiny Mistral (tied embeddings) saved like a hub download, and its MLA conversion, written layer by layer."""
-    from test_gguf import bpe_tokenizer, corpus
+    from conftest import bpe_tokenizer, corpus
 
     root = tmp_path_factory.mktemp("stream")
     folder = bf16_folder(root, "mistral", bpe_tokenizer())

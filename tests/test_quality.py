@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from conftest import VOCAB
 from edge_mla import quality
-from test_onnx import converted, export
+from conftest import converted, export
 
 
 def test_nll_sum_is_cross_entropy():

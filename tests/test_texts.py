@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from edge_mla import texts
-from test_gguf import bpe_tokenizer
+from conftest import bpe_tokenizer
 
 LONG_LINE = 200
 MEDIUM_LINE = 60

@@ -11,7 +11,7 @@ import pytest
 from edge_mla import cli
 from edge_mla.export import web
 from edge_mla.runtimes.onnxruntime import OnnxDecoder, Tokenizer, generate, read_meta
-from test_onnx import converted, export
+from conftest import converted, export
 
 pytestmark = pytest.mark.skipif(shutil.which("chromium") is None or shutil.which("npm") is None,
                                 reason="needs Chromium and npm (.ci/run installs them: apt-get install chromium)")

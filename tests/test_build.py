@@ -25,6 +25,7 @@ def tiny_source(tmp_path_factory, tokenizer):
     return folder
 
 
+@pytest.mark.slow
 def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     threads = torch.get_num_threads()
@@ -60,6 +61,7 @@ def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, c
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
 
 
+@pytest.mark.slow
 def test_build_that_cannot_fit_writes_nothing(tmp_path, tiny_source, capsys):
     devices = tmp_path / "tiny.toml"
     devices.write_text('[speck]\nname = "Speck"\nram_mb = 1.5\nusable_mb = 1.0\nbandwidth_gbs = 1.0\ncpu = "none"\n'
@@ -79,6 +81,7 @@ def test_threads_must_be_positive(tmp_path, tiny_source, capsys):
     assert code == 2 and "--threads 0" in capsys.readouterr().err and not (tmp_path / "b").exists()
 
 
+@pytest.mark.slow
 def test_calibration_flags_reach_every_step_that_reads_text(tmp_path, tiny_source, capsys, monkeypatch):
     from edge_mla import data
 
@@ -168,6 +171,7 @@ def test_context_beyond_model_limit(tmp_path, tiny_source, capsys):
     assert code == 2 and "beyond what" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tiny_source, capsys, monkeypatch):
     from edge_mla import source
 
@@ -212,6 +216,7 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     assert "Which to use" in (out / "report.html").read_text()
 
 
+@pytest.mark.slow
 def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--context", "256", "-o", str(out),

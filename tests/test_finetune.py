@@ -85,6 +85,7 @@ def one_and_two_processes(tmp_path, mla_dir, text_file, steps: int, port: int, *
     return tuple(json.loads((tmp_path / run / "finetune_log.json").read_text()) for run in ("one", "two"))
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path, mla_dir, text_file):
     log1, log2 = one_and_two_processes(tmp_path, mla_dir, text_file, 5, 29533)
     assert log2["world_size"] == 2 and log1["world_size"] == 1
@@ -276,6 +277,7 @@ def test_cached_teacher_gives_the_same_training(tmp_path, original_and_mla):
     assert len(logs[True]) == 6 and max(abs(a - b) for a, b in zip(logs[False], logs[True])) < 1e-6
 
 
+@pytest.mark.slow
 def test_fsdp_two_processes_match_one(tmp_path, mla_dir, text_file):
     """--fsdp (torch's fully_shard, two gloo processes) follows the single-process loss curve and saves the same
     model."""
@@ -296,6 +298,7 @@ def test_fsdp_needs_several_processes(tmp_path, mla_dir, text_file):
         finetune(mla_dir, tmp_path / "x", TrainConfig(tokens=128, seq_len=32, fsdp=True), data=[str(text_file)])
 
 
+@pytest.mark.slow
 def test_cached_teacher_two_processes(tmp_path, original_and_mla):
     """--cache-teacher in two processes: each keeps every row of the global batch (all-gathered), so the teacher
     runs only during the first epoch, as in one process (a cache of a process's own rows would miss whenever the

@@ -40,6 +40,7 @@ def tokenizer():
     return bpe_tokenizer()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind,plan", [("llama-gqa", Plan(selection="shared", latent=32)),
                                        ("qwen2", Plan(selection="partition-2norm", rope_pairs=2, latent=24)),
                                        ("mistral", Plan(selection="high", rope_pairs=2, weighting="weights"))])
@@ -71,6 +72,7 @@ def gguf_contents(path):
     return tensors, keys
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["mistral"])  # tied embeddings: the output head comes from the embedding
 def test_streamed_gguf_equals_in_memory(tmp_path, tokenizer, kind, monkeypatch):
     """The GGUF written from a folder read a layer at a time (and its vocabulary matrices 100 rows at a time) is
@@ -97,6 +99,7 @@ def test_streamed_gguf_equals_in_memory(tmp_path, tokenizer, kind, monkeypatch):
             assert streamed.read_bytes()[:4] == b"GGUF"
 
 
+@pytest.mark.slow
 def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
     """The build's one pass (each layer calibrated, converted, recovered and written in turn, read from disk) gives
     the weights of main's order: teacher pass on the whole original, convert, then recover_converted."""

@@ -136,6 +136,7 @@ def streamed_conversion(tmp_path_factory, big_folder):
     return run_child(big_folder, out, "streamed"), out
 
 
+@pytest.mark.slow
 def test_streamed_conversion_peak_rss_stays_far_below_the_model(tmp_path, big_folder, streamed_conversion):
     streamed, out = streamed_conversion
     streamed_mb = rise(streamed)
@@ -145,6 +146,7 @@ def test_streamed_conversion_peak_rss_stays_far_below_the_model(tmp_path, big_fo
     assert whole_mb > HEADROOM_MB, (streamed_mb, whole_mb)
 
 
+@pytest.mark.slow
 def test_streamed_onnx_export_peak_rss_stays_far_below_the_model(tmp_path, big_folder, streamed_conversion):
     import numpy as np
 

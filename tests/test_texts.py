@@ -46,6 +46,7 @@ def test_held_out_sources_are_never_read_by_a_fit_text():
             assert not {s.split(":")[0] for s in texts.SOURCES[key]} & fit_packages, key
 
 
+@pytest.mark.slow
 def test_no_line_of_a_battery_text_is_in_a_fit_text(fit, battery):
     everything_fit = "\n".join(fit.values())
     fit_lines = {line.strip() for line in everything_fit.splitlines()}

@@ -290,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (default: all cores)")
     p.add_argument("--context", type=int, default=None, help="context length to allocate (default: prompt + new tokens)")
+    p.add_argument("--prefill-chunk", type=int, default=None, metavar="N",
+                   help="ONNX: prompt tokens per run (default: the export's own, 256 for an MLA export); chunks "
+                        "shorter than the export's prefill.from_tokens (30 on SmolLM2) read the prompt in the "
+                        "absorbed form: slower, without the expanded form's working memory (docs/onnx.md)")
     _kv_args(p, "the cache the file was built for: a .gguf records it, an ONNX export fixes it")
     p.set_defaults(func=cmd_run)
     return parser
@@ -388,6 +392,8 @@ def _export_module(name: str):
 def cmd_run(args) -> int:
     if str(args.path).endswith(".gguf"):
         from edge_mla.runtimes import llamacpp
+        if args.prefill_chunk is not None:
+            raise ValueError("--prefill-chunk applies to ONNX exports; llama.cpp takes its batch as -ub")
         return llamacpp.run_cli(args)
     from edge_mla.runtimes import onnxruntime
     return onnxruntime.run_cli(args)

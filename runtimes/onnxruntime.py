@@ -207,7 +207,10 @@ def run_cli(args) -> int:
     if context < need:
         raise ValueError(f"--context {context} is shorter than the prompt ({len(ids)} tokens) plus "
                          f"--max-new-tokens {args.max_new_tokens}")
-    decoder = OnnxDecoder(folder, threads=args.threads, context=context)
+    chunk = getattr(args, "prefill_chunk", None)
+    if chunk is not None and chunk < 1:
+        raise ValueError(f"--prefill-chunk {chunk}: give a number of prompt tokens per run, 1 or more")
+    decoder = OnnxDecoder(folder, threads=args.threads, context=context, prefill_chunk=chunk)
     print(args.prompt, end="", flush=True)
     result = generate(decoder, tokenizer, ids, args.max_new_tokens, stream=sys.stdout)
     used, allocated = decoder.cache_bytes()
@@ -232,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--context", type=int, default=None)
+    p.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prompt tokens per run (default: the export's own); see `edge-mla run --help`")
     args = p.parse_args(argv)
     args.kv_type = None
     try:

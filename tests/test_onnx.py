@@ -498,6 +498,17 @@ def test_cli_export_and_run(capsys, tmp_path, converted_dir):
     code, stdout, err = run(capsys, "run", out, "--prompt", "w3 w4 w5", "--max-new-tokens", 6, "--threads", 1)
     assert code == 0, err
     assert stdout.startswith("w3 w4 w5") and "tok/s" in err and "cache" in err and "MB in use" in err
+    # a 40-word prompt read in the expanded form (one piece of 40 >= the threshold) and in the absorbed one
+    # (chunks of 5): the same greedy continuation
+    words = " ".join(f"w{3 + i % 90}" for i in range(40))
+    texts = []
+    for chunk in ([], ["--prefill-chunk", 5]):
+        code, stdout, err = run(capsys, "run", out, "--prompt", words, "--max-new-tokens", 8, "--threads", 1, *chunk)
+        assert code == 0, err
+        texts.append(stdout)
+    assert texts[0] == texts[1] and len(texts[0]) > len(words)
+    code, _, err = run(capsys, "run", out, "--prompt", words, "--prefill-chunk", 0)
+    assert code == 2 and "--prefill-chunk 0" in err
 
 
 def test_runner_imports_neither_torch_nor_the_converter():

@@ -1,0 +1,51 @@
+"""Unit tests of the small shared modules: precision (one vocabulary of bits), speed (best of interleaved passes,
+ratios per runtime). No model, no runtime: the measurements are replaced by scripted ones."""
+from __future__ import annotations
+
+import pytest
+
+from edge_mla import precision, speed
+
+
+def test_bits_name_the_same_precision_in_both_runtimes():
+    for bits in precision.BITS:
+        gguf, onnx = precision.gguf_cache_type(bits), precision.ONNX_CACHE_DTYPE[bits]
+        assert precision.CACHE_BITS_OF_TYPE[gguf] == precision.ONNX_CACHE_BITS[onnx] == bits
+    assert precision.gguf_weight_type(4) == "q4_0" and precision.gguf_cache_type(8) == "q8_0"
+    with pytest.raises(ValueError, match="--kv-bits 3 is not supported: use 4, 8, 16"):
+        precision.gguf_cache_type(3)
+
+
+def test_cache_default_follows_the_weights_except_an_untrained_4_bit_build():
+    assert precision.default_cache_bits(4, trained=True) == 4
+    assert precision.default_cache_bits(4, trained=False) == 8  # a 4-bit cache breaks a training-free conversion
+    assert precision.default_cache_bits(8, trained=False) == 8 and precision.default_cache_bits(16, False) == 16
+    assert precision.head_bits(4) == 8 and precision.head_bits(8) is None
+
+
+def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monkeypatch):
+    from edge_mla.runtimes import gguf_file, llamacpp
+
+    passes = {"mla.gguf": [(100.0, 20.0), (120.0, 18.0)], "orig.gguf": [(200.0, 40.0), (150.0, 44.0)]}
+    onnx_passes = {"mla-onnx": [(300.0, 30.0), (290.0, 33.0)], "orig-onnx": [(310.0, 60.0), (330.0, 50.0)]}
+    calls = []
+
+    def fake_isolated(fn, path, prompt, n, cache, threads):
+        calls.append(path)
+        return passes[path].pop(0)
+
+    monkeypatch.setattr(llamacpp, "run_isolated", fake_isolated)
+    monkeypatch.setattr(gguf_file, "check_gguf", lambda path: path)
+    monkeypatch.setattr(gguf_file, "runnable_cache_type", lambda info, kv: kv)
+    monkeypatch.setattr(speed, "onnx_speed", lambda path, prompt, n, threads: onnx_passes[path].pop(0))
+    files = {"mla": {"gguf": "mla.gguf", "onnx": "mla-onnx"}, "original": {"gguf": "orig.gguf", "onnx": "orig-onnx"}}
+    rows = speed.measure(files, list(range(64)), kv_type="q4_0", onnx_cache="int4", threads=2, repeats=2,
+                         progress=lambda *_: None)
+    assert calls == ["mla.gguf", "orig.gguf", "mla.gguf", "orig.gguf"]  # interleaved passes
+    got = {(r.model, r.runtime): (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.cache) for r in rows}
+    assert got[("mla", "llama.cpp")] == (120.0, 20.0, "q4_0")  # the best of each measure, pass by pass
+    assert got[("original", "onnxruntime")] == (330.0, 60.0, "int4")
+    table = speed.by_runtime(rows)
+    assert table["llama.cpp"]["decode_ratio"] == round(20.0 / 44.0, 3)
+    assert table["onnxruntime"]["prefill_ratio"] == round(300.0 / 330.0, 3)
+    assert table["onnxruntime"]["prompt_tokens"] == 64 and table["llama.cpp"]["threads"] == 2

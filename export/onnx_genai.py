@@ -7,7 +7,9 @@ for past and present: `past_present_share_buffer`), feeds attention_mask [batch,
 new position. It has no cache with a single tensor per layer, so the MLA graph keeps the latent row [c | k_rope]
 in both buffers: LatentAttention becomes LatentAttentionKV, the same GroupQueryAttention body with the row fed as
 key and value into their own caches (GQA needs value rows as wide as key rows, and updates in place only when
-past and present key and value are each one buffer). The genai cache is therefore twice edge-mla's own runner's
+past and present key and value are each one buffer). Each layer's If keeps the expanded prefill of a gqa-body
+export: LatentPrefill writes genai's key buffer and its branch copies the rows into the value buffer; a matmul-body
+export's genai.onnx inlines the absorbed form alone. The genai cache is therefore twice edge-mla's own runner's
 (`bytes_per_token` in the config's "edge_mla" section), still a fraction of the original model's K and V at
 the same cache type. genai.onnx shares model.onnx.data: it adds ~0.2 MB to the folder.
 """
@@ -71,8 +73,8 @@ def _drop_group_scales(graph: onnx.GraphProto) -> None:
 
 
 def _absorbed_only(model: onnx.ModelProto) -> None:
-    """Each layer's If (expanded prefill form / absorbed form) replaced by its absorbed branch, inlined: genai's two
-    cache buffers are GroupQueryAttention's, which only the absorbed form drives."""
+    """Each layer's If (expanded prefill form / absorbed form) replaced by its absorbed branch, inlined: for a
+    matmul-body export, whose absorbed branch writes one present where genai keeps two buffers."""
     graph = model.graph
     nodes = []
     for node in graph.node:
@@ -98,7 +100,8 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     model = copy.deepcopy(model)
     graph = model.graph
     mla = meta["architecture"] == "mla"
-    _absorbed_only(model)
+    if mla and meta["cache"].get("attention_body") != "gqa":
+        _absorbed_only(model)
     _drop_group_scales(graph)
     rename: dict[str, str] = {}
     value_of: dict[str, str] = {}  # MLA: the past input -> the name of its twin, genai's value cache
@@ -122,7 +125,9 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     for value in graph.output:
         value.name = rename.get(value.name, value.name)
     at = None
-    for node in graph.node:
+    # the layers' nodes, and those of each layer's If branches (the expanded prefill's LatentPrefill reads and
+    # writes genai's key buffer; its branch copies the rows into the value buffer, which holds the same rows)
+    for node in _nodes(graph):
         inputs = list(node.input)
         if node.op_type == "LatentAttention":  # past -> (past key, past value), the KV function's signature
             at = next(j for j, n in enumerate(inputs) if n in value_of)

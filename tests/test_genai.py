@@ -63,6 +63,13 @@ def test_genai_generates_the_runners_tokens_with_the_latent_cache(tmp_path, mla_
     expected = runner_greedy(reference, PROMPT, NEW)
     assert len(expected) >= 8  # enough tokens before any end-of-text to be a real comparison
     assert genai_greedy(folder, PROMPT, NEW) == expected
+    # a prompt long enough for the expanded prefill (the gqa body's genai.onnx keeps both forms)
+    threshold = meta["cache"]["prefill"]["from_tokens"] or 24  # (a row-scaled export keeps the absorbed form)
+    long_prompt = [3 + (7 * i) % 90 for i in range(threshold + 10)]
+    forms = {n.op_type for n in onnx.load(str(folder / MODEL), load_external_data=False).graph.node}
+    assert ("If" in forms) == (body == "gqa")
+    expected = runner_greedy(reference, long_prompt, NEW)
+    assert len(expected) >= 8 and genai_greedy(folder, long_prompt, NEW) == expected
 
 
 def test_genai_runs_the_original_model_export(tmp_path):

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from edge_mla.export.onnx_graph import all_nodes
 from edge_mla.export.onnx_latent_attention import MS, latent_attention_gqa
 from edge_mla.runtimes.onnxruntime import META, read_meta
 
@@ -127,7 +128,7 @@ def genai_graph(model: onnx.ModelProto, meta: dict) -> onnx.ModelProto:
     at = None
     # the layers' nodes, and those of each layer's If branches (the expanded prefill's LatentPrefill reads and
     # writes genai's key buffer; its branch copies the rows into the value buffer, which holds the same rows)
-    for node in _nodes(graph):
+    for node in all_nodes(graph):
         inputs = list(node.input)
         if node.op_type == "LatentAttention":  # past -> (past key, past value), the KV function's signature
             at = next(j for j, n in enumerate(inputs) if n in value_of)
@@ -178,21 +179,12 @@ def _token_id(folder: Path, name: str | None) -> int | None:
     return ids.get(name, tokenizer.get("model", {}).get("vocab", {}).get(name))
 
 
-def _nodes(graph: onnx.GraphProto):
-    """The graph's nodes and those of its If branches."""
-    for node in graph.node:
-        yield node
-        for a in node.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from _nodes(a.g)
-
-
 def genai_config(folder: Path, meta: dict, model: onnx.ModelProto) -> dict:
     layers = _per_layer(meta)
     first = layers[0][0]
     # a float table gives the hidden size; a quantized one (or the output head's shared table) leaves it 0
     embed = next((i for i in model.graph.initializer if i.name.startswith("embed_tokens")), None)
-    heads = next(a.i for n in _nodes(model.graph) if n.op_type in ("LatentAttention", "GroupQueryAttention")
+    heads = next(a.i for n in all_nodes(model.graph) if n.op_type in ("LatentAttention", "GroupQueryAttention")
                  for a in n.attribute if a.name == "num_heads")
     tok_config = folder / "tokenizer_config.json"
     special = json.loads(tok_config.read_text()) if tok_config.exists() else {}

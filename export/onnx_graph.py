@@ -438,6 +438,15 @@ def _mla_attention(g: Graph, x: str, layer: dict, i: int, dec: Decoder, opts: Op
     return _matmul(g, out, layer["o"], f"layers.{i}.attn.o", opts, layer.get("o_bias"))
 
 
+def all_nodes(graph: onnx.GraphProto):
+    """The graph's nodes and those of its If branches, depth first."""
+    for node in graph.node:
+        yield node
+        for a in node.attribute:
+            if a.type == onnx.AttributeProto.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def prefill_form(dec: Decoder, opts: Options) -> str:
     """"expanded": prompt chunks run LatentPrefill (an If per layer picks it for chunks of at least
     `prefill_from` tokens); "absorbed": every chunk runs LatentAttention. The expanded form reads the cache in the

@@ -99,6 +99,20 @@ def _int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
     return {"pack": pack, "query": query, "latent": out[:, :latent]}
 
 
+class _Body:
+    """The nodes of a function body, added as the math reads: `node` returns its one output's name."""
+
+    def __init__(self):
+        self.nodes: list[onnx.NodeProto] = []
+
+    def node(self, op: str, inputs, output: str, **attrs) -> str:
+        self.nodes.append(helper.make_node(op, inputs, [output], **attrs))
+        return output
+
+    def const(self, name: str, value, dtype=np.int64) -> str:
+        return self.node("Constant", [], name, value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+
+
 SCALE_GROUP = {"row": None, "q4_0": 32}  # int4 cache scales kept beside the rows: one per row, or per 32 values
 
 
@@ -137,14 +151,8 @@ def latent_attention_matmul(kv_bits: int, heads: int, latent: int, rope: int,
     if grouped and width % group:
         raise ValueError(f"q4_0 cache scales need C + R a multiple of {group}, got {width}")
     groups = width // group
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op, inputs, output, **attrs):
-        nodes.append(helper.make_node(op, inputs, [output], **attrs))
-        return output
-
-    def const(name, value, dtype=np.int64):
-        return node("Constant", [], name, value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+    body = _Body()
+    nodes, node, const = body.nodes, body.node, body.const
 
     scale = helper.make_node("Constant", [], ["softmax_scale"], value_float=1.0)
     scale.attribute[0].CopyFrom(_ref("value_float", "scale", onnx.AttributeProto.FLOAT))
@@ -329,14 +337,8 @@ def latent_prefill(kv_bits: int, heads: int, groups: int, latent: int, rope: int
     key_width = nope + rope
     if head_dim > key_width:
         raise ValueError(f"the expanded prefill needs the value width ({head_dim}) <= N + R ({key_width})")
-    nodes: list[onnx.NodeProto] = []
-
-    def node(op, inputs, output, **attrs):
-        nodes.append(helper.make_node(op, inputs, [output], **attrs))
-        return output
-
-    def const(name, value, dtype=np.int64):
-        return node("Constant", [], name, value=onnx.numpy_helper.from_array(np.asarray(value, dtype), name))
+    body = _Body()
+    nodes, node, const = body.nodes, body.node, body.const
 
     node("Reshape", [node("Cast", ["total_sequence_length"], "t_any", to=TensorProto.INT64), const("one", [1])], "t1")
     node("Gather", [node("Shape", ["query"], "q_shape"), const("one1", [1])], "s1")

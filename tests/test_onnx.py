@@ -19,7 +19,7 @@ from conftest import LATENT, word_tokenizer, VOCAB, converted, export, prompt, t
 from edge_mla import cli
 from edge_mla.convert import convert, save
 from edge_mla.export import onnx as onnx_export
-from edge_mla.export.onnx_graph import DOMAIN
+from edge_mla.export.onnx_graph import DOMAIN, all_nodes
 from edge_mla.export import onnx_quant, onnx_weights
 from edge_mla.mla import forward_with_cache, mla_layers
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
@@ -117,15 +117,6 @@ def optimized_op_types(folder) -> Counter:
     return Counter(n.op_type for n in onnx.load(str(folder / "optimized.onnx"), load_external_data=False).graph.node)
 
 
-def nodes_of(graph: onnx.GraphProto):
-    """Every node of a graph and of its If branches."""
-    for n in graph.node:
-        yield n
-        for a in n.attribute:
-            if a.type == onnx.AttributeProto.GRAPH:
-                yield from nodes_of(a.g)
-
-
 def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, mla_model):
     folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
     onnx.checker.check_model(str(folder / "model.onnx"), full_check=True)
@@ -139,7 +130,7 @@ def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, 
         assert branches["then_branch"][(DOMAIN, "LatentPrefill")] == 1
         assert branches["then_branch"][(DOMAIN, "LatentAttention")] == 0
         assert branches["else_branch"][(DOMAIN, "LatentAttention")] == 1
-    ops = Counter((n.domain, n.op_type) for n in nodes_of(model.graph))
+    ops = Counter((n.domain, n.op_type) for n in all_nodes(model.graph))
     assert ops[("com.microsoft", "GroupQueryAttention")] == 0  # attention lives only inside the functions
     assert [(f.domain, f.name) for f in model.functions] == [(DOMAIN, "LatentAttention"), (DOMAIN, "LatentPrefill")]
     mla = mla_model.config.mla
@@ -159,7 +150,7 @@ def test_graph_has_one_latent_attention_per_layer_over_a_latent_cache(tmp_path, 
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     ort.InferenceSession(str(folder / "model.onnx"), options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(str(tmp_path / "optimized.onnx"), load_external_data=False)
-    optimized = Counter(n.op_type for n in nodes_of(optimized.graph))
+    optimized = Counter(n.op_type for n in all_nodes(optimized.graph))
     assert optimized["GroupQueryAttention"] == 2 * layers  # one per form
     assert optimized["LatentAttention"] == optimized["LatentPrefill"] == 0
 

@@ -104,8 +104,11 @@ def main() -> int:
     p.add_argument("--ubatch", type=int, default=512, help="tokens per ubatch of the prefill (llama.cpp's default)")
     p.add_argument("--decode", type=int, default=32)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--caches", nargs="+", default=None, choices=("q4_0", "q8_0", "f16"),
+                   help="only these cache types, flash attention on (default: every setting)")
     p.add_argument("--out", default=None, help="write the results as JSON here")
     args = p.parse_args()
+    settings = [(kv, True) for kv in args.caches] if args.caches else SETTINGS
 
     from edge_mla.data import split_text
 
@@ -120,9 +123,9 @@ def main() -> int:
                "llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "ubatch": args.ubatch,
                "decode_tokens": args.decode, "contexts": args.contexts, "text": "held-out Wikipedia (gensim)",
                "files": {"mla": args.mla, "original": args.original},
-               "settings": [setting_name(kv, fa) for kv, fa in SETTINGS], "runs": {}}
+               "settings": [setting_name(kv, fa) for kv, fa in settings], "runs": {}}
     for context in args.contexts:
-        for kv_type, flash in SETTINGS:
+        for kv_type, flash in settings:
             for model, path in (("mla", args.mla), ("original", args.original)):
                 run = run_worker(path, text_file, context, kv_type, flash, args.ubatch, args.decode, args.threads)
                 results["runs"][f"{model}|{setting_name(kv_type, flash)}|{context}"] = run

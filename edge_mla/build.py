@@ -1,15 +1,16 @@
 """`edge-mla build`: source -> convert -> (fine-tune) -> ONNX + GGUF -> budget report, all or nothing."""
 from __future__ import annotations
 
+import copy
 import os
 import resource
 import shutil
 import time
-from dataclasses import asdict, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_mla import budget as bud
-from edge_mla import precision, provenance, recover, timebudget
+from edge_mla import precision, recover, timebudget
 from edge_mla.convert import check_saving, named_plan, original_cache_width, resolve_plan
 from edge_mla.data import spread_windows
 from edge_mla.plans import EXPECTED_COST, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
@@ -23,6 +24,7 @@ from edge_mla.publish import refuse_existing, staged_folder
 # articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
 # is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
+LONG_SPEED_PROMPT = 4  # speed is also measured after a prompt this many times --speed-prompt (speedmodel.py)
 
 
 def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):
@@ -52,6 +54,15 @@ def recovery_step(recover_steps: int, bits: int, kv_bits: int, budgeted: bool = 
             "with a learned latent norm")
 
 
+def finetune_texts(tokenizer, user_texts: tuple[str, ...] = ()) -> list[str]:
+    """What the GPU fine-tune trains on: the texts the conversion calibrates on (the user's, or the built-in mixture
+    of prose, code, docs and chat), and with the built-in mixture the public-domain books of the fine-tuning corpus
+    too (more distinct text for the same steps). Never a battery text (edge_mla.texts)."""
+    from edge_mla.data import BOOKS, book_text, calibration_texts
+
+    return calibration_texts(tokenizer, user_texts or None) + ([] if user_texts else [book_text(b) for b in BOOKS])
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -61,13 +72,118 @@ def step(t0: float, i: int, n: int, what: str) -> None:
     print(f"[{i}/{n}] {what}  ({time.perf_counter() - t0:.0f} s, peak RSS {peak_rss_mb():.0f} MB so far)", flush=True)
 
 
-def build(model: str, device_name: str, bits: int, out: str | Path, context: int | None = None,
+@dataclass
+class Job:
+    """Every decision of a build, made once before any work: what to build, for which device, how."""
+    model: str
+    device: bud.Device
+    bits: int
+    kv_bits: int
+    out: Path
+    context: int
+    limit: int  # the model's longest context
+    config: object  # the source model's config (transformers), before the conversion
+    plan: Plan
+    formats: tuple[str, ...]
+    calibration: Calibration
+    recover_steps: int
+    finetune_tokens: int
+    quality_windows: int
+    quality_length: int
+    speed_prompt: int
+    max_quality_loss: float | None
+    time_budget: float | None
+    threads: int | None
+    thresholds: object
+    t0: float
+    steps: int  # progress steps shown
+
+    @property
+    def weights(self) -> str:  # llama.cpp's names
+        return precision.gguf_weight_type(self.bits)
+
+    @property
+    def cache(self) -> str:
+        return precision.gguf_cache_type(self.kv_bits)
+
+    def step(self, i: int, what: str) -> None:
+        step(self.t0, i, self.steps, what)
+
+
+@dataclass
+class Originals:
+    """The original model exported the same way as the MLA build, to compare against."""
+    folder: Path
+    onnx: Path | None = None
+    onnx_int8: Path | None = None  # its int8 cache, scored for quality only (what a user of onnxruntime keeps)
+    gguf: Path | None = None
+    export_seconds: float = 0.0  # its same-bits exports: what the MLA exports will take, the time budget's unit
+
+
+@dataclass
+class Converted:
+    mla: dict  # the MLA section of the converted model's config, with its recovery and checks
+    folder: Path
+    streamed: bool  # the weights stay on disk (read a layer at a time), not in src.model
+    next_step: int  # the progress step that comes next
+
+
+@dataclass
+class Exports:
+    onnx: Path | None = None
+    gguf: Path | None = None
+
+
+@dataclass
+class Measured:
+    quality_rows: list = field(default_factory=list)
+    speed_rows: list = field(default_factory=list)
+    speeds: dict = field(default_factory=dict)  # speed.by_runtime
+
+
+def build(model: str, device_name: str, bits: int, out: str | Path, *, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
           devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
           quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int = 256,
           max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
           threads: int | None = None, calibration: Calibration = Calibration(),
           time_budget: float | None = None, thresholds=None) -> dict:
+    """prepare -> originals -> convert (-> fine-tune) -> export -> measure -> assess -> report, in a staging folder
+    published whole at the end (an interrupted build leaves nothing)."""
+    job, src = decide(model, device_name, bits, out, context, finetune_tokens, plan, force, devices_file, kv_bits,
+                      quality_windows, quality_length, recover_steps, speed_prompt, max_quality_loss, formats,
+                      threads, calibration, time_budget, thresholds)
+    with staged_folder(job.out) as staging:
+        battery, budget_start = prepare(job, src)
+        originals = export_originals(job, src, staging / ".original", battery)
+        if max_quality_loss is None:
+            converted = convert_once(job, src, staging / "mla", originals, battery, budget_start)
+        else:
+            converted = convert_to_target(job, src, staging / "mla")
+        if finetune_tokens:
+            converted = finetune_converted(job, src, staging, converted)
+        exports = export_mla(job, src, staging, converted)
+        measured = measure(job, src, exports, originals, battery)
+        from edge_mla.assess import summarize
+        summary, footprints, budgets = summarize(job, converted, exports, originals, measured)
+        summary["build_seconds"] = round(time.perf_counter() - job.t0, 1)
+        summary["one_off_seconds"] = round(budget_start - job.t0, 1)  # fetching and preparing, outside the budget
+        shutil.rmtree(originals.folder, ignore_errors=True)
+        if not any(b.fits for b in budgets if not b.model.startswith("original")):
+            from edge_mla.assess import no_fit_message
+            raise ValueError(no_fit_message(budgets, job.device, job.context))  # a device/context to change: exit 2
+        from edge_mla.report import write_reports
+        write_reports(staging, summary, footprints, budgets, job.device, job.limit)
+    from edge_mla.assess import print_outcome
+    print_outcome(job, summary, budgets)
+    return summary
+
+
+def decide(model, device_name, bits, out, context, finetune_tokens, plan, force, devices_file, kv_bits,
+           quality_windows, quality_length, recover_steps, speed_prompt, max_quality_loss, formats, threads,
+           calibration, time_budget, thresholds) -> tuple[Job, object]:
+    """Validate the request and make every decision (cache bits, device, context, plan), then load the source
+    (step 1): what preflight can refuse from a file's header is refused before any tensor is read."""
     from edge_mla import preflight
     from edge_mla.source import load_source
 
@@ -87,8 +203,8 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
         raise ValueError(f"no LLM fits {device.name}: {device.usable_mb} MB usable and no runtime that runs an LLM "
                          "there; even a 135M-parameter model at 4 bits needs about 90 MB. Pick a device with at least "
                          "256 MB of RAM (e.g. rpi-zero-2w)")
-    n = 6 if trained else 5
     t0 = time.perf_counter()
+    n = 6 if trained else 5
     step(t0, 1, n, f"loading {model}")
     # A folder's weights stay on disk and are read a layer at a time (layerwise.py) by the conversion and by both
     # exporters, except for the quality target's retries, which re-convert a pristine in-memory copy.
@@ -97,7 +213,6 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
     if max_quality_loss is not None:
         from edge_mla import target
         target.check_calibration(src.tokenizer, *calibration.sizes("convert"))
-    streamed = src.checkpoint is not None
     config = src.model.config
     limit = int(config.max_position_embeddings)
     context = context or min(limit, 4096)
@@ -110,227 +225,189 @@ def build(model: str, device_name: str, bits: int, out: str | Path, context: int
                                   checkpoint=src.checkpoint)
     for note in notes:
         print("      " + note)
+    job = Job(model, device, bits, kv_bits, out, context, limit, copy.deepcopy(config), plan, formats, calibration, recover_steps,
+              finetune_tokens, quality_windows, quality_length, min(speed_prompt, limit - 32), max_quality_loss,
+              time_budget, threads, thresholds, t0, n)
+    return job, src
 
-    from edge_mla.convert import calibrate_and_convert, describe, load, save
+
+def prepare(job: Job, src):
+    """One-off work first: a machine's first build fetches the model and the texts (calibration and battery) and
+    tokenizes them, minutes that later builds skip. The time budget starts after it, so a first build recovers as
+    much as any other (the fresh-clone build of 2026-12-06 spent 7.7 min before its recovery and got 50 steps a
+    layer instead of ~200). Returns the quality battery (None without --quality-windows) and when the budget starts."""
+    budgeted = job.time_budget and job.recover_steps
+    if budgeted:  # (without a budget to keep, each step fetches its own when it needs it)
+        from edge_mla.data import calibration_windows
+        calibration_windows(src.tokenizer, job.calibration.texts or None, count=1,
+                            length=job.calibration.sizes("onnx")[1])
+    battery = None
+    if job.quality_windows:
+        from edge_mla.quality import Battery
+        battery = Battery(src.tokenizer, kv_type=job.cache, onnx_cache=precision.ONNX_CACHE_DTYPE[job.kv_bits],
+                          count=job.quality_windows, length=job.quality_length, threads=job.threads)
+    budget_start = time.perf_counter()
+    if budgeted and budget_start - job.t0 > 30:
+        print(f"      prepared the model and texts in {budget_start - job.t0:.0f} s (fetching them is once per "
+              "machine; not counted in --time-budget)")
+    return battery, budget_start
+
+
+def export_originals(job: Job, src, folder: Path, battery) -> Originals:
+    """The original through the same exporters at the same bits, scored on the battery: the conversion then
+    changes the loaded model in place, so the source is read from disk once; and what the originals take tells the
+    time budget what the MLA files will."""
     from edge_mla.export import gguf as gguf_export
     from edge_mla.export import onnx as onnx_export
 
-    weights, cache = precision.gguf_weight_type(bits), precision.gguf_cache_type(kv_bits)
-    with staged_folder(out) as staging:
-        # The original first, through the same exporters at the same bits: the conversion then changes the
-        # loaded model in place, so the source is read from disk once.
-        # One-off work first: a machine's first build fetches the model and the texts (calibration and battery) and
-        # tokenizes them, minutes that later builds skip. The time budget starts after it, so a first build recovers
-        # as much as any other (the fresh-clone build of 2026-12-06 spent 7.7 min before its recovery and got 50 steps
-        # a layer instead of ~200).
-        if time_budget and recover_steps:  # (without a budget to keep, each step fetches its own when it needs it)
-            from edge_mla.data import calibration_windows
-            calibration_windows(src.tokenizer, calibration.texts or None, count=1,
-                                length=calibration.sizes("onnx")[1])
-        battery = None
-        if quality_windows:
-            from edge_mla.quality import Battery
-            battery = Battery(src.tokenizer, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
-                              count=quality_windows, length=quality_length, threads=threads)
-        budget_start = time.perf_counter()
-        if time_budget and recover_steps and budget_start - t0 > 30:
-            print(f"      prepared the model and texts in {budget_start - t0:.0f} s (fetching them is once per machine; "
-                  "not counted in --time-budget)")
-        step(t0, 2, n, f"exporting the original at the same bits and scoring it, to compare ({weights} weights, "
-                       f"{cache} cache)")
-        original, t_original = staging / ".original", time.perf_counter()
-        orig_onnx = orig_gguf = onnx_dir = gguf_file = None
-        if "onnx" in formats:
-            orig_onnx = onnx_export.export(model, original / "onnx", weight_bits=bits, kv_bits=kv_bits, original=True,
-                                           head_bits=precision.head_bits(bits), model=src.model,
-                                           tokenizer=src.tokenizer, checkpoint=src.checkpoint,
-                                           **calibration.of("onnx"))
-        same_bits_exports = time.perf_counter() - t_original  # the MLA exports repeat these: the time unit below
-        orig_onnx_int8 = None
-        if "onnx" in formats and kv_bits == 4 and quality_windows:
-            # onnxruntime's int4 cache (static scales) costs the original ~28%: a user there would keep its int8
-            # cache, so the report scores that too (quality only; the verdict compares the same bits)
-            orig_onnx_int8 = onnx_export.export(model, original / "onnx-int8", weight_bits=bits, kv_bits=8,
-                                                original=True, head_bits=precision.head_bits(bits), model=src.model,
-                                                tokenizer=src.tokenizer, checkpoint=src.checkpoint,
-                                                **calibration.of("onnx"))
-        if "gguf" in formats:
-            t_gguf = time.perf_counter()
-            orig_gguf = original / "original.gguf"
-            gguf_export.export(src, orig_gguf, weights=weights, cache_type=cache)
-            same_bits_exports += time.perf_counter() - t_gguf
+    job.step(2, f"exporting the original at the same bits and scoring it, to compare ({job.weights} weights, "
+                f"{job.cache} cache)")
+    originals, t = Originals(folder), time.perf_counter()
+    common = dict(weight_bits=job.bits, original=True, head_bits=precision.head_bits(job.bits), model=src.model,
+                  tokenizer=src.tokenizer, checkpoint=src.checkpoint, **job.calibration.of("onnx"))
+    if "onnx" in job.formats:
+        originals.onnx = onnx_export.export(job.model, folder / "onnx", kv_bits=job.kv_bits, **common)
+    originals.export_seconds = time.perf_counter() - t
+    if "onnx" in job.formats and job.kv_bits == 4 and job.quality_windows:
+        # onnxruntime's int4 cache (static scales) costs the original ~28%: a user there would keep its int8
+        # cache, so the report scores that too (quality only; the verdict compares the same bits)
+        originals.onnx_int8 = onnx_export.export(job.model, folder / "onnx-int8", kv_bits=8, **common)
+    if "gguf" in job.formats:
+        t = time.perf_counter()
+        originals.gguf = folder / "original.gguf"
+        gguf_export.export(src, originals.gguf, weights=job.weights, cache_type=job.cache)
+        originals.export_seconds += time.perf_counter() - t
+    if battery:
+        from edge_mla.quality import ORIGINAL_INT8
+        print(f"      perplexity of the original through llama.cpp and onnxruntime ({job.quality_windows} x "
+              f"{job.quality_length} tokens per text)")
+        battery.score(runnable_files({"original": {"gguf": originals.gguf, "onnx": originals.onnx},
+                                      **({ORIGINAL_INT8: {"onnx": originals.onnx_int8}} if originals.onnx_int8
+                                         else {})}))
+    return originals
 
-        if battery:  # the originals are scored now: what they take tells the time budget what the MLA's will
-            from edge_mla.quality import ORIGINAL_INT8
-            print(f"      perplexity of the original through llama.cpp and onnxruntime ({quality_windows} x "
-                  f"{quality_length} tokens per text)")
-            battery.score(runnable_files({"original": {"gguf": orig_gguf, "onnx": orig_onnx},
-                                          **({ORIGINAL_INT8: {"onnx": orig_onnx_int8}} if orig_onnx_int8 else {})}))
-        if max_quality_loss is None:  # one pass, layer by layer: calibrate, convert, recover, write
-            deadline = None
-            if time_budget and recover_steps:
-                measured = battery.seconds if battery else {}
-                scoring = {runtime: seconds for (model, runtime), seconds in measured.items() if model == "original"}
-                deadline = timebudget.recovery_deadline(budget_start, time_budget,
-                                                        timebudget.after_recovery(same_bits_exports, scoring))
-            mla, mla_dir = convert_layerwise(src, plan, staging / "mla", recover_steps, bits, kv_bits, t0, n,
-                                             calibration, deadline)
-            k = 4 + bool(recover_steps)
-        elif recover_steps:  # the original's attention inputs and outputs, before the conversion replaces it
-            teacher = recover.collect_attention_io(
-                src.model, recovery_windows(src.tokenizer, calibration.texts),
-                desc="      teacher pass (original attention on calibration text)")
-        attempts = []  # the quality target's tries, each converted from a pristine in-memory copy
-        if max_quality_loss is not None:
-            import copy
 
-            from edge_mla import target
-            from edge_mla.eval import perplexity
-            held_out = target.check_windows(src.tokenizer)
-            reference = perplexity(src.model, held_out, desc="quality check")
-            attempts = target.widths(plan, resolve_plan(config, replace(plan, latent=None)).latent,
-                                     original_cache_width(config))
-            pristine = copy.deepcopy(src.model)  # each wider try converts the original again
-            tried = []
-        for i, plan in enumerate(attempts):
-            last = i == len(attempts) - 1
-            step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
-            mla = calibrate_and_convert(src, plan, **calibration.of("convert"))
-            print("      " + describe(mla, config))
-            k = 4
-            if recover_steps:
-                step(t0, k, n, recovery_step(recover_steps, bits, kv_bits))
-                # A later, wider try needs the teacher again: it gets copies of the lists.
-                io = teacher if last else (list(teacher[0]), list(teacher[1]))
-                mla["recovery"] = recover.recover_converted(src.model, io, steps=recover_steps,
-                                                            **recovery_options(bits, kv_bits))
-                k += 1
-            ratio = target.perplexity_ratio(src.model, reference, held_out, kv_bits)
-            tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
-            met = ratio <= 1 + max_quality_loss
-            print(f"      quality check: perplexity {100 * (ratio - 1):+.1f}% over the original on held-out "
-                  f"calibration text (target {100 * max_quality_loss:+.0f}%): {'met' if met else 'missed'}")
-            if met or last:
-                if not met:
-                    print(f"      no latent width up to {plan.latent} reached the target; keeping the widest. A GPU "
-                          "fine-tune (--finetune-tokens) recovers more")
-                mla["quality_target"] = {"max_loss": max_quality_loss, "met": met, "tried": tried,
-                                         "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
-                                                       "built-in Wikipedia calibration split (read by no other step)"}
-                break
-            src.model = copy.deepcopy(pristine)
-        if max_quality_loss is not None:
-            if recover_steps:
-                del teacher
-            del pristine
-            mla_dir = save(src.model, src.tokenizer, staging / "mla")
-        if finetune_tokens:
-            import torch
+def convert_once(job: Job, src, folder: Path, originals: Originals, battery, budget_start: float) -> Converted:
+    """One pass, layer by layer: calibrate, convert, recover (within the time budget), write."""
+    deadline = None
+    if job.time_budget and job.recover_steps:
+        measured = battery.seconds if battery else {}
+        scoring = {runtime: seconds for (model, runtime), seconds in measured.items() if model == "original"}
+        deadline = timebudget.recovery_deadline(budget_start, job.time_budget,
+                                                timebudget.after_recovery(originals.export_seconds, scoring))
+    mla, mla_dir = convert_layerwise(src, job.plan, folder, job.recover_steps, job.bits, job.kv_bits, job.t0,
+                                     job.steps, job.calibration, deadline)
+    return Converted(mla, mla_dir, src.checkpoint is not None, 4 + bool(job.recover_steps))
 
-            from edge_mla.finetune import build_config, finetune
-            step(t0, k, n, f"fine-tuning on {finetune_tokens:,} tokens (distilled from the original"
-                           f"{', through the 4-bit cache' if kv_bits == 4 else ''})")
-            cfg = build_config(finetune_tokens, kv_bits, cuda=torch.cuda.is_available())
-            finetune(mla_dir, staging / "mla-ft", cfg, teacher=model)
-            shutil.rmtree(mla_dir)
-            os.replace(staging / "mla-ft", mla_dir)
-            src.model, src.tokenizer = load(mla_dir)
-            streamed = False
+
+def convert_to_target(job: Job, src, folder: Path) -> Converted:
+    """--max-quality-loss: the plan's width first, then wider ones, each converted (and recovered) from a pristine
+    in-memory copy, until the held-out check meets the target (target.py)."""
+    from edge_mla import target
+    from edge_mla.convert import calibrate_and_convert, describe, save
+    from edge_mla.eval import perplexity
+
+    config = src.model.config
+    if job.recover_steps:  # the original's attention inputs and outputs, before the conversion replaces them
+        teacher = recover.collect_attention_io(src.model, recovery_windows(src.tokenizer, job.calibration.texts),
+                                               desc="      teacher pass (original attention on calibration text)")
+    held_out = target.check_windows(src.tokenizer)
+    reference = perplexity(src.model, held_out, desc="quality check")
+    attempts = target.widths(job.plan, resolve_plan(config, replace(job.plan, latent=None)).latent,
+                             original_cache_width(config))
+    pristine, tried, k = copy.deepcopy(src.model), [], 4  # each wider try converts the original again
+    for i, plan in enumerate(attempts):
+        last = i == len(attempts) - 1
+        job.step(3, f"converting to MLA ({plan.selection} rope head, latent {plan.latent})")
+        mla = calibrate_and_convert(src, plan, **job.calibration.of("convert"))
+        print("      " + describe(mla, config))
+        k = 4
+        if job.recover_steps:
+            job.step(k, recovery_step(job.recover_steps, job.bits, job.kv_bits))
+            io = teacher if last else (list(teacher[0]), list(teacher[1]))  # a wider try needs the teacher again
+            mla["recovery"] = recover.recover_converted(src.model, io, steps=job.recover_steps,
+                                                        **recovery_options(job.bits, job.kv_bits))
             k += 1
-        step(t0, k, n, f"exporting ONNX ({bits}-bit weights, {kv_bits}-bit latent cache) and GGUF ({weights} "
-                       f"weights, {cache} cache)")
-        if "onnx" in formats:  # + onnxruntime-genai's files (docs/phones.md)
-            onnx_dir = onnx_export.export(str(mla_dir), staging / "onnx", weight_bits=bits, kv_bits=kv_bits,
-                                          head_bits=precision.head_bits(bits), model=None if streamed else src.model,
-                                          tokenizer=src.tokenizer, genai=True, **calibration.of("onnx"))
-        if "gguf" in formats:  # streamed: read back from mla/ a layer at a time
-            gguf_file = staging / "model.gguf"
-            gguf_export.export(str(mla_dir) if streamed else src, gguf_file, weights=weights, cache_type=cache,
-                               **calibration.of("gguf"))
-        step(t0, k + 1, n, f"budgeting for {device.name}" + (
-            f"; perplexity of the MLA build through llama.cpp and onnxruntime ({quality_windows} x {quality_length} "
-            "tokens per text, the same windows as the original's)" if quality_windows else "")
-            + ("; their speed" if speed_prompt else ""))
-        files = runnable_files({"mla": {"gguf": gguf_file, "onnx": onnx_dir},
-                                "original": {"gguf": orig_gguf, "onnx": orig_onnx}})
-        if battery:
-            battery.score({"mla": files["mla"]})
-            quality_rows = battery.rows
-        speeds = {}
-        speed_prompt = min(speed_prompt, limit - 32)  # a tiny model's context bounds the prompt
-        if speed_prompt > 0:
-            from edge_mla import speed
-            from edge_mla.quality import text_windows
-            print(f"      speed of both builds on this machine ({speed_prompt}-token prompt, then 32 tokens)")
-            prompt = text_windows(src.tokenizer, "wikipedia-heldout", 1, speed_prompt)[0].tolist()
-            speed_rows = speed.measure(files, prompt, kv_type=cache, onnx_cache=precision.ONNX_CACHE_DTYPE[kv_bits],
-                                       threads=threads)
-            speeds = speed.by_runtime(speed_rows)
-        summary, footprints, budgets = assess(model, config, mla, onnx_dir, gguf_file, device, kv_bits, context,
-                                              orig_onnx, orig_gguf)
-        if quality_windows:
-            from edge_mla.quality import ORIGINAL_INT8, agreement, as_dicts, ratios, texts_about
-            from edge_mla.verdict import worst_ratio
-            summary["quality"] = as_dicts(quality_rows)
-            summary["quality_texts"] = texts_about()
-            summary["quality_ratio"] = ratios(quality_rows)
-            summary["quality_agreement"] = agreement(quality_rows)
-            if orig_onnx_int8:
-                summary["quality_ratio_vs_original_int8_cache"] = ratios(quality_rows, ORIGINAL_INT8)
-            for runtime in ("llama.cpp", "onnxruntime"):
-                worst = worst_ratio(summary["quality_ratio"], runtime)
-                if worst:
-                    summary["key_figures"][f"perplexity MLA / original, worst text ({runtime})"] = (
-                        f"{worst[0]:.2f}x ({worst[1]})")
-                chat = summary["quality_agreement"].get(f"{runtime}, chat")
-                if chat is not None:
-                    summary["key_figures"][f"next token as the original's, chat ({runtime})"] = f"{100 * chat:.1f}%"
-        summary["bits"], summary["kv_bits"] = bits, kv_bits
-        if speeds:
-            summary["speed"] = speed.as_dicts(speed_rows)
-        summary["runtimes"] = speeds
-        from edge_mla import verdict
-        thresholds = thresholds or verdict.Thresholds()
-        summary["verdict_thresholds"] = asdict(thresholds)
-        summary["verdicts"] = verdict.verdicts(footprints, device, verdict.contexts_for(context, limit),
-                                               summary.get("quality_ratio", {}), speeds, thresholds)
-        summary["recommendation"] = verdict.recommendation(summary["verdicts"])
-        summary["mla_pays_from"] = [verdict.pays_from(m, o, device) for m, o in verdict.pairs(footprints)]
-        fast_extra = None
-        if gguf_file:
-            fast = bud.footprint_gguf(gguf_file, verdict.FAST_LLAMA_CACHE)
-            priced = next(fp for fp in footprints if fp.kind == "mla" and fp.runtime == "llama.cpp")
-            fast_extra = (fast.memory_bytes(context) - priced.memory_bytes(context)) / bud.MB
-        summary["run_commands"] = verdict.run_commands(gguf_file.name if gguf_file else None,
-                                                       onnx_dir.name if onnx_dir else None, cache, context, fast_extra)
-        shutil.rmtree(original, ignore_errors=True)
-        summary["plan"] = asdict(plan)
-        summary["provenance"] = provenance.record(model, mla=mla, bits=bits, kv_bits=kv_bits,
-                                                  calibration=mla["calibration_text"])
-        summary["finetune_tokens"] = finetune_tokens
-        summary["recovery"] = mla.get("recovery")
-        summary["build_seconds"] = round(time.perf_counter() - t0, 1)
-        summary["time_budget_seconds"] = time_budget
-        summary["one_off_seconds"] = round(budget_start - t0, 1)  # fetching and preparing, outside the budget
-        fits = [b for b in budgets if b.fits and not b.model.startswith("original")]
-        if not fits:
-            raise ValueError(no_fit_message(budgets, device, context))  # a device/context to change: exit 2
-        from edge_mla.report import write_reports
-        write_reports(staging, summary, footprints, budgets, device, limit)
-    print(summary["verdict"])
-    for b in budgets:
-        print("  " + bud.format_budget(b))
-    for v in summary["verdicts"]:
-        if v["context"] == context:
-            print("  " + v["text"])
-    print(summary["recommendation"])
-    for pays in summary["mla_pays_from"]:
-        print(f"  memory alone, {pays['runtime']}: " + (f"MLA pays from {pays['context']} tokens ({pays['reason']})"
-                                                        if pays["context"] else pays["reason"]))
-    written = [*(["onnx/"] if "onnx" in formats else []), *(["model.gguf"] if "gguf" in formats else [])]
-    print(f"wrote {out}/ (report.html, report.json, {', '.join(written)}, mla/) in {summary['build_seconds']:.0f} s, "
-          f"peak RSS {peak_rss_mb():.0f} MB")
-    return summary
+        ratio = target.perplexity_ratio(src.model, reference, held_out, job.kv_bits)
+        tried.append({"latent": plan.latent, "rope": 2 * (plan.rope_pairs or 0), "perplexity_ratio": round(ratio, 4)})
+        met = ratio <= 1 + job.max_quality_loss
+        print(f"      quality check: perplexity {100 * (ratio - 1):+.1f}% over the original on held-out "
+              f"calibration text (target {100 * job.max_quality_loss:+.0f}%): {'met' if met else 'missed'}")
+        if met or last:
+            if not met:
+                print(f"      no latent width up to {plan.latent} reached the target; keeping the widest. A GPU "
+                      "fine-tune (--finetune-tokens) recovers more")
+            mla["quality_target"] = {"max_loss": job.max_quality_loss, "met": met, "tried": tried,
+                                     "check_text": f"last {len(held_out)} x {held_out.shape[1]} tokens of the "
+                                                   "built-in Wikipedia calibration split (read by no other step)"}
+            job.plan = plan
+            break
+        src.model = copy.deepcopy(pristine)
+    del pristine
+    return Converted(mla, save(src.model, src.tokenizer, folder), False, k)
+
+
+def finetune_converted(job: Job, src, staging: Path, converted: Converted) -> Converted:
+    """The GPU fine-tune, distilled from the original, on the texts the conversion calibrated on."""
+    import torch
+
+    from edge_mla.convert import load
+    from edge_mla.finetune import build_config, finetune
+
+    job.step(converted.next_step, f"fine-tuning on {job.finetune_tokens:,} tokens (distilled from the original"
+                                  f"{', through the 4-bit cache' if job.kv_bits == 4 else ''})")
+    cfg = build_config(job.finetune_tokens, job.kv_bits, cuda=torch.cuda.is_available())
+    finetune(converted.folder, staging / "mla-ft", cfg, teacher=job.model,
+             texts=finetune_texts(src.tokenizer, job.calibration.texts))
+    shutil.rmtree(converted.folder)
+    os.replace(staging / "mla-ft", converted.folder)
+    src.model, src.tokenizer = load(converted.folder)
+    return Converted(converted.mla, converted.folder, False, converted.next_step + 1)
+
+
+def export_mla(job: Job, src, staging: Path, converted: Converted) -> Exports:
+    from edge_mla.export import gguf as gguf_export
+    from edge_mla.export import onnx as onnx_export
+
+    job.step(converted.next_step, f"exporting ONNX ({job.bits}-bit weights, {job.kv_bits}-bit latent cache) and GGUF "
+                                  f"({job.weights} weights, {job.cache} cache)")
+    exports = Exports()
+    if "onnx" in job.formats:  # + onnxruntime-genai's files (docs/phones.md)
+        exports.onnx = onnx_export.export(str(converted.folder), staging / "onnx", weight_bits=job.bits,
+                                          kv_bits=job.kv_bits, head_bits=precision.head_bits(job.bits),
+                                          model=None if converted.streamed else src.model, tokenizer=src.tokenizer,
+                                          genai=True, **job.calibration.of("onnx"))
+    if "gguf" in job.formats:  # streamed: read back from mla/ a layer at a time
+        exports.gguf = staging / "model.gguf"
+        gguf_export.export(str(converted.folder) if converted.streamed else src, exports.gguf, weights=job.weights,
+                           cache_type=job.cache, **job.calibration.of("gguf"))
+    job.step(converted.next_step + 1, f"budgeting for {job.device.name}" + (
+        f"; perplexity of the MLA build through llama.cpp and onnxruntime ({job.quality_windows} x "
+        f"{job.quality_length} tokens per text, the same windows as the original's)" if job.quality_windows else "")
+        + ("; their speed" if job.speed_prompt > 0 else ""))
+    return exports
+
+
+def measure(job: Job, src, exports: Exports, originals: Originals, battery) -> Measured:
+    """The MLA files on the battery (the originals were scored before the conversion), and the speed of all four
+    after two prompt lengths: the line through them gives each file's speed at the contexts the verdict prices."""
+    files = runnable_files({"mla": {"gguf": exports.gguf, "onnx": exports.onnx},
+                            "original": {"gguf": originals.gguf, "onnx": originals.onnx}})
+    measured = Measured()
+    if battery:
+        battery.score({"mla": files["mla"]})
+        measured.quality_rows = battery.rows
+    if job.speed_prompt > 0:
+        from edge_mla import speed, verdict
+        from edge_mla.quality import text_windows
+        lengths = sorted({job.speed_prompt, min(LONG_SPEED_PROMPT * job.speed_prompt, job.limit - 32)})
+        print(f"      speed of both builds on this machine ({' and '.join(map(str, lengths))}-token prompts, "
+              "then 32 tokens)")
+        prompt = text_windows(src.tokenizer, "wikipedia-heldout", 1, lengths[-1])[0].tolist()
+        measured.speed_rows = speed.measure(files, [prompt[:n] for n in lengths], kv_type=job.cache,
+                                            onnx_cache=precision.ONNX_CACHE_DTYPE[job.kv_bits], threads=job.threads)
+        measured.speeds = speed.by_runtime(measured.speed_rows, verdict.contexts_for(job.context, job.limit))
+    return measured
 
 
 def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int, kv_bits: int, t0: float,
@@ -375,72 +452,3 @@ def runnable_files(files: dict) -> dict:
         print("      (llama-cpp-python is not installed: GGUF perplexity and speed skipped; ./install.sh llama adds it)")
         return {model: {"onnx": paths["onnx"]} for model, paths in files.items()}
     return files
-
-
-def assess(model: str, config, mla: dict, onnx_dir: Path, gguf_file: Path, device: bud.Device, kv_bits: int,
-           context: int, orig_onnx: Path, orig_gguf: Path):
-    from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
-
-    # --formats may leave one runtime out: its rows are then absent
-    mla_onnx = bud.footprint_onnx(onnx_dir) if onnx_dir else None
-    mla_gguf = bud.footprint_gguf(gguf_file) if gguf_file else None  # the cache type the file records: the build's
-    orig_gguf_fp = orig_onnx_fp = None
-    if orig_gguf:
-        orig_info = check_gguf(orig_gguf)
-        orig_gguf_fp = bud.footprint_gguf(orig_gguf, runnable_cache_type(orig_info, orig_info.cache_type))
-    if orig_onnx:
-        orig_onnx_fp = bud.footprint_onnx(orig_onnx)
-    footprints = [fp for fp in (mla_gguf, mla_onnx) if fp]
-    for fp in (orig_gguf_fp, orig_onnx_fp):
-        if fp:
-            fp.name = "original"
-            footprints.append(fp)
-    if orig_gguf_fp:  # llama.cpp's usual f16 cache, for scale
-        plain = {k: v for k, v in config.to_dict().items() if k != "mla"}
-        fp16 = bud.footprint_estimate(type(config).from_dict(plain), 16, 2.0, "llama.cpp")
-        footprints.append(bud.Footprint("original, fp16 cache", "llama.cpp", "original", orig_gguf_fp.weights_bytes,
-                                        fp16.kv_bytes_per_token, fp16.max_context,
-                                        "same weights, llama.cpp's default f16 cache"))
-    budgets = [bud.budget(fp, device, context) for fp in footprints]
-    best = max((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.max_context)
-    orig = max((b for b in budgets if b.model.startswith("original")), key=lambda b: b.max_context)
-    verdict = (f"{'Fits' if best.fits else 'Does not fit'}: {model} as MLA on {device.name}, "
-               f"{best.memory_mb:.0f} MB at {context} tokens ({best.runtime}); longest context {best.max_context}")
-    files = {"onnx": onnx_dir.name if onnx_dir else None, "gguf": gguf_file.name if gguf_file else None}
-    key_figures = {}
-    if mla_gguf:
-        per_token_orig = orig_gguf_fp.kv_bytes_per_token
-        key_figures["KV cache per token (GGUF, MLA)"] = (
-            f"{mla_gguf.kv_bytes_per_token:.0f} B vs {per_token_orig:.0f} B original "
-            f"({100 * mla_gguf.kv_bytes_per_token / per_token_orig:.0f}%)")
-    if mla_onnx:
-        key_figures["KV cache per token (ONNX, MLA)"] = f"{mla_onnx.kv_bytes_per_token:.0f} B"
-    if mla_gguf:
-        fp16_orig = fp16.kv_bytes_per_token
-        key_figures["KV cache per token, original with its usual fp16 cache"] = (
-            f"{fp16_orig:.0f} B ({fp16_orig / mla_gguf.kv_bytes_per_token:.1f}x the MLA GGUF's)")
-    weights = {"GGUF": mla_gguf, "ONNX": mla_onnx}
-    key_figures[f"weights ({' / '.join(k for k, fp in weights.items() if fp)})"] = " / ".join(
-        f"{fp.weights_bytes / bud.MB:.0f} MB" for fp in weights.values() if fp)
-    key_figures["longest context that fits (MLA / original)"] = f"{best.max_context} / {orig.max_context}"
-    key_figures["decode bound at this context"] = f"{best.decode_tokens_per_s_bound:.0f} tokens/s"
-    summary = {
-        "model": model, "device": asdict(device), "context": context, "verdict": verdict,
-        "mla": mla, "files": {k: v for k, v in files.items() if v},
-        "footprints": [asdict(fp) for fp in footprints], "budgets": [b.as_dict() for b in budgets],
-        "key_figures": key_figures,
-    }
-    return summary, footprints, budgets
-
-
-def no_fit_message(budgets: list[bud.Budget], device: bud.Device, context: int) -> str:
-    best = min((b for b in budgets if not b.model.startswith("original")), key=lambda b: b.memory_mb)
-    over = best.memory_mb - device.usable_mb
-    hint = []
-    if best.max_context > 0:
-        hint.append(f"a context of {best.max_context} or less fits")
-    if best.weights_mb > 0:
-        hint.append("fewer bits (--bits 4)")
-    hint.append("a device with more memory (`edge-mla devices`)")
-    return (f"nothing fits {device.name}: the smallest build needs {best.memory_mb:.0f} MB at context {context}, "
-            f"{over:.0f} MB more than the {device.usable_mb:.0f} MB usable. Try {'; or '.join(hint)}")

@@ -328,9 +328,11 @@ def cmd_build(args) -> int:
         raise ValueError(f"--threads {args.threads}: give 1 or more (the cores the build may use)")
     from edge_mla.convert import torch_threads
     with torch_threads(args.threads):  # the build's own work; its measurements' runtimes get the count too
-        build(args.model, args.device, args.bits, out, args.context, args.finetune_tokens, plan, args.force,
-              args.devices, args.kv_bits, args.quality_windows, args.quality_length, args.recover_steps,
-              args.speed_prompt, loss, formats, threads=args.threads, calibration=calibration,
+        build(args.model, args.device, args.bits, out, context=args.context, finetune_tokens=args.finetune_tokens,
+              plan=plan, force=args.force, devices_file=args.devices, kv_bits=args.kv_bits,
+              quality_windows=args.quality_windows, quality_length=args.quality_length,
+              recover_steps=args.recover_steps, speed_prompt=args.speed_prompt, max_quality_loss=loss,
+              formats=formats, threads=args.threads, calibration=calibration,
               time_budget=None if args.time_budget.lower() == "none" else timebudget.parse_duration(args.time_budget),
               thresholds=verdict_thresholds(args))
     return 0

@@ -324,8 +324,9 @@ def checkpoint_dir(out: Path) -> Path:
 
 def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None,
              teacher: str | None = None, resume: bool = False, overwrite: bool = False,
-             stop_after: int | None = None) -> dict:
-    """Train the converted model in `model_dir`, write the result to `out` (a converted-model folder).
+             stop_after: int | None = None, texts: list[str] | None = None) -> dict:
+    """Train the converted model in `model_dir`, write the result to `out` (a converted-model folder), on `texts`
+    (the build's mixture of kinds) or else on what `data` names (read_data).
     `stop_after` ends this run after that many global steps with a checkpoint (for time-limited jobs); a later
     call with resume=True continues exactly where it stopped."""
     out = Path(out)
@@ -353,7 +354,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
             raise ValueError("distillation and self-distillation text need the original model: pass --teacher "
                              "(a model folder, .gguf or name)")
         teacher_model = load_source(spec).model.to(device).eval().requires_grad_(False)
-    texts = read_data(data)
+    texts = list(texts) if texts else read_data(data)
     if cfg.self_distill_tokens > 0:
         texts += generated_texts(teacher_model, tokenizer, cfg, ckpts / "generated.jsonl", texts, rank, world)
     rows = pack(tokenizer, texts, cfg.seq_len).to(device)

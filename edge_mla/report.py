@@ -54,6 +54,46 @@ def memory_plot(footprints: list[Footprint], device: Device, max_context: int, w
     return "\n".join(parts)
 
 
+def speed_plot(runtimes: dict, max_context: int, width: int = 860, height: int = 300) -> str:
+    """Decode tokens/s against context on the build machine, both models in each runtime: the lines of time per
+    token through the measured prompts (speedmodel.py), the measured points as dots."""
+    curves = {(m, r): e["lines"]["decode"][m] for r, e in runtimes.items() if e.get("lines") for m in ("mla", "original")}
+    if not curves:
+        return ""
+    pad_l, pad_r, pad_t, pad_b = 70, 330, 20, 45
+    xs = [max(1, int(max_context * i / 64)) for i in range(65)]
+    speed = lambda line, c: 1e3 / (line["fixed_ms"] + line["per_token_ms"] * c)  # noqa: E731
+    top = 1.1 * max(speed(line, 0) for line in curves.values())
+    X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
+    Y = lambda v: height - pad_b - (height - pad_t - pad_b) * v / top  # noqa: E731
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+    for i in range(6):
+        v, c = top * i / 5, max_context * i / 5
+        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>')
+        parts.append(f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+        parts.append(f'<text x="{X(c):.1f}" y="{height - pad_b + 16}" text-anchor="middle">{c:.0f}</text>')
+    parts.append(f'<text x="{(width - pad_r + pad_l) / 2}" y="{height - 8}" text-anchor="middle">context (tokens)</text>')
+    parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
+                 'decode tokens/s</text>')
+    for i, ((model, runtime), line) in enumerate(curves.items()):
+        color = COLORS.get((model, runtime), "#777")
+        dash = ' stroke-dasharray="3 3"' if model == "original" else ""
+        points = " ".join(f"{X(c):.1f},{Y(speed(line, c)):.1f}" for c in xs)
+        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        for prompt, at in runtimes[runtime]["by_prompt"].items():
+            context = int(prompt) + runtimes[runtime]["decode_tokens"] / 2
+            if at["decode"].get(model) and context <= max_context:
+                parts.append(f'<circle cx="{X(context):.1f}" cy="{Y(at["decode"][model]):.1f}" r="3" fill="{color}"/>')
+        ly = pad_t + 14 + 18 * i
+        parts.append(f'<line x1="{width - pad_r + 10}" x2="{width - pad_r + 34}" y1="{ly - 4}" y2="{ly - 4}" '
+                     f'stroke="{color}" stroke-width="2"{dash}/>')
+        label = f"{'MLA' if model == 'mla' else 'original'} ({runtime})"
+        parts.append(f'<text x="{width - pad_r + 40}" y="{ly}">{html.escape(label)}</text>')
+    parts.append("</svg>")
+    return "\n".join(parts)
+
+
 def quality_table(rows: list[dict]) -> str:
     """Perplexity per text (columns) for each model and runtime (rows), the MLA build's ratio to the original."""
     if not rows:
@@ -89,26 +129,40 @@ def _ratio(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f}x"
 
 
+def _over(speeds: dict) -> float | None:
+    return speeds["mla"] / speeds["original"] if speeds.get("mla") and speeds.get("original") else None
+
+
 def verdict_section(summary: dict) -> str:
     """Which model to pick, per runtime and context; the measured speeds; the commands that run the files."""
     verdicts = summary.get("verdicts") or []
     if not verdicts:
         return ""
+    def modelled_decode(v: dict) -> str:
+        speeds = v.get("decode_tokens_per_s")
+        if not speeds:
+            return _ratio(v.get("decode_ratio")) + (" (measured)" if v.get("decode_ratio") else "")
+        return f"{speeds['mla']:.0f} / {speeds['original']:.0f} ({v['decode_ratio']:.2f}x)"
+
     lines = "".join(
         f"<tr><td>{v['runtime']}</td><td>{v['context']}</td><td>{v['mla_mb']:.0f}</td><td>{v['original_mb']:.0f}</td>"
-        f"<td>{_ratio(v.get('perplexity_ratio'))}</td><td>{v['decode_bound_mla']:.0f} / "
-        f"{v['decode_bound_original']:.0f}</td><td><b>{CHOICE_LABELS[v['choice']]}</b></td></tr>"
-        for v in verdicts)
+        f"<td>{_ratio(v.get('perplexity_ratio'))}</td><td>{modelled_decode(v)}</td>"
+        f"<td>{v['decode_bound_mla']:.0f} / {v['decode_bound_original']:.0f}</td>"
+        f"<td><b>{CHOICE_LABELS[v['choice']]}</b></td></tr>" for v in verdicts)
     speed = "".join(
-        f"<tr><td>{runtime}</td><td>{s['prefill_tokens_per_s'].get('mla', 0):.0f} / "
-        f"{s['prefill_tokens_per_s'].get('original', 0):.0f} ({s.get('prefill_ratio', float('nan')):.2f}x)</td>"
-        f"<td>{s['decode_tokens_per_s'].get('mla', 0):.1f} / {s['decode_tokens_per_s'].get('original', 0):.1f} "
-        f"({s.get('decode_ratio', float('nan')):.2f}x)</td></tr>" for runtime, s in (summary.get("runtimes") or {}).items())
+        f"<tr><td>{runtime}</td><td>{prompt}</td><td>{at['prefill'].get('mla', 0):.0f} / "
+        f"{at['prefill'].get('original', 0):.0f} ({_ratio(_over(at['prefill']))})</td>"
+        f"<td>{at['decode'].get('mla', 0):.1f} / {at['decode'].get('original', 0):.1f} "
+        f"({_ratio(_over(at['decode']))})</td></tr>"
+        for runtime, s in (summary.get("runtimes") or {}).items() for prompt, at in s.get("by_prompt", {}).items())
     if speed:
         first = next(iter(summary["runtimes"].values()))
-        speed = (f"<h3>Speed measured on the build machine ({first['prompt_tokens']}-token prompt, then 32 tokens, "
-                 f"{first['threads']} threads; MLA / original)</h3><table><tr><th>runtime</th><th>prefill tok/s</th>"
-                 f"<th>decode tok/s</th></tr>{speed}</table>")
+        speed = (f"<h3>Speed measured on the build machine (prompt, then 32 tokens, {first['threads']} threads; "
+                 f"MLA / original)</h3><table><tr><th>runtime</th><th>prompt tokens</th><th>prefill tok/s</th>"
+                 f"<th>decode tok/s</th></tr>{speed}</table><p>Speeds at other contexts (the table above) follow "
+                 "the line of time per token against the context through the two prompt lengths (edge_mla/"
+                 "speedmodel.py; checked in docs/speed.md); measured points as dots.</p>"
+                 + speed_plot(summary["runtimes"], max(v["context"] for v in verdicts)))
     commands = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                        for k, v in (summary.get("run_commands") or {}).items())
     texts = "".join(f"<li>{html.escape(v['text'])}</li>" for v in verdicts)
@@ -126,8 +180,9 @@ def verdict_section(summary: dict) -> str:
                 f"fits</p><ul>{pays}</ul>")
     return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}{pays}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
-            f"original (worst text)</th><th>bandwidth bound on the device, tok/s (MLA / original; bytes read only, "
-            f"not MLA's extra attention arithmetic: see the measured speed below)</th><th>choice</th>"
+            f"original (worst text)</th><th>decode tok/s on the build machine at this context (MLA / original; "
+            f"modelled from the speeds measured below)</th><th>bandwidth bound on the device, tok/s (MLA / original; "
+            f"bytes read only, not MLA's extra attention arithmetic)</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"
             f"{speed}<h3>Run the files with the settings priced</h3><ul>{commands}</ul>")
 

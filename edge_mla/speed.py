@@ -55,9 +55,10 @@ def onnx_speed(folder: str, prompt: list[int], decode_tokens: int, threads: int)
     return prefill, decode_tokens / (time.perf_counter() - t0)
 
 
-def measure(files: dict, prompt: list[int], *, kv_type: str, onnx_cache: str, decode_tokens: int = 32,
+def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: str, decode_tokens: int = 32,
             threads: int | None = None, repeats: int = 2, progress=print) -> list[SpeedRow]:
-    """Speeds of every file. files: {model: {"gguf": path, "onnx": folder}} (either may be missing)."""
+    """Speeds of every file after each prompt. files: {model: {"gguf": path, "onnx": folder}} (either may be
+    missing)."""
     import os
 
     from edge_mla.runtimes import llamacpp
@@ -66,39 +67,53 @@ def measure(files: dict, prompt: list[int], *, kv_type: str, onnx_cache: str, de
     threads = threads or os.cpu_count() or 1
     best: dict[tuple, tuple[float, float, str]] = {}
     for _ in range(repeats):
-        for model, paths in files.items():
-            for runtime, path in (("llama.cpp", paths.get("gguf")), ("onnxruntime", paths.get("onnx"))):
-                if path is None:
-                    continue
-                if runtime == "llama.cpp":
-                    cache = runnable_cache_type(check_gguf(path), kv_type)
-                    got = llamacpp.run_isolated(gguf_speed, str(path), prompt, decode_tokens, cache, threads)
-                else:
-                    cache, got = onnx_cache, onnx_speed(str(path), prompt, decode_tokens, threads)
-                old = best.get((model, runtime), (0.0, 0.0, cache))
-                best[(model, runtime)] = (max(old[0], got[0]), max(old[1], got[1]), cache)
-    rows = [SpeedRow(model, runtime, len(prompt), decode_tokens, round(p, 1), round(d, 1), threads, cache)
-            for (model, runtime), (p, d, cache) in best.items()]
+        for prompt in prompts:
+            for model, paths in files.items():
+                for runtime, path in (("llama.cpp", paths.get("gguf")), ("onnxruntime", paths.get("onnx"))):
+                    if path is None:
+                        continue
+                    if runtime == "llama.cpp":
+                        cache = runnable_cache_type(check_gguf(path), kv_type)
+                        got = llamacpp.run_isolated(gguf_speed, str(path), prompt, decode_tokens, cache, threads)
+                    else:
+                        cache, got = onnx_cache, onnx_speed(str(path), prompt, decode_tokens, threads)
+                    key = (model, runtime, len(prompt))
+                    old = best.get(key, (0.0, 0.0, cache))
+                    best[key] = (max(old[0], got[0]), max(old[1], got[1]), cache)
+    rows = [SpeedRow(model, runtime, tokens, decode_tokens, round(p, 1), round(d, 1), threads, cache)
+            for (model, runtime, tokens), (p, d, cache) in best.items()]
     for r in rows:
         progress(f"      speed {r.model:8s} {r.runtime:11s} prefill {r.prefill_tokens_per_s:7.1f} tok/s, decode "
                  f"{r.decode_tokens_per_s:6.1f} tok/s ({r.prompt_tokens}-token prompt, {threads} threads)")
     return rows
 
 
-def by_runtime(rows: list[SpeedRow]) -> dict:
+def by_runtime(rows: list[SpeedRow], contexts: list[int] = ()) -> dict:
     """report.json's per-runtime speeds: {runtime: {"decode_tokens_per_s": {model: x}, "prefill_...": ...,
-    "decode_ratio": MLA / original, "prefill_ratio": ...}}."""
+    "decode_ratio": MLA / original, "prefill_ratio": ..., "prompt_tokens": ...}} at the shortest prompt measured,
+    every prompt's figures under "by_prompt", and, where two prompt lengths were measured, the speeds modelled at
+    `contexts` under "modelled" (speedmodel.py)."""
+    from edge_mla import speedmodel
+
     out: dict = {}
-    for r in rows:
+    for r in sorted(rows, key=lambda r: r.prompt_tokens):
         entry = out.setdefault(r.runtime, {"decode_tokens_per_s": {}, "prefill_tokens_per_s": {},
-                                           "prompt_tokens": r.prompt_tokens, "threads": r.threads})
-        entry["decode_tokens_per_s"][r.model] = r.decode_tokens_per_s
-        entry["prefill_tokens_per_s"][r.model] = r.prefill_tokens_per_s
+                                           "prompt_tokens": r.prompt_tokens, "threads": r.threads,
+                                           "decode_tokens": r.decode_tokens, "by_prompt": {}})
+        at = entry["by_prompt"].setdefault(r.prompt_tokens, {"decode": {}, "prefill": {}})
+        at["decode"][r.model], at["prefill"][r.model] = r.decode_tokens_per_s, r.prefill_tokens_per_s
+        if r.prompt_tokens == entry["prompt_tokens"]:
+            entry["decode_tokens_per_s"][r.model] = r.decode_tokens_per_s
+            entry["prefill_tokens_per_s"][r.model] = r.prefill_tokens_per_s
     for entry in out.values():
         for what in ("decode", "prefill"):
             speeds = entry[f"{what}_tokens_per_s"]
             if "mla" in speeds and speeds.get("original"):
                 entry[f"{what}_ratio"] = round(speeds["mla"] / speeds["original"], 3)
+        lines = speedmodel.lines_of(entry["by_prompt"], entry["decode_tokens"])
+        if lines:
+            entry["lines"] = {phase: {m: asdict(line) for m, line in by_model.items()} for phase, by_model in lines.items()}
+            entry["modelled"] = speedmodel.modelled(entry["by_prompt"], list(contexts), entry["decode_tokens"])
     return out
 
 

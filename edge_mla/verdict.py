@@ -51,10 +51,19 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
         costs.append(f"{100 * (ratio - 1):+.0f}% perplexity on its worst text ({text})")
         if ratio > 1 + thresholds.max_quality_loss:
             misses.append(f"its worst text loses more than {100 * thresholds.max_quality_loss:.0f}%")
-    decode = (speed or {}).get("decode_ratio")
+    # the decode speed at this context: modelled from the two prompt lengths measured (speedmodel.py), else the
+    # ratio measured after the short prompt
+    modelled = ((speed or {}).get("modelled") or {}).get(context)
+    decode = modelled["decode"]["ratio"] if modelled else (speed or {}).get("decode_ratio")
     if decode is not None:
-        row["decode_ratio_measured"] = decode
-        costs.append(f"{decode:.2f}x the decode speed (measured on the build machine)")
+        row["decode_ratio"] = decode
+        row["decode_ratio_from"] = "modelled" if modelled else "measured"
+        if modelled:
+            row["decode_tokens_per_s"] = {m: modelled["decode"][m] for m in ("mla", "original")}
+            row["prefill_ratio"] = modelled["prefill"]["ratio"]
+        costs.append(f"{decode:.2f}x the decode speed at {context} tokens (modelled from the speeds measured on the "
+                     "build machine)" if modelled else f"{decode:.2f}x the decode speed (measured on the build "
+                     f"machine after a {(speed or {}).get('prompt_tokens', 256)}-token prompt)")
         if decode < thresholds.min_speed:
             misses.append(f"it decodes slower than {thresholds.min_speed:.2f}x")
     cost = ", ".join(costs)

@@ -45,6 +45,24 @@ def test_loss_falls(tmp_path, mla_dir, text_file):
     assert not (tmp_path / "ft.checkpoints").exists()
 
 
+def test_texts_given_directly_train_as_the_same_text_read_from_a_file(tmp_path, mla_dir, text_file):
+    """The build hands its mixture of kinds to the fine-tune as texts; they must be what it trains on."""
+    cfg = TrainConfig(tokens=4 * 4 * 32, seq_len=32, micro_batch=4, lr=3e-3)
+    from_file = [h["loss"] for h in finetune(mla_dir, tmp_path / "a", cfg, data=[str(text_file)])["history"]]
+    given = [h["loss"] for h in finetune(mla_dir, tmp_path / "b", cfg, texts=[text_file.read_text()])["history"]]
+    other = [h["loss"] for h in finetune(mla_dir, tmp_path / "c", cfg, texts=[text_file.read_text()[::-1]])["history"]]
+    assert given == from_file and other != from_file
+
+
+def test_the_builds_fine_tune_reads_the_calibration_mixture_or_the_users_texts(tmp_path, monkeypatch):
+    from edge_mla import build, data
+
+    monkeypatch.setattr(data, "calibration_texts", lambda tok, texts: [f"calibration:{texts}"])
+    monkeypatch.setattr(data, "book_text", lambda name: f"book:{name}")
+    assert build.finetune_texts(None) == ["calibration:None"] + [f"book:{b}" for b in data.BOOKS]
+    assert build.finetune_texts(None, ("mine.txt",)) == ["calibration:('mine.txt',)"]  # the user's domain only
+
+
 def test_resume_continues_where_it_stopped(tmp_path, mla_dir, text_file):
     cfg = TrainConfig(tokens=6 * 4 * 32, seq_len=32, micro_batch=4, lr=3e-3)
     straight = finetune(mla_dir, tmp_path / "a", cfg, data=[str(text_file)])

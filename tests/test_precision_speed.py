@@ -39,7 +39,7 @@ def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monke
     monkeypatch.setattr(gguf_file, "runnable_cache_type", lambda info, kv: kv)
     monkeypatch.setattr(speed, "onnx_speed", lambda path, prompt, n, threads: onnx_passes[path].pop(0))
     files = {"mla": {"gguf": "mla.gguf", "onnx": "mla-onnx"}, "original": {"gguf": "orig.gguf", "onnx": "orig-onnx"}}
-    rows = speed.measure(files, list(range(64)), kv_type="q4_0", onnx_cache="int4", threads=2, repeats=2,
+    rows = speed.measure(files, [list(range(64))], kv_type="q4_0", onnx_cache="int4", threads=2, repeats=2,
                          progress=lambda *_: None)
     assert calls == ["mla.gguf", "orig.gguf", "mla.gguf", "orig.gguf"]  # interleaved passes
     got = {(r.model, r.runtime): (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.cache) for r in rows}
@@ -49,3 +49,31 @@ def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monke
     assert table["llama.cpp"]["decode_ratio"] == round(20.0 / 44.0, 3)
     assert table["onnxruntime"]["prefill_ratio"] == round(300.0 / 330.0, 3)
     assert table["onnxruntime"]["prompt_tokens"] == 64 and table["llama.cpp"]["threads"] == 2
+
+
+def test_two_prompt_lengths_give_each_runtime_its_speeds_at_every_context(monkeypatch):
+    """Scripted: time per token = fixed + slope * context exactly; the table models the verdict's contexts."""
+    from edge_mla.runtimes import gguf_file, llamacpp
+
+    lines = {"mla": (10.0, 0.008), "original": (7.0, 0.003)}  # ms, ms per token of context (decode)
+
+    def measured(path, prompt, n, *_):
+        fixed, slope = lines["mla" if path.startswith("mla") else "original"]
+        return 1e3 / (2.0 + 0.001 * len(prompt)), 1e3 / (fixed + slope * (len(prompt) + n / 2))
+
+    monkeypatch.setattr(llamacpp, "run_isolated", lambda fn, path, prompt, n, cache, threads: measured(path, prompt, n))
+    monkeypatch.setattr(gguf_file, "check_gguf", lambda path: path)
+    monkeypatch.setattr(gguf_file, "runnable_cache_type", lambda info, kv: kv)
+    monkeypatch.setattr(speed, "onnx_speed", measured)
+    files = {"mla": {"gguf": "mla.gguf", "onnx": "mla-onnx"}, "original": {"gguf": "orig.gguf", "onnx": "orig-onnx"}}
+    rows = speed.measure(files, [list(range(256)), list(range(1024))], kv_type="q4_0", onnx_cache="int4",
+                         threads=2, repeats=1, progress=lambda *_: None)
+    table = speed.by_runtime(rows, [4096])
+    for runtime in ("llama.cpp", "onnxruntime"):
+        entry = table[runtime]
+        assert entry["prompt_tokens"] == 256 and set(entry["by_prompt"]) == {256, 1024}
+        at = entry["modelled"][4096]
+        expected = {m: 1e3 / (fixed + slope * 4096) for m, (fixed, slope) in lines.items()}
+        assert at["decode"]["mla"] == pytest.approx(expected["mla"], abs=0.1)
+        assert at["decode"]["ratio"] == pytest.approx(expected["mla"] / expected["original"], abs=1e-3)
+        assert at["prefill"]["ratio"] == pytest.approx(1.0, abs=1e-3)  # both files prefill alike here

@@ -143,3 +143,19 @@ def test_mla_pays_where_only_it_fits_even_below_the_share_and_never_when_it_save
     assert "only the MLA build fits" in got["reason"]
     assert memory_mb(ORIGINAL, got["context"]) > usable >= memory_mb(MLA, got["context"])
     assert memory_mb(ORIGINAL, got["context"] - 256) <= usable
+
+
+def test_speed_is_judged_at_the_context_priced_where_it_was_modelled():
+    context = 8192
+    dev = roomy_device(context)
+    slow_there = {"decode_ratio": 0.95, "prompt_tokens": 256,
+                  "modelled": {context: {"decode": {"mla": 7.0, "original": 10.0, "ratio": 0.7},
+                                         "prefill": {"mla": 20.0, "original": 10.0, "ratio": 2.0}}}}
+    v = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.05, "chat"), slow_there)
+    assert v["choice"] == "original" and "decodes slower than 0.85x" in v["text"]
+    assert v["decode_ratio"] == 0.7 and v["decode_ratio_from"] == "modelled" and v["prefill_ratio"] == 2.0
+    assert f"0.70x the decode speed at {context} tokens (modelled" in v["text"]
+    # a context the model did not price falls back to the ratio measured after the short prompt
+    other = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, roomy_device(4096), 4096, (1.05, "chat"), slow_there)
+    assert other["decode_ratio"] == 0.95 and other["decode_ratio_from"] == "measured" and other["choice"] == "mla"
+    assert "after a 256-token prompt" in other["text"]

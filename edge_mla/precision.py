@@ -38,6 +38,17 @@ def default_cache_bits(weight_bits: int, trained: bool) -> int:
     return 8 if weight_bits == 4 and not trained else weight_bits
 
 
+def default_cache_bits_for(weight_bits: int, mla: dict | None) -> int:
+    """default_cache_bits for one model, the one policy of every command (build, export onnx, export gguf): `mla` is
+    a converted model's MLA section (its config's), None for an original model, which is no conversion to break;
+    a conversion counts as trained when it records a recovery or a fine-tune."""
+    trained = mla is None or bool(mla.get("recovery") or mla.get("finetune"))
+    return default_cache_bits(weight_bits, trained)
+
+
+WEIGHT_BITS_OF_TYPE = {"f32": 32, "f16": 16, "q8_0": 8, "q4_0": 4, "q4_k": 4}
+
+
 def gguf_cache_type(kv_bits: int) -> str:
     return GGUF_CACHE_TYPE[check_bits(kv_bits, "--kv-bits")]
 

@@ -50,8 +50,10 @@ def add_arguments(parser) -> None:
     kind.add_argument("--weights", default=None, choices=WEIGHTS,
                       help="an exact weight type instead of --bits: f32/f16, q8_0/q4_0 (gguf-py), q4_k (llama.cpp's "
                            "Q4_K_M quantizer)")
-    parser.add_argument("--kv-bits", type=int, default=16, choices=precision.BITS,
-                        help="the llama.cpp cache the file is meant for (recorded in it; `edge-mla run` uses it)")
+    parser.add_argument("--kv-bits", type=int, default=None, choices=precision.BITS,
+                        help="the llama.cpp cache the file is meant for (recorded in it; `edge-mla run` uses it); "
+                             "default: the weight bits, but 8 for a training-free conversion under 4-bit weights "
+                             "(precision.default_cache_bits)")
     parser.add_argument("--align", type=int, default=DEFAULT_ALIGN,
                         help="pad C and C+R with exact zeros to multiples of this (32: q8_0/q4_0 caches work; "
                              "1: no padding)")
@@ -74,7 +76,7 @@ def add_arguments(parser) -> None:
 def main(args) -> int:
     weights = args.weights or precision.gguf_weight_type(args.bits or 16)
     info, notes = export(args.model_dir, args.out, weights=weights, align=args.align,
-                         cache_type=precision.gguf_cache_type(args.kv_bits),
+                         cache_type=precision.gguf_cache_type(args.kv_bits) if args.kv_bits else None,
                          tokenizer_gguf=args.tokenizer_gguf, tokenizer_pre=args.tokenizer_pre,
                          calib_windows=args.calib_windows, calib_length=args.calib_length, text=args.calib_text,
                          threads=args.threads, force=args.force)
@@ -308,11 +310,12 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
            tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None,
            calib_windows: int = CALIBRATION_DEFAULTS["gguf"][0], calib_length: int = CALIBRATION_DEFAULTS["gguf"][1],
            text: str | None = None, threads: int | None = None,
-           force: bool = False, cache_type: str = "f16") -> tuple[GGUFInfo, list[str]]:
+           force: bool = False, cache_type: str | None = None) -> tuple[GGUFInfo, list[str]]:
     """Write MODEL as a GGUF at OUT (atomically) and check it as llama.cpp would. Returns (info, notes).
-    `cache_type` is the llama.cpp cache the file is meant to run with: recorded in it, used by `edge-mla run`."""
+    `cache_type` is the llama.cpp cache the file is meant to run with: recorded in it, used by `edge-mla run`
+    (None: precision's one policy, the weights' bits, 8 for a training-free conversion at 4)."""
     out = Path(out)
-    if cache_type not in precision.GGUF_CACHE_TYPE.values():
+    if cache_type is not None and cache_type not in precision.GGUF_CACHE_TYPE.values():
         raise ValueError(f"unknown cache type '{cache_type}': choose one of "
                          f"{', '.join(precision.GGUF_CACHE_TYPE.values())}")
     if weights not in WEIGHTS:
@@ -325,6 +328,9 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     if weights == "q4_k":
         _quantizer()  # fail before the slow steps if llama.cpp is missing
     loaded = load_model(model)
+    if cache_type is None:
+        cache_type = precision.gguf_cache_type(precision.default_cache_bits_for(
+            min(16, precision.WEIGHT_BITS_OF_TYPE[weights]), loaded.mla))
     if loaded.mla is not None:
         check_mla(loaded, align)  # refuse before the calibration pass and the tokenizer
     else:

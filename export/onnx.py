@@ -37,7 +37,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--bits", "--weight-bits", dest="weight_bits", type=int, default=4,
                         help="weight bits: 4 or 8 (MatMulNBits), 16 or 32 (float)")
     parser.add_argument("--kv-bits", type=int, default=None,
-                        help="cache: 4 (packed int4), 8 (int8), 16 or 32 (float); default: the weight bits")
+                        help="cache: 4 (packed int4), 8 (int8), 16 or 32 (float); default: the weight bits, but 8 "
+                             "for a training-free conversion under 4-bit weights (precision.default_cache_bits)")
     parser.add_argument("--block-size", type=int, default=32, help="weight quantization block (power of 2, >= 16)")
     parser.add_argument("--asymmetric", action="store_true", help="asymmetric weight blocks (with zero points)")
     parser.add_argument("--head-bits", type=int, default=None,
@@ -245,12 +246,16 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     lazy with their layerwise.Checkpoint; a folder given by path is read lazily. Every layer of a lazy model is
     read, calibrated, quantized and written to model.onnx.data in turn (one layer in memory at a time)."""
     out = Path(out)
-    kv_bits = kv_bits if kv_bits is not None else weight_bits
-    check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales, prefill)
+    if kv_bits is not None:  # refused before any work; the default depends on the model (below)
+        check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales, prefill)
     refuse_existing(out, overwrite)
     if model is None:
         src = load_model(model_dir, original)
         model, tokenizer, checkpoint = src.model, src.tokenizer, src.checkpoint
+    if kv_bits is None:  # precision's one policy: the weights' bits, 8 for a training-free conversion at 4
+        kv_bits = precision.default_cache_bits_for(weight_bits, None if original else
+                                                   getattr(model.config, "mla", None))
+        check_options(weight_bits, kv_bits, block_size, body, head_bits, weight_method, kv_scales, prefill)
     if not getattr(tokenizer, "is_fast", False):
         raise ValueError("the runner needs a fast tokenizer (tokenizer.json); this model's tokenizer is not one")
     dec = decoder_from_original(model, checkpoint) if original else decoder_from_mla(model, rotate_latent, checkpoint)

@@ -332,3 +332,19 @@ def test_gguf_says_what_it_is_and_run_uses_its_cache_type(tmp_path, tokenizer, t
     assert "KV cache q8_0" in capsys.readouterr().err  # no --kv-type given: the recorded one
     assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1", "--kv-bits", "16"]) == 0
     assert "KV cache f16" in capsys.readouterr().err
+
+
+def test_export_without_kv_bits_takes_the_one_cache_policy(tmp_path, tokenizer, text_file):
+    """A training-free conversion at 4-bit weights is meant for a q8_0 cache, a recovered one for q4_0, the
+    original for q4_0 (precision.default_cache_bits), as `edge-mla build` and `export onnx` decide."""
+    folder = converted_folder(tmp_path, tokenizer, "llama-gqa", Plan("partition", 2, 24))
+    free = tmp_path / "free.gguf"
+    export(folder, free, text_file, weights="q4_0")
+    assert llamacpp.check_gguf(free).cache_type == "q8_0"
+    model, tok = load(folder)
+    model.config.mla["recovery"] = {"steps_per_layer": 1}
+    recovered = save(model, tok, tmp_path / "recovered")
+    export(recovered, tmp_path / "rec.gguf", text_file, weights="q4_0")
+    assert llamacpp.check_gguf(tmp_path / "rec.gguf").cache_type == "q4_0"
+    export(folder, tmp_path / "f16.gguf", text_file, weights="f16")
+    assert llamacpp.check_gguf(tmp_path / "f16.gguf").cache_type == "f16"

@@ -607,3 +607,16 @@ def test_smollm2_int4_weights_int4_cache_perplexity_bound(tmp_path):
 
 
 PPL_BOUND = 3.0  # measured x2.18 on 8 x 1024 tokens (docs/onnx.md); margin for the smaller calibration here
+
+
+@needs_quantizer
+def test_export_without_kv_bits_takes_the_one_cache_policy(tmp_path, mla_model, text_file):
+    """4-bit weights: a training-free conversion gets an int8 cache, a recovered one int4 (docs/commands.md)."""
+    meta = lambda folder: json.loads((folder / META).read_text())["cache"]["dtype"]  # noqa: E731
+    calib = dict(weight_bits=4, calib_text=str(text_file), calib_windows=4, calib_length=64)
+    assert meta(export(mla_model, tmp_path / "free", **calib)) == "int8"
+    mla_model.config.mla["recovery"] = {"steps_per_layer": 1}
+    try:
+        assert meta(export(mla_model, tmp_path / "recovered", **calib)) == "int4"
+    finally:
+        del mla_model.config.mla["recovery"]

@@ -77,3 +77,12 @@ def test_two_prompt_lengths_give_each_runtime_its_speeds_at_every_context(monkey
         assert at["decode"]["mla"] == pytest.approx(expected["mla"], abs=0.1)
         assert at["decode"]["ratio"] == pytest.approx(expected["mla"] / expected["original"], abs=1e-3)
         assert at["prefill"]["ratio"] == pytest.approx(1.0, abs=1e-3)  # both files prefill alike here
+
+
+def test_one_cache_default_for_every_command():
+    """The cache follows the weights, except a training-free conversion under 4-bit weights (8 bits)."""
+    assert precision.default_cache_bits_for(4, None) == 4  # an original model: no conversion to break
+    assert precision.default_cache_bits_for(4, {"latent_dim": 64}) == 8  # training-free conversion
+    assert precision.default_cache_bits_for(4, {"recovery": {"steps_per_layer": 300}}) == 4
+    assert precision.default_cache_bits_for(4, {"finetune": {"steps": 10}}) == 4
+    assert precision.default_cache_bits_for(8, {}) == 8 and precision.default_cache_bits_for(16, {}) == 16

@@ -12,46 +12,71 @@ COLORS = {("mla", "llama.cpp"): "#1f77b4", ("mla", "onnxruntime"): "#2ca02c",
 FP16_COLOR = "#9467bd"
 
 
+class _Chart:
+    """An SVG chart of values against the context: white frame, grid and axis labels, a legend on the right."""
+    PAD_L, PAD_R, PAD_T, PAD_B = 70, 330, 20, 45
+
+    def __init__(self, width: int, height: int, max_context: int, top: float, y_label: str):
+        self.width, self.height, self.max_context, self.top = width, height, max_context, top
+        self.parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+                      f'font-family="sans-serif" font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
+        right, bottom = width - self.PAD_R, height - self.PAD_B
+        for i in range(6):  # grid and axes labels
+            v, c = top * i / 5, max_context * i / 5
+            self.parts.append(f'<line x1="{self.PAD_L}" x2="{right}" y1="{self.y(v):.1f}" y2="{self.y(v):.1f}" '
+                              'stroke="#eee"/>')
+            self.parts.append(f'<text x="{self.PAD_L - 6}" y="{self.y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
+            self.parts.append(f'<text x="{self.x(c):.1f}" y="{bottom + 16}" text-anchor="middle">{c:.0f}</text>')
+        self.parts.append(f'<text x="{(right + self.PAD_L) / 2}" y="{height - 8}" text-anchor="middle">context '
+                          '(tokens)</text>')
+        self.parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" '
+                          f'text-anchor="middle">{y_label}</text>')
+
+    def x(self, context: float) -> float:
+        return self.PAD_L + (self.width - self.PAD_L - self.PAD_R) * context / self.max_context
+
+    def y(self, value: float) -> float:
+        return self.height - self.PAD_B - (self.height - self.PAD_T - self.PAD_B) * value / self.top
+
+    def curve(self, values, color: str, dashed: bool) -> None:
+        """values: a function of the context, drawn at 65 points from 0 to max_context."""
+        xs = [int(self.max_context * i / 64) for i in range(65)]
+        points = " ".join(f"{self.x(c):.1f},{self.y(values(c)):.1f}" for c in xs)
+        dash = ' stroke-dasharray="3 3"' if dashed else ""
+        self.parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+
+    def legend(self, entries: list[tuple[str, str, bool]]) -> None:
+        for i, (label, color, dashed) in enumerate(entries):
+            ly = self.PAD_T + 14 + 18 * i
+            left = self.width - self.PAD_R
+            dash = ' stroke-dasharray="4 3"' if dashed else ""
+            self.parts.append(f'<line x1="{left + 10}" x2="{left + 34}" y1="{ly - 4}" y2="{ly - 4}" '
+                              f'stroke="{color}" stroke-width="2"{dash}/>')
+            self.parts.append(f'<text x="{left + 40}" y="{ly}">{html.escape(label)}</text>')
+
+    def svg(self) -> str:
+        return "\n".join(self.parts + ["</svg>"])
+
+
 def memory_plot(footprints: list[Footprint], device: Device, max_context: int, width: int = 860,
                 height: int = 360) -> str:
-    pad_l, pad_r, pad_t, pad_b = 70, 330, 20, 45
-    xs = [int(max_context * i / 64) for i in range(65)]
     highest = max(fp.memory_bytes(max_context) / MB for fp in footprints)
     # A device far above every curve would flatten them: then the budget is stated, not drawn.
     top = max(device.usable_mb * 1.15, highest * 1.05) if device.usable_mb < 3 * highest else highest * 1.25
-    X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
-    Y = lambda mb: height - pad_b - (height - pad_t - pad_b) * mb / top  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
-    for i in range(6):  # grid and axes labels
-        mb, c = top * i / 5, max_context * i / 5
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{Y(mb):.1f}" y2="{Y(mb):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{pad_l - 6}" y="{Y(mb) + 4:.1f}" text-anchor="end">{mb:.0f}</text>')
-        parts.append(f'<text x="{X(c):.1f}" y="{height - pad_b + 16}" text-anchor="middle">{c:.0f}</text>')
-    parts.append(f'<text x="{(width - pad_r + pad_l) / 2}" y="{height - 8}" text-anchor="middle">context (tokens)</text>')
-    parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
-                 'memory (MB)</text>')
+    chart = _Chart(width, height, max_context, top, "memory (MB)")
     if device.usable_mb <= top:
-        y = Y(device.usable_mb)
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{y:.1f}" y2="{y:.1f}" stroke="black" '
-                     'stroke-dasharray="6 4"/>')
+        y = chart.y(device.usable_mb)
+        chart.parts.append(f'<line x1="{chart.PAD_L}" x2="{width - chart.PAD_R}" y1="{y:.1f}" y2="{y:.1f}" '
+                           'stroke="black" stroke-dasharray="6 4"/>')
         legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable", "black", True)]
     else:
         legend = [(f"{device.name}: {device.usable_mb:.0f} MB usable (off the chart)", "white", False)]
     for fp in footprints:
         color = FP16_COLOR if "fp16" in fp.name else COLORS.get((fp.kind, fp.runtime), "#777")
-        points = " ".join(f"{X(c):.1f},{Y(fp.memory_bytes(c) / MB):.1f}" for c in xs)
-        dash = ' stroke-dasharray="3 3"' if fp.kind == "original" else ""
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        chart.curve(lambda c, fp=fp: fp.memory_bytes(c) / MB, color, fp.kind == "original")
         legend.append((f"{'MLA' if fp.kind == 'mla' else fp.name} ({fp.runtime})", color, fp.kind == "original"))
-    for i, (label, color, dashed) in enumerate(legend):
-        ly = pad_t + 14 + 18 * i
-        dash = ' stroke-dasharray="4 3"' if dashed else ""
-        parts.append(f'<line x1="{width - pad_r + 10}" x2="{width - pad_r + 34}" y1="{ly - 4}" y2="{ly - 4}" '
-                     f'stroke="{color}" stroke-width="2"{dash}/>')
-        parts.append(f'<text x="{width - pad_r + 40}" y="{ly}">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+    chart.legend(legend)
+    return chart.svg()
 
 
 def speed_plot(runtimes: dict, max_context: int, width: int = 860, height: int = 300) -> str:
@@ -60,38 +85,21 @@ def speed_plot(runtimes: dict, max_context: int, width: int = 860, height: int =
     curves = {(m, r): e["lines"]["decode"][m] for r, e in runtimes.items() if e.get("lines") for m in ("mla", "original")}
     if not curves:
         return ""
-    pad_l, pad_r, pad_t, pad_b = 70, 330, 20, 45
-    xs = [max(1, int(max_context * i / 64)) for i in range(65)]
     speed = lambda line, c: 1e3 / (line["fixed_ms"] + line["per_token_ms"] * c)  # noqa: E731
-    top = 1.1 * max(speed(line, 0) for line in curves.values())
-    X = lambda c: pad_l + (width - pad_l - pad_r) * c / max_context  # noqa: E731
-    Y = lambda v: height - pad_b - (height - pad_t - pad_b) * v / top  # noqa: E731
-    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-             f'font-size="11">', f'<rect width="{width}" height="{height}" fill="white"/>']
-    for i in range(6):
-        v, c = top * i / 5, max_context * i / 5
-        parts.append(f'<line x1="{pad_l}" x2="{width - pad_r}" y1="{Y(v):.1f}" y2="{Y(v):.1f}" stroke="#eee"/>')
-        parts.append(f'<text x="{pad_l - 6}" y="{Y(v) + 4:.1f}" text-anchor="end">{v:.0f}</text>')
-        parts.append(f'<text x="{X(c):.1f}" y="{height - pad_b + 16}" text-anchor="middle">{c:.0f}</text>')
-    parts.append(f'<text x="{(width - pad_r + pad_l) / 2}" y="{height - 8}" text-anchor="middle">context (tokens)</text>')
-    parts.append(f'<text x="14" y="{height / 2}" transform="rotate(-90 14 {height / 2})" text-anchor="middle">'
-                 'decode tokens/s</text>')
-    for i, ((model, runtime), line) in enumerate(curves.items()):
+    chart = _Chart(width, height, max_context, 1.1 * max(speed(line, 0) for line in curves.values()),
+                   "decode tokens/s")
+    legend = []
+    for (model, runtime), line in curves.items():
         color = COLORS.get((model, runtime), "#777")
-        dash = ' stroke-dasharray="3 3"' if model == "original" else ""
-        points = " ".join(f"{X(c):.1f},{Y(speed(line, c)):.1f}" for c in xs)
-        parts.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="2"{dash}/>')
+        chart.curve(lambda c, line=line: speed(line, c), color, model == "original")
         for prompt, at in runtimes[runtime]["by_prompt"].items():
             context = int(prompt) + runtimes[runtime]["decode_tokens"] / 2
             if at["decode"].get(model) and context <= max_context:
-                parts.append(f'<circle cx="{X(context):.1f}" cy="{Y(at["decode"][model]):.1f}" r="3" fill="{color}"/>')
-        ly = pad_t + 14 + 18 * i
-        parts.append(f'<line x1="{width - pad_r + 10}" x2="{width - pad_r + 34}" y1="{ly - 4}" y2="{ly - 4}" '
-                     f'stroke="{color}" stroke-width="2"{dash}/>')
-        label = f"{'MLA' if model == 'mla' else 'original'} ({runtime})"
-        parts.append(f'<text x="{width - pad_r + 40}" y="{ly}">{html.escape(label)}</text>')
-    parts.append("</svg>")
-    return "\n".join(parts)
+                chart.parts.append(f'<circle cx="{chart.x(context):.1f}" cy="{chart.y(at["decode"][model]):.1f}" '
+                                   f'r="3" fill="{color}"/>')
+        legend.append((f"{'MLA' if model == 'mla' else 'original'} ({runtime})", color, model == "original"))
+    chart.legend(legend)
+    return chart.svg()
 
 
 def quality_table(rows: list[dict]) -> str:

@@ -113,7 +113,7 @@ def by_runtime(rows: list[SpeedRow], contexts: list[int] = ()) -> dict:
         lines = speedmodel.lines_of(entry["by_prompt"], entry["decode_tokens"])
         if lines:
             entry["lines"] = {phase: {m: asdict(line) for m, line in by_model.items()} for phase, by_model in lines.items()}
-            entry["modelled"] = speedmodel.modelled(entry["by_prompt"], list(contexts), entry["decode_tokens"])
+            entry["modelled"] = speedmodel.speeds_at(lines, list(contexts))
     return out
 
 

@@ -67,7 +67,11 @@ def lines_of(by_prompt: dict, decode_tokens: int) -> dict:
 
 def modelled(by_prompt: dict, contexts: list[int], decode_tokens: int) -> dict:
     """{context: {"decode": {"mla", "original", "ratio"}, "prefill": {...}}} at each context, from lines_of."""
-    lines = lines_of(by_prompt, decode_tokens)
+    return speeds_at(lines_of(by_prompt, decode_tokens), contexts)
+
+
+def speeds_at(lines: dict, contexts: list[int]) -> dict:
+    """modelled()'s speeds from lines already drawn ({phase: {model: Line}}; empty: none)."""
     out = {}
     for context in contexts if lines else ():
         entry = {}

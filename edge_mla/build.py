@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_mla import budget as bud
-from edge_mla import precision, recover, timebudget
+from edge_mla import precision, recover, timebudget, timeplan
 from edge_mla.convert import check_saving, named_plan, original_cache_width, resolve_plan
 from edge_mla.data import spread_windows
 from edge_mla.plans import EXPECTED_COST, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
@@ -25,6 +25,7 @@ from edge_mla.publish import refuse_existing, staged_folder
 # is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
 LONG_SPEED_PROMPT = 4  # speed is also measured after a prompt this many times --speed-prompt (speedmodel.py)
+QUALITY_WINDOWS, SPEED_PROMPT = 4, 256  # the defaults of --quality-windows and --speed-prompt
 
 
 def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):
@@ -90,13 +91,16 @@ class Job:
     finetune_tokens: int
     quality_windows: int
     quality_length: int
-    speed_prompt: int
+    speed_prompts: tuple[int, ...]  # prompt lengths the speed runs measure after (none: no speed runs)
     max_quality_loss: float | None
     time_budget: float | None
     threads: int | None
     thresholds: object
     t0: float
     steps: int  # progress steps shown
+    speed_repeats: int = 2
+    time_plan: dict | None = None  # timeplan.Fitted.as_dict: what the budget bought, estimated per part
+    marks: dict = field(default_factory=dict)  # progress step -> when it began (what each part took)
 
     @property
     def weights(self) -> str:  # llama.cpp's names
@@ -107,6 +111,7 @@ class Job:
         return precision.gguf_cache_type(self.kv_bits)
 
     def step(self, i: int, what: str) -> None:
+        self.marks[i] = time.perf_counter()
         step(self.t0, i, self.steps, what)
 
 
@@ -143,13 +148,14 @@ class Measured:
 
 def build(model: str, device_name: str, bits: int, out: str | Path, *, context: int | None = None,
           finetune_tokens: int = 0, plan: Plan | None = None, force: bool = False,
-          devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int = 4,
-          quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int = 256,
+          devices_file: str | None = None, kv_bits: int | None = None, quality_windows: int | None = None,
+          quality_length: int = 512, recover_steps: int = RECOVER_STEPS, speed_prompt: int | None = None,
           max_quality_loss: float | None = None, formats: tuple[str, ...] = ("onnx", "gguf"),
           threads: int | None = None, calibration: Calibration = Calibration(),
           time_budget: float | None = None, thresholds=None) -> dict:
     """prepare -> originals -> convert (-> fine-tune) -> export -> measure -> assess -> report, in a staging folder
-    published whole at the end (an interrupted build leaves nothing)."""
+    published whole at the end (an interrupted build leaves nothing). quality_windows and speed_prompt left None
+    are the defaults (QUALITY_WINDOWS, SPEED_PROMPT), which the time budget may shrink; given, they are kept."""
     job, src = decide(model, device_name, bits, out, context, finetune_tokens, plan, force, devices_file, kv_bits,
                       quality_windows, quality_length, recover_steps, speed_prompt, max_quality_loss, formats,
                       threads, calibration, time_budget, thresholds)
@@ -168,6 +174,10 @@ def build(model: str, device_name: str, bits: int, out: str | Path, *, context: 
         summary, footprints, budgets = summarize(job, converted, exports, originals, measured)
         summary["build_seconds"] = round(time.perf_counter() - job.t0, 1)
         summary["one_off_seconds"] = round(budget_start - job.t0, 1)  # fetching and preparing, outside the budget
+        if job.time_plan:
+            summary["time_plan"] = {**job.time_plan, "took_seconds": took(job)}
+            summary["key_figures"]["time budget"] = timeplan.bought(job.time_plan, job.time_budget,
+                                                                    summary["build_seconds"])
         shutil.rmtree(originals.folder, ignore_errors=True)
         if not any(b.fits for b in budgets if not b.model.startswith("original")):
             from edge_mla.assess import no_fit_message
@@ -188,10 +198,10 @@ def decide(model, device_name, bits, out, context, finetune_tokens, plan, force,
     from edge_mla.source import load_source
 
     precision.check_bits(bits)
+    if kv_bits is not None:
+        precision.check_bits(kv_bits, "--kv-bits")
     calibration.check()
     recover_steps = 0 if finetune_tokens else recover_steps  # the fine-tune recovers more, and on the GPU
-    trained = bool(finetune_tokens or recover_steps)
-    kv_bits = precision.check_bits(kv_bits or precision.default_cache_bits(bits, trained), "--kv-bits")
     device = bud.find_device(device_name, bud.load_devices(devices_file))
     out = refuse_existing(out, force)
     if finetune_tokens:
@@ -204,7 +214,7 @@ def decide(model, device_name, bits, out, context, finetune_tokens, plan, force,
                          "there; even a 135M-parameter model at 4 bits needs about 90 MB. Pick a device with at least "
                          "256 MB of RAM (e.g. rpi-zero-2w)")
     t0 = time.perf_counter()
-    n = 6 if trained else 5
+    n = 6 if recover_steps or finetune_tokens else 5
     step(t0, 1, n, f"loading {model}")
     # A folder's weights stay on disk and are read a layer at a time (layerwise.py) by the conversion and by both
     # exporters, except for the quality target's retries, which re-convert a pristine in-memory copy.
@@ -218,17 +228,57 @@ def decide(model, device_name, bits, out, context, finetune_tokens, plan, force,
     context = context or min(limit, 4096)
     if context > limit:
         raise ValueError(f"--context {context} is beyond what {model} allows ({limit}); use {limit} or less")
+    plan, given_plan = planned(config, plan, formats, src, finetune_tokens, recover_steps), plan
+    prompt = min(SPEED_PROMPT if speed_prompt is None else speed_prompt, limit - 32)
+    sizes = timeplan.defaults(QUALITY_WINDOWS if quality_windows is None else quality_windows, quality_length,
+                              tuple(sorted({prompt, min(LONG_SPEED_PROMPT * prompt, limit - 32)})) if prompt > 0
+                              else (), bool(recover_steps), calibration)
+    time_plan = None
+    if time_budget and not finetune_tokens and max_quality_loss is None:
+        fixed = frozenset(name for name, given in (("calibration", calibration.windows or calibration.length),
+                                                   ("quality", quality_windows is not None),
+                                                   ("speed", speed_prompt is not None)) if given)
+        sizes, time_plan = afford(src, sizes, time_budget, formats, recover_steps, fixed)
+        calibration = replace(calibration, planned=sizes.calibration)
+        if recover_steps and not sizes.recover:  # the budget buys no recovery here: a training-free width
+            recover_steps = 0
+            plan = planned(config, given_plan, formats, src, finetune_tokens, recover_steps)
+    kv_bits = kv_bits or precision.default_cache_bits(bits, bool(finetune_tokens or recover_steps))
+    n = 6 if finetune_tokens or recover_steps else 5
+    job = Job(model, device, bits, kv_bits, out, context, limit, copy.deepcopy(config), plan, formats, calibration,
+              recover_steps, finetune_tokens, sizes.quality_windows, sizes.quality_length, sizes.speed_prompts,
+              max_quality_loss, time_budget, threads, thresholds, t0, n, sizes.speed_repeats, time_plan)
+    return job, src
+
+
+def planned(config, plan, formats, src, finetune_tokens: int, recover_steps: int):
+    """The conversion plan for how the build recovers (its width follows), checked by every exporter before any
+    work (preflight)."""
+    from edge_mla import preflight
+
     plan_name = "finetuned" if finetune_tokens else "recovered" if recover_steps else "training-free"
     plan = named_plan(plan_name, config, plan)
     check_saving(config, plan, EXPECTED_COST[plan_name])
-    plan, notes = preflight.check(src.model, plan, formats, originals=True,  # every exporter, before any work
-                                  checkpoint=src.checkpoint)
+    plan, notes = preflight.check(src.model, plan, formats, originals=True, checkpoint=src.checkpoint)
     for note in notes:
         print("      " + note)
-    job = Job(model, device, bits, kv_bits, out, context, limit, copy.deepcopy(config), plan, formats, calibration, recover_steps,
-              finetune_tokens, quality_windows, quality_length, min(speed_prompt, limit - 32), max_quality_loss,
-              time_budget, threads, thresholds, t0, n)
-    return job, src
+    return plan
+
+
+def afford(src, wanted, time_budget: float, formats, recover_steps: int, fixed: frozenset):
+    """What the time budget affords on this machine (timeplan.py): a probe of the model, then the sizes, said."""
+    probe = timeplan.measure(src.model, src.checkpoint)
+    fitted = timeplan.fit(time_budget, probe, wanted, formats, timebudget.MLA_SCORING, recover_steps, fixed)
+    for line in timeplan.describe(fitted, probe, time_budget, wanted):
+        print("      " + line, flush=True)
+    return fitted.sizes, fitted.as_dict(probe)
+
+
+def took(job: Job) -> dict:
+    """Seconds each progress step took, by its number (the last ran until now)."""
+    marks = sorted(job.marks.items())
+    ends = [t for _, t in marks[1:]] + [time.perf_counter()]
+    return {str(i): round(end - start, 1) for (i, start), end in zip(marks, ends)}
 
 
 def prepare(job: Job, src):
@@ -384,7 +434,7 @@ def export_mla(job: Job, src, staging: Path, converted: Converted) -> Exports:
     job.step(converted.next_step + 1, f"budgeting for {job.device.name}" + (
         f"; perplexity of the MLA build through llama.cpp and onnxruntime ({job.quality_windows} x "
         f"{job.quality_length} tokens per text, the same windows as the original's)" if job.quality_windows else "")
-        + ("; their speed" if job.speed_prompt > 0 else ""))
+        + ("; their speed" if job.speed_prompts else ""))
     return exports
 
 
@@ -397,15 +447,16 @@ def measure(job: Job, src, exports: Exports, originals: Originals, battery) -> M
     if battery:
         battery.score({"mla": files["mla"]})
         measured.quality_rows = battery.rows
-    if job.speed_prompt > 0:
+    if job.speed_prompts:
         from edge_mla import speed, verdict
         from edge_mla.quality import text_windows
-        lengths = sorted({job.speed_prompt, min(LONG_SPEED_PROMPT * job.speed_prompt, job.limit - 32)})
+        lengths = list(job.speed_prompts)
         print(f"      speed of both builds on this machine ({' and '.join(map(str, lengths))}-token prompts, "
               "then 32 tokens)")
         prompt = text_windows(src.tokenizer, "wikipedia-heldout", 1, lengths[-1])[0].tolist()
         measured.speed_rows = speed.measure(files, [prompt[:n] for n in lengths], kv_type=job.cache,
-                                            onnx_cache=precision.ONNX_CACHE_DTYPE[job.kv_bits], threads=job.threads)
+                                            onnx_cache=precision.ONNX_CACHE_DTYPE[job.kv_bits], threads=job.threads,
+                                            repeats=job.speed_repeats)
         measured.speeds = speed.by_runtime(measured.speed_rows, verdict.contexts_for(job.context, job.limit))
     return measured
 

@@ -176,24 +176,27 @@ def build_parser() -> argparse.ArgumentParser:
                         "through the chosen cache (0: a training-free build, C + R = 83%% of the original's cache, "
                         "docs/recovery.md)")
     p.add_argument("--time-budget", default=plans.DEFAULT_TIME_BUDGET,
-                   help="wall time the build aims for (15m, 900s, 1.5h): the CPU recovery gets what the other steps "
-                        "leave, measured on this machine, up to --recover-steps a layer ('none': always "
-                        "--recover-steps)")
+                   help="wall time the build aims for (15m, 900s, 1.5h), priced at its start by a probe of this "
+                        "machine: the CPU recovery gets what the other steps leave, up to --recover-steps a layer; "
+                        "where the defaults do not fit, less calibration and quality text, and no recovery where "
+                        "not even 50 steps a layer fit ('none': the defaults, always --recover-steps)")
     p.add_argument("--context", type=int, default=None, help="context to budget for (default: min(model max, 4096))")
     p.add_argument("-o", "--out", default=None, help="output folder (default: build-<model>-<device>)")
     p.add_argument("--finetune-tokens", type=int, default=0, help="fine-tune on this many tokens first (GPU)")
     p.add_argument("--latent", type=int, default=None, help="latent width C (default: the build's plan)")
     p.add_argument("--selection", default=None, choices=plans.SELECTIONS,
                    help="RoPE selection (default: the build's plan, shared)")
-    p.add_argument("--quality-windows", type=int, default=4,
-                   help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip)")
+    p.add_argument("--quality-windows", type=int, default=None,
+                   help="held-out windows per text for the perplexity of both builds in both runtimes (0: skip; "
+                        "default 4, fewer where --time-budget is short for the model)")
     p.add_argument("--quality-length", type=int, default=512, help="tokens per quality window")
     p.add_argument("--max-quality-loss", default=None,
                    help="pick the latent width: the narrowest (from the plan's, in steps of 64) whose perplexity on "
                         "held-out calibration text is within this of the original's, e.g. 10%% (each try costs a "
                         "conversion and recovery)")
-    p.add_argument("--speed-prompt", type=int, default=256,
-                   help="prompt tokens for the prefill/decode speed of both builds on this machine (0: skip)")
+    p.add_argument("--speed-prompt", type=int, default=None,
+                   help="prompt tokens for the prefill/decode speed of both builds on this machine, also measured "
+                        "after 4 times as many (0: skip; default 256, that one alone where --time-budget is short)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads for the build and its measurements (default: all cores). With other work on the "
                         "machine give the free cores: a busy core makes the recovery's threads wait, up to 10x slower")

@@ -37,9 +37,13 @@ class Calibration:
     windows: int | None = None
     length: int | None = None
     texts: tuple[str, ...] = ()  # the user's text files (each one kind of text); empty: the built-in mixture
+    planned: tuple[tuple[str, int, int], ...] = ()  # (step, windows, length) the time budget affords (timeplan.py)
 
     def sizes(self, step: str) -> tuple[int, int]:
         """(windows, tokens per window) that `step` reads."""
+        for planned_step, windows, length in self.planned:
+            if planned_step == step:
+                return windows, length
         windows, length = CALIBRATION_DEFAULTS[step]
         return (windows if self.windows is None else self.windows, length if self.length is None else self.length)
 

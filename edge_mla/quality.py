@@ -114,6 +114,7 @@ class Battery:
         """Score files ({model: {"gguf": path, "onnx": folder}}) on every text; returns (and keeps) their rows."""
         from edge_mla.runtimes import llamacpp
         from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+        from edge_mla.runtimes.onnxruntime import run_sized
 
         rows = []
         for runtime, kind in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")):
@@ -127,7 +128,7 @@ class Battery:
                     scores = llamacpp.run_isolated(gguf_scores, str(path), self.windows, cache, self.threads)
                 else:
                     cache = "int8" if model == ORIGINAL_INT8 else self.onnx_cache
-                    scores = onnx_scores(str(path), self.windows, self.threads)
+                    scores = run_sized(path, onnx_scores, str(path), self.windows, self.threads)
                 for text, (nll, n, top1) in scores.items():
                     self.argmax[(model, runtime, text)] = top1
                     reference = self.argmax.get(("original", runtime, text))

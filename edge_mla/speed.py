@@ -63,6 +63,7 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
 
     from edge_mla.runtimes import llamacpp
     from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
+    from edge_mla.runtimes.onnxruntime import run_sized
 
     threads = threads or os.cpu_count() or 1
     best: dict[tuple, tuple[float, float, str]] = {}
@@ -76,7 +77,8 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
                         cache = runnable_cache_type(check_gguf(path), kv_type)
                         got = llamacpp.run_isolated(gguf_speed, str(path), prompt, decode_tokens, cache, threads)
                     else:
-                        cache, got = onnx_cache, onnx_speed(str(path), prompt, decode_tokens, threads)
+                        cache, got = onnx_cache, run_sized(path, onnx_speed, str(path), prompt, decode_tokens,
+                                                           threads)
                     key = (model, runtime, len(prompt))
                     old = best.get(key, (0.0, 0.0, cache))
                     best[key] = (max(old[0], got[0]), max(old[1], got[1]), cache)

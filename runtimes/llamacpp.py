@@ -37,10 +37,11 @@ def _child(conn, fn, args, kwargs) -> None:
         conn.close()
 
 
-def run_isolated(fn, *args, **kwargs):
+def run_isolated(fn, *args, runtime: str = "llama.cpp", **kwargs):
     """fn(*args, **kwargs) in a fresh child process, its result or exception passed back. llama.cpp is native
     code: an illegal instruction or a GGML_ASSERT kills the whole process, so whatever runs it for a user or a
-    check runs here, and a death becomes a RuntimeCrash that names the signal and the fix."""
+    check runs here, and a death becomes a RuntimeCrash that names the signal and the fix. (onnxruntime runs
+    here too for a big model, `runtime` naming it: its memory then never adds to the build's.)"""
     import multiprocessing
     import signal
 
@@ -55,6 +56,9 @@ def run_isolated(fn, *args, **kwargs):
         child.join()
         code = child.exitcode
         what = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+        if runtime != "llama.cpp":
+            raise RuntimeCrash(f"{runtime} died ({what}) while running {getattr(fn, '__name__', fn)} in a child "
+                               "process; its last output is above") from None
         raise RuntimeCrash(f"llama.cpp crashed ({what}) while running {getattr(fn, '__name__', fn)}. "
                            + (REBUILD_HINT if code is not None and -code == signal.SIGILL else
                               "Its last log lines are above; " + REBUILD_HINT)) from None

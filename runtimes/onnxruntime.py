@@ -34,6 +34,19 @@ def read_meta(folder: str | Path) -> dict:
     return json.loads((folder / META).read_text())
 
 
+IN_CHILD_ABOVE = 1 << 30  # bytes of weights above which a measurement runs onnxruntime in a child process
+
+
+def run_sized(folder: str | Path, fn, *args):
+    """fn(*args) in this process for a small export; for one above IN_CHILD_ABOVE bytes of weights in a child
+    process, so that onnxruntime's copy of a big model (an 8B: 7 GB) never adds to the build's own memory."""
+    data = Path(folder) / "model.onnx.data"
+    if not data.exists() or data.stat().st_size <= IN_CHILD_ABOVE:
+        return fn(*args)
+    from edge_mla.runtimes.llamacpp import run_isolated
+    return run_isolated(fn, *args, runtime="onnxruntime")
+
+
 PREFILL_CHUNK = 128  # prompt tokens per run: attention scratch grows with chunk x context, not prompt x context
 # (an export may name its own in its metadata: the matmul body's q4_0 cache keeps a score matrix per 32 values)
 

@@ -36,6 +36,28 @@ def test_onnx_perplexity_equals_pytorch(tmp_path):
     assert top1.shape == (3, 39) and agree > 0.97  # fp32 export: the same next token (ties aside)
 
 
+def test_a_big_export_is_scored_in_a_child_process_with_the_same_numbers(tmp_path, monkeypatch):
+    """Above IN_CHILD_ABOVE bytes of weights onnxruntime runs in a child (its copy of an 8B is 7 GB): the numbers
+    are those of the same scoring in this process."""
+    import os
+
+    from edge_mla.runtimes import onnxruntime as ort_runtime
+
+    folder = export(converted("llama-gqa"), tmp_path / "onnx", weight_bits=32, kv_bits=32)
+    windows = {"some-text": np.random.default_rng(2).integers(3, VOCAB, (2, 24))}
+    here = ort_runtime.run_sized(folder, quality.onnx_scores, str(folder), windows, 1)
+    monkeypatch.setattr(ort_runtime, "IN_CHILD_ABOVE", 0)
+    in_child = ort_runtime.run_sized(folder, _scores_and_pid, str(folder), windows)
+    assert in_child[1] != os.getpid()  # it did run elsewhere
+    (nll, n, top1), (nll_child, n_child, top1_child) = here["some-text"], in_child[0]["some-text"]
+    assert n == n_child and nll == nll_child and (top1 == top1_child).all()
+
+
+def _scores_and_pid(folder, windows):
+    import os
+    return quality.onnx_scores(folder, windows, 1), os.getpid()
+
+
 def test_ratios_pair_each_mla_row_with_the_original_on_the_same_runtime_and_text():
     rows = [quality.QualityRow("mla", "llama.cpp", "abc-news", 12.0, 100, "q4_0"),
             quality.QualityRow("original", "llama.cpp", "abc-news", 10.0, 100, "q4_0"),

@@ -1,0 +1,246 @@
+"""What a build can afford on this machine, decided at its start: a short probe (one decoder layer's forward over
+a window of tokens, one eigendecomposition of the hidden size) prices every step of the build in seconds, and
+when the defaults would not fit --time-budget, the build reads less text (calibration, quality battery, speed
+prompts) and, where even the least recovery would not fit, recovers nothing and keeps a training-free width.
+
+Every step's cost is a multiple of the probe's `token_seconds` (one token through every layer, float32 PyTorch):
+the passes through the model (calibration, teacher, exporters' checks) are that directly, the runtimes' scoring and
+the exports (read, quantize, write: work in proportion to the parameters, like a forward pass) are constant
+multiples of it, measured on the built-in model and an 8B-shaped checkpoint (docs/scale.md); the conversion's
+per-layer linear algebra grows as hidden^3 and is priced by the probe's eigendecomposition. The build records the
+estimate beside what each step took (report.json `time_plan`), so the error is seen, not assumed.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, replace
+
+from edge_mla.plans import CALIBRATION_DEFAULTS, RECOVER_STEPS
+
+PROBE_TOKENS = 256
+EIG_PROBE_SIZE = 768  # a larger hidden size is priced by the cube of the ratio
+
+# Cost of each step in tokens through the model (multiples of Probe.token_seconds) or through one layer (of
+# Probe.layer_token_seconds), fitted on the 2-core AMD host, 2026-12-06, to the built-in model's default build
+# (a token through it: 2.0 ms) and the 8B-shaped checkpoint's (96 ms; docs/scale.md), each within ~20% of both.
+CONVERT_TOKEN = 2.0  # a calibration token of the conversion: the pass and its float64 statistics
+EIGS_PER_LAYER = 1.0  # the conversion's hidden x hidden decompositions, per layer, in Probe.eig_seconds
+# One file's export besides its calibration pass, per layer: (seconds of overhead, layer-tokens of work). SmolLM2:
+# ONNX 0.2 s a layer, GGUF 0.25 s; the 8B: ONNX 3.3 s a layer (1,030 layer-tokens of 3 ms), GGUF 1.6 s.
+EXPORT_PER_LAYER = {"onnx": (0.15, 1030.0), "gguf": (0.2, 500.0)}
+# A token of perplexity in the runtime (the original; the MLA files' is timebudget.MLA_SCORING times it), measured
+# on the built-in model (llama.cpp 5.7 ms a token with its q4_0 cache, onnxruntime 3.7 ms); the 8B's: docs/scale.md.
+SCORE_TOKEN = {"llama.cpp": 2.85, "onnxruntime": 1.9}
+DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weight read for one token)
+RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
+TEACHER_WINDOWS, TEACHER_LENGTH = 48, 512  # build.RECOVER_WINDOWS x RECOVER_LENGTH
+MIN_RECOVER_STEPS = 50  # timebudget.MIN_BUDGET_STEPS
+KEEP_STEPS = 100  # recovery steps a layer worth more than the default text sizes: 50 left news at 1.25x, ~200 1.09x
+
+# The least a build reads when the budget is short, per step: below these the statistics (conversion), the cache
+# scales (ONNX) and the comparison (quality: one window of each kind of text) stop meaning much.
+FLOORS = {"convert": (2, 512), "onnx": (1, 256), "gguf": (1, 256)}
+QUALITY_FLOOR = (1, 256)  # windows per text, tokens each
+QUALITY_TEXTS = 6
+
+
+@dataclass(frozen=True)
+class Probe:
+    """This machine today, with this model: a decoder layer's float32 forward per token, and one float64
+    eigendecomposition of hidden x hidden (the conversion does a few per layer)."""
+    layer_token_seconds: float
+    eig_seconds: float
+    layers: int
+
+    @property
+    def token_seconds(self) -> float:
+        return self.layer_token_seconds * self.layers
+
+
+@dataclass(frozen=True)
+class Sizes:
+    """How much text each step of a build reads, and whether it recovers."""
+    calibration: tuple[tuple[str, int, int], ...]  # (step, windows, tokens per window)
+    quality_windows: int
+    quality_length: int
+    speed_prompts: tuple[int, ...]
+    speed_repeats: int
+    recover: bool
+
+    def of(self, step: str) -> tuple[int, int]:
+        return next((w, n) for s, w, n in self.calibration if s == step)
+
+
+def measure(model, checkpoint=None) -> Probe:
+    """Time layer 0 over PROBE_TOKENS tokens (read from the checkpoint and released, for a model left on disk) and a
+    float64 eigendecomposition, scaled to the hidden size."""
+    import torch
+
+    from edge_mla.layerwise import layer_arguments, resident
+
+    config = model.config
+    hidden_size = config.hidden_size
+    g = torch.Generator().manual_seed(0)
+    hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=g)
+    arguments = layer_arguments(model, hidden)[0]
+    with torch.no_grad(), resident(model.model.layers[0], "model.layers.0.", checkpoint) as layer:
+        dtype = next(layer.parameters()).dtype
+        layer(hidden.to(dtype), **arguments)  # first run: allocations, kernel choice
+        t = time.perf_counter()
+        layer(hidden.to(dtype), **arguments)
+        layer_token_seconds = (time.perf_counter() - t) / PROBE_TOKENS
+    n = min(hidden_size, EIG_PROBE_SIZE)
+    a = torch.randn(n, n, dtype=torch.float64, generator=g)
+    t = time.perf_counter()
+    torch.linalg.eigh(a @ a.T)
+    eig_seconds = (time.perf_counter() - t) * (hidden_size / n) ** 3
+    return Probe(layer_token_seconds, eig_seconds, config.num_hidden_layers)
+
+
+def defaults(quality_windows: int, quality_length: int, speed_prompts: tuple[int, ...], recover: bool,
+             calibration) -> Sizes:
+    """The sizes asked for (the flags given, each step's default otherwise), before any budget."""
+    return Sizes(tuple((s, *calibration.sizes(s)) for s in CALIBRATION_DEFAULTS), quality_windows, quality_length,
+                 speed_prompts, 2, recover)
+
+
+def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: dict[str, float],
+             recover_steps: int = 0) -> dict[str, float]:
+    """Seconds per part of the build, in the order the build does them (recover_steps: a layer, when it recovers)."""
+    tok = probe.token_seconds
+    runtimes = [r for r, f in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")) if f in formats]
+    per_layer = {f: a + b * probe.layer_token_seconds for f, (a, b) in EXPORT_PER_LAYER.items() if f in formats}
+    int8_original = "onnx" in formats and sizes.quality_windows > 0 and sizes.recover  # scored with its int8 cache
+    walk = sizes.of("onnx")[0] * sizes.of("onnx")[1] * tok if "onnx" in formats else 0.0
+    scored = QUALITY_TEXTS * sizes.quality_windows * sizes.quality_length * tok
+    w, n = sizes.of("convert")
+    out = {"original exports": probe.layers * (sum(per_layer.values()) + int8_original * per_layer.get("onnx", 0))
+                               + walk * (1 + int8_original),
+           "original scoring": scored * (sum(SCORE_TOKEN[r] for r in runtimes)
+                                         + int8_original * SCORE_TOKEN["onnxruntime"]),
+           "conversion": CONVERT_TOKEN * w * n * tok + EIGS_PER_LAYER * probe.eig_seconds * probe.layers}
+    if sizes.recover and recover_steps:
+        out["teacher pass"] = TEACHER_WINDOWS * TEACHER_LENGTH * tok
+        out["recovery"] = recover_steps * RECOVER_STEP_TOKENS * tok
+    gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
+    out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
+    out["MLA scoring"] = scored * sum(SCORE_TOKEN[r] * mla_scoring.get(r, 2.0) for r in runtimes)
+    speed_files = 2 * len(runtimes)
+    out["speed"] = sizes.speed_repeats * speed_files * sum(
+        SCORE_TOKEN["llama.cpp"] * p + DECODE_TOKEN * 32 for p in sizes.speed_prompts) * tok
+    return out
+
+
+def _scaled(default: tuple[int, int], floor: tuple[int, int], share: float) -> tuple[int, int]:
+    """share of the default's tokens, windows first (whole windows of the default length), then shorter windows
+    down to the floor."""
+    windows, length = default
+    tokens = share * windows * length
+    if tokens >= floor[0] * length:
+        return max(floor[0], round(tokens / length)), length
+    return floor[0], max(floor[1], min(length, 64 * round(tokens / floor[0] / 64)))
+
+
+def shrink(sizes: Sizes, share: float, fixed: frozenset[str] = frozenset()) -> Sizes:
+    """The sizes at `share` of the defaults' text, each at least its floor; steps in `fixed` (given by the user)
+    are kept. The speed runs make one pass below three quarters of the text, and keep only their shorter prompt
+    below half."""
+    calibration = tuple((s, w, n) if "calibration" in fixed else (s, *_scaled((w, n), FLOORS[s], share))
+                        for s, w, n in sizes.calibration)
+    quality = (sizes.quality_windows, sizes.quality_length)
+    if "quality" not in fixed and sizes.quality_windows:
+        quality = _scaled(quality, QUALITY_FLOOR, share)
+    prompts, repeats = sizes.speed_prompts, sizes.speed_repeats
+    if "speed" not in fixed and prompts:  # the long prompt gives the speed at long contexts: it goes last
+        repeats = 1 if share < 0.75 else repeats
+        prompts = prompts[:1] if share < 0.5 else prompts
+    return replace(sizes, calibration=calibration, quality_windows=quality[0], quality_length=quality[1],
+                   speed_prompts=prompts, speed_repeats=repeats)
+
+
+@dataclass
+class Fitted:
+    sizes: Sizes
+    estimate: dict[str, float]  # seconds by part (recovery at its planned steps)
+    recover_steps: int  # a layer, as planned (the recovery's own StepBudget decides as it goes)
+    unbudgeted: float  # what the defaults would take here
+
+    def total(self) -> float:
+        return sum(self.estimate.values())
+
+    def as_dict(self, probe: Probe) -> dict:
+        return {"probe": {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(probe).items()},
+                "sizes": asdict(self.sizes), "recover_steps_planned": self.recover_steps,
+                "estimate_seconds": {k: round(v, 1) for k, v in self.estimate.items()},
+                "estimate_total_seconds": round(self.total(), 1), "defaults_seconds": round(self.unbudgeted, 1)}
+
+
+def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, ...], mla_scoring: dict[str, float],
+        most_steps: int = RECOVER_STEPS, fixed: frozenset[str] = frozenset()) -> Fitted:
+    """The sizes and recovery steps that fit `budget` seconds. The recovery is what makes the model good, so the
+    text the other steps read gives way first: the defaults while the recovery gets at least KEEP_STEPS a layer;
+    else the largest share of the defaults that leaves it KEEP_STEPS, then MIN_RECOVER_STEPS; if even the floors
+    with the least recovery do not fit, no recovery (and the largest share without it, or the floors). What is
+    left goes to the recovery, up to most_steps. No budget: the defaults."""
+    def estimated(sizes: Sizes, steps: int) -> float:
+        return sum(estimate(sizes, probe, formats, mla_scoring, steps).values())
+
+    unbudgeted = estimated(wanted, most_steps if wanted.recover else 0)
+    if budget is None:
+        steps = most_steps if wanted.recover else 0
+        return Fitted(wanted, estimate(wanted, probe, formats, mla_scoring, steps), steps, unbudgeted)
+    tiers = [(wanted, min(KEEP_STEPS, most_steps)), (wanted, min(MIN_RECOVER_STEPS, most_steps))] \
+        if wanted.recover and most_steps else []
+    tiers.append((replace(wanted, recover=False), 0))
+    for i, (sizes, least) in enumerate(tiers):
+        last = i == len(tiers) - 1
+        if estimated(shrink(sizes, 0.0, fixed), least) > budget and not last:
+            continue  # not even the floors with this much recovery
+        share = 1.0
+        if estimated(sizes, least) > budget:
+            low, high = 0.0, 1.0
+            for _ in range(20):
+                mid = (low + high) / 2
+                low, high = (mid, high) if estimated(shrink(sizes, mid, fixed), least) <= budget else (low, mid)
+            share = low
+        chosen = shrink(sizes, share, fixed) if share < 1 else sizes
+        steps = 0
+        if chosen.recover:  # what the rest of the budget buys, a layer
+            spare = budget - estimated(chosen, 0) - TEACHER_WINDOWS * TEACHER_LENGTH * probe.token_seconds
+            steps = int(max(least, min(most_steps, spare / (RECOVER_STEP_TOKENS * probe.token_seconds))))
+        return Fitted(chosen, estimate(chosen, probe, formats, mla_scoring, steps), steps, unbudgeted)
+    raise AssertionError("unreachable: the last tier always returns")
+
+
+def describe(fitted: Fitted, probe: Probe, budget: float | None, wanted: Sizes) -> list[str]:
+    """What the build will do and about how long it will take, for the progress output."""
+    minutes = lambda s: f"{s / 60:.1f} min"  # noqa: E731
+    parts = ", ".join(f"{k} {minutes(v)}" for k, v in fitted.estimate.items())
+    lines = [f"on this machine a token through the model takes {1000 * probe.token_seconds:.1f} ms (probe: one "
+             f"layer, {PROBE_TOKENS} tokens): this build should take about {minutes(fitted.total())} ({parts})"]
+    s = fitted.sizes
+    if s != wanted:
+        cal = ", ".join(f"{step} {w} x {n}" for step, w, n in s.calibration)
+        lines.append(f"the defaults would take about {minutes(fitted.unbudgeted)} here, over the "
+                     f"{minutes(budget)} budget: reading less (calibration {cal}; quality {s.quality_windows} x "
+                     f"{s.quality_length} tokens per text; speed after {' and '.join(map(str, s.speed_prompts)) or 'no'}"
+                     f"-token prompts, {s.speed_repeats} pass)")
+    if wanted.recover and not s.recover:
+        lines.append(f"not even {MIN_RECOVER_STEPS} recovery steps a layer fit the budget on this machine: no "
+                     "recovery, the training-free width instead; give a longer --time-budget, or fine-tune on a GPU "
+                     "(--finetune-tokens)")
+    if fitted.total() > (budget or float("inf")) * 1.05:
+        lines.append(f"the least this build can do here is about {minutes(fitted.total())}, more than the "
+                     f"{minutes(budget)} budget: it runs at the least")
+    return lines
+
+
+def bought(time_plan: dict, budget: float | None, build_seconds: float) -> str:
+    """One line for the report's key figures: what the budget bought, estimated against taken."""
+    sizes = time_plan["sizes"]
+    cal = ", ".join(f"{step} {w} x {n}" for step, w, n in sizes["calibration"])
+    recovery = (f"recovery planned at {time_plan['recover_steps_planned']} steps a layer" if sizes["recover"]
+                else "no recovery")
+    return (f"{budget / 60:.0f} min budget: calibration {cal}; quality {sizes['quality_windows']} x "
+            f"{sizes['quality_length']} tokens per text; {recovery}; estimated {time_plan['estimate_total_seconds'] / 60:.1f}"
+            f" min, took {build_seconds / 60:.1f}")

@@ -47,7 +47,7 @@ def fitted_scales(model, layers, tokenizer, windows: int, length: int) -> list[n
 
 
 def round_trip(scheme: str, channel: np.ndarray, latent_dim: int):
-    from edge_mla import recover
+    from edge_mla import q4_0
     from edge_mla.export import onnx_quant
 
     width = len(channel)
@@ -61,7 +61,7 @@ def round_trip(scheme: str, channel: np.ndarray, latent_dim: int):
     if scheme == "float":
         return None
     if scheme == "q4_0-llama.cpp":
-        return recover.mla_cache_q4_0(latent_dim)
+        return q4_0.mla_cache(latent_dim)
     return lambda entry: torch.from_numpy(numpy[scheme](entry.numpy()).astype(np.float32))
 
 

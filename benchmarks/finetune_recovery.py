@@ -24,7 +24,9 @@ from edge_mla.convert import Plan, convert, load, save
 from edge_mla.data import CORPUS_ABOUT, NEWS_ABOUT, news_text, split_text, token_windows, training_texts
 from edge_mla.eval import perplexity
 from edge_mla.finetune import BUILTIN_DATA, TrainConfig, finetune
-from edge_mla.recover import mla_cache_q4_0, original_cache_quant, set_cache_quant
+from edge_mla import q4_0
+from edge_mla.mla import set_cache_quant
+from edge_mla.recover import original_cache_quant
 from edge_mla.selfdistill import generate_texts, write_jsonl
 from edge_mla.source import load_source
 
@@ -38,7 +40,7 @@ def evaluate(model, windows: dict, latent: int | None) -> dict:
     out = {}
     for bits in (16, 4):
         if latent is not None:
-            set_cache_quant(model, mla_cache_q4_0(latent) if bits == 4 else None)
+            set_cache_quant(model, q4_0.mla_cache(latent) if bits == 4 else None)
         quant = original_cache_quant(model) if latent is None and bits == 4 else nullcontext()
         with quant:
             for text, w in windows.items():

@@ -27,7 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from edge_mla import finetune as ft
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert
-from edge_mla.recover import set_cache_quant
+from edge_mla.mla import set_cache_quant
 
 
 def old_chunk_loss(hidden, weight, targets, teacher_hidden, teacher_weight, distill):

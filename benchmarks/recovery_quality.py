@@ -18,11 +18,13 @@ import time
 
 import torch
 
+from edge_mla import q4_0
 from edge_mla import recover as rc
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert
 from edge_mla.data import CORPUS_ABOUT, NEWS_ABOUT, news_text, split_text, token_windows
 from edge_mla.eval import perplexity
+from edge_mla.mla import set_cache_quant
 from edge_mla.mla import mla_layers
 from edge_mla.source import load_source
 
@@ -83,7 +85,7 @@ def main() -> None:
         if not args.no_transforms:  # exact in float; only what a 4-bit cache loses changes
             for attn in mla_layers(base):
                 rc.rotate_latent(attn, rc.block_hadamard(C))
-        q4 = rc.mla_cache_q4_0(C)
+        q4 = q4_0.mla_cache(C)
         for mode in args.modes.split(","):
             model, seconds = base, 0.0
             if mode != "none":
@@ -94,14 +96,14 @@ def main() -> None:
                     rc.install_latent_norms(model, io[0], softness=args.softness)
                 rc.recover_layerwise(None, model, None, steps=args.steps, lr=args.lr, batch=args.batch, io=io,
                                      params=args.params,
-                                     cache_quant=rc.straight_through(q4) if mode.startswith("ste") else None)
+                                     cache_quant=q4_0.straight_through(q4) if mode.startswith("ste") else None)
                 seconds = time.perf_counter() - t0
             common = dict(model="mla", C=C, R=R, recovery=mode, recover_s=round(seconds, 1))
-            rc.set_cache_quant(model, None)
+            set_cache_quant(model, None)
             score(model, cache="fp32", **common)
-            rc.set_cache_quant(model, q4)
+            set_cache_quant(model, q4)
             score(model, cache="q4_0", **common)
-            rc.set_cache_quant(model, None)
+            set_cache_quant(model, None)
             if model is not base:
                 del model
         del base

@@ -28,7 +28,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from edge_mla import convert as conversion
-from edge_mla.recover import mla_cache_q4_0, set_cache_quant, straight_through
+from edge_mla import q4_0
+from edge_mla.mla import set_cache_quant
 
 
 @dataclass
@@ -260,7 +261,7 @@ def cache_quantizer(bits: int, latent_dim: int):
     if bits == 16:
         return None
     if bits == 4:
-        return straight_through(mla_cache_q4_0(latent_dim))
+        return q4_0.straight_through(q4_0.mla_cache(latent_dim))
     raise ValueError(f"cache bits must be 16 (float cache) or 4 (llama.cpp's q4_0 cache), got {bits}")
 
 

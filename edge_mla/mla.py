@@ -53,7 +53,7 @@ class MLAAttention(nn.Module):
         self.register_buffer("inv_freq", torch.zeros(R // 2), persistent=True)
         self.absorbed = False
         self.is_causal = True
-        self.cache_quant = None  # optional fn over the cached row (recover.q4_0_roundtrip emulates a q4_0 cache)
+        self.cache_quant = None  # optional fn over the cached row (q4_0.mla_cache emulates a q4_0 cache)
 
     def _rotate(self, x: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         """NEOX rotation of the R rope dims with this layer's own per-pair frequencies. x: [B, *, T, R]."""
@@ -132,6 +132,12 @@ def latent_row_scale(attn: MLAAttention) -> float:
 
 def mla_layers(model) -> list[MLAAttention]:
     return [layer.self_attn for layer in model.model.layers if isinstance(layer.self_attn, MLAAttention)]
+
+
+def set_cache_quant(model, fn) -> None:
+    """Every MLA layer passes its cached row [c | k_rope] through `fn` (None: float cache), e.g. q4_0.mla_cache."""
+    for layer in mla_layers(model):
+        layer.cache_quant = fn
 
 
 def set_absorbed(model, absorbed: bool = True) -> None:

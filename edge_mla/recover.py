@@ -4,9 +4,9 @@
   inputs and outputs are kept; then each MLA attention block is trained alone (Adam) to reproduce the original
   block's output from the original block's input. No backward pass through the model, no logits: cheap enough for
   a CPU build.
-- llama.cpp's q4_0 round trip (blocks of 32, one fp16 scale each), bit-exact with gguf-py, over the cached row as
-  llama.cpp lays it out, to emulate a 4-bit cache inside MLAAttention (its `cache_quant` hook), optionally
-  straight-through during recovery.
+- Which cache the build's file will run with (shipped_cache_quant: llama.cpp's q4_0 over the cached row as llama.cpp
+  lays it out, q4_0.py), emulated inside MLAAttention (its `cache_quant` hook), straight-through during recovery;
+  and the original model's quantized K/V cache for the same-bits reference (original_cache_quant).
 - An orthogonal rotation of the latent, exact in float, that changes what a blockwise 4-bit cache loses (measured
   best: a Hadamard within each 32-block, block_hadamard). Per-pair scales of the rope key (exact too: a scale
   commutes with each pair's rotation) that even out its pairs' magnitudes were measured to hurt, so they are not
@@ -23,91 +23,25 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from edge_mla import q4_0
 from edge_mla.mla import MLAAttention, latent_row_scale, mla_layers
 
-Q4_BLOCK = 32
-
-
 # ----------------------------------------------------------------------------- q4_0 cache emulation
-
-def q4_0_roundtrip(x: torch.Tensor) -> torch.Tensor:
-    """Quantize to ggml's q4_0 and back along the last dim (a multiple of 32), exactly as gguf-py's
-    quants.quantize/dequantize(Q4_0) does: scale = the signed value of largest magnitude / -8, stored as fp16."""
-    shape = x.shape
-    if shape[-1] % Q4_BLOCK:
-        raise ValueError(f"q4_0 needs rows that are a multiple of {Q4_BLOCK} numbers, got {shape[-1]}")
-    blocks = x.detach().float().reshape(-1, Q4_BLOCK)
-    peak = blocks.gather(1, blocks.abs().argmax(1, keepdim=True))
-    d = peak / -8
-    inv = torch.where(d == 0, torch.zeros_like(d), 1 / d)
-    q = torch.trunc(blocks * inv + 8.5).clamp(0, 15)  # two separate float32 ops, as numpy does (no FMA)
-    out = d.half().float() * (q - 8)
-    return out.reshape(shape).to(x.dtype)
-
-
-def straight_through(fn):
-    """`fn` in the forward, identity in the backward (straight-through estimator): training through a cache
-    quantizer. The forward value is fn(x) bit for bit (x + (fn(x) - x).detach() would round)."""
-    class StraightThrough(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, x):
-            return fn(x)
-
-        @staticmethod
-        def backward(ctx, grad):
-            return grad
-    return StraightThrough.apply
-
-
-def neox_to_interleaved(x: torch.Tensor) -> torch.Tensor:
-    """Rope dims laid out NEOX (pair j = dims j, j + R/2) -> interleaved (2j, 2j + 1), llama.cpp's NORM layout:
-    what llama.cpp caches, so which values share a q4_0 block."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.stack([x1, x2], -1).flatten(-2)
-
-
-def interleaved_to_neox(x: torch.Tensor) -> torch.Tensor:
-    pairs = x.unflatten(-1, (-1, 2))
-    return torch.cat([pairs[..., 0], pairs[..., 1]], -1)
-
-
-def q4_0_rope(x: torch.Tensor) -> torch.Tensor:
-    """q4_0 round trip of a NEOX rope vector as llama.cpp stores it: blocks of 32 over interleaved pairs."""
-    return interleaved_to_neox(q4_0_roundtrip(neox_to_interleaved(x)))
-
-
-def mla_cache_q4_0(latent_dim: int, rope: bool = True):
-    """The q4_0 round trip of llama.cpp's MLA cache row [c | k_pe] (its k_pe is interleaved); rope=False keeps the
-    rope key as is (a 16-bit rope-key cache beside a 4-bit latent, which ONNX can do and llama.cpp cannot)."""
-    if latent_dim % Q4_BLOCK:
-        raise ValueError(f"q4_0 needs a latent width that is a multiple of {Q4_BLOCK}, got {latent_dim}")
-
-    def apply(entry):
-        latent, k_rope = entry[..., :latent_dim], entry[..., latent_dim:]
-        return torch.cat([q4_0_roundtrip(latent), q4_0_rope(k_rope) if rope else k_rope], -1)
-    return apply
-
 
 def shipped_cache_quant(attn: MLAAttention, cache_bits: int):
     """The round trip of the cache llama.cpp runs the build's GGUF with, for MLA block `attn`, or None: a float or
     8-bit cache (8-bit costs nothing measurable, docs/recovery.md), or a row whose latent or rope key does not fill
     whole q4_0 blocks (the GGUF zero-pads those; not emulated)."""
-    if cache_bits != 4 or attn.latent_dim % Q4_BLOCK or attn.rope_dim % Q4_BLOCK:
+    if cache_bits != 4 or attn.latent_dim % q4_0.BLOCK or attn.rope_dim % q4_0.BLOCK:
         return None
-    return mla_cache_q4_0(attn.latent_dim)
-
-
-def set_cache_quant(model, fn) -> None:
-    """Every MLA layer passes its cached row [c | k_rope] through `fn` (None: float cache)."""
-    for layer in mla_layers(model):
-        layer.cache_quant = fn
+    return q4_0.mla_cache(attn.latent_dim)
 
 
 @contextlib.contextmanager
-def original_cache_quant(model, key_fn=q4_0_rope, value_fn=q4_0_roundtrip):
+def original_cache_quant(model, key_fn=q4_0.rope_roundtrip, value_fn=q4_0.roundtrip):
     """The original (non-MLA) model with its K (after RoPE, per head) and V passed through key_fn / value_fn, as a
     quantized K/V cache does: the same-bits reference (llama.cpp caches K with interleaved rope pairs, hence
-    q4_0_rope). transformers Llama-style models only."""
+    q4_0.rope_roundtrip). transformers Llama-style models only."""
     import importlib
 
     module = importlib.import_module(type(model.model).__module__)
@@ -140,7 +74,7 @@ def hadamard(n: int) -> torch.Tensor:
     return h / math.sqrt(n)
 
 
-def block_hadamard(n: int, block: int = Q4_BLOCK) -> torch.Tensor:
+def block_hadamard(n: int, block: int = q4_0.BLOCK) -> torch.Tensor:
     """Hadamard within each q4_0 block: spreads outliers over their block, keeps blocks' magnitudes apart."""
     return torch.block_diag(*[hadamard(block)] * (n // block))
 
@@ -239,19 +173,19 @@ def q4_0_weights(attn: MLAAttention, up_projections: bool = False) -> dict:
     """Straight-through q4_0 round trips of the block's 4-bit weights, blocked as llama.cpp stores them, for
     torch.func.functional_call: projections along their input rows; k_up [G, N, C] as attn_k_b rows of N; v_up
     [G, d, C] as attn_v_b rows of C."""
-    ste = straight_through(q4_0_roundtrip)
+    ste = q4_0.straight_through(q4_0.roundtrip)
     out = {name: ste(p) for name, p in attn.named_parameters()
-           if name in FOUR_BIT_WEIGHTS and p.shape[-1] % Q4_BLOCK == 0}  # other rows stay 16-bit in the GGUF
+           if name in FOUR_BIT_WEIGHTS and p.shape[-1] % q4_0.BLOCK == 0}  # other rows stay 16-bit in the GGUF
     w = attn.kv_a_proj.weight
-    if attn.latent_norm is not None and w.shape[-1] % Q4_BLOCK == 0:
+    if attn.latent_norm is not None and w.shape[-1] % q4_0.BLOCK == 0:
         # the GGUF stores the latent rows times latent_row_scale (tiny: its q4_0 scales may be fp16 subnormals)
         s = torch.ones(w.shape[0], 1, dtype=w.dtype, device=w.device)
         s[:attn.latent_dim] = latent_row_scale(attn)
         out["kv_a_proj.weight"] = ste(w * s) / s
     if up_projections:
-        if attn.nope_dim % Q4_BLOCK == 0:
+        if attn.nope_dim % q4_0.BLOCK == 0:
             out["k_up"] = ste(attn.k_up.transpose(1, 2)).transpose(1, 2)
-        if attn.latent_dim % Q4_BLOCK == 0:
+        if attn.latent_dim % q4_0.BLOCK == 0:
             out["v_up"] = ste(attn.v_up)
     return out
 
@@ -347,7 +281,7 @@ def recover_layerwise(original, mla_model, windows: torch.Tensor | None, steps: 
                       batch: int = 1, params: str = "all", cache_quant=None, io: tuple | None = None,
                       weight_bits: int = 16, up_projections: bool = False) -> list[dict]:
     """Layer-wise teacher-forced distillation of every MLA attention block of `mla_model` towards the same layer of
-    `original`, on calibration token windows [n, T]. With cache_quant (e.g. straight_through(mla_cache_q4_0(C)))
+    `original`, on calibration token windows [n, T]. With cache_quant (e.g. q4_0.straight_through(q4_0.mla_cache(C)))
     the blocks train through that cache quantizer, so they learn a row that survives it. `io` (from
     collect_attention_io, taken before an in-place conversion) replaces `original` and `windows` (and is consumed, layer
     by layer): no second copy of the model is needed. Returns one stats dict per layer."""
@@ -411,7 +345,7 @@ class LayerRecovery:
 
     def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
         C = attn.latent_dim
-        self.aligned = C % Q4_BLOCK == 0
+        self.aligned = C % q4_0.BLOCK == 0
         if self.aligned:
             rotate_latent(attn, block_hadamard(C))
         # the GGUF's norm would average over a padded latent; after the rotation, which a one-weight norm commutes with
@@ -419,7 +353,7 @@ class LayerRecovery:
         if self.latent_norm:
             self.eps.append(install_latent_norm(attn, ins))
         self.quant = shipped_cache_quant(attn, self.cache_bits)
-        saved, attn.cache_quant = attn.cache_quant, self.quant and straight_through(self.quant)
+        saved, attn.cache_quant = attn.cache_quant, self.quant and q4_0.straight_through(self.quant)
         busy, cpu = machine_busy_seconds(), time.process_time()
         steps = self.steps
         with torch.enable_grad():  # called from inside the conversion's no_grad

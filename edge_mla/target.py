@@ -83,11 +83,10 @@ def perplexity_ratio(model, reference: float, windows, kv_bits: int) -> float:
     """Perplexity of a converted model with its shipped cache, over the original's `reference`."""
     from edge_mla import recover
     from edge_mla.eval import perplexity
+    from edge_mla.mla import mla_layers, set_cache_quant
 
-    from edge_mla.mla import mla_layers
-
-    recover.set_cache_quant(model, recover.shipped_cache_quant(mla_layers(model)[0], kv_bits))
+    set_cache_quant(model, recover.shipped_cache_quant(mla_layers(model)[0], kv_bits))
     try:
         return perplexity(model, windows, desc="quality check") / reference
     finally:
-        recover.set_cache_quant(model, None)
+        set_cache_quant(model, None)

@@ -18,9 +18,9 @@ def block_codes(w: np.ndarray, bits: int, block_size: int, symmetric: bool = Tru
     matrix quantized in row pieces gives the same codes.
 
     Symmetric blocks are llama.cpp's own grids, so both runtimes ship the same weights, the ones the recovery
-    trained through: 4-bit is q4_0 (scale d = the signed value of largest magnitude / -8, codes trunc(x / d + 8.5)
-    clipped to 0..15), 8-bit is q8_0 (d = max |x| / 127, codes x / d rounded half away from zero, + 128); codes
-    are computed with d in float32 and d is stored rounded to float16, as the GGUF block holds it. Asymmetric
+    trained through: 4-bit is q4_0 (edge_mla/q4_0.py, the rule the recovery trains through), 8-bit is q8_0
+    (d = max |x| / 127, codes x / d rounded half away from zero, + 128, computed with d in float32; d stored
+    rounded to float16, as the GGUF block holds it). Asymmetric
     blocks span [min(x, 0), max(x, 0)] with an integer zero point, as onnxruntime's quantizer does."""
     w = np.asarray(w, dtype=np.float32)
     N, K = w.shape
@@ -28,11 +28,13 @@ def block_codes(w: np.ndarray, bits: int, block_size: int, symmetric: bool = Tru
     x = np.pad(w, ((0, 0), (0, blocks * block_size - K))).reshape(N, blocks, block_size)
     top = 2 ** bits - 1
     with np.errstate(divide="ignore"):
-        if symmetric and bits == 4:
-            d = np.take_along_axis(x, np.abs(x).argmax(-1)[..., None], -1) / np.float32(-8)
-            inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
-            codes = np.trunc(x * inv + np.float32(8.5)).clip(0, 15)
-        elif symmetric:
+        if symmetric and bits == 4:  # the project's one q4_0 rule (edge_mla/q4_0.py)
+            import torch
+
+            from edge_mla import q4_0
+            codes, scales = (t.numpy() for t in q4_0.codes(torch.from_numpy(x.reshape(N, -1)), block_size))
+            return codes, scales, None
+        if symmetric:
             d = np.abs(x).max(-1, keepdims=True) / np.float32(127)
             inv = np.where(d == 0, np.float32(0), np.float32(1) / d)
             codes = _round_half_away(x * inv) + 128

@@ -162,7 +162,7 @@ def test_quantization_aware_cache_is_llama_cpp_q4_0_and_straight_through():
     from gguf.quants import dequantize, quantize
 
     from edge_mla.finetune import cache_quantizer
-    from edge_mla.recover import interleaved_to_neox, neox_to_interleaved
+    from edge_mla.q4_0 import interleaved_to_neox, neox_to_interleaved
 
     C, R = 64, 32
     g = torch.Generator().manual_seed(3)
@@ -201,7 +201,8 @@ def test_finetune_trains_through_the_q4_0_cache(tmp_path, q4_dir, text_file, mon
     """cache_bits=4 puts the quantizer in every MLA layer while training (the first loss is that of the q4_0 cache)
     and leaves none in the saved model."""
     from edge_mla import finetune as ft
-    from edge_mla.recover import mla_cache_q4_0, set_cache_quant
+    from edge_mla import q4_0
+    from edge_mla.mla import set_cache_quant
 
     cfg = TrainConfig(tokens=2 * 4 * 32, seq_len=32, micro_batch=4, lr=1e-3, cache_bits=4)
     summary = finetune(q4_dir, tmp_path / "ft4", cfg, data=[str(text_file)])
@@ -210,7 +211,7 @@ def test_finetune_trains_through_the_q4_0_cache(tmp_path, q4_dir, text_file, mon
     first = batch[ft.batch_rows(0, 4, batch.shape[0], 0)]
     losses = {}
     for bits in (16, 4):
-        set_cache_quant(model, mla_cache_q4_0(32) if bits == 4 else None)
+        set_cache_quant(model, q4_0.mla_cache(32) if bits == 4 else None)
         with torch.no_grad():
             losses[bits] = ft.LossModel(model, 4096, 0.0)(first[:, :-1], first[:, 1:]).item()
     assert losses[4] != losses[16]

@@ -332,7 +332,7 @@ def test_q4_0_cache_round_trip_is_gguf_py_and_the_recovery_s():
     from gguf import GGMLQuantizationType
     from gguf.quants import dequantize, quantize
 
-    from edge_mla.recover import q4_0_roundtrip
+    from edge_mla.q4_0 import roundtrip as q4_0_roundtrip
 
     x = (np.random.default_rng(0).standard_normal((64, 96)) * np.logspace(-3, 2, 96)).astype(np.float32)
     x[3] = 0  # a zero row: d = 0, codes 8

@@ -10,9 +10,9 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from conftest import calibration_windows, prompt, stats_for, tiny_model
-from edge_mla import recover
+from edge_mla import q4_0, recover
 from edge_mla.convert import Plan, convert
-from edge_mla.mla import mla_layers
+from edge_mla.mla import mla_layers, set_cache_quant
 
 
 def logits(model, ids):
@@ -36,41 +36,41 @@ def test_q4_0_roundtrip_equals_gguf_py_bit_exactly():
     x[2, 0], x[2, 1] = -3.0, 3.0  # a tie of opposite signs: the first one sets the sign of the scale
     x[3, 32:64] = torch.arange(-16, 16) / 2.0  # values on exact half steps (the trunc(x / d + 8.5) rounding)
     ref = dequantize(quantize(x.numpy(), GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
-    ours = recover.q4_0_roundtrip(x).numpy()
+    ours = q4_0.roundtrip(x).numpy()
     assert np.array_equal(ours.view(np.uint32), ref.astype(np.float32).view(np.uint32))
 
 
 def test_straight_through_passes_gradients_through():
     x = torch.randn(3, 64, requires_grad=True)
-    y = recover.straight_through(recover.q4_0_roundtrip)(x)
-    assert torch.equal(y.detach(), recover.q4_0_roundtrip(x.detach()))
+    y = q4_0.straight_through(q4_0.roundtrip)(x)
+    assert torch.equal(y.detach(), q4_0.roundtrip(x.detach()))
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 
 
 def test_q4_0_needs_whole_blocks():
     with pytest.raises(ValueError, match="multiple of 32"):
-        recover.q4_0_roundtrip(torch.zeros(2, 40))
+        q4_0.roundtrip(torch.zeros(2, 40))
     with pytest.raises(ValueError, match="multiple of 32"):
-        recover.mla_cache_q4_0(48)
+        q4_0.mla_cache(48)
 
 
 def test_rope_q4_0_uses_llama_cpp_interleaved_blocks():
     x = torch.randn(5, 64)
-    assert torch.equal(recover.interleaved_to_neox(recover.neox_to_interleaved(x)), x)
-    assert torch.equal(recover.neox_to_interleaved(torch.arange(8.0)), torch.tensor([0., 4, 1, 5, 2, 6, 3, 7]))
+    assert torch.equal(q4_0.interleaved_to_neox(q4_0.neox_to_interleaved(x)), x)
+    assert torch.equal(q4_0.neox_to_interleaved(torch.arange(8.0)), torch.tensor([0., 4, 1, 5, 2, 6, 3, 7]))
     x[:, 0] = 100.0  # an outlier in pair 0: in llama.cpp's layout it shares a block with pairs 0..15 only
-    q = recover.q4_0_rope(x)
+    q = q4_0.rope_roundtrip(x)
     y = x.clone()
     y[:, 0] = 0.0
     late = torch.cat([torch.arange(16, 32), torch.arange(48, 64)])  # NEOX dims of pairs 16..31
-    assert torch.equal(q[:, late], recover.q4_0_rope(y)[:, late])  # their block never saw the outlier
-    assert not torch.equal(q[:, 1:16], recover.q4_0_rope(y)[:, 1:16])
+    assert torch.equal(q[:, late], q4_0.rope_roundtrip(y)[:, late])  # their block never saw the outlier
+    assert not torch.equal(q[:, 1:16], q4_0.rope_roundtrip(y)[:, 1:16])
     row = torch.randn(2, 3, 96)
-    q = recover.mla_cache_q4_0(32)(row)
-    assert torch.equal(q[..., :32], recover.q4_0_roundtrip(row[..., :32]))
-    assert torch.equal(q[..., 32:], recover.q4_0_rope(row[..., 32:]))
-    assert torch.equal(recover.mla_cache_q4_0(32, rope=False)(row)[..., 32:], row[..., 32:])
+    q = q4_0.mla_cache(32)(row)
+    assert torch.equal(q[..., :32], q4_0.roundtrip(row[..., :32]))
+    assert torch.equal(q[..., 32:], q4_0.rope_roundtrip(row[..., 32:]))
+    assert torch.equal(q4_0.mla_cache(32, rope=False)(row)[..., 32:], row[..., 32:])
 
 
 @pytest.mark.parametrize("rotation", ["hadamard", "block", "random"])
@@ -94,13 +94,13 @@ def test_cache_quant_changes_the_model_and_goes_away():
     _, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)  # C + R = 64: two q4_0 blocks
     ids = prompt()
     before = logits(model, ids)
-    recover.set_cache_quant(model, recover.mla_cache_q4_0(32))
+    set_cache_quant(model, q4_0.mla_cache(32))
     quantized = logits(model, ids)
     assert (quantized - before).abs().max() > 1e-3
-    recover.set_cache_quant(model, recover.mla_cache_q4_0(32, rope=False))
+    set_cache_quant(model, q4_0.mla_cache(32, rope=False))
     latent_only = logits(model, ids)
     assert not torch.equal(latent_only, quantized) and not torch.equal(latent_only, before)
-    recover.set_cache_quant(model, None)
+    set_cache_quant(model, None)
     assert torch.equal(logits(model, ids), before)
 
 
@@ -119,7 +119,7 @@ def test_layerwise_recovery_lowers_the_attention_error(ste):
     original, model = converted("llama-mha", latent=32, rope_pairs=8, components=2)
     windows = calibration_windows(n=4, length=32)
     flags = [p.requires_grad for p in model.parameters()]
-    quant = recover.straight_through(recover.mla_cache_q4_0(32)) if ste else None
+    quant = q4_0.straight_through(q4_0.mla_cache(32)) if ste else None
     stats = recover.recover_layerwise(original, model, windows, steps=60, lr=3e-3, cache_quant=quant)
     assert len(stats) == len(mla_layers(model))
     for s in stats:

@@ -14,8 +14,9 @@ import time
 
 import torch
 
+from edge_mla import shape
 from edge_mla.calibration import collect_stats
-from edge_mla.convert import Plan, convert, head_dim_of, resolve_plan
+from edge_mla.convert import Plan, convert, resolve_plan
 from edge_mla.data import CORPUS_ABOUT, split_text, token_windows
 from edge_mla.eval import perplexity
 from edge_mla.source import load_source
@@ -38,7 +39,7 @@ def main() -> None:
     torch.manual_seed(0)
     src = load_source(args.model)
     cfg = src.model.config
-    n_kv, d, layers = cfg.num_key_value_heads, head_dim_of(cfg), cfg.num_hidden_layers
+    n_kv, d, layers = cfg.num_key_value_heads, shape.head_dim(cfg), cfg.num_hidden_layers
     original_per_token = 2 * n_kv * d * layers * 2  # fp16 K and V
     heldout = token_windows(src.tokenizer, split_text("heldout"), args.length, args.windows)
     calib = token_windows(src.tokenizer, split_text("calibration"), args.length, args.calib_windows)

@@ -123,7 +123,9 @@ def footprint_onnx(folder: str | Path) -> Footprint:
 def footprint_estimate(config, weight_bits: float, cache_bytes_per_elem: float, runtime: str,
                        name: str = "original") -> Footprint:
     """An unexported model (the original, for comparison): parameters x bits, cache from the config."""
-    d = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    from edge_mla.shape import head_dim
+
+    d = head_dim(config)
     mla = getattr(config, "mla", None)
     per_layer = (mla["latent_dim"] + mla["rope_dim"]) if mla else 2 * config.num_key_value_heads * d
     E, L, V, F = config.hidden_size, config.num_hidden_layers, config.vocab_size, config.intermediate_size

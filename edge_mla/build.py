@@ -10,8 +10,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from edge_mla import budget as bud
-from edge_mla import precision, recover, timebudget, timeplan
-from edge_mla.convert import check_saving, named_plan, original_cache_width, resolve_plan
+from edge_mla import precision, recover, shape, timebudget, timeplan
+from edge_mla.convert import check_saving, named_plan, resolve_plan
 from edge_mla.data import spread_windows
 from edge_mla.plans import EXPECTED_COST, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
 from edge_mla.publish import refuse_existing, staged_folder
@@ -364,7 +364,7 @@ def convert_to_target(job: Job, src, folder: Path) -> Converted:
     held_out = target.check_windows(src.tokenizer)
     reference = perplexity(src.model, held_out, desc="quality check")
     attempts = target.widths(job.plan, resolve_plan(config, replace(job.plan, latent=None)).latent,
-                             original_cache_width(config))
+                             shape.cache_width(config))
     pristine, tried, k = copy.deepcopy(src.model), [], 4  # each wider try converts the original again
     for i, plan in enumerate(attempts):
         last = i == len(attempts) - 1

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from edge_mla import shape
+
 
 @dataclass
 class LayerStats:
@@ -43,11 +45,10 @@ def _pair_norms(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def new_stats(config) -> LayerStats:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    E = config.hidden_size
+    E, d = config.hidden_size, shape.head_dim(config)
     return LayerStats(torch.zeros(E, E, dtype=torch.float64), torch.zeros(E, dtype=torch.float64), 0,
-                      torch.zeros(config.num_attention_heads, head_dim // 2, dtype=torch.float64),
-                      torch.zeros(config.num_key_value_heads, head_dim // 2, dtype=torch.float64))
+                      torch.zeros(config.num_attention_heads, d // 2, dtype=torch.float64),
+                      torch.zeros(config.num_key_value_heads, d // 2, dtype=torch.float64))
 
 
 def stats_hook(s: LayerStats, attn, config):

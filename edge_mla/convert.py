@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from edge_mla import families, lowrank, rope
+from edge_mla import families, lowrank, rope, shape
 from edge_mla.calibration import LayerStats
 from edge_mla.mla import MLAAttention, install_mla
 # Plan is re-exported: convert.Plan is what callers import with convert()
@@ -18,14 +18,10 @@ from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.source import SourceError, check_architecture
 
 
-def head_dim_of(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
 def resolve_plan(config, plan: Plan) -> Plan:
     """Fill defaults and check every number against the model, before any work is done."""
     check_architecture(config)
-    d, n_kv, E = head_dim_of(config), config.num_key_value_heads, config.hidden_size
+    d, n_kv, E = shape.head_dim(config), config.num_key_value_heads, config.hidden_size
     rotary = families.rotary_pairs(config)  # partial rotary: only these pairs can keep RoPE
     r = plan.rope_pairs if plan.rope_pairs is not None else min(rope.default_rope_pairs(plan.selection, d), rotary)
     rope.check_rope_pairs(plan.selection, r, 2 * rotary, n_kv)
@@ -52,15 +48,10 @@ def rope_key_width(config, plan: Plan) -> int:
     return 2 * r * (plan.rope_components if plan.selection == "shared" else config.num_key_value_heads)
 
 
-def original_cache_width(config) -> int:
-    """Numbers per token per layer the original caches: a key and a value per KV head."""
-    return 2 * config.num_key_value_heads * head_dim_of(config)
-
-
 def latent_for_share(config, plan: Plan, share: float) -> int:
     """C such that C + R is `share` of the original's cache, C + R rounded down to whole q4_0/q8_0 blocks where
     the cache is that wide, at least one block of latent, and at most the model's full rank."""
-    total, rope_width = share * original_cache_width(config), rope_key_width(config, plan)
+    total, rope_width = share * shape.cache_width(config), rope_key_width(config, plan)
     block = ROW_BLOCK if total >= 2 * ROW_BLOCK else 2
     latent = max(int(total // block) * block - rope_width, block)
     return min(latent, resolve_plan(config, replace(plan, latent=None)).latent)
@@ -80,7 +71,7 @@ def named_plan(name: str, config, plan: Plan | None = None) -> Plan:
 def check_saving(config, plan: Plan, expected_cost: str | None = None) -> None:
     """Refuse, before any work, a plan whose cache keeps more than plans.MAX_CACHE_SHARE of the original's: the
     conversion would cost quality and time and save (almost) nothing. Says which width would save memory."""
-    original, rope_width = original_cache_width(config), rope_key_width(config, plan)
+    original, rope_width = shape.cache_width(config), rope_key_width(config, plan)
     latent = resolve_plan(config, plan).latent  # the plan's own errors (a width past full rank) come first
     kept = (latent + rope_width) / original
     if kept <= MAX_CACHE_SHARE:
@@ -107,7 +98,7 @@ def needs_calibration(plan: Plan) -> bool:
 
 
 def layer_maps(plan: Plan, attn, stats: LayerStats | None, config, uses_rope: bool = True) -> rope.RopeMaps:
-    d, n_kv = head_dim_of(config), config.num_key_value_heads
+    d, n_kv = shape.head_dim(config), config.num_key_value_heads
     heads_per_group = config.num_attention_heads // n_kv
     rotary = families.rotary_pairs(config)
     if plan.selection == "shared" and not uses_rope:  # a NoPE layer: zero rope rows, every dim in the latent
@@ -126,7 +117,7 @@ def layer_maps(plan: Plan, attn, stats: LayerStats | None, config, uses_rope: bo
 @torch.no_grad()
 def convert_layer(attn, maps: rope.RopeMaps, plan: Plan, stats: LayerStats | None, config, mla: dict,
                   inv_freq: torch.Tensor, layer_idx: int) -> MLAAttention:
-    d, n_kv, H = head_dim_of(config), config.num_key_value_heads, config.num_attention_heads
+    d, n_kv, H = shape.head_dim(config), config.num_key_value_heads, config.num_attention_heads
     group = torch.arange(H) // (H // n_kv)
     f64 = lambda t: None if t is None else t.detach().double()  # noqa: E731
     w_q, b_q = f64(attn.q_proj.weight).view(H, d, -1), f64(attn.q_proj.bias)
@@ -192,7 +183,7 @@ def attention_metrics(q_nope_rows, w_o, xx, group, n_kv: int, d: int):
 
 
 def mla_section(config, plan: Plan, nope_dim: int, rope_dim: int, rope_scaling: float, source: str) -> dict:
-    d = head_dim_of(config)
+    d = shape.head_dim(config)
     return {
         "format": "edge-mla/1",
         "source": source,

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from edge_mla.shape import head_dim
+
 # What each family needs; shown by `docs/models.md` and by the errors below.
 REFUSED = {
     "gemma3_text": "Gemma 3 has a GeGLU FFN with pre/post feed-forward norms, (1 + w) RMSNorms, scaled embeddings, "
@@ -27,10 +29,6 @@ REFUSED = {
 }
 ROTARY_PAIRS_KEY = "edge_mla_rotary_pairs"  # config attribute: pairs with nonzero frequency (partial rotary)
 SOURCE_ARCH_KEY = "edge_mla_source_architecture"  # config attribute: the family a rebuilt model came from
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
 def rotary_pairs(config) -> int:

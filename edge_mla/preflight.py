@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_mla import families
+from edge_mla import families, shape
 
 FORMATS = ("onnx", "gguf")
 MLA, ORIGINAL = "the MLA model", "the original, exported to compare"
@@ -84,7 +84,6 @@ def kept_frequencies(model, plan) -> list[np.ndarray]:
 def check_gguf(model, plan, align: int, checkpoint=None) -> None:
     """llama.cpp's deepseek2, for the model this plan will make. A lazy model's biases are read from its
     checkpoint (layerwise.Checkpoint), nothing else."""
-    from edge_mla.export.gguf import _rope_base
     from edge_mla.export.gguf_tensors import check_attention_biases, check_ffn, check_nope_dim, rope_layout
 
     config = model.config
@@ -98,7 +97,7 @@ def check_gguf(model, plan, align: int, checkpoint=None) -> None:
                                    for name in ("q_proj", "k_proj", "v_proj", "o_proj")})
     d = families.head_dim(config)
     check_nope_dim(d if plan.selection == "shared" else d - 2 * plan.rope_pairs)
-    rope_layout(kept_frequencies(model, plan), _rope_base(config), 2 * families.rotary_pairs(config), plan.latent,
+    rope_layout(kept_frequencies(model, plan), shape.rope_base(config), 2 * families.rotary_pairs(config), plan.latent,
                 align, plan.selection)
 
 
@@ -109,13 +108,12 @@ def fit_rope_key(model, plan, formats: tuple[str, ...]) -> tuple[object, list[st
     from dataclasses import replace
 
     from edge_mla.convert import resolve_plan
-    from edge_mla.export.gguf import _rope_base
 
     plan = resolve_plan(model.config, plan)
     if "gguf" not in formats or plan.selection != "shared":
         return plan, []
     inv = model.model.rotary_emb.inv_freq.detach()
-    on_grid = families.grid_pairs(inv[:families.rotary_pairs(model.config)], _rope_base(model.config),
+    on_grid = families.grid_pairs(inv[:families.rotary_pairs(model.config)], shape.rope_base(model.config),
                                   2 * families.rotary_pairs(model.config))
     if 1 <= on_grid < plan.rope_pairs:
         return replace(plan, rope_pairs=on_grid), [

@@ -22,7 +22,7 @@ import gguf
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 
-from edge_mla import precision, provenance
+from edge_mla import precision, provenance, shape
 from edge_mla.publish import refuse_existing, staged_file
 from edge_mla.plans import CALIBRATION_DEFAULTS
 from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZED, RopeLayout, to_numpy,  # noqa: F401
@@ -139,12 +139,6 @@ def _float_eps(config) -> float:
     return float(np.float32(config.rms_norm_eps))  # llama.cpp reads it as float32
 
 
-def _rope_base(config) -> float:
-    params = getattr(config, "rope_parameters", None) or {}
-    base = params.get("rope_theta") if isinstance(params, dict) else None
-    return float(base or getattr(config, "rope_theta", None) or 10000.0)
-
-
 def _write(path: Path, arch: str, keys: list, tokenizer: list[Field], tensors, weights: str,
            mla: dict | None) -> None:
     """`tensors`: (name, array) pairs, made one layer at a time; each is encoded and spooled to a temporary file
@@ -233,7 +227,7 @@ def check_mla(loaded: Loaded, align: int) -> RopeLayout:
     check_nope_dim(mla["nope_dim"])
     selection = (mla.get("plan") or {}).get("selection", "?")
     return rope_layout(inv_freqs,
-                       _rope_base(model.config), mla.get("rotary_dim", mla["head_dim"]), mla["latent_dim"], align,
+                       shape.rope_base(model.config), mla.get("rotary_dim", mla["head_dim"]), mla["latent_dim"], align,
                        selection)
 
 
@@ -275,9 +269,9 @@ def plain_export(loaded: Loaded) -> tuple[str, list, dict, list[str]]:
     config = model.config
     check_plain(model)
     arch = plain_arch(config)
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    head_dim = shape.head_dim(config)
     H, Hkv = config.num_attention_heads, config.num_key_value_heads
-    base = _rope_base(config)
+    base = shape.rope_base(config)
     rotary = model.model.rotary_emb
     default = base ** (-np.arange(0, head_dim, 2) / head_dim)
     inv_freq = to_numpy(rotary.inv_freq)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edge_mla import shape
 from edge_mla.export import onnx_graph, onnx_quant
 
 
@@ -144,13 +145,11 @@ def decoder_from_mla(model, rotate_latent: bool = False, checkpoint=None) -> onn
 
 
 def decoder_from_original(model, checkpoint=None) -> onnx_graph.Decoder:
-    from edge_mla.convert import head_dim_of
-
     from edge_mla import families
 
     cfg = model.config
     check_original(model)
-    d = head_dim_of(cfg)
+    d = shape.head_dim(cfg)
     qk_norm = families.has_qk_norm(model)  # Qwen3: per-head RMSNorm of q and k before RoPE
 
     def entry_of(layer) -> dict:

@@ -8,8 +8,8 @@ import torch
 
 import reference
 from conftest import prompt, stats_for, tiny_model
-from edge_mla import rope
-from edge_mla.convert import Plan, convert, head_dim_of
+from edge_mla import rope, shape
+from edge_mla.convert import Plan, convert
 from edge_mla.mla import cache_bytes, forward_with_cache, new_cache, set_absorbed
 
 TOL = 1e-4
@@ -32,7 +32,7 @@ def converted(kind, plan, stats=None):
 def test_full_rank_equals_original_with_same_pairs_removed(kind, selection):
     original, mla, stats = converted(kind, Plan(selection=selection, rope_pairs=2))
     cfg = original.config
-    d, n_kv = head_dim_of(cfg), cfg.num_key_value_heads
+    d, n_kv = shape.head_dim(cfg), cfg.num_key_value_heads
     heads_per_group = cfg.num_attention_heads // n_kv
     inv_freq = original.model.rotary_emb.inv_freq
     ids = prompt()
@@ -50,7 +50,7 @@ def test_full_rank_equals_original_with_same_pairs_removed(kind, selection):
 def test_full_rank_shared_head_equals_rotated_reference(kind):
     original, mla, stats = converted(kind, Plan(selection="shared", rope_pairs=6))
     cfg = original.config
-    d, n_kv = head_dim_of(cfg), cfg.num_key_value_heads
+    d, n_kv = shape.head_dim(cfg), cfg.num_key_value_heads
     inv_freq = original.model.rotary_emb.inv_freq
     forwards = [reference.shared_head_forward(layer.self_attn, reference.rotations_for(layer.self_attn, s, n_kv, d),
                                               6, 1, inv_freq)

@@ -8,7 +8,8 @@ import pytest
 from transformers import LlamaConfig, Qwen2Config
 
 from edge_mla.cli import _plan_from
-from edge_mla.convert import check_saving, named_plan, original_cache_width, rope_key_width
+from edge_mla.convert import check_saving, named_plan, rope_key_width
+from edge_mla.shape import cache_width
 from edge_mla.plans import MAX_CACHE_SHARE, PLANS
 
 # Published shapes (hidden, heads, KV heads, head_dim): no weights needed for widths.
@@ -23,11 +24,11 @@ TINY_GQA = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_head
 
 
 def cache_share(config, plan) -> float:
-    return (plan.latent + rope_key_width(config, plan)) / original_cache_width(config)
+    return (plan.latent + rope_key_width(config, plan)) / cache_width(config)
 
 
 def test_smollm2_keeps_the_widths_it_was_measured_at():
-    assert original_cache_width(SMOLLM2_135M) == 384
+    assert cache_width(SMOLLM2_135M) == 384
     assert named_plan("training-free", SMOLLM2_135M).latent == 256  # + 64 rope = 320
     assert named_plan("recovered", SMOLLM2_135M).latent == 224  # + 32 rope = 256
     assert named_plan("finetuned", SMOLLM2_135M).latent == 128  # + 64 rope = 192
@@ -39,7 +40,7 @@ def test_every_default_saves_memory_on_every_shape(config, name):
     plan = named_plan(name, config)
     assert cache_share(config, plan) <= MAX_CACHE_SHARE
     check_saving(config, plan)  # the defaults are never refused
-    if original_cache_width(config) >= 128:  # wide enough for whole q4_0 blocks
+    if cache_width(config) >= 128:  # wide enough for whole q4_0 blocks
         assert (plan.latent + rope_key_width(config, plan)) % 32 == 0
 
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import reference
-from edge_mla import rope
+from edge_mla import rope, shape
 from edge_mla.calibration import collect_stats
-from edge_mla.convert import Plan, convert, head_dim_of, named_plan
+from edge_mla.convert import Plan, convert, named_plan
 from edge_mla.data import split_text, token_windows
 from edge_mla.eval import generate_text, perplexity
 from edge_mla.mla import set_absorbed
@@ -39,7 +39,7 @@ def test_full_rank_partition_equals_original_with_same_pairs_removed(smol):
     src, stats = smol
     original = src.model
     cfg = original.config
-    d, n_kv = head_dim_of(cfg), cfg.num_key_value_heads
+    d, n_kv = shape.head_dim(cfg), cfg.num_key_value_heads
     mla = copy.deepcopy(original)
     convert(mla, Plan(selection="partition", rope_pairs=4), stats)
     ref = copy.deepcopy(original)

@@ -28,9 +28,11 @@ EIGS_PER_LAYER = 1.0  # the conversion's hidden x hidden decompositions, per lay
 # One file's export besides its calibration pass, per layer: (seconds of overhead, layer-tokens of work). SmolLM2:
 # ONNX 0.2 s a layer, GGUF 0.25 s; the 8B: ONNX 3.3 s a layer (1,030 layer-tokens of 3 ms), GGUF 1.6 s.
 EXPORT_PER_LAYER = {"onnx": (0.15, 1030.0), "gguf": (0.2, 500.0)}
-# A token of perplexity in the runtime (the original; the MLA files' is timebudget.MLA_SCORING times it), measured
-# on the built-in model (llama.cpp 5.7 ms a token with its q4_0 cache, onnxruntime 3.7 ms); the 8B's: docs/scale.md.
-SCORE_TOKEN = {"llama.cpp": 2.85, "onnxruntime": 1.9}
+# A token of perplexity in the runtime (the original; the MLA files' is timebudget.MLA_SCORING times it): tokens
+# through the model, plus seconds a layer the runtime spends whatever the layer's size (its small matrices run
+# less efficiently than PyTorch's large ones). Fitted to the built-in model (llama.cpp 5.7 ms a token with its
+# q4_0 cache, onnxruntime 3.7 ms; a token through it 2.0 ms) and the 8B (106 ms and 79 ms; a token 97 ms).
+SCORE_TOKEN = {"llama.cpp": (1.05, 0.12e-3), "onnxruntime": (0.8, 0.072e-3)}
 DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weight read for one token)
 RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
 TEACHER_WINDOWS, TEACHER_LENGTH = 48, 512  # build.RECOVER_WINDOWS x RECOVER_LENGTH
@@ -108,26 +110,26 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
              recover_steps: int = 0) -> dict[str, float]:
     """Seconds per part of the build, in the order the build does them (recover_steps: a layer, when it recovers)."""
     tok = probe.token_seconds
+    score = {r: a * tok + b * probe.layers for r, (a, b) in SCORE_TOKEN.items()}  # seconds a token
     runtimes = [r for r, f in (("llama.cpp", "gguf"), ("onnxruntime", "onnx")) if f in formats]
     per_layer = {f: a + b * probe.layer_token_seconds for f, (a, b) in EXPORT_PER_LAYER.items() if f in formats}
     int8_original = "onnx" in formats and sizes.quality_windows > 0 and sizes.recover  # scored with its int8 cache
     walk = sizes.of("onnx")[0] * sizes.of("onnx")[1] * tok if "onnx" in formats else 0.0
-    scored = QUALITY_TEXTS * sizes.quality_windows * sizes.quality_length * tok
+    scored = QUALITY_TEXTS * sizes.quality_windows * sizes.quality_length
     w, n = sizes.of("convert")
     out = {"original exports": probe.layers * (sum(per_layer.values()) + int8_original * per_layer.get("onnx", 0))
                                + walk * (1 + int8_original),
-           "original scoring": scored * (sum(SCORE_TOKEN[r] for r in runtimes)
-                                         + int8_original * SCORE_TOKEN["onnxruntime"]),
+           "original scoring": scored * (sum(score[r] for r in runtimes) + int8_original * score["onnxruntime"]),
            "conversion": CONVERT_TOKEN * w * n * tok + EIGS_PER_LAYER * probe.eig_seconds * probe.layers}
     if sizes.recover and recover_steps:
         out["teacher pass"] = TEACHER_WINDOWS * TEACHER_LENGTH * tok
         out["recovery"] = recover_steps * RECOVER_STEP_TOKENS * tok
     gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
     out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
-    out["MLA scoring"] = scored * sum(SCORE_TOKEN[r] * mla_scoring.get(r, 2.0) for r in runtimes)
+    out["MLA scoring"] = scored * sum(score[r] * mla_scoring.get(r, 2.0) for r in runtimes)
     speed_files = 2 * len(runtimes)
     out["speed"] = sizes.speed_repeats * speed_files * sum(
-        SCORE_TOKEN["llama.cpp"] * p + DECODE_TOKEN * 32 for p in sizes.speed_prompts) * tok
+        score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok for p in sizes.speed_prompts)
     return out
 
 

@@ -248,6 +248,7 @@ def decide(model, device_name, bits, out, context, finetune_tokens, plan, force,
     job = Job(model, device, bits, kv_bits, out, context, limit, copy.deepcopy(config), plan, formats, calibration,
               recover_steps, finetune_tokens, sizes.quality_windows, sizes.quality_length, sizes.speed_prompts,
               max_quality_loss, time_budget, threads, thresholds, t0, n, sizes.speed_repeats, time_plan)
+    job.marks[1] = t0  # (printed before the job existed)
     return job, src
 
 
@@ -345,6 +346,7 @@ def convert_once(job: Job, src, folder: Path, originals: Originals, battery, bud
         scoring = {runtime: seconds for (model, runtime), seconds in measured.items() if model == "original"}
         deadline = timebudget.recovery_deadline(budget_start, job.time_budget,
                                                 timebudget.after_recovery(originals.export_seconds, scoring))
+    job.marks[3] = time.perf_counter()  # convert_layerwise prints steps 3 (and 4, the recovery, as it goes)
     mla, mla_dir = convert_layerwise(src, job.plan, folder, job.recover_steps, job.bits, job.kv_bits, job.t0,
                                      job.steps, job.calibration, deadline)
     return Converted(mla, mla_dir, src.checkpoint is not None, 4 + bool(job.recover_steps))

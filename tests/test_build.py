@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from edge_mla import cli
+from edge_mla import cli, timeplan
 from edge_mla.runtimes.gguf_file import check_gguf
 
 llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-python) is not installed")
@@ -59,6 +59,28 @@ def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, c
     tokens, _ = llamacpp.greedy(model, [5, 6, 7, 8], 4)
     assert len(tokens) == 4
     assert not [p for p in tmp_path.iterdir() if ".partial-" in p.name]
+
+
+@pytest.mark.slow
+def test_a_budget_too_short_for_any_recovery_builds_at_the_least_and_says_so(tmp_path, tiny_source, capsys):
+    """--time-budget 1s: the probe prices even the floors over it, so the build reads the least text, recovers
+    nothing (a training-free width, its 8-bit cache), says so at its start, and reports the plan beside what each
+    step took."""
+    out = tmp_path / "build"
+    code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--context", "256",
+                     "--out", str(out), "--time-budget", "1s", "--threads", "1"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "no recovery" in captured.out and "runs at the least" in captured.out
+    report = json.loads((out / "report.json").read_text())
+    plan = report["time_plan"]
+    assert plan["sizes"]["recover"] is False and plan["recover_steps_planned"] == 0
+    assert report["recovery"] is None and report["kv_bits"] == 8 and "[5/5]" in captured.out
+    assert plan["sizes"]["calibration"] == [[step, *floor] for step, floor in timeplan.FLOORS.items()]
+    assert {r["tokens"] for r in report["quality"]} == {timeplan.QUALITY_FLOOR[1] - 1}  # one window per text
+    assert plan["sizes"]["speed_prompts"] == [256] and {r["prompt_tokens"] for r in report["speed"]} == {256}
+    assert set(plan["took_seconds"]) == {"1", "2", "3", "4", "5"} and plan["estimate_total_seconds"] > 1
+    assert "time budget" in report["key_figures"]
 
 
 @pytest.mark.slow

@@ -24,7 +24,8 @@ EIG_PROBE_SIZE = 768  # a larger hidden size is priced by the cube of the ratio
 # Probe.layer_token_seconds), fitted on the 2-core AMD host, 2026-12-06, to the built-in model's default build
 # (a token through it: 2.0 ms) and the 8B-shaped checkpoint's (96 ms; docs/scale.md), each within ~20% of both.
 CONVERT_TOKEN = 2.0  # a calibration token of the conversion: the pass and its float64 statistics
-EIGS_PER_LAYER = 1.0  # the conversion's hidden x hidden decompositions, per layer, in Probe.eig_seconds
+EIGS_PER_LAYER = 2.0  # the conversion's hidden x hidden decompositions, per layer, in Probe.eig_seconds (the 8B:
+#                       30 s a layer at 2 x 512 tokens, of which ~6 s its passes and statistics; eig 11.5 s)
 # One file's export besides its calibration pass, per layer: (seconds of overhead, layer-tokens of work). SmolLM2:
 # ONNX 0.2 s a layer, GGUF 0.25 s; the 8B: ONNX 3.3 s a layer (1,030 layer-tokens of 3 ms), GGUF 1.6 s.
 EXPORT_PER_LAYER = {"onnx": (0.15, 1030.0), "gguf": (0.2, 500.0)}

@@ -86,17 +86,22 @@ def measure(model, checkpoint=None) -> Probe:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=g)
     arguments = layer_arguments(model, hidden)[0]
+    def fastest(run, times: int = 2) -> float:  # other work on a shared machine only ever slows a run down
+        best = float("inf")
+        for _ in range(times):
+            t = time.perf_counter()
+            run()
+            best = min(best, time.perf_counter() - t)
+        return best
+
     with torch.no_grad(), resident(model.model.layers[0], "model.layers.0.", checkpoint) as layer:
         dtype = next(layer.parameters()).dtype
         layer(hidden.to(dtype), **arguments)  # first run: allocations, kernel choice
-        t = time.perf_counter()
-        layer(hidden.to(dtype), **arguments)
-        layer_token_seconds = (time.perf_counter() - t) / PROBE_TOKENS
+        layer_token_seconds = fastest(lambda: layer(hidden.to(dtype), **arguments)) / PROBE_TOKENS
     n = min(hidden_size, EIG_PROBE_SIZE)
     a = torch.randn(n, n, dtype=torch.float64, generator=g)
-    t = time.perf_counter()
-    torch.linalg.eigh(a @ a.T)
-    eig_seconds = (time.perf_counter() - t) * (hidden_size / n) ** 3
+    a = a @ a.T
+    eig_seconds = fastest(lambda: torch.linalg.eigh(a)) * (hidden_size / n) ** 3
     return Probe(layer_token_seconds, eig_seconds, config.num_hidden_layers)
 
 

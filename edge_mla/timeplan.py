@@ -35,6 +35,7 @@ EXPORT_PER_LAYER = {"onnx": (0.15, 1030.0), "gguf": (0.2, 500.0)}
 # q4_0 cache, onnxruntime 3.7 ms; a token through it 2.0 ms) and the 8B (106 ms and 79 ms; a token 97 ms).
 SCORE_TOKEN = {"llama.cpp": (1.05, 0.12e-3), "onnxruntime": (0.8, 0.072e-3)}
 DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weight read for one token)
+SPEED_RUN_SECONDS = 2.0  # each speed run starts its runtime (a child process for llama.cpp) and loads the file
 RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
 TEACHER_WINDOWS, TEACHER_LENGTH = 48, 512  # build.RECOVER_WINDOWS x RECOVER_LENGTH
 MIN_RECOVER_STEPS = 50  # timebudget.MIN_BUDGET_STEPS
@@ -135,7 +136,7 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
     out["MLA scoring"] = scored * sum(score[r] * mla_scoring.get(r, 2.0) for r in runtimes)
     speed_files = 2 * len(runtimes)
     out["speed"] = sizes.speed_repeats * speed_files * sum(
-        score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok for p in sizes.speed_prompts)
+        score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok + SPEED_RUN_SECONDS for p in sizes.speed_prompts)
     return out
 
 

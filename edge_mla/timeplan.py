@@ -19,6 +19,7 @@ from edge_mla.plans import CALIBRATION_DEFAULTS, RECOVER_STEPS
 
 PROBE_TOKENS = 256
 EIG_PROBE_SIZE = 768  # a larger hidden size is priced by the cube of the ratio
+PROBE_SECONDS = 0.3  # each probe repeats its run up to this long and keeps the fastest
 
 # Cost of each step in tokens through the model (multiples of Probe.token_seconds) or through one layer (of
 # Probe.layer_token_seconds), fitted on the 2-core AMD host, 2026-12-06, to the built-in model's default build
@@ -87,12 +88,15 @@ def measure(model, checkpoint=None) -> Probe:
     g = torch.Generator().manual_seed(0)
     hidden = torch.randn(1, PROBE_TOKENS, hidden_size, generator=g)
     arguments = layer_arguments(model, hidden)[0]
-    def fastest(run, times: int = 2) -> float:  # other work on a shared machine only ever slows a run down
-        best = float("inf")
-        for _ in range(times):
+    def fastest(run) -> float:
+        """The fastest of at least two runs, and of as many as fit PROBE_SECONDS (a small model's layer takes
+        ~20 ms, which one noisy run of a shared machine misjudges by a third): other work only slows a run."""
+        best, spent, runs = float("inf"), 0.0, 0
+        while runs < 2 or (spent < PROBE_SECONDS and runs < 20):
             t = time.perf_counter()
             run()
-            best = min(best, time.perf_counter() - t)
+            took = time.perf_counter() - t
+            best, spent, runs = min(best, took), spent + took, runs + 1
         return best
 
     with torch.no_grad(), resident(model.model.layers[0], "model.layers.0.", checkpoint) as layer:

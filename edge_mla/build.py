@@ -13,7 +13,8 @@ from edge_mla import budget as bud
 from edge_mla import precision, recover, shape, timebudget, timeplan
 from edge_mla.convert import check_saving, named_plan, resolve_plan
 from edge_mla.data import spread_windows
-from edge_mla.plans import EXPECTED_COST, RECOVER_LR, RECOVER_STEPS, Calibration, Plan
+from edge_mla.plans import (EXPECTED_COST, RECOVER_LENGTH, RECOVER_LR, RECOVER_STEPS, RECOVER_WINDOWS, Calibration,
+                            Plan)
 from edge_mla.publish import refuse_existing, staged_folder
 
 # Teacher text for the CPU recovery: 48 x 512 calibration tokens, balanced over the kinds of the calibration mixture
@@ -23,7 +24,7 @@ from edge_mla.publish import refuse_existing, staged_folder
 # more articles, more steps and 2e-4 rather than 1e-4 all cut the block's error; the first 16 windows (a few
 # articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
 # is never used; the quality target's check windows (the split's end) are left out.
-RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # steps: plans.RECOVER_STEPS
+# (RECOVER_WINDOWS, RECOVER_LENGTH, RECOVER_STEPS and RECOVER_LR live in plans.py.)
 LONG_SPEED_PROMPT = 4  # speed is also measured after a prompt this many times --speed-prompt (speedmodel.py)
 QUALITY_WINDOWS, SPEED_PROMPT = 4, 256  # the defaults of --quality-windows and --speed-prompt
 

@@ -86,6 +86,7 @@ EXPECTED_COST = {"training-free": "about 1.2-1.4x the original's perplexity on p
 # says why.
 RECOVER_STEPS = 600
 RECOVER_LR = 2e-4
+RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # the recovery's teacher text: windows x tokens
 # The build's default time budget: what the built-in model's build fits on a 2-core machine. The recovery takes
 # what the other steps leave (timebudget.StepBudget), up to RECOVER_STEPS a layer.
 DEFAULT_TIME_BUDGET = "15m"

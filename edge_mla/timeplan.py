@@ -15,7 +15,8 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 
-from edge_mla.plans import CALIBRATION_DEFAULTS, RECOVER_STEPS
+from edge_mla.plans import CALIBRATION_DEFAULTS, RECOVER_LENGTH, RECOVER_STEPS, RECOVER_WINDOWS
+from edge_mla.timebudget import MIN_BUDGET_STEPS
 
 PROBE_TOKENS = 256
 EIG_PROBE_SIZE = 768  # a larger hidden size is priced by the cube of the ratio
@@ -38,8 +39,7 @@ SCORE_TOKEN = {"llama.cpp": (1.05, 0.12e-3), "onnxruntime": (0.8, 0.072e-3)}
 DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weight read for one token)
 SPEED_RUN_SECONDS = 2.0  # each speed run starts its runtime (a child process for llama.cpp) and loads the file
 RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
-TEACHER_WINDOWS, TEACHER_LENGTH = 48, 512  # build.RECOVER_WINDOWS x RECOVER_LENGTH
-MIN_RECOVER_STEPS = 50  # timebudget.MIN_BUDGET_STEPS
+MIN_RECOVER_STEPS = MIN_BUDGET_STEPS
 KEEP_STEPS = 100  # recovery steps a layer worth more than the default text sizes: 50 left news at 1.25x, ~200 1.09x
 
 # The least a build reads when the budget is short, per step: below these the statistics (conversion), the cache
@@ -133,7 +133,7 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
            "original scoring": scored * (sum(score[r] for r in runtimes) + int8_original * score["onnxruntime"]),
            "conversion": CONVERT_TOKEN * w * n * tok + EIGS_PER_LAYER * probe.eig_seconds * probe.layers}
     if sizes.recover and recover_steps:
-        out["teacher pass"] = TEACHER_WINDOWS * TEACHER_LENGTH * tok
+        out["teacher pass"] = RECOVER_WINDOWS * RECOVER_LENGTH * tok
         out["recovery"] = recover_steps * RECOVER_STEP_TOKENS * tok
     gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
     out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
@@ -219,7 +219,7 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         chosen = shrink(sizes, share, fixed) if share < 1 else sizes
         steps = 0
         if chosen.recover:  # what the rest of the budget buys, a layer
-            spare = budget - estimated(chosen, 0) - TEACHER_WINDOWS * TEACHER_LENGTH * probe.token_seconds
+            spare = budget - estimated(chosen, 0) - RECOVER_WINDOWS * RECOVER_LENGTH * probe.token_seconds
             steps = int(max(least, min(most_steps, spare / (RECOVER_STEP_TOKENS * probe.token_seconds))))
         return Fitted(chosen, estimate(chosen, probe, formats, mla_scoring, steps), steps, unbudgeted)
     raise AssertionError("unreachable: the last tier always returns")

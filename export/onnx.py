@@ -16,7 +16,7 @@ import numpy as np
 from edge_mla import precision, provenance
 from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.plans import CALIBRATION_DEFAULTS
-from edge_mla.runtimes.onnxruntime import META
+from edge_mla.runtimes.onnxruntime import IN_CHILD_ABOVE, META
 
 from edge_mla.export import onnx_graph
 from edge_mla.export.onnx_weights import decoder_from_mla, decoder_from_original, layer_scales
@@ -323,7 +323,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     return out
 
 
-SMOKE_TEST_IN_CHILD = 1 << 30  # bytes of weights above which onnxruntime's check of the export runs in a child
+SMOKE_TEST_IN_CHILD = IN_CHILD_ABOVE  # bytes of weights above which onnxruntime's check runs in a child
 
 
 def check_export(folder: Path) -> None:

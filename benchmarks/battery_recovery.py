@@ -20,7 +20,7 @@ import time
 
 import torch
 
-from edge_mla import build, data, recover
+from edge_mla import data, plans, recover
 from edge_mla.convert import calibrate_and_convert, named_plan
 from edge_mla.eval import perplexity
 from edge_mla.plans import RECOVER_STEPS, Calibration
@@ -54,8 +54,8 @@ def main() -> None:
         src.model = copy.deepcopy(pristine)
         t0 = time.perf_counter()
         recovery = recover.LayerRecovery(steps=args.steps, corrects_drift=variant.endswith("drift"),
-                                         **build.recovery_options(4, 4)) if args.steps else None
-        teacher = build.recovery_windows(tok, texts_in) if args.steps else None
+                                         **plans.recovery_options(4, 4)) if args.steps else None
+        teacher = plans.recovery_windows(tok, texts_in) if args.steps else None
         calibrate_and_convert(src, named_plan("recovered", src.model.config), teacher=teacher, converted=recovery,
                               **Calibration(texts=texts_in).of("convert"))
         ratios = {key: round(perplexity(src.model, w) / reference[key], 3) for key, w in texts.items()}

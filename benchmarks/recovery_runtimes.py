@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from edge_mla import precision, recover
-from edge_mla.build import recovery_windows
+from edge_mla.plans import recovery_windows
 from edge_mla.convert import calibrate_and_convert, named_plan, save
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export

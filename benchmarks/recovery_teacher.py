@@ -25,7 +25,7 @@ import time
 import torch
 
 from edge_mla import recover as rc
-from edge_mla.build import recovery_options
+from edge_mla.plans import recovery_options
 from edge_mla.convert import calibrate_and_convert, named_plan
 from edge_mla.data import book_text, news_text, split_text, spread_windows, token_windows
 from edge_mla.mla import mla_layers

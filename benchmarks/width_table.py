@@ -4,7 +4,7 @@
 
 For each C + R (R = 32: the build's rope key, the 16 highest frequencies; C = width - 32), the conversion the
 build runs, training-free and then recovered on the CPU as the build recovers (`recover.recover_converted` with
-`build.recovery_options`: through the q4_0 cache and the 4-bit weights, a learned latent norm, `plans.RECOVER_STEPS`
+`plans.recovery_options`: through the q4_0 cache and the 4-bit weights, a learned latent norm, `plans.RECOVER_STEPS`
 steps per layer on the build's teacher windows), each exported at 4-bit weights as the build exports it (GGUF q4_0
 with attn_k_b/attn_v_b at q8_0; ONNX int4 MatMulNBits with an 8-bit head) and scored by llama.cpp with f16 / q8_0 /
 q4_0 caches (one file) and by onnxruntime with the caches of --onnx-caches (one export each), on the build's two
@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from edge_mla import precision, recover
-from edge_mla.build import recovery_options, recovery_windows
+from edge_mla.plans import recovery_options, recovery_windows
 from edge_mla.convert import calibrate_and_convert, save
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export

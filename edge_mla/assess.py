@@ -31,14 +31,21 @@ def summarize(job, converted, exports, originals, measured) -> tuple[dict, list,
                                            summary.get("quality_ratio", {}), measured.speeds, thresholds)
     summary["recommendation"] = verdict.recommendation(summary["verdicts"])
     summary["mla_pays_from"] = [verdict.pays_from(m, o, job.device) for m, o in verdict.pairs(footprints)]
-    fast_extra = None
-    if exports.gguf:
-        fast = bud.footprint_gguf(exports.gguf, verdict.FAST_LLAMA_CACHE)
-        priced = next(fp for fp in footprints if fp.kind == "mla" and fp.runtime == "llama.cpp")
-        fast_extra = (fast.memory_bytes(job.context) - priced.memory_bytes(job.context)) / bud.MB
+    chosen = original = None
+    ggufs = {model: path for model, path in (("mla", exports.gguf), ("original", originals.gguf)) if path}
+    if any(r.runtime == "llama.cpp" for r in measured.speed_rows) and ggufs:
+        from edge_mla import runsettings
+        settings = runsettings.choose(measured.speed_rows, ggufs, job.device, job.context)
+        summary["run_settings"] = {"llama.cpp": settings}
+        chosen = settings["chosen"].get("mla")
+        original = {"model": job.model, "bits": job.bits, "chosen": settings["chosen"].get("original")}
+        line = runsettings.summary_line(settings)
+        if line:
+            summary["key_figures"][f"{settings['workload']} on this machine, llama.cpp at each file's fastest "
+                                   "setting that fits"] = line
     summary["run_commands"] = verdict.run_commands(exports.gguf.name if exports.gguf else None,
                                                    exports.onnx.name if exports.onnx else None, job.cache,
-                                                   job.context, fast_extra)
+                                                   job.context, chosen, original)
     summary["plan"] = asdict(job.plan)
     summary["provenance"] = provenance.record(job.model, mla=converted.mla, bits=job.bits, kv_bits=job.kv_bits,
                                               calibration=converted.mla["calibration_text"])
@@ -138,7 +145,7 @@ def no_fit_message(budgets: list[bud.Budget], device: bud.Device, context: int) 
 
 
 def print_outcome(job, summary: dict, budgets: list) -> None:
-    from edge_mla.build import peak_rss_mb
+    from edge_mla.job import peak_rss_mb
 
     print(summary["verdict"])
     for b in budgets:

@@ -298,6 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "shorter than the export's prefill.from_tokens (30 on SmolLM2) read the prompt in the "
                         "absorbed form: slower, without the expanded form's working memory (docs/onnx.md)")
     _kv_args(p, "the cache the file was built for: a .gguf records it, an ONNX export fixes it")
+    p.add_argument("--flash-attn", choices=("on", "off"), default=None,
+                   help="llama.cpp's flash attention (default: on for a quantized cache, which needs it, else off); "
+                        "report.json's run_settings says which is faster for the file")
     p.set_defaults(func=cmd_run)
     return parser
 
@@ -400,6 +403,8 @@ def cmd_run(args) -> int:
         if args.prefill_chunk is not None:
             raise ValueError("--prefill-chunk applies to ONNX exports; llama.cpp takes its batch as -ub")
         return llamacpp.run_cli(args)
+    if args.flash_attn is not None:
+        raise ValueError("--flash-attn applies to .gguf files (llama.cpp); onnxruntime chooses its attention kernels")
     from edge_mla.runtimes import onnxruntime
     return onnxruntime.run_cli(args)
 

@@ -82,8 +82,13 @@ EXPECTED_COST = {"training-free": "about 1.2-1.4x the original's perplexity on p
                  "recovered": "at two thirds of the cache, within 1.10x of the original's perplexity on six kinds of "
                               "text after the build's 15-minute CPU recovery; at half, up to 1.3x (docs/quality.md)",
                  "finetuned": "within a few percent of the original after a GPU fine-tune (docs/finetune.md)"}
-# Adam steps per attention block of the build's CPU recovery, and their peak learning rate (cosine to zero): build.py
-# says why.
+# Teacher text for the CPU recovery: 48 x 512 calibration tokens, balanced over the kinds of the calibration mixture
+# (or the user's --calib-text files) and spread over each, and up to 600 Adam steps per layer (as many as
+# --time-budget buys) at a peak learning rate of 2e-4, under bf16 autocast where the CPU has it
+# (recover.native_bf16: 1.25x faster on 2 threads, the same error). Per layer on held-out Wikipedia and news,
+# more articles, more steps and 2e-4 rather than 1e-4 all cut the block's error; the first 16 windows (a few
+# articles) at 300 steps left it under-fitted, and 4e-4 over-shoots at late layers (docs/recovery.md). Held-out text
+# is never used; the quality target's check windows (the split's end) are left out.
 RECOVER_STEPS = 600
 RECOVER_LR = 2e-4
 RECOVER_WINDOWS, RECOVER_LENGTH = 48, 512  # the recovery's teacher text: windows x tokens
@@ -101,3 +106,40 @@ PLANS = {
     # With fine-tuning the latent can shrink much further: docs/finetune.md (C=128 recovers the original).
     "finetuned": Plan(selection="shared", weighting="attention"),
 }
+
+
+def recovery_windows(tokenizer, texts: tuple[str, ...] = ()):
+    """The recovery's teacher windows, from the same texts the conversion calibrates on (the built-in mixture of
+    kinds or the user's files)."""
+    from edge_mla.data import spread_windows
+    from edge_mla.target import CHECK_LENGTH, CHECK_WINDOWS
+
+    return spread_windows(tokenizer, texts or None, count=RECOVER_WINDOWS, length=RECOVER_LENGTH,
+                          hold_out_tokens=0 if texts else CHECK_WINDOWS * CHECK_LENGTH)
+
+
+def recovery_options(bits: int, kv_bits: int) -> dict:
+    """How the build recovers: through the cache and the 4-bit projections it ships, with a learned latent norm,
+    which lets the GGUF store kv_a at 4 bits too; onnxruntime's int4 shares q4_0's grid. The per-head
+    up-projections stay 8-bit: 4-bit ones, trained through, saved 2.8 MB of GGUF for +5% perplexity in llama.cpp
+    (docs/recovery.md, benchmarks/recovery_runtimes.py). Each block learns from the original's inputs: training it
+    on the converted model's own stream towards the original's (LayerRecovery(corrects_drift=True)) won in PyTorch
+    at a float cache (worst text 1.39x -> 1.30x at 300 steps) but lost through the runtimes' 4-bit formats at the
+    15-minute budget (docs/quality.md)."""
+    return dict(cache_bits=kv_bits, weight_bits=bits, latent_norm=True, up_projections=False, lr=RECOVER_LR)
+
+
+def recovery_step(recover_steps: int, bits: int, kv_bits: int, budgeted: bool = False) -> str:
+    steps = f"{'up to ' if budgeted else ''}{recover_steps} steps"
+    return (f"recovering on the CPU: each attention block trained {steps} towards the original's outputs"
+            f"{', through the 4-bit cache' if kv_bits == 4 else ''}{' and 4-bit weights' if bits == 4 else ''}, "
+            "with a learned latent norm")
+
+
+def finetune_texts(tokenizer, user_texts: tuple[str, ...] = ()) -> list[str]:
+    """What the GPU fine-tune trains on: the texts the conversion calibrates on (the user's, or the built-in mixture
+    of prose, code, docs and chat), and with the built-in mixture the public-domain books of the fine-tuning corpus
+    too (more distinct text for the same steps). Never a battery text (edge_mla.texts)."""
+    from edge_mla.data import BOOKS, book_text, calibration_texts
+
+    return calibration_texts(tokenizer, user_texts or None) + ([] if user_texts else [book_text(b) for b in BOOKS])

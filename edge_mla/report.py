@@ -192,7 +192,26 @@ def verdict_section(summary: dict) -> str:
             f"modelled from the speeds measured below)</th><th>bandwidth bound on the device, tok/s (MLA / original; "
             f"bytes read only, not MLA's extra attention arithmetic)</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"
-            f"{speed}<h3>Run the files with the settings priced</h3><ul>{commands}</ul>")
+            f"{speed}{settings_section(summary)}<h3>Run the files</h3><ul>{commands}</ul>")
+
+
+def settings_section(summary: dict) -> str:
+    """llama.cpp's settings tried on each GGUF (runsettings.py), timed on a long prompt and a reply; the chosen."""
+    found = (summary.get("run_settings") or {}).get("llama.cpp")
+    if not found:
+        return ""
+    chosen = {(c["model"], c["cache"], c["flash_attention"]) for c in found["chosen"].values()}
+    rows = "".join(
+        f"<tr><td>{s['model']}</td><td>{s['cache']}, flash attention {'on' if s['flash_attention'] else 'off'}</td>"
+        f"<td>{s['prefill_tokens_per_s']:.0f}</td><td>{s['decode_tokens_per_s']:.1f}</td><td>{s['seconds']:.1f}</td>"
+        f"<td>{s['memory_mb']:.0f}{'' if s['fits'] else ' (does not fit)'}</td>"
+        f"<td>{'<b>chosen</b>' if (s['model'], s['cache'], s['flash_attention']) in chosen else ''}</td></tr>"
+        for s in found["settings"])
+    return (f"<h3>llama.cpp settings at {found['context']} tokens on the build machine "
+            f"({html.escape(found['workload'])}; modelled from the measured prompts)</h3><table><tr><th>file</th><th>setting</th><th>prefill tok/s</th>"
+            "<th>decode tok/s</th><th>seconds</th><th>MB on the device</th><th></th></tr>"
+            f"{rows}</table><p>The fastest setting that fits is printed below; the verdict above compares both files "
+            "at the same bits (the priced cache).</p>")
 
 
 def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budgets: list[Budget],

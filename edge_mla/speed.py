@@ -24,19 +24,30 @@ class SpeedRow:
     decode_tokens_per_s: float
     threads: int
     cache: str
+    flash_attention: bool | None = None  # llama.cpp's setting (None: onnxruntime)
+    priced: bool = True  # at the cache the budget prices, compared across models; False: a run setting tried
 
 
-def gguf_speed(path: str, prompt: list[int], decode_tokens: int, kv_type: str, threads: int) -> tuple[float, float]:
+def gguf_speed(path: str, prompt: list[int], decode_tokens: int, kv_type: str, threads: int,
+               flash_attn: bool | None = None) -> tuple[float, float]:
     """(prefill, decode) tokens/s of a GGUF in llama.cpp; run it through llamacpp.run_isolated."""
     from edge_mla.runtimes import llamacpp
 
     model = llamacpp.open_model(path, n_ctx=len(prompt) + decode_tokens, threads=threads, kv_type=kv_type,
-                                n_batch=len(prompt))
+                                n_batch=len(prompt), flash_attn=flash_attn)
     model.llm.reset()
     t0 = time.perf_counter()
     model.llm.eval(list(prompt))
     prefill = len(prompt) / (time.perf_counter() - t0)
     return prefill, llamacpp.greedy_continue(model, decode_tokens)[1]
+
+
+def gguf_speeds(path: str, prompts: list[list[int]], decode_tokens: int, settings: list[tuple[str, bool]],
+                threads: int) -> list[tuple[str, bool, int, float, float]]:
+    """gguf_speed for every (cache type, flash attention) setting after every prompt, in one llama.cpp process: a
+    child's start is paid once per file and pass. Rows: (cache, flash attention, prompt tokens, prefill, decode)."""
+    return [(cache, flash, len(prompt), *gguf_speed(path, prompt, decode_tokens, cache, threads, flash))
+            for cache, flash in settings for prompt in prompts]
 
 
 def onnx_speed(folder: str, prompt: list[int], decode_tokens: int, threads: int) -> tuple[float, float]:
@@ -56,9 +67,11 @@ def onnx_speed(folder: str, prompt: list[int], decode_tokens: int, threads: int)
 
 
 def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: str, decode_tokens: int = 32,
-            threads: int | None = None, repeats: int = 2, progress=print) -> list[SpeedRow]:
+            threads: int | None = None, repeats: int = 2, llama_settings: tuple = (),
+            progress=print) -> list[SpeedRow]:
     """Speeds of every file after each prompt. files: {model: {"gguf": path, "onnx": folder}} (either may be
-    missing)."""
+    missing). llama_settings: other (cache type, flash attention) settings to try each GGUF with, once, beside the
+    priced cache (runsettings.py chooses among them); their rows have priced=False."""
     import os
 
     from edge_mla.runtimes import llamacpp
@@ -66,39 +79,44 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
     from edge_mla.runtimes.onnxruntime import run_sized
 
     threads = threads or os.cpu_count() or 1
-    best: dict[tuple, tuple[float, float, str]] = {}
-    for _ in range(repeats):
-        for prompt in prompts:
-            for model, paths in files.items():
-                for runtime, path in (("llama.cpp", paths.get("gguf")), ("onnxruntime", paths.get("onnx"))):
-                    if path is None:
-                        continue
-                    if runtime == "llama.cpp":
-                        cache = runnable_cache_type(check_gguf(path), kv_type)
-                        got = llamacpp.run_isolated(gguf_speed, str(path), prompt, decode_tokens, cache, threads)
-                    else:
-                        cache, got = onnx_cache, run_sized(path, onnx_speed, str(path), prompt, decode_tokens,
-                                                           threads)
-                    key = (model, runtime, len(prompt))
-                    old = best.get(key, (0.0, 0.0, cache))
-                    best[key] = (max(old[0], got[0]), max(old[1], got[1]), cache)
-    rows = [SpeedRow(model, runtime, tokens, decode_tokens, round(p, 1), round(d, 1), threads, cache)
-            for (model, runtime, tokens), (p, d, cache) in best.items()]
+    best: dict[tuple, tuple[float, float]] = {}
+
+    def keep(model, runtime, tokens, cache, flash, priced, got):
+        key = (model, runtime, tokens, cache, flash, priced)
+        old = best.get(key, (0.0, 0.0))
+        best[key] = (max(old[0], got[0]), max(old[1], got[1]))
+
+    for repeat in range(repeats):
+        for model, paths in files.items():
+            if paths.get("gguf") is not None:
+                cache = runnable_cache_type(check_gguf(paths["gguf"]), kv_type)
+                priced = (cache, cache not in ("f16", "f32"))
+                settings = [priced] + [s for s in llama_settings if s != priced and not repeat]
+                for c, flash, tokens, *got in llamacpp.run_isolated(gguf_speeds, str(paths["gguf"]), prompts,
+                                                                    decode_tokens, settings, threads):
+                    keep(model, "llama.cpp", tokens, c, flash, (c, flash) == priced, got)
+            if paths.get("onnx") is not None:
+                for prompt in prompts:
+                    keep(model, "onnxruntime", len(prompt), onnx_cache, None, True,
+                         run_sized(paths["onnx"], onnx_speed, str(paths["onnx"]), prompt, decode_tokens, threads))
+    rows = [SpeedRow(model, runtime, tokens, decode_tokens, round(p, 1), round(d, 1), threads, cache, flash, priced)
+            for (model, runtime, tokens, cache, flash, priced), (p, d) in best.items()]
     for r in rows:
+        setting = "" if r.priced else f", {r.cache} cache, flash attention {'on' if r.flash_attention else 'off'}"
         progress(f"      speed {r.model:8s} {r.runtime:11s} prefill {r.prefill_tokens_per_s:7.1f} tok/s, decode "
-                 f"{r.decode_tokens_per_s:6.1f} tok/s ({r.prompt_tokens}-token prompt, {threads} threads)")
+                 f"{r.decode_tokens_per_s:6.1f} tok/s ({r.prompt_tokens}-token prompt, {threads} threads{setting})")
     return rows
 
 
 def by_runtime(rows: list[SpeedRow], contexts: list[int] = ()) -> dict:
-    """report.json's per-runtime speeds: {runtime: {"decode_tokens_per_s": {model: x}, "prefill_...": ...,
-    "decode_ratio": MLA / original, "prefill_ratio": ..., "prompt_tokens": ...}} at the shortest prompt measured,
-    every prompt's figures under "by_prompt", and, where two prompt lengths were measured, the speeds modelled at
-    `contexts` under "modelled" (speedmodel.py)."""
+    """report.json's per-runtime speeds at the priced cache: {runtime: {"decode_tokens_per_s": {model: x},
+    "prefill_...": ..., "decode_ratio": MLA / original, "prefill_ratio": ..., "prompt_tokens": ...}} at the shortest
+    prompt measured, every prompt's figures under "by_prompt", and, where two prompt lengths were measured, the
+    speeds modelled at `contexts` under "modelled" (speedmodel.py)."""
     from edge_mla import speedmodel
 
     out: dict = {}
-    for r in sorted(rows, key=lambda r: r.prompt_tokens):
+    for r in sorted((r for r in rows if r.priced), key=lambda r: r.prompt_tokens):
         entry = out.setdefault(r.runtime, {"decode_tokens_per_s": {}, "prefill_tokens_per_s": {},
                                            "prompt_tokens": r.prompt_tokens, "threads": r.threads,
                                            "decode_tokens": r.decode_tokens, "by_prompt": {}})

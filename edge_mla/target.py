@@ -5,7 +5,7 @@ model's perplexity on a held-out part of the calibration text is within the targ
 runs in PyTorch with float weights on both sides and the MLA model's cache as the build ships it (the q4_0 round
 trip for a 4-bit cache): the width decides the conversion's loss, the exporters then quantize both models alike.
 The check windows are the Wikipedia calibration split's last ones, which neither the statistics nor the teacher
-pass read (data.calibration_windows and build.recovery_windows leave them out), and never the texts the report
+pass read (data.calibration_windows and plans.recovery_windows leave them out), and never the texts the report
 scores.
 """
 from __future__ import annotations

@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, replace
 
+from edge_mla import runsettings
 from edge_mla.plans import CALIBRATION_DEFAULTS, RECOVER_LENGTH, RECOVER_STEPS, RECOVER_WINDOWS
 from edge_mla.timebudget import MIN_BUDGET_STEPS
 
@@ -138,9 +139,10 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
     gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
     out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
     out["MLA scoring"] = scored * sum(score[r] * mla_scoring.get(r, 2.0) for r in runtimes)
-    speed_files = 2 * len(runtimes)
-    out["speed"] = sizes.speed_repeats * speed_files * sum(
-        score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok + SPEED_RUN_SECONDS for p in sizes.speed_prompts)
+    run = [score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok for p in sizes.speed_prompts]
+    out["speed"] = sizes.speed_repeats * 2 * len(runtimes) * (sum(run) + SPEED_RUN_SECONDS * len(run))
+    if "gguf" in formats:  # each GGUF once more per other llama.cpp setting (runsettings.py), in the same child
+        out["speed"] += 2 * len(runsettings.SETTINGS) * sum(run)
     return out
 
 
@@ -177,6 +179,7 @@ class Fitted:
     estimate: dict[str, float]  # seconds by part (recovery at its planned steps)
     recover_steps: int  # a layer, as planned (the recovery's own StepBudget decides as it goes)
     unbudgeted: float  # what the defaults would take here
+    speed_share: float = 1.0  # the speed runs' estimate against the defaults' (timebudget.after_recovery scales by it)
 
     def total(self) -> float:
         return sum(self.estimate.values())
@@ -185,7 +188,8 @@ class Fitted:
         return {"probe": {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(probe).items()},
                 "sizes": asdict(self.sizes), "recover_steps_planned": self.recover_steps,
                 "estimate_seconds": {k: round(v, 1) for k, v in self.estimate.items()},
-                "estimate_total_seconds": round(self.total(), 1), "defaults_seconds": round(self.unbudgeted, 1)}
+                "estimate_total_seconds": round(self.total(), 1), "defaults_seconds": round(self.unbudgeted, 1),
+                "speed_share": round(self.speed_share, 3)}
 
 
 def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, ...], mla_scoring: dict[str, float],
@@ -221,7 +225,9 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         if chosen.recover:  # what the rest of the budget buys, a layer
             spare = budget - estimated(chosen, 0) - RECOVER_WINDOWS * RECOVER_LENGTH * probe.token_seconds
             steps = int(max(least, min(most_steps, spare / (RECOVER_STEP_TOKENS * probe.token_seconds))))
-        return Fitted(chosen, estimate(chosen, probe, formats, mla_scoring, steps), steps, unbudgeted)
+        fitted = estimate(chosen, probe, formats, mla_scoring, steps)
+        default_speed = estimate(wanted, probe, formats, mla_scoring, 0)["speed"]
+        return Fitted(chosen, fitted, steps, unbudgeted, fitted["speed"] / default_speed if default_speed else 1.0)
     raise AssertionError("unreachable: the last tier always returns")
 
 

@@ -171,26 +171,29 @@ def pays_from(mla: Footprint, original: Footprint, device: Device, share: float 
             "original_mb": round(original.memory_bytes(context) / MB, 1)}
 
 
-# llama.cpp's CPU flash attention with a quantized cache converts each cached row once per head: for the MLA file at
-# 4K tokens an f16 cache with flash attention on prefilled 7.4x and decoded 3.4x faster than q4_0 (docs/speed.md,
-# benchmarks/llamacpp_settings.py), for a cache 3.6x as large.
-FAST_LLAMA_CACHE = "f16"
-
-
 def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, context: int,
-                 fast_cache_extra_mb: float | None = None) -> dict:
-    """The commands that run each file with the settings the budget priced (files the build wrote), and for
-    llama.cpp with a quantized cache the faster f16 cache with what it costs in memory at this context."""
+                 chosen: dict | None = None, original: dict | None = None) -> dict:
+    """The commands that run each file the build wrote: llama.cpp with the setting chosen by measurement
+    (runsettings.choose's choice for the MLA file; without one, the priced cache), and the priced cache's command
+    beside it where that differs: the smallest cache, slower for long prompts. original ({"model", "bits",
+    "chosen"}): how to get and run the original at its own fastest setting (the build does not keep it)."""
+    from edge_mla.runsettings import flags
+
     commands = {}
     if gguf_name:
-        quantized = cache_type not in ("f16", "f32")
-        llama = f"-m {gguf_name} -c {context} -ctk {cache_type} -ctv {cache_type}" + (" -fa on" if quantized else "")
+        priced = {"cache": cache_type, "flash_attention": cache_type not in ("f16", "f32")}
+        use = chosen or priced
+        llama, flash = f"-m {gguf_name} -c {context} {flags(use)}", "on" if use["flash_attention"] else "off"
         commands.update({"llama.cpp": f"llama-cli {llama}", "llama.cpp server": f"llama-server {llama}",
-                         "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context}"})
-        if quantized and fast_cache_extra_mb is not None:
-            commands[f"llama.cpp, faster for long prompts ({FAST_LLAMA_CACHE} cache: "
-                     f"+{fast_cache_extra_mb:.0f} MB at {context} tokens; docs/speed.md)"] = (
-                f"llama-cli -m {gguf_name} -c {context} -ctk {FAST_LLAMA_CACHE} -ctv {FAST_LLAMA_CACHE} -fa on")
+                         "edge-mla (llama.cpp)": f"edge-mla run {gguf_name} --context {context} "
+                                                 f"--kv-type {use['cache']} --flash-attn {flash}"})
+        if (use["cache"], use["flash_attention"]) != (priced["cache"], priced["flash_attention"]):
+            commands[f"llama.cpp, smallest cache ({cache_type}, as the budget prices it; slower for long prompts)"] = (
+                f"llama-cli -m {gguf_name} -c {context} {flags(priced)}")
     if onnx_name:
         commands["edge-mla (onnxruntime)"] = f"edge-mla run {onnx_name} --context {context}"
+    if original and original.get("chosen"):
+        commands["the original at the same bits (llama.cpp, its fastest setting that fits; the build does not keep "
+                 "it)"] = (f"edge-mla export gguf {original['model']} --bits {original['bits']} -o original.gguf && "
+                           f"llama-cli -m original.gguf -c {context} {flags(original['chosen'])}")
     return commands

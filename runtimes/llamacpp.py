@@ -99,6 +99,7 @@ class Model:
     info: GGUFInfo
     kv_type: str
     log: str  # what llama.cpp logged while loading
+    flash_attention: bool = False
 
     def kv_cache(self) -> dict:
         return kv_cache_from_log(self.log)
@@ -128,7 +129,7 @@ def open_model(path: str | Path, *, n_ctx: int = 2048, threads: int | None = Non
         raise ValueError(f"llama.cpp could not load {path}: {err}\n{tail}") from None
     finally:
         _log_echo[0] = False
-    return Model(llm, info, kv_type, "".join(_log_lines[start:]))
+    return Model(llm, info, kv_type, "".join(_log_lines[start:]), quantized or bool(flash_attn))
 
 
 _KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers"
@@ -217,7 +218,9 @@ def _generate(args) -> tuple[str, str]:
     if len(ids) + args.max_new_tokens > n_ctx:
         raise ValueError(f"--context {n_ctx} is too small for a prompt of {len(ids)} tokens and "
                          f"{args.max_new_tokens} new tokens")
-    model = open_model(path, n_ctx=n_ctx, threads=args.threads, kv_type=kv_type)
+    flash = getattr(args, "flash_attn", None)
+    model = open_model(path, n_ctx=n_ctx, threads=args.threads, kv_type=kv_type,
+                       flash_attn=None if flash is None else flash == "on")
     llm = model.llm
     eos = {llm.token_eos()}
     t0 = time.perf_counter()
@@ -236,7 +239,8 @@ def _generate(args) -> tuple[str, str]:
     kind = f"MLA, latent {info.latent_dim} + rope {info.rope_dim}" if info.is_mla else f"{info.arch}"
     per_token = info.kv_bytes_per_token(kv_type)
     report = (f"[{path.name}: {kind}; {len(ids)} prompt tokens in {prefill:.2f} s, {len(out)} new tokens at "
-              f"{len(out) / max(decode, 1e-9):.1f} tok/s; KV cache {kv_type}: {per_token} bytes/token, "
+              f"{len(out) / max(decode, 1e-9):.1f} tok/s; KV cache {kv_type}: {per_token} bytes/token, flash attention "
+              f"{'on' if model.flash_attention else 'off'}, "
               f"llama.cpp allocated {cache['mib']:.2f} MiB for {cache['cells']} cells]")
     return llm.detokenize(out).decode("utf-8", errors="replace"), report
 

@@ -168,10 +168,8 @@ def test_calib_text_reaches_every_step_that_reads_text_and_the_report_names_it(t
     monkeypatch.setattr(texts, "fit_texts", lambda tok: pytest.fail("the built-in mixture was read"))
     read = []
     real = data.spread_windows
-    from edge_mla import build
     recording = lambda tok, text=None, **kw: read.append(text) or real(tok, text, **kw)  # noqa: E731
     monkeypatch.setattr(data, "spread_windows", recording)
-    monkeypatch.setattr(build, "spread_windows", recording)  # build.py holds its own name for it
     out = tmp_path / "build"
     code = cli.main(["build", "-m", str(tiny_source), "--device", "rpi-zero-2w", "--bits", "4", "--kv-bits", "4",
                      "--context", "256", "-o", str(out), "--recover-steps", "2", "--quality-windows", "0",
@@ -234,7 +232,17 @@ def test_build_reads_the_source_once_and_run_uses_the_priced_cache(tmp_path, tin
     verdicts = {(v["runtime"], v["context"]): v for v in report["verdicts"]}
     assert {c for _, c in verdicts} >= {256} and {r for r, _ in verdicts} == {"llama.cpp", "onnxruntime"}
     assert all(v["choice"] in ("mla", "original", "neither") and v["text"] for v in verdicts.values())  # measured
-    assert report["recommendation"] and "-ctk q8_0" in report["run_commands"]["llama.cpp"]
+    assert report["recommendation"]
+    # llama.cpp's settings: each file's priced cache (q8_0; the tiny original's head of 16 takes f16) and f16 with
+    # flash attention on and off, each timed on a long prompt and a reply; the one printed is the fastest that fits
+    settings = report["run_settings"]["llama.cpp"]
+    f16 = {("f16", True), ("f16", False)}
+    assert {(s["cache"], s["flash_attention"]) for s in settings["settings"] if s["model"] == "mla"} == f16 | {
+        ("q8_0", True)}
+    assert {(s["cache"], s["flash_attention"]) for s in settings["settings"] if s["model"] == "original"} == f16
+    chosen = settings["chosen"]["mla"]
+    assert chosen["seconds"] == min(s["seconds"] for s in settings["settings"] if s["model"] == "mla" and s["fits"])
+    assert f"-ctk {chosen['cache']} -ctv {chosen['cache']}" in report["run_commands"]["llama.cpp"]
     assert "Which to use" in (out / "report.html").read_text()
 
 

@@ -55,12 +55,12 @@ def test_texts_given_directly_train_as_the_same_text_read_from_a_file(tmp_path, 
 
 
 def test_the_builds_fine_tune_reads_the_calibration_mixture_or_the_users_texts(tmp_path, monkeypatch):
-    from edge_mla import build, data
+    from edge_mla import data, plans
 
     monkeypatch.setattr(data, "calibration_texts", lambda tok, texts: [f"calibration:{texts}"])
     monkeypatch.setattr(data, "book_text", lambda name: f"book:{name}")
-    assert build.finetune_texts(None) == ["calibration:None"] + [f"book:{b}" for b in data.BOOKS]
-    assert build.finetune_texts(None, ("mine.txt",)) == ["calibration:('mine.txt',)"]  # the user's domain only
+    assert plans.finetune_texts(None) == ["calibration:None"] + [f"book:{b}" for b in data.BOOKS]
+    assert plans.finetune_texts(None, ("mine.txt",)) == ["calibration:('mine.txt',)"]  # the user's domain only
 
 
 def test_resume_continues_where_it_stopped(tmp_path, mla_dir, text_file):

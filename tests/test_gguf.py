@@ -331,7 +331,14 @@ def test_gguf_says_what_it_is_and_run_uses_its_cache_type(tmp_path, tokenizer, t
     assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1"]) == 0
     assert "KV cache q8_0" in capsys.readouterr().err  # no --kv-type given: the recorded one
     assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1", "--kv-bits", "16"]) == 0
-    assert "KV cache f16" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "KV cache f16" in err and "flash attention off" in err  # an f16 cache runs without it unless asked
+    # the report's printed setting (runsettings.py): an f16 cache with flash attention on
+    assert cli.main(["run", str(out), "-p", "the city of", "-n", "3", "--threads", "1", "--kv-type", "f16",
+                     "--flash-attn", "on"]) == 0
+    assert "KV cache f16: " in (err := capsys.readouterr().err) and "flash attention on" in err
+    assert cli.main(["run", str(out), "-p", "x", "--kv-type", "q8_0", "--flash-attn", "off"]) == 2
+    assert "needs flash attention" in capsys.readouterr().err
 
 
 def test_export_without_kv_bits_takes_the_one_cache_policy(tmp_path, tokenizer, text_file):

@@ -500,6 +500,8 @@ def test_cli_export_and_run(capsys, tmp_path, converted_dir):
     assert texts[0] == texts[1] and len(texts[0]) > len(words)
     code, _, err = run(capsys, "run", out, "--prompt", words, "--prefill-chunk", 0)
     assert code == 2 and "--prefill-chunk 0" in err
+    code, _, err = run(capsys, "run", out, "--prompt", words, "--flash-attn", "on")
+    assert code == 2 and "--flash-attn applies to .gguf files" in err
 
 
 def test_runner_imports_neither_torch_nor_the_converter():

@@ -30,9 +30,10 @@ def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monke
     onnx_passes = {"mla-onnx": [(300.0, 30.0), (290.0, 33.0)], "orig-onnx": [(310.0, 60.0), (330.0, 50.0)]}
     calls = []
 
-    def fake_isolated(fn, path, prompt, n, cache, threads):
-        calls.append(path)
-        return passes[path].pop(0)
+    def fake_isolated(fn, path, prompts, n, settings, threads):
+        calls.append((path, tuple(settings)))
+        (cache, flash), = settings  # no other llama.cpp setting asked for
+        return [(cache, flash, len(prompt), *passes[path].pop(0)) for prompt in prompts]
 
     monkeypatch.setattr(llamacpp, "run_isolated", fake_isolated)
     monkeypatch.setattr(gguf_file, "check_gguf", lambda path: path)
@@ -41,7 +42,8 @@ def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monke
     files = {"mla": {"gguf": "mla.gguf", "onnx": "mla-onnx"}, "original": {"gguf": "orig.gguf", "onnx": "orig-onnx"}}
     rows = speed.measure(files, [list(range(64))], kv_type="q4_0", onnx_cache="int4", threads=2, repeats=2,
                          progress=lambda *_: None)
-    assert calls == ["mla.gguf", "orig.gguf", "mla.gguf", "orig.gguf"]  # interleaved passes
+    assert [path for path, _ in calls] == ["mla.gguf", "orig.gguf", "mla.gguf", "orig.gguf"]  # interleaved passes
+    assert {settings for _, settings in calls} == {(("q4_0", True),)}  # the priced cache, with flash attention
     got = {(r.model, r.runtime): (r.prefill_tokens_per_s, r.decode_tokens_per_s, r.cache) for r in rows}
     assert got[("mla", "llama.cpp")] == (120.0, 20.0, "q4_0")  # the best of each measure, pass by pass
     assert got[("original", "onnxruntime")] == (330.0, 60.0, "int4")
@@ -49,6 +51,30 @@ def test_speed_keeps_each_files_best_pass_and_ratios_are_mla_over_original(monke
     assert table["llama.cpp"]["decode_ratio"] == round(20.0 / 44.0, 3)
     assert table["onnxruntime"]["prefill_ratio"] == round(300.0 / 330.0, 3)
     assert table["onnxruntime"]["prompt_tokens"] == 64 and table["llama.cpp"]["threads"] == 2
+
+
+def test_other_llama_settings_run_once_in_the_same_child_and_stay_out_of_the_same_bits_comparison(monkeypatch):
+    from edge_mla.runtimes import gguf_file, llamacpp
+
+    calls = []
+
+    def fake_isolated(fn, path, prompts, n, settings, threads):
+        calls.append(tuple(settings))
+        return [(c, flash, len(p), 500.0 if c == "f16" else 100.0, 50.0) for c, flash in settings for p in prompts]
+
+    monkeypatch.setattr(llamacpp, "run_isolated", fake_isolated)
+    monkeypatch.setattr(gguf_file, "check_gguf", lambda path: path)
+    monkeypatch.setattr(gguf_file, "runnable_cache_type", lambda info, kv: kv)
+    files = {"mla": {"gguf": "mla.gguf"}, "original": {"gguf": "orig.gguf"}}
+    others = (("f16", True), ("f16", False), ("q4_0", True))  # the priced one among them: not run twice
+    rows = speed.measure(files, [list(range(64)), list(range(128))], kv_type="q4_0", onnx_cache="int4", threads=2,
+                         repeats=2, llama_settings=others, progress=lambda *_: None)
+    assert calls == [(("q4_0", True), ("f16", True), ("f16", False))] * 2 + [(("q4_0", True),)] * 2
+    assert {(r.cache, r.flash_attention) for r in rows if r.priced} == {("q4_0", True)}
+    assert {(r.model, r.cache, r.flash_attention, r.prompt_tokens) for r in rows if not r.priced} == {
+        (m, "f16", flash, n) for m in files for flash in (True, False) for n in (64, 128)}
+    table = speed.by_runtime(rows)  # the same-bits comparison sees the priced cache only
+    assert table["llama.cpp"]["prefill_tokens_per_s"] == {"mla": 100.0, "original": 100.0}
 
 
 def test_two_prompt_lengths_give_each_runtime_its_speeds_at_every_context(monkeypatch):
@@ -61,7 +87,8 @@ def test_two_prompt_lengths_give_each_runtime_its_speeds_at_every_context(monkey
         fixed, slope = lines["mla" if path.startswith("mla") else "original"]
         return 1e3 / (2.0 + 0.001 * len(prompt)), 1e3 / (fixed + slope * (len(prompt) + n / 2))
 
-    monkeypatch.setattr(llamacpp, "run_isolated", lambda fn, path, prompt, n, cache, threads: measured(path, prompt, n))
+    monkeypatch.setattr(llamacpp, "run_isolated", lambda fn, path, prompts, n, settings, threads: [
+        (cache, flash, len(prompt), *measured(path, prompt, n)) for cache, flash in settings for prompt in prompts])
     monkeypatch.setattr(gguf_file, "check_gguf", lambda path: path)
     monkeypatch.setattr(gguf_file, "runnable_cache_type", lambda info, kv: kv)
     monkeypatch.setattr(speed, "onnx_speed", measured)

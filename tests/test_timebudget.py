@@ -56,6 +56,8 @@ def test_the_steps_after_the_recovery_are_priced_from_the_originals_measured_tim
                      "perplexity in llama.cpp": pytest.approx(70.0 * timebudget.MLA_SCORING["llama.cpp"]),
                      "perplexity in onnxruntime": pytest.approx(36.0 * timebudget.MLA_SCORING["onnxruntime"])}
     assert set(timebudget.after_recovery(30.0, {})) == {"exports", "speed and report"}  # --quality-windows 0
+    shrunk = timebudget.after_recovery(30.0, {}, speed_share=0.25)  # the time plan kept a quarter of the speed runs
+    assert shrunk["speed and report"] == pytest.approx(0.25 * after["speed and report"])
     import time
     t0 = time.perf_counter()
     deadline = timebudget.recovery_deadline(t0, 900.0, after)

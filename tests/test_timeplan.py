@@ -34,6 +34,16 @@ def test_a_generous_budget_keeps_the_defaults_and_gives_the_rest_to_the_recovery
     assert total(fitted) <= 900.0 * 1.001  # the recovery's steps fill what is left, no more
     roomy = timeplan.fit(1e6, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)
     assert roomy.recover_steps == 600 and total(roomy) < 1e6  # at most the steps asked for
+    assert fitted.speed_share == roomy.speed_share == 1.0  # the default speed runs
+
+
+def test_the_share_of_the_speed_runs_kept_is_what_the_time_after_the_recovery_is_scaled_by():
+    p = probe(6.2)  # a host 2.4x slower than the fast one: the speed runs shrink to one pass of one prompt
+    fitted = timeplan.fit(900.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)
+    assert fitted.sizes.speed_repeats == 1 and fitted.sizes.speed_prompts == (256,)
+    default = timeplan.estimate(wanted(), p, FORMATS, MLA_SCORING)["speed"]
+    assert fitted.speed_share == pytest.approx(fitted.estimate["speed"] / default) and fitted.speed_share < 0.3
+    assert fitted.as_dict(p)["speed_share"] == round(fitted.speed_share, 3)
 
 
 @pytest.mark.parametrize("token_ms", [30.0, 90.0, 400.0])

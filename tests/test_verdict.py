@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from edge_mla.budget import MB, RUNTIME_BASE_BYTES, RUNTIME_BYTES_PER_TOKEN, Device, Footprint
-from edge_mla.verdict import Thresholds, contexts_for, recommendation, run_commands, verdict, verdicts
+from edge_mla.verdict import Thresholds, contexts_for, recommendation, verdict, verdicts
 
 RUNTIME = "llama.cpp"
 
@@ -105,16 +105,6 @@ def test_unmeasured_quality_is_said_not_guessed_and_long_contexts_are_priced():
     assert "quality was not measured" in rows[131072]["text"]
     assert recommendation([rows[512], rows[8192]]).startswith("The MLA build needs less memory from 8192 tokens")
     assert "better choice from 131072" in recommendation(list(rows.values()))
-
-
-def test_run_commands_carry_the_priced_cache():
-    cmds = run_commands("model.gguf", "onnx", "q4_0", 4096)
-    assert "-ctk q4_0" in cmds["llama.cpp"] and "-fa on" in cmds["llama.cpp"] and "-c 4096" in cmds["llama.cpp"]
-    assert "-fa" not in run_commands("model.gguf", "onnx", "f16", 512)["llama.cpp"]
-    fast = run_commands("model.gguf", "onnx", "q4_0", 4096, fast_cache_extra_mb=46.0)
-    (label, command), = [(k, v) for k, v in fast.items() if "faster" in k]
-    assert "+46 MB at 4096 tokens" in label and "-ctk f16 -ctv f16 -fa on" in command and "-c 4096" in command
-    assert not [k for k in run_commands("model.gguf", "onnx", "f16", 512, 0.0) if "faster" in k]  # already f16
 
 
 def test_mla_pays_from_the_first_context_that_saves_a_quarter_of_the_memory():

@@ -67,11 +67,11 @@ def onnx_speed(folder: str, prompt: list[int], decode_tokens: int, threads: int)
 
 
 def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: str, decode_tokens: int = 32,
-            threads: int | None = None, repeats: int = 2, llama_settings: tuple = (),
+            threads: int | None = None, repeats: int = 2, llama_settings: dict | None = None,
             progress=print) -> list[SpeedRow]:
     """Speeds of every file after each prompt. files: {model: {"gguf": path, "onnx": folder}} (either may be
-    missing). llama_settings: other (cache type, flash attention) settings to try each GGUF with, once, beside the
-    priced cache (runsettings.py chooses among them); their rows have priced=False."""
+    missing). llama_settings: {model: other (cache type, flash attention) settings} to try its GGUF with, once,
+    beside the priced cache (runsettings.py chooses among them); their rows have priced=False."""
     import os
 
     from edge_mla.runtimes import llamacpp
@@ -91,7 +91,8 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
             if paths.get("gguf") is not None:
                 cache = runnable_cache_type(check_gguf(paths["gguf"]), kv_type)
                 priced = (cache, cache not in ("f16", "f32"))
-                settings = [priced] + [s for s in llama_settings if s != priced and not repeat]
+                others = (llama_settings or {}).get(model, ())
+                settings = [priced] + [s for s in others if s != priced and not repeat]
                 for c, flash, tokens, *got in llamacpp.run_isolated(gguf_speeds, str(paths["gguf"]), prompts,
                                                                     decode_tokens, settings, threads):
                     keep(model, "llama.cpp", tokens, c, flash, (c, flash) == priced, got)

@@ -142,7 +142,7 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
     run = [score["llama.cpp"] * p + DECODE_TOKEN * 32 * tok for p in sizes.speed_prompts]
     out["speed"] = sizes.speed_repeats * 2 * len(runtimes) * (sum(run) + SPEED_RUN_SECONDS * len(run))
     if "gguf" in formats:  # each GGUF once more per other llama.cpp setting (runsettings.py), in the same child
-        out["speed"] += 2 * len(runsettings.SETTINGS) * sum(run)
+        out["speed"] += sum(map(len, runsettings.SETTINGS.values())) * sum(run)
     return out
 
 

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -354,8 +354,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
         else:
             _write(final, arch, keys, tokenizer, tensors, weights, mla)
         info = check_gguf(final)  # our own checks, before anyone hands it to llama.cpp
-    info.path = out
-    return info, notes
+    return replace(info, path=out), notes
 
 
 def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text) -> list:

@@ -5,6 +5,7 @@ exporter, the budget and the runner; imports neither torch nor llama.cpp.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -150,10 +151,18 @@ def _check_deepseek2_keys(k: dict) -> list[str]:
 
 
 def check_gguf(path: str | Path) -> GGUFInfo:
-    """Check a GGUF against what llama.cpp's loader expects; raise GGUFError naming every problem found."""
+    """Check a GGUF against what llama.cpp's loader expects; raise GGUFError naming every problem found. Each
+    version of a file (path, modification time, size) is parsed once per process: a build reads its files' headers
+    for the budget, the quality and speed runs and the run settings."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file {path} does not exist")
+    stat = path.stat()
+    return _checked(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(path: Path, mtime_ns: int, size: int) -> GGUFInfo:
     try:
         reader = GGUFReader(path)
     except Exception as err:  # gguf-py raises ValueError/struct errors on foreign files

@@ -118,6 +118,31 @@ def test_wrong_shape_is_refused_by_our_check(tmp_path, tokenizer, text_file, cap
         llamacpp.check_gguf(extra)
 
 
+def test_each_version_of_a_file_is_parsed_once(tmp_path, tokenizer, text_file, monkeypatch):
+    """A build reads its files' headers for the budget, quality, speed and run settings: parsed once, and again only
+    when the file changed."""
+    import os
+
+    from edge_mla.runtimes import gguf_file
+
+    folder = converted_folder(tmp_path, tokenizer, "llama-gqa", Plan("partition", 2, 24))
+    good, _ = export(folder, tmp_path / "good.gguf", text_file, weights="f32")
+    parsed = []
+    real = gguf_file.GGUFReader
+    monkeypatch.setattr(gguf_file, "GGUFReader", lambda path: parsed.append(path) or real(path))
+    first = llamacpp.check_gguf(good.path)  # (the export checked it under its staging name)
+    assert llamacpp.check_gguf(good.path) is first and llamacpp.check_gguf(str(good.path)) is first
+    assert len(parsed) == 1
+    stat = good.path.stat()
+    os.utime(good.path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # rewritten: parsed again
+    again = llamacpp.check_gguf(good.path)
+    assert again is not first and again == first and len(parsed) == 2
+    bad = rewrite(good.path, tmp_path / "bad.gguf", "blk.1.attn_k_b.weight", lambda a: a[:, :-1, :])
+    for _ in range(2):  # a refusal is never remembered as a pass
+        with pytest.raises(llamacpp.GGUFError):
+            llamacpp.check_gguf(bad)
+
+
 def rewrite(src, dst, name, change, add=None):
     """Copy a GGUF, changing one F32 tensor (or adding one): a way to make a file llama.cpp would refuse."""
     import gguf

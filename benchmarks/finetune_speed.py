@@ -6,9 +6,9 @@ SmolLM2-135M (random weights of its shape are as good for timing and need no dow
         --json docs/results/finetune_speed_compiled.json
 
 Variants: `before` is the loop as it was (output-head loss in checkpointed chunks: student and teacher logits
-computed twice); then the one-pass head loss (finetune.HeadLoss), larger micro-batches, torch.compile of the
+computed twice); then the one-pass head loss (distill.HeadLoss), larger micro-batches, torch.compile of the
 student's decoder alone (`compile`) or of student, teacher and head-loss chunk (`compile-all*`), the teacher's
-hidden states read from finetune.Teacher's cache (`cached*`: what every epoch after the first costs with
+hidden states read from distill.Teacher's cache (`cached*`: what every epoch after the first costs with
 --cache-teacher), no teacher (what distillation costs), the q4_0 cache in the forward pass (what
 quantization-aware training costs). `--profile` first times the parts of a step on their own.
 """

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from edge_mla import q4_0
+from edge_mla import latent, q4_0
 from edge_mla import recover as rc
 from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert
@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--length", type=int, default=512)
     ap.add_argument("--no-transforms", action="store_true",
                     help="skip the exact q4_0-friendly transform (a Hadamard within each 32-block of the latent)")
-    ap.add_argument("--softness", type=float, default=rc.LATENT_NORM_SOFTNESS,
+    ap.add_argument("--softness", type=float, default=latent.LATENT_NORM_SOFTNESS,
                     help="ste-norm: the latent norm's eps over the latent's median mean square")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None, help="also write the rows here (rewritten after every row)")
@@ -84,7 +84,7 @@ def main() -> None:
         R = mla_layers(base)[0].rope_dim
         if not args.no_transforms:  # exact in float; only what a 4-bit cache loses changes
             for attn in mla_layers(base):
-                rc.rotate_latent(attn, rc.block_hadamard(C))
+                latent.rotate_latent(attn, latent.block_hadamard(C))
         q4 = q4_0.mla_cache(C)
         for mode in args.modes.split(","):
             model, seconds = base, 0.0
@@ -93,7 +93,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 io = rc.collect_attention_io(src.model, calib)
                 if mode == "ste-norm":
-                    rc.install_latent_norms(model, io[0], softness=args.softness)
+                    latent.install_latent_norms(model, io[0], softness=args.softness)
                 rc.recover_layerwise(None, model, None, steps=args.steps, lr=args.lr, batch=args.batch, io=io,
                                      params=args.params,
                                      cache_quant=q4_0.straight_through(q4) if mode.startswith("ste") else None)

@@ -10,7 +10,7 @@ Two forms compute the same attention:
   [c | k_rope] directly, as one-KV-head attention; W_uv is applied to the attended latent afterwards.
 Optionally (mla["latent_norm_eps"]: one eps per layer) the latent passes a learned RMSNorm before it is cached, as
 in DeepSeek's MLA and llama.cpp's deepseek2 (attn_kv_a_norm). A conversion cannot make it exact, so it is installed
-by training (recover.install_latent_norm), with an eps of its own: a large one keeps the norm nearly linear. In
+by training (latent.install_latent_norm), with an eps of its own: a large one keeps the norm nearly linear. In
 llama.cpp, whose norm uses the model's eps, the latent rows of kv_a are scaled by latent_row_scale() instead, which
 is the same function; no eps-dominance trick then, so kv_a can be 4-bit like the rest.
 The key up-projection bias adds q_nope . b_k to every score of a query, a constant that softmax ignores,

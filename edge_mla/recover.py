@@ -7,10 +7,9 @@
 - Which cache the build's file will run with (shipped_cache_quant: llama.cpp's q4_0 over the cached row as llama.cpp
   lays it out, q4_0.py), emulated inside MLAAttention (its `cache_quant` hook), straight-through during recovery;
   and the original model's quantized K/V cache for the same-bits reference (original_cache_quant).
-- An orthogonal rotation of the latent, exact in float, that changes what a blockwise 4-bit cache loses (measured
-  best: a Hadamard within each 32-block, block_hadamard). Per-pair scales of the rope key (exact too: a scale
-  commutes with each pair's rotation) that even out its pairs' magnitudes were measured to hurt, so they are not
-  here (docs/recovery.md).
+- Before training, the latent's exact transforms (latent.py): a Hadamard within each 32-block and a learned latent
+  norm. Per-pair scales of the rope key (exact too: a scale commutes with each pair's rotation) that even out its
+  pairs' magnitudes were measured to hurt, so they are not here (docs/recovery.md).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from edge_mla import q4_0
+from edge_mla.latent import block_hadamard, install_latent_norm, rotate_latent
 from edge_mla.mla import MLAAttention, latent_row_scale, mla_layers
 
 # ----------------------------------------------------------------------------- q4_0 cache emulation
@@ -60,74 +60,6 @@ def original_cache_quant(model, key_fn=q4_0.rope_roundtrip, value_fn=q4_0.roundt
         module.apply_rotary_pos_emb = rotary
         for h in hooks:
             h.remove()
-
-
-# ----------------------------------------------------------------------------- exact transforms
-
-def hadamard(n: int) -> torch.Tensor:
-    """Orthonormal Sylvester Hadamard matrix, n a power of two."""
-    if n & (n - 1):
-        raise ValueError(f"a Hadamard matrix needs a power of two, got {n}")
-    h = torch.ones(1, 1, dtype=torch.float64)
-    while h.shape[0] < n:
-        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
-    return h / math.sqrt(n)
-
-
-def block_hadamard(n: int, block: int = q4_0.BLOCK) -> torch.Tensor:
-    """Hadamard within each q4_0 block: spreads outliers over their block, keeps blocks' magnitudes apart."""
-    return torch.block_diag(*[hadamard(block)] * (n // block))
-
-
-def random_orthogonal(n: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    return q * torch.sign(torch.diagonal(r))
-
-
-@torch.no_grad()
-def rotate_latent(attn: MLAAttention, rotation: torch.Tensor) -> None:
-    """c -> Q c for an orthogonal Q (C x C): the latent rows of kv_a become Q W_dkv and the up-projections
-    W_up Q^T, so k_nope and v are unchanged; only what the cache holds (and how it rounds) changes."""
-    C = attn.latent_dim
-    q = rotation.to(torch.float64)
-    w = attn.kv_a_proj.weight
-    w[:C] = (q @ w[:C].double()).to(w.dtype)
-    if attn.kv_a_proj.bias is not None:
-        b = attn.kv_a_proj.bias
-        b[:C] = (q @ b[:C].double()).to(b.dtype)
-    attn.k_up.copy_(torch.einsum("gnc,dc->gnd", attn.k_up.double(), q).to(attn.k_up.dtype))
-    attn.v_up.copy_(torch.einsum("gnc,dc->gnd", attn.v_up.double(), q).to(attn.v_up.dtype))
-
-
-# The latent norm's eps over the latent's median mean square on calibration text: with eps = 10 x that, a typical
-# token's scale changes by under 5% when its mean square halves or doubles, so the norm starts nearly linear
-# (measured: a plain norm, eps = the model's, costs 6% perplexity after recovery, docs/recovery.md).
-LATENT_NORM_SOFTNESS = 10.0
-
-
-@torch.no_grad()
-def install_latent_norm(attn: MLAAttention, x: torch.Tensor, softness: float = LATENT_NORM_SOFTNESS) -> float:
-    """Give the block a latent RMSNorm, fitted to its inputs x [n, T, E]: eps = softness x the latent's median mean
-    square (nearly linear), weight = the mean of sqrt(mean(c^2) + eps) so a typical token keeps its size; the block
-    starts close to what it computed and training makes up the rest. Returns eps."""
-    from torch import nn
-
-    C = attn.latent_dim
-    mean_squares = torch.cat([attn.kv_a_proj(x[i:i + 1].to(attn.kv_a_proj.weight.dtype))[..., :C].double().pow(2)
-                              .mean(-1).flatten() for i in range(x.shape[0])])
-    eps = float(softness * mean_squares.median()) or float(attn.model_eps)
-    norm = nn.RMSNorm(C, eps=eps).to(device=attn.kv_a_proj.weight.device, dtype=attn.kv_a_proj.weight.dtype)
-    norm.weight.fill_(float((mean_squares + eps).sqrt().mean()))
-    attn.latent_norm = norm
-    return eps
-
-
-def install_latent_norms(model, inputs: list[torch.Tensor], softness: float = LATENT_NORM_SOFTNESS) -> None:
-    """A latent RMSNorm in every MLA block (install_latent_norm); the eps per layer is recorded in config.mla so the
-    saved folder and the exporters know. inputs: per layer, the block's inputs [n, T, E] (collect_attention_io)."""
-    model.config.mla["latent_norm_eps"] = [install_latent_norm(attn, x, softness)
-                                           for attn, x in zip(mla_layers(model), inputs)]
 
 
 # ----------------------------------------------------------------------------- layer-wise distillation

@@ -74,12 +74,12 @@ def with_latent_norms(model, seed: int = 0):
     """Give a converted model learned-looking latent norms: installed as the recovery does but far from linear (eps
     a tenth of the latent's median mean square, not the recovery's 10x), then each channel's weight spread by a
     random factor in [0.5, 1.5] (a uniform weight would hide a channel mix-up)."""
-    from edge_mla import recover
+    from edge_mla import latent
     from edge_mla.mla import mla_layers
 
     g = torch.Generator().manual_seed(seed)
     E = model.config.hidden_size
-    recover.install_latent_norms(model, [torch.randn(2, 16, E, generator=g) for _ in mla_layers(model)], softness=0.1)
+    latent.install_latent_norms(model, [torch.randn(2, 16, E, generator=g) for _ in mla_layers(model)], softness=0.1)
     with torch.no_grad():
         for attn in mla_layers(model):
             attn.latent_norm.weight.mul_(0.5 + torch.rand(attn.latent_dim, generator=g))

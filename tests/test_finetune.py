@@ -136,7 +136,7 @@ def reference_head_loss(hidden, weight, targets, teacher_hidden, teacher_weight,
 
 @pytest.mark.parametrize("distill", [0.0, 0.5, 1.0])
 def test_head_loss_matches_autograd(distill):
-    from edge_mla.finetune import HeadLoss
+    from edge_mla.distill import HeadLoss
 
     g = torch.Generator().manual_seed(0)
     n, e, v = 37, 16, 50  # 37 tokens in chunks of 8: a short last chunk

@@ -10,7 +10,7 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize, quantize
 
 from conftest import calibration_windows, prompt, stats_for, tiny_model
-from edge_mla import q4_0, recover
+from edge_mla import latent, q4_0, recover
 from edge_mla.convert import Plan, convert
 from edge_mla.mla import mla_layers, set_cache_quant
 
@@ -78,12 +78,12 @@ def test_latent_rotation_is_exact(kind, rotation):
     _, model = converted(kind, latent=32)
     ids = prompt()
     before = logits(model, ids)
-    q = {"hadamard": recover.hadamard(32), "block": recover.block_hadamard(32, block=8),
-         "random": recover.random_orthogonal(32, seed=3)}[rotation]
+    q = {"hadamard": latent.hadamard(32), "block": latent.block_hadamard(32, block=8),
+         "random": latent.random_orthogonal(32, seed=3)}[rotation]
     assert torch.allclose(q @ q.T, torch.eye(32, dtype=q.dtype), atol=1e-12)
     cached = []
     for layer in mla_layers(model):
-        recover.rotate_latent(layer, q)
+        latent.rotate_latent(layer, q)
         layer.cache_quant = lambda e: cached.append(e) or e
     after = logits(model, ids)
     assert (after - before).abs().max() < 1e-5

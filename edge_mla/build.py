@@ -48,7 +48,8 @@ class Measured:
 
 def build(model: str, device_name: str, bits: int, out: str | Path, **options) -> dict:
     """prepare -> originals -> convert (-> fine-tune) -> export -> measure -> assess -> report, in a staging folder
-    published whole at the end (an interrupted build leaves nothing). options: job.decide's keywords."""
+    published whole at the end (an interrupted build leaves nothing). options: job.decide's keywords. Returns
+    report.json's content (assess.Summary)."""
     job, src = decide(model, device_name, bits, out, **options)
     with staged_folder(job.out) as staging:
         battery, budget_start = prepare(job, src)
@@ -63,21 +64,22 @@ def build(model: str, device_name: str, bits: int, out: str | Path, **options) -
         measured = measure(job, src, exports, originals, battery)
         from edge_mla.assess import summarize
         summary, footprints, budgets = summarize(job, converted, exports, originals, measured)
-        summary["build_seconds"] = round(time.perf_counter() - job.t0, 1)
-        summary["one_off_seconds"] = round(budget_start - job.t0, 1)  # fetching and preparing, outside the budget
+        summary.build_seconds = round(time.perf_counter() - job.t0, 1)
+        summary.one_off_seconds = round(budget_start - job.t0, 1)
         if job.time_plan:
-            summary["time_plan"] = {**job.time_plan, "took_seconds": took(job)}
-            summary["key_figures"]["time budget"] = timeplan.bought(job.time_plan, job.time_budget,
-                                                                    summary["build_seconds"])
+            summary.time_plan = {**job.time_plan, "took_seconds": took(job)}
+            summary.key_figures["time budget"] = timeplan.bought(job.time_plan, job.time_budget,
+                                                                 summary.build_seconds)
         shutil.rmtree(originals.folder, ignore_errors=True)
         if not any(b.fits for b in budgets if not b.model.startswith("original")):
             from edge_mla.assess import no_fit_message
             raise ValueError(no_fit_message(budgets, job.device, job.context))  # a device/context to change: exit 2
         from edge_mla.report import write_reports
-        write_reports(staging, summary, footprints, budgets, job.device, job.limit)
+        report = summary.as_json()
+        write_reports(staging, report, footprints, budgets, job.device, job.limit)
     from edge_mla.assess import print_outcome
     print_outcome(job, summary, budgets)
-    return summary
+    return report
 
 
 def prepare(job: Job, src):

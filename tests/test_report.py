@@ -87,3 +87,15 @@ def test_summary_speed_figures_are_the_scripted_ones():
     assert entry["decode_ratio"] == pytest.approx(DECODE["mla"].tokens_per_s(272) / DECODE["original"].tokens_per_s(272),
                                                   abs=1e-3)
     assert entry["lines"]["decode"]["mla"]["per_token_ms"] == pytest.approx(0.008, rel=1e-3)
+
+
+def test_report_json_leaves_out_only_the_measurements_a_build_skipped():
+    from edge_mla.assess import Summary
+
+    s = Summary("m", {}, 512, "Fits", {"latent_dim": 8}, {"gguf": "model.gguf"}, [], [], {}, 4, 4, {}, {}, 0)
+    got = s.as_json()
+    assert not set(Summary.MEASURED) & set(got)  # --quality-windows 0 --speed-prompt 0: no quality, no speed
+    assert got["recovery"] is None and got["time_budget_seconds"] is None  # the schema's other keys always there
+    s.quality_ratio, s.speed = {"llama.cpp, chat": 1.02}, []
+    assert s.as_json()["quality_ratio"] == {"llama.cpp, chat": 1.02} and s.as_json()["speed"] == []
+    assert json.loads(json.dumps(s.as_json())) == s.as_json()

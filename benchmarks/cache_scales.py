@@ -82,7 +82,7 @@ def main() -> None:
     ap.add_argument("--calib-length", type=int, default=512)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
-    from edge_mla.convert import load
+    from edge_mla.mla_folder import load
     from edge_mla.eval import perplexity
     from edge_mla.mla import mla_layers
     from edge_mla.quality import text_windows

@@ -33,7 +33,8 @@ def prepare(name: str, tokenizer_dir: Path, work: Path, latent: int) -> tuple[Pa
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from edge_mla.calibration import collect_stats
-    from edge_mla.convert import Plan, convert, save
+    from edge_mla.convert import Plan, convert
+    from edge_mla.mla_folder import save
 
     orig, mla = work / f"{name}-orig", work / f"{name}-mla{latent}"
     if (mla / "config.json").exists():

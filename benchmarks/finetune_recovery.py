@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from edge_mla.calibration import collect_stats
-from edge_mla.convert import Plan, convert, load, save
+from edge_mla.convert import Plan, convert
+from edge_mla.mla_folder import load, save
 from edge_mla.data import CORPUS_ABOUT, NEWS_ABOUT, news_text, split_text, token_windows, training_texts
 from edge_mla.eval import perplexity
 from edge_mla.finetune import BUILTIN_DATA, TrainConfig, finetune

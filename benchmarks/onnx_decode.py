@@ -96,7 +96,7 @@ def exports(args) -> dict[str, Path]:
 
 
 def perplexities(args, folders: dict[str, Path]) -> dict:
-    from edge_mla.convert import load
+    from edge_mla.mla_folder import load
     from edge_mla.data import split_text, token_windows
     from edge_mla.eval import perplexity
     from edge_mla.runtimes.onnxruntime import OnnxDecoder, perplexity as onnx_perplexity

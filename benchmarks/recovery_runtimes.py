@@ -25,7 +25,8 @@ import torch
 
 from edge_mla import precision, recover
 from edge_mla.plans import recovery_windows
-from edge_mla.convert import calibrate_and_convert, named_plan, save
+from edge_mla.convert import calibrate_and_convert, named_plan
+from edge_mla.mla_folder import save
 from edge_mla.export import gguf as gguf_export
 from edge_mla.export import onnx as onnx_export
 from edge_mla.quality import measure

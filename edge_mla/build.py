@@ -157,7 +157,8 @@ def convert_to_target(job: Job, src, folder: Path) -> Converted:
     """--max-quality-loss: the plan's width first, then wider ones, each converted (and recovered) from a pristine
     in-memory copy, until the held-out check meets the target (target.py)."""
     from edge_mla import target
-    from edge_mla.convert import calibrate_and_convert, describe, save
+    from edge_mla.convert import calibrate_and_convert, describe
+    from edge_mla.mla_folder import save
     from edge_mla.eval import perplexity
 
     config = src.model.config
@@ -204,7 +205,7 @@ def finetune_converted(job: Job, src, staging: Path, converted: Converted) -> Co
     """The GPU fine-tune, distilled from the original, on the texts the conversion calibrated on."""
     import torch
 
-    from edge_mla.convert import load
+    from edge_mla.mla_folder import load
     from edge_mla.finetune import build_config, finetune
 
     job.step(converted.next_step, f"fine-tuning on {job.finetune_tokens:,} tokens (distilled from the original"
@@ -270,7 +271,8 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int,
     """Calibrate, convert and (with recover_steps) recover the source one layer at a time, then write it to `out`:
     each layer as it is done when the source stays on disk (streamed), the whole model after otherwise. Returns
     (the MLA section, out)."""
-    from edge_mla.convert import calibrate_and_convert, describe, save
+    from edge_mla.convert import calibrate_and_convert, describe
+    from edge_mla.mla_folder import save
     from edge_mla.layerwise import FolderWriter
 
     step(t0, 3, n, f"converting to MLA ({plan.selection} rope head, latent {plan.latent}), layer by layer")

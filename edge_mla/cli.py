@@ -116,7 +116,7 @@ def cmd_convert(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from edge_mla.convert import load_any
+    from edge_mla.mla_folder import load_any
     from edge_mla.data import CORPUS_ABOUT, load_text, read_text_file, token_windows
     from edge_mla.eval import generate_text, perplexity
     from edge_mla.mla import set_absorbed

@@ -27,7 +27,7 @@ import torch.distributed as dist
 from torch import nn
 from tqdm.auto import tqdm
 
-from edge_mla import convert as conversion
+from edge_mla import mla_folder
 from edge_mla import q4_0
 from edge_mla.distill import LossModel, Teacher, to_device
 from edge_mla.mla import set_cache_quant
@@ -212,7 +212,7 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     start_dir = latest / "model" if resume and latest.exists() else Path(model_dir)
     if resume and not latest.exists() and rank == 0:
         print(f"no checkpoint in {ckpts}; starting from {model_dir}")
-    model, tokenizer = conversion.load(start_dir)
+    model, tokenizer = mla_folder.load(start_dir)
     set_cache_quant(model, cache_quantizer(cfg.cache_bits, model.config.mla["latent_dim"]))
     teacher_model = None
     if cfg.distill > 0 or cfg.self_distill_tokens > 0:
@@ -326,12 +326,12 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if rank == 0:
-            model, _ = conversion.load(start_dir)
+            model, _ = mla_folder.load(start_dir)
             model.load_state_dict(full)
     if rank == 0:
         model.to("cpu").float()
         model.config.mla["finetune"] = {k: v for k, v in summary.items() if k != "history"}
-        conversion.save(model, tokenizer, out, overwrite=overwrite)
+        mla_folder.save(model, tokenizer, out, overwrite=overwrite)
         (out / "finetune_log.json").write_text(json.dumps(summary, indent=1))
         shutil.rmtree(ckpts, ignore_errors=True)
     if world > 1:
@@ -344,7 +344,7 @@ def _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts: P
         staging = ckpts / f"step-{step}"
         if staging.exists():
             shutil.rmtree(staging)
-        conversion.save(model, tokenizer, staging / "model")
+        mla_folder.save(model, tokenizer, staging / "model")
         torch.save({"optimizer": opt.state_dict(), "step": step, "total_steps": total_steps, "history": history},
                    staging / "trainer.pt")
         # "latest" is switched by one rename, so an interrupted save never leaves a half checkpoint behind it

@@ -117,7 +117,7 @@ def load_model(spec) -> Loaded:
     """A converted folder (-> deepseek2) or a source model (-> its plain architecture), given as a path or
     name, or already loaded as a source.Source (the build hands over its objects). A folder's weights stay on
     disk and are read a layer at a time."""
-    from edge_mla.convert import load_any
+    from edge_mla.mla_folder import load_any
 
     src = spec if hasattr(spec, "model") else load_any(spec, lazy=True)
     mla = getattr(src.model.config, "mla", None)

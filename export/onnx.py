@@ -133,7 +133,7 @@ def _version(v: str) -> tuple:
 def load_model(spec: str, original: bool):
     """A converted folder, or any source model when `original`, as a source.Source: a folder's weights stay on disk
     and are read a layer at a time (layerwise.py)."""
-    from edge_mla.convert import is_converted, load_any
+    from edge_mla.mla_folder import is_converted, load_any
 
     path = Path(spec)
     if original and is_converted(path):

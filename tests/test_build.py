@@ -269,7 +269,7 @@ def test_default_build_recovers_on_the_cpu_and_ships_a_4_bit_cache(tmp_path, tin
     assert "quality check: perplexity" in captured.out
     # the ratio recorded is the shipped model's (4-bit cache) over the original's on the check windows
     from edge_mla import target
-    from edge_mla.convert import load
+    from edge_mla.mla_folder import load
     from edge_mla.eval import perplexity
     from edge_mla.source import load_source
 

@@ -10,7 +10,8 @@ import torch
 
 from conftest import VOCAB, prompt, tiny_model, word_tokenizer
 from edge_mla import cli
-from edge_mla.convert import Plan, convert, load, save
+from edge_mla.convert import Plan, convert
+from edge_mla.mla_folder import load, save
 
 
 @pytest.fixture

@@ -14,7 +14,8 @@ import torch
 from conftest import calibration_windows, corpus, prompt, prompt_ids, torch_logits_and_greedy
 from edge_mla import cli, families, preflight
 from edge_mla.calibration import collect_stats
-from edge_mla.convert import Plan, convert, load, save
+from edge_mla.convert import Plan, convert
+from edge_mla.mla_folder import load, save
 from edge_mla.source import Source, SourceError, _finish, check_architecture
 
 TOL = 1e-4

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from edge_mla.convert import Plan, convert, load, save
+from edge_mla.convert import Plan, convert
+from edge_mla.mla_folder import load, save
 from edge_mla.finetune import TrainConfig, batch_rows, finetune, lr_at
 from conftest import word_tokenizer
 

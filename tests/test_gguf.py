@@ -14,7 +14,8 @@ import pytest
 from conftest import NEW, PROMPT, corpus, prompt_ids, tiny, torch_logits_and_greedy
 from edge_mla import cli
 from edge_mla.calibration import collect_stats
-from edge_mla.convert import Plan, convert, load, save
+from edge_mla.convert import Plan, convert
+from edge_mla.mla_folder import load, save
 from edge_mla.export import gguf as export_gguf
 from edge_mla.runtimes import llamacpp
 

@@ -8,7 +8,8 @@ import torch
 
 from conftest import bf16_folder, bpe_tokenizer, calibration_windows, tiny, tiny_model
 from edge_mla.calibration import collect_stats, new_stats, stats_hook
-from edge_mla.convert import Plan, convert_source, load
+from edge_mla.convert import Plan, convert_source
+from edge_mla.mla_folder import load
 from edge_mla.layerwise import layer_arguments
 from edge_mla.source import load_source
 
@@ -78,7 +79,7 @@ def test_streamed_gguf_equals_in_memory(tmp_path, tokenizer, kind, monkeypatch):
     """The GGUF written from a folder read a layer at a time (and its vocabulary matrices 100 rows at a time) is
     byte for byte the one written from the loaded model in one piece, for the MLA model and for the original (the
     build's side-by-side baseline)."""
-    from edge_mla.convert import load_any
+    from edge_mla.mla_folder import load_any
     from edge_mla.export import gguf as gguf_export
     from edge_mla.export import gguf_tensors
 
@@ -130,7 +131,7 @@ def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
         assert torch.equal(expected[name], got[name]), name
 
     # and its GGUF (a learned latent norm: llama.cpp's attn_kv_a_norm), streamed = in memory
-    from edge_mla.convert import load_any
+    from edge_mla.mla_folder import load_any
     from edge_mla.export import gguf as gguf_export
 
     gguf_export.export(str(tmp_path / "out"), tmp_path / "streamed.gguf", weights="q8_0")

@@ -100,7 +100,7 @@ import onnxruntime  # noqa: F401
 import torch
 from transformers import AutoTokenizer
 from edge_mla import data
-from edge_mla.convert import load_any
+from edge_mla.mla_folder import load_any
 from edge_mla.export import onnx as onnx_export, onnx_quant
 
 folder, out, lazy, text = sys.argv[1], sys.argv[2], sys.argv[3] == "streamed", sys.argv[4]

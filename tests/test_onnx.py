@@ -17,7 +17,8 @@ import torch
 
 from conftest import LATENT, word_tokenizer, VOCAB, converted, export, prompt, tiny_model, with_latent_norms
 from edge_mla import cli
-from edge_mla.convert import convert, save
+from edge_mla.convert import convert
+from edge_mla.mla_folder import save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import DOMAIN, all_nodes
 from edge_mla.export import onnx_quant, onnx_weights

@@ -21,7 +21,8 @@ import torch
 from onnx import TensorProto, helper
 
 from conftest import prompt, stats_for, tiny_model
-from edge_mla.convert import Plan, convert, convert_source, load_any
+from edge_mla.convert import Plan, convert, convert_source
+from edge_mla.mla_folder import load_any
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export import onnx_weights
 from edge_mla.export import onnx_graph

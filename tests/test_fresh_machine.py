@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import prompt, stats_for, tiny_model
-from edge_mla import cli
+from edge_mla import cli, commands
 from edge_mla.convert import Plan, convert
 from edge_mla.runtimes import llamacpp
 from edge_mla.source import MissingDependency, load_source
@@ -76,9 +76,9 @@ def test_llama_with_attention_biases_through_the_cli(tmp_path, capsys):
 
 
 def test_default_build_folder_keeps_the_whole_model_name():
-    assert cli.default_out("Qwen/Qwen2.5-0.5B-Instruct", "rpi5") == "build-Qwen2.5-0.5B-Instruct-rpi5"
-    assert cli.default_out("/models/Llama-3.2-1B.Q4_0.gguf", "pi") == "build-Llama-3.2-1B.Q4_0-pi"
-    assert cli.default_out("smollm2-135m", "rpi5") == "build-smollm2-135m-rpi5"
+    assert commands.default_out("Qwen/Qwen2.5-0.5B-Instruct", "rpi5") == "build-Qwen2.5-0.5B-Instruct-rpi5"
+    assert commands.default_out("/models/Llama-3.2-1B.Q4_0.gguf", "pi") == "build-Llama-3.2-1B.Q4_0-pi"
+    assert commands.default_out("smollm2-135m", "rpi5") == "build-smollm2-135m-rpi5"
 
 
 def test_every_option_has_help_and_the_cli_has_a_version(capsys):

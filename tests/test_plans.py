@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 from transformers import LlamaConfig, Qwen2Config
 
-from edge_mla.cli import _plan_from
+from edge_mla.commands import _plan_from
 from edge_mla.convert import check_saving, named_plan, rope_key_width
 from edge_mla.shape import cache_width
 from edge_mla.plans import MAX_CACHE_SHARE, PLANS

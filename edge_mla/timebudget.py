@@ -11,9 +11,9 @@ import time
 # llama.cpp (124 s against 70 at C + R = 224: its attention does more work per token, and llama.cpp's flash
 # attention converts the q4_0 latent per head) and 0.74x in onnxruntime (34 s against 46: it reads prompts in the
 # expanded form, docs/speed.md; 1.8-2.0x before it did, which left 1.3 minutes of a 15-minute build unused); the
-# speed runs of four files after 256- and 1024-token prompts (speedmodel.py), twice each, and the report 6.2x the
-# exports (105 s against 17 s; each run starts a runtime, 16 of them: 3.0x, the figure before, ended the fresh
-# build of 2026-12-06 50 s over its budget).
+# speed runs of four files after 256- and 1024-token prompts (speedmodel.py), twice each, the GGUFs once more with
+# an f16 cache (runsettings.py), and the report 6.3x the exports (the fresh builds of cff1f17 and df68646 ended 31 s
+# and 24 s inside their 15 minutes; 3.0x, the figure of the morning, ended one 50 s over).
 MLA_EXPORTS = 1.1
 MLA_SCORING = {"llama.cpp": 1.8, "onnxruntime": 0.8}
 SPEED_AND_REPORT = 6.3

@@ -53,5 +53,11 @@ def gguf_cache_type(kv_bits: int) -> str:
     return GGUF_CACHE_TYPE[check_bits(kv_bits, "--kv-bits")]
 
 
+def default_flash_attention(cache_type: str) -> bool:
+    """llama.cpp's flash attention as edge-mla runs a cache unless told: on for a quantized one (llama.cpp needs it
+    there), off for f16/f32."""
+    return cache_type not in ("f16", "f32")
+
+
 def gguf_weight_type(bits: int) -> str:
     return GGUF_WEIGHT_TYPE[check_bits(bits)]

@@ -75,6 +75,7 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
     import os
 
     from edge_mla.runtimes import llamacpp
+    from edge_mla.precision import default_flash_attention
     from edge_mla.runtimes.gguf_file import check_gguf, runnable_cache_type
     from edge_mla.runtimes.onnxruntime import run_sized
 
@@ -90,7 +91,7 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
         for model, paths in files.items():
             if paths.get("gguf") is not None:
                 cache = runnable_cache_type(check_gguf(paths["gguf"]), kv_type)
-                priced = (cache, cache not in ("f16", "f32"))
+                priced = (cache, default_flash_attention(cache))
                 others = (llama_settings or {}).get(model, ())
                 settings = [priced] + [s for s in others if s != priced and not repeat]
                 for c, flash, tokens, *got in llamacpp.run_isolated(gguf_speeds, str(paths["gguf"]), prompts,

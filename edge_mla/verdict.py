@@ -177,11 +177,12 @@ def run_commands(gguf_name: str | None, onnx_name: str | None, cache_type: str, 
     (runsettings.choose's choice for the MLA file; without one, the priced cache), and the priced cache's command
     beside it where that differs: the smallest cache, slower for long prompts. original ({"model", "bits",
     "chosen"}): how to get and run the original at its own fastest setting (the build does not keep it)."""
+    from edge_mla.precision import default_flash_attention
     from edge_mla.runsettings import flags
 
     commands = {}
     if gguf_name:
-        priced = {"cache": cache_type, "flash_attention": cache_type not in ("f16", "f32")}
+        priced = {"cache": cache_type, "flash_attention": default_flash_attention(cache_type)}
         use = chosen or priced
         llama, flash = f"-m {gguf_name} -c {context} {flags(use)}", "on" if use["flash_attention"] else "off"
         commands.update({"llama.cpp": f"llama-cli {llama}", "llama.cpp server": f"llama-server {llama}",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_mla.precision import GGUF_CACHE_TYPE
+from edge_mla.precision import GGUF_CACHE_TYPE, default_flash_attention
 from edge_mla.runtimes.gguf_file import KV_TYPES, GGUFError, GGUFInfo, check_gguf, check_kv_type  # noqa: F401
 
 INSTALL_HINT = "install llama-cpp-python: ./install.sh llama (it compiles llama.cpp, ~5-10 min on 2 cores)"
@@ -115,7 +115,7 @@ def open_model(path: str | Path, *, n_ctx: int = 2048, threads: int | None = Non
     llama_cpp = _llama_cpp()
     threads = threads or os.cpu_count() or 1
     qtype = int(KV_TYPES[kv_type])
-    quantized = kv_type not in ("f16", "f32")
+    quantized = default_flash_attention(kv_type)
     if quantized and flash_attn is False:
         raise ValueError(f"a {kv_type} cache needs flash attention in llama.cpp; use an f16 cache to run without it")
     start = len(_log_lines)

@@ -73,6 +73,12 @@ def summarize(job, converted, exports, originals, measured) -> tuple[Summary, li
     summary.verdict_thresholds = asdict(thresholds)
     summary.verdicts = verdict.verdicts(footprints, job.device, verdict.contexts_for(job.context, job.limit),
                                         summary.quality_ratio or {}, measured.speeds, thresholds)
+    for v in summary.verdicts:
+        if v["context"] == job.context and v.get("decode_ratio_from") == "device":
+            summary.key_figures[f"decode at {job.context} tokens on {job.device.name}, predicted, MLA / original "
+                                f"({v['runtime']})"] = (
+                f"{v['decode_tokens_per_s']['mla']:.0f} / {v['decode_tokens_per_s']['original']:.0f} tok/s "
+                f"({v['decode_ratio']:.2f}x; prompt {v['prefill_ratio']:.2f}x)")
     summary.recommendation = verdict.recommendation(summary.verdicts)
     summary.mla_pays_from = [verdict.pays_from(m, o, job.device) for m, o in verdict.pairs(footprints)]
     chosen = original = None
@@ -163,7 +169,6 @@ def budgets_and_figures(job, converted, exports, originals) -> tuple[Summary, li
     key_figures[f"weights ({' / '.join(k for k, fp in weights.items() if fp)})"] = " / ".join(
         f"{fp.weights_bytes / bud.MB:.0f} MB" for fp in weights.values() if fp)
     key_figures["longest context that fits (MLA / original)"] = f"{best.max_context} / {orig.max_context}"
-    key_figures["decode bound at this context"] = f"{best.decode_tokens_per_s_bound:.0f} tokens/s"
     mla = converted.mla
     summary = Summary(job.model, asdict(job.device), job.context, verdict, mla, {k: v for k, v in files.items() if v},
                       [asdict(fp) for fp in footprints], [b.as_dict() for b in budgets], key_figures, job.bits,

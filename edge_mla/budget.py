@@ -38,6 +38,7 @@ class Device:
     runtimes: list[str]
     source: str
     aliases: list[str] = field(default_factory=list)
+    gmacs: float | None = None  # peak float32 multiply-adds, billions a second (speedmodel.device_rates)
 
 
 def load_devices(extra: str | Path | None = None) -> dict[str, Device]:

@@ -253,7 +253,7 @@ def measure(job: Job, src, exports: Exports, originals: Originals, battery) -> M
         battery.score({"mla": files["mla"]})
         measured.quality_rows = battery.rows
     if job.speed_prompts:
-        from edge_mla import runsettings, speed, verdict
+        from edge_mla import runsettings, speed, speedmodel, verdict
         from edge_mla.quality import text_windows
         lengths = list(job.speed_prompts)
         print(f"      speed of both builds on this machine ({' and '.join(map(str, lengths))}-token prompts, "
@@ -262,7 +262,8 @@ def measure(job: Job, src, exports: Exports, originals: Originals, battery) -> M
         measured.speed_rows = speed.measure(files, [prompt[:n] for n in lengths], kv_type=job.cache,
                                             onnx_cache=precision.ONNX_CACHE_DTYPE[job.kv_bits], threads=job.threads,
                                             repeats=job.speed_repeats, llama_settings=runsettings.SETTINGS)
-        measured.speeds = speed.by_runtime(measured.speed_rows, verdict.contexts_for(job.context, job.limit))
+        machine = speedmodel.probe(measured.speed_rows[0].threads) if measured.speed_rows else None
+        measured.speeds = speed.by_runtime(measured.speed_rows, verdict.contexts_for(job.context, job.limit), machine)
     return measured
 
 

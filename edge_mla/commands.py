@@ -147,7 +147,7 @@ def cmd_devices(args) -> int:
         aliases = f" (also: {', '.join(d.aliases)})" if d.aliases else ""
         runtimes = ", ".join(d.runtimes) or "none: no LLM fits"
         print(f"{d.key}{aliases}\n  {d.name}: {d.ram_mb:g} MB RAM, {d.usable_mb:g} MB usable, {d.bandwidth_gbs} GB/s, "
-              f"{d.cpu}; runtimes: {runtimes}\n  source: {d.source}")
+              f"{f'{d.gmacs:g} GMAC/s, ' if d.gmacs else ''}{d.cpu}; runtimes: {runtimes}\n  source: {d.source}")
     return 0
 
 

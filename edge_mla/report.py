@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from edge_mla.budget import MB, Budget, Device, Footprint
+from edge_mla.speedmodel import DEVICE_ERROR, LINE_ERROR
 
 COLORS = {("mla", "llama.cpp"): "#1f77b4", ("mla", "onnxruntime"): "#2ca02c",
           ("original", "llama.cpp"): "#ff7f0e", ("original", "onnxruntime"): "#d62728"}
@@ -146,16 +147,17 @@ def verdict_section(summary: dict) -> str:
     verdicts = summary.get("verdicts") or []
     if not verdicts:
         return ""
-    def modelled_decode(v: dict) -> str:
-        speeds = v.get("decode_tokens_per_s")
+    def modelled(v: dict, phase: str) -> str:
+        speeds = v.get(f"{phase}_tokens_per_s")
         if not speeds:
-            return _ratio(v.get("decode_ratio")) + (" (measured)" if v.get("decode_ratio") else "")
-        return f"{speeds['mla']:.0f} / {speeds['original']:.0f} ({v['decode_ratio']:.2f}x)"
+            ratio = v.get(f"{phase}_ratio")
+            return _ratio(ratio) + (" (measured)" if ratio else "")
+        where = {"device": "", "modelled": " (build machine)"}.get(v.get("decode_ratio_from"), "")
+        return f"{speeds['mla']:.0f} / {speeds['original']:.0f} ({v[f'{phase}_ratio']:.2f}x){where}"
 
     lines = "".join(
         f"<tr><td>{v['runtime']}</td><td>{v['context']}</td><td>{v['mla_mb']:.0f}</td><td>{v['original_mb']:.0f}</td>"
-        f"<td>{_ratio(v.get('perplexity_ratio'))}</td><td>{modelled_decode(v)}</td>"
-        f"<td>{v['decode_bound_mla']:.0f} / {v['decode_bound_original']:.0f}</td>"
+        f"<td>{_ratio(v.get('perplexity_ratio'))}</td><td>{modelled(v, 'decode')}</td><td>{modelled(v, 'prefill')}</td>"
         f"<td><b>{CHOICE_LABELS[v['choice']]}</b></td></tr>" for v in verdicts)
     speed = "".join(
         f"<tr><td>{runtime}</td><td>{prompt}</td><td>{at['prefill'].get('mla', 0):.0f} / "
@@ -169,7 +171,11 @@ def verdict_section(summary: dict) -> str:
                  f"MLA / original)</h3><table><tr><th>runtime</th><th>prompt tokens</th><th>prefill tok/s</th>"
                  f"<th>decode tok/s</th></tr>{speed}</table><p>Speeds at other contexts (the table above) follow "
                  "the line of time per token against the context through the two prompt lengths (edge_mla/"
-                 "speedmodel.py; checked in docs/speed.md); measured points as dots.</p>"
+                 "speedmodel.py; checked in docs/speed.md); measured points as dots. On the device each line is scaled "
+                 "by its rates against the build machine's (" + machine_rates(summary["runtimes"]) + "): the "
+                 "decode's weights by memory bandwidth, the rest by multiply-adds (docs/speed.md). Checked on the build "
+                 f"machine: the lines predict a 4096-token prompt within {LINE_ERROR:.0%}, and moved between 2 "
+                 f"threads and 1 by the probed rates within {DEVICE_ERROR:.0%}; no device was measured.</p>"
                  + speed_plot(summary["runtimes"], max(v["context"] for v in verdicts)))
     commands = "".join(f"<li>{html.escape(k)}: <code>{html.escape(v)}</code></li>"
                        for k, v in (summary.get("run_commands") or {}).items())
@@ -188,11 +194,16 @@ def verdict_section(summary: dict) -> str:
                 f"fits</p><ul>{pays}</ul>")
     return (f"<h2>Which to use</h2><p><b>{html.escape(summary.get('recommendation', ''))}</b></p>{rule}{pays}"
             f"<table><tr><th>runtime</th><th>context</th><th>MLA MB</th><th>original MB</th><th>perplexity MLA / "
-            f"original (worst text)</th><th>decode tok/s on the build machine at this context (MLA / original; "
-            f"modelled from the speeds measured below)</th><th>bandwidth bound on the device, tok/s (MLA / original; "
-            f"bytes read only, not MLA's extra attention arithmetic)</th><th>choice</th>"
+            f"original (worst text)</th><th>decode tok/s at this context on the device (MLA / original; predicted from "
+            f"the speeds measured below)</th><th>prompt tok/s at this context on the device</th><th>choice</th>"
             f"</tr>{lines}</table><ul>{texts}</ul>"
             f"{speed}{settings_section(summary)}<h3>Run the files</h3><ul>{commands}</ul>")
+
+
+def machine_rates(runtimes: dict) -> str:
+    rates = next((s["machine"] for s in runtimes.values() if s.get("machine")), None)
+    return (f"build machine {rates['bandwidth_gbs']:g} GB/s and {rates['gmacs']:g} GMAC/s measured at the build"
+            if rates else "the build machine's rates were not measured")
 
 
 def settings_section(summary: dict) -> str:
@@ -228,14 +239,16 @@ def write_reports(folder: Path, summary: dict, footprints: list[Footprint], budg
 td:first-child,th:first-child{{text-align:left}}table{{border-collapse:collapse}}tr:nth-child(even){{background:#f4f4f4}}</style>
 </head><body><h1>{html.escape(summary['verdict'])}</h1>
 <p>Model <b>{html.escape(summary['model'])}</b> converted to MLA for <b>{html.escape(device.name)}</b>
-({html.escape(device.cpu)}; {device.usable_mb:.0f} of {device.ram_mb:.0f} MB usable; {device.bandwidth_gbs} GB/s).</p>
+({html.escape(device.cpu)}; {device.usable_mb:.0f} of {device.ram_mb:.0f} MB usable; {device.bandwidth_gbs} GB/s{f', {device.gmacs:g} GMAC/s' if device.gmacs else ''} peak).</p>
 <ul>{facts}</ul>
 {memory_plot(footprints, device, max_context)}
 <h2>At context {summary['context']}</h2>
 <table><tr><th>model</th><th>runtime</th><th>weights MB</th><th>KV MB</th><th>total MB</th><th>fits</th>
-<th>longest context</th><th>decode tok/s bound</th></tr>{rows}</table>
+<th>longest context</th><th>decode tok/s at most (bandwidth)</th></tr>{rows}</table>
 {quality}
 <p>Memory = runtime base + weight files + context x (KV per token + runtime work per token); the runtime terms
-were measured (docs/budget.md). The speed bound divides the device's peak bandwidth by the bytes read per token.
+were measured (docs/budget.md). The bandwidth bound divides the device's peak bandwidth by the bytes read per token: no file decodes faster,
+and MLA's extra attention arithmetic makes it slower than its bound says (the speeds predicted for the device are in
+the table "Which to use").
 Device figures and their sources: <code>edge-mla devices</code>.</p></body></html>"""
     (folder / "report.html").write_text(page)

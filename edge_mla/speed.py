@@ -4,7 +4,7 @@ exported file (GGUF in llama.cpp, ONNX in onnxruntime), the MLA build and the or
 Prefill: one prompt of held-out text from an empty cache. Decode: greedy tokens one at a time after it. Each file
 is measured `repeats` times, the files interleaved, and the best pass kept: the pass least disturbed by other work
 on a shared machine, so the ratio of two files is fair. These are speeds on the build machine, not on the target
-device; the report puts the device's bandwidth bound beside them.
+device; speedmodel.py scales them to the device's bandwidth and arithmetic.
 """
 from __future__ import annotations
 
@@ -110,11 +110,12 @@ def measure(files: dict, prompts: list[list[int]], *, kv_type: str, onnx_cache: 
     return rows
 
 
-def by_runtime(rows: list[SpeedRow], contexts: list[int] = ()) -> dict:
+def by_runtime(rows: list[SpeedRow], contexts: list[int] = (), machine=None) -> dict:
     """report.json's per-runtime speeds at the priced cache: {runtime: {"decode_tokens_per_s": {model: x},
     "prefill_...": ..., "decode_ratio": MLA / original, "prefill_ratio": ..., "prompt_tokens": ...}} at the shortest
     prompt measured, every prompt's figures under "by_prompt", and, where two prompt lengths were measured, the
-    speeds modelled at `contexts` under "modelled" (speedmodel.py)."""
+    speeds modelled at `contexts` under "modelled" (speedmodel.py); machine: the build machine's probed rates
+    (speedmodel.Rates), kept under "machine" to scale the lines to a device."""
     from edge_mla import speedmodel
 
     out: dict = {}
@@ -136,6 +137,8 @@ def by_runtime(rows: list[SpeedRow], contexts: list[int] = ()) -> dict:
         if lines:
             entry["lines"] = {phase: {m: asdict(line) for m, line in by_model.items()} for phase, by_model in lines.items()}
             entry["modelled"] = speedmodel.speeds_at(lines, list(contexts))
+        if machine is not None:
+            entry["machine"] = asdict(machine)
     return out
 
 

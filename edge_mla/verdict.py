@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from edge_mla import speedmodel
 from edge_mla.budget import MB, Device, Footprint
 
 # Priced up to the model's limit: a big model's cache decides at 32K-128K tokens, not at 4K.
@@ -39,11 +40,9 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
     mla_mb, orig_mb = mla.memory_bytes(context) / MB, original.memory_bytes(context) / MB
     saves = orig_mb - mla_mb
     mla_fits, orig_fits = mla_mb <= usable, orig_mb <= usable
-    bound = lambda fp: device.bandwidth_gbs * 1e9 / (fp.weights_bytes + fp.kv_bytes_per_token * context)  # noqa: E731
     row = {"runtime": mla.runtime, "context": context, "mla_mb": round(mla_mb, 1), "original_mb": round(orig_mb, 1),
            "saves_mb": round(saves, 1), "saved_share_of_device": round(saves / usable, 4) if usable else None,
-           "mla_fits": mla_fits, "original_fits": orig_fits,
-           "decode_bound_mla": round(bound(mla), 1), "decode_bound_original": round(bound(original), 1)}
+           "mla_fits": mla_fits, "original_fits": orig_fits}
     costs, misses = [], []
     if quality:
         ratio, text = quality
@@ -51,19 +50,23 @@ def verdict(mla: Footprint, original: Footprint, device: Device, context: int, q
         costs.append(f"{100 * (ratio - 1):+.0f}% perplexity on its worst text ({text})")
         if ratio > 1 + thresholds.max_quality_loss:
             misses.append(f"its worst text loses more than {100 * thresholds.max_quality_loss:.0f}%")
-    # the decode speed at this context: modelled from the two prompt lengths measured (speedmodel.py), else the
-    # ratio measured after the short prompt
-    modelled = ((speed or {}).get("modelled") or {}).get(context)
+    # the decode speed at this context: on the device (the build machine's lines scaled to its rates,
+    # speedmodel.py), else on the build machine (the lines), else the ratio measured after the short prompt
+    on_device = speedmodel.on_device(speed or {}, device, [context]).get(context)
+    modelled = on_device or ((speed or {}).get("modelled") or {}).get(context)
     decode = modelled["decode"]["ratio"] if modelled else (speed or {}).get("decode_ratio")
     if decode is not None:
         row["decode_ratio"] = decode
-        row["decode_ratio_from"] = "modelled" if modelled else "measured"
+        row["decode_ratio_from"] = "device" if on_device else "modelled" if modelled else "measured"
         if modelled:
             row["decode_tokens_per_s"] = {m: modelled["decode"][m] for m in ("mla", "original")}
+            row["prefill_tokens_per_s"] = {m: modelled["prefill"][m] for m in ("mla", "original")}
             row["prefill_ratio"] = modelled["prefill"]["ratio"]
-        costs.append(f"{decode:.2f}x the decode speed at {context} tokens (modelled from the speeds measured on the "
-                     "build machine)" if modelled else f"{decode:.2f}x the decode speed (measured on the build "
-                     f"machine after a {(speed or {}).get('prompt_tokens', 256)}-token prompt)")
+        where = (f"on {device.name}, predicted from the speeds measured on the build machine" if on_device else
+                 "on the build machine, modelled from the speeds measured there")
+        costs.append(f"{decode:.2f}x the decode speed at {context} tokens ({where})" if modelled else
+                     f"{decode:.2f}x the decode speed (measured on the build machine after a "
+                     f"{(speed or {}).get('prompt_tokens', 256)}-token prompt)")
         if decode < thresholds.min_speed:
             misses.append(f"it decodes slower than {thresholds.min_speed:.2f}x")
     cost = ", ".join(costs)

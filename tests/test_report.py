@@ -52,7 +52,37 @@ def test_verdict_table_shows_the_decode_speed_modelled_at_each_context():
         assert f"{mla:.0f} / {original:.0f} ({mla / original:.2f}x)" in page
     assert "<td>256</td>" in page and "<td>1024</td>" in page  # the measured prompts, in the speed table
     v = next(v for v in s["verdicts"] if v["context"] == 4096)
-    assert v["decode_ratio_from"] == "modelled" and "at 4096 tokens (modelled" in v["text"]
+    assert v["decode_ratio_from"] == "modelled" and "at 4096 tokens (on the build machine, modelled" in v["text"]
+
+
+def test_verdict_table_gives_the_devices_predicted_speed_where_its_rates_are_known():
+    from dataclasses import replace
+
+    from edge_mla.speedmodel import Rates, device_rates, on_machine
+    from edge_mla.verdict import verdicts
+
+    machine = Rates(30.0, 100.0)
+    rows = [SpeedRow(model, "llama.cpp", prompt, 32, 500.0, round(DECODE[model].tokens_per_s(prompt + 16), 3), 2,
+                     "q4_0") for model in DECODE for prompt in (256, 1024)]
+    speeds = speed.by_runtime(rows, [4096], machine)
+    assert speeds["llama.cpp"]["machine"] == {"bandwidth_gbs": 30.0, "gmacs": 100.0}
+    device = replace(DEVICE, gmacs=40.0)
+    mla = Footprint("model.gguf", "llama.cpp", "mla", 100 * MB, 3000, 8192)
+    original = Footprint("original", "llama.cpp", "original", 90 * MB, 6000, 8192)
+    v = verdicts([mla, original], device, [4096], {"llama.cpp, news": 1.05}, speeds)[0]
+    lines = {"decode": {m: speedmodel_line(speeds, "decode", m) for m in DECODE},
+             "prefill": {m: speedmodel_line(speeds, "prefill", m) for m in DECODE}}
+    moved = on_machine(lines, machine, device_rates(device))["decode"]
+    want = {m: moved[m].tokens_per_s(4096) for m in DECODE}
+    assert v["decode_ratio_from"] == "device"
+    page = report.verdict_section({"verdicts": [v], "runtimes": speeds, "recommendation": "r"})
+    assert f"{want['mla']:.0f} / {want['original']:.0f} ({want['mla'] / want['original']:.2f}x)" in page
+    assert "30 GB/s and 100 GMAC/s measured at the build" in page
+
+
+def speedmodel_line(speeds: dict, phase: str, model: str):
+    from edge_mla.speedmodel import Line
+    return Line(**speeds["llama.cpp"]["lines"][phase][model])
 
 
 def test_speed_plot_draws_each_line_through_its_measured_points():

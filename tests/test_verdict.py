@@ -1,6 +1,8 @@
 """The report's verdict: which model a user should pick per runtime and context, from memory, quality and speed."""
 from __future__ import annotations
 
+import pytest
+
 from edge_mla.budget import MB, RUNTIME_BASE_BYTES, RUNTIME_BYTES_PER_TOKEN, Device, Footprint
 from edge_mla.verdict import Thresholds, contexts_for, recommendation, verdict, verdicts
 
@@ -144,8 +146,33 @@ def test_speed_is_judged_at_the_context_priced_where_it_was_modelled():
     v = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.05, "chat"), slow_there)
     assert v["choice"] == "original" and "decodes slower than 0.85x" in v["text"]
     assert v["decode_ratio"] == 0.7 and v["decode_ratio_from"] == "modelled" and v["prefill_ratio"] == 2.0
-    assert f"0.70x the decode speed at {context} tokens (modelled" in v["text"]
+    assert f"0.70x the decode speed at {context} tokens (on the build machine, modelled" in v["text"]
     # a context the model did not price falls back to the ratio measured after the short prompt
     other = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, roomy_device(4096), 4096, (1.05, "chat"), slow_there)
     assert other["decode_ratio"] == 0.95 and other["decode_ratio_from"] == "measured" and other["choice"] == "mla"
     assert "after a 256-token prompt" in other["text"]
+
+
+def test_speed_is_judged_on_the_device_where_its_rates_and_the_build_machines_are_known():
+    from dataclasses import asdict, replace
+
+    from edge_mla.speedmodel import Line, Rates, device_rates, on_machine
+
+    context = 8192
+    dev = replace(roomy_device(context), gmacs=20.0)
+    lines = {"decode": {"mla": Line(6.0, 0.02), "original": Line(6.2, 0.008)},
+             "prefill": {"mla": Line(1.6, 0.01), "original": Line(1.5, 0.004)}}
+    machine = Rates(30.0, 100.0)
+    speed = {"decode_ratio": 0.95, "prompt_tokens": 256, "machine": asdict(machine),
+             "lines": {p: {m: asdict(x) for m, x in by.items()} for p, by in lines.items()},
+             "modelled": {context: {"decode": {"mla": 7.0, "original": 10.0, "ratio": 0.7},
+                                    "prefill": {"mla": 20.0, "original": 10.0, "ratio": 2.0}}}}
+    v = verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.05, "chat"), speed)
+    moved = on_machine(lines, machine, device_rates(dev))
+    want = moved["decode"]["mla"].tokens_per_s(context) / moved["decode"]["original"].tokens_per_s(context)
+    assert v["decode_ratio_from"] == "device" and v["decode_ratio"] == pytest.approx(want, abs=1e-3)
+    assert v["decode_tokens_per_s"]["mla"] == pytest.approx(moved["decode"]["mla"].tokens_per_s(context), abs=0.05)
+    assert f"on {dev.name}, predicted" in v["text"]
+    # without the build machine's rates, the build machine's modelled speed decides, as before
+    del speed["machine"]
+    assert verdict(BIG_CACHE_MLA, BIG_CACHE_ORIGINAL, dev, context, (1.05, "chat"), speed)["decode_ratio"] == 0.7

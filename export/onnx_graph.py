@@ -22,7 +22,8 @@ import onnx
 from onnx import TensorProto, helper
 
 from edge_mla.export import onnx_quant
-from edge_mla.export.onnx_latent_attention import (DOMAIN, MS, OPSET, SCALE_GROUP, latent_attention_gqa,
+from edge_mla.export.onnx_cache_codecs import SCALE_GROUP
+from edge_mla.export.onnx_latent_attention import (DOMAIN, MS, OPSET, latent_attention_gqa,
                                                    latent_attention_matmul, latent_prefill, prefill_threshold)
 
 IR_VERSION = 10  # onnxruntime 1.31 refuses newer IR versions written by onnx 1.23

@@ -224,3 +224,26 @@ def test_drift_correcting_recovery_trains_each_block_on_the_converted_models_own
     assert not torch.allclose(ins1, x1, atol=1e-3)  # not the original's inputs ...
     assert torch.allclose(ins1, model.model.layers[1].input_layernorm(s1), atol=1e-5)  # ... the student's
     assert torch.allclose(outs1, y1 + h1 - s1, atol=1e-4)
+
+
+def test_heap_allocations_are_held_until_the_last_holder_lets_go(monkeypatch):
+    """The recovery's workers hold the heap threshold across the conversion's holds around each block, which end
+    first: the threshold comes back only when the last holder lets go."""
+    from contextlib import ExitStack
+
+    from edge_mla import layerwise
+
+    set_to = []
+
+    def record(size):
+        layerwise._threshold = size
+        set_to.append(size)
+
+    monkeypatch.setattr(layerwise, "_mmap_threshold", record)
+    monkeypatch.setattr(layerwise, "_threshold", layerwise.FREED_BLOCKS_RETURNED)
+    workers = ExitStack()
+    with layerwise.heap_allocations():  # the conversion's hold around one block ...
+        workers.enter_context(layerwise.heap_allocations())  # ... inside which the workers start
+    assert layerwise._threshold == layerwise.HEAP_BLOCKS  # the conversion let go; the workers still train
+    workers.close()
+    assert set_to == [layerwise.HEAP_BLOCKS, layerwise.FREED_BLOCKS_RETURNED]

@@ -281,12 +281,9 @@ def convert_layerwise(src, plan: Plan, out: Path, recover_steps: int, bits: int,
     if recover_steps:
         step(t0, 4, n, recovery_step(recover_steps, bits, kv_bits, budgeted=deadline is not None)
              + ", as each layer is converted")
+        budget = None if deadline is None else timebudget.StepBudget(deadline, src.model.config.num_hidden_layers)
+        recovery = recover.LayerRecovery(steps=recover_steps, budget=budget, **recovery_options(bits, kv_bits))
         teacher = recovery_windows(src.tokenizer, calibration.texts)
-        workers = recover.recovery_workers(*teacher.shape, src.model.config.hidden_size)
-        budget = None if deadline is None else timebudget.StepBudget(deadline, src.model.config.num_hidden_layers,
-                                                                     workers)
-        recovery = recover.LayerRecovery(steps=recover_steps, budget=budget, workers=workers,
-                                         **recovery_options(bits, kv_bits))
     config = src.model.config
     if src.checkpoint is not None:
         out.mkdir()

@@ -2,7 +2,6 @@
 writes and reads it."""
 from __future__ import annotations
 
-import collections
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, replace
@@ -255,17 +254,6 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
     # With a recovery that corrects drift, the teacher windows also run through the converted layers (the
     # student's stream): each block then learns from the inputs it will see and towards the original's residual
     # stream, making up for what earlier blocks lost instead of passing it on.
-    # layers in order, each written once its recovery (possibly on a worker thread) is done
-    unwritten: collections.deque = collections.deque()
-
-    def write_done(i: int, layer, training) -> None:
-        if training is not None:
-            training.result()  # re-raises a worker's error here
-        if written is not None:
-            written(i, layer)
-        if walk is not None:
-            progress.layer_done(i)
-
     student = None
     if walk is not None and getattr(converted, "corrects_drift", False) and "teacher" in walk.hidden:
         student = [h.clone() for h in walk.hidden["teacher"]]
@@ -298,17 +286,13 @@ def convert(model, plan: Plan, stats: list[LayerStats] | None = None, source: st
                 ins = torch.cat([layer.input_layernorm(h).float() for h in student])
                 outs = outs + torch.cat(original_stream).float() - torch.cat(student).float()
             with heap_allocations():
-                training = converted(i, layer.self_attn, ins, outs)
-            if training is not None:  # the block trains on a worker thread: written once it is done
-                unwritten.append((i, layer, training))
+                converted(i, layer.self_attn, ins, outs)
             if student is not None:
                 student = [layer(h, **walk.arguments["teacher"][i]) for h in student]
-        if not unwritten or unwritten[-1][0] != i:
-            unwritten.append((i, layer, None))
-        while unwritten and (unwritten[0][2] is None or unwritten[0][2].done()):
-            write_done(*unwritten.popleft())
-    while unwritten:
-        write_done(*unwritten.popleft())
+        if written is not None:
+            written(i, layer)
+        if walk is not None:
+            progress.layer_done(i)
     config.mla = mla
     return mla
 

@@ -86,7 +86,6 @@ M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
 FREED_BLOCKS_RETURNED = 1 << 20  # blocks of 1 MiB or more go back to the system when freed
 HEAP_BLOCKS = 32 << 20  # glibc's own largest dynamic threshold
 _threshold = None  # what this process set last (None: glibc's dynamic default)
-_heap_holds, _before_heap = 0, None  # heap_allocations: how many hold it, and the threshold it replaced
 
 
 def _mmap_threshold(size: int | None) -> None:
@@ -117,21 +116,15 @@ def heap_allocations():
     """Blocks up to 32 MiB from the heap while the body runs, where give_back_freed_memory is in force: a training
     loop (the recovery) allocates and frees the same few-MB tensors thousands of times, and under that threshold
     each is an mmap, page faults and an munmap (measured: the build's recovery 1.5-1.8x slower, half its CPU time
-    in the kernel). The heap's blocks are reused from step to step, so it does not grow with the layers.
-    Counted, not nested: the recovery's worker threads hold it from the first block they train to the last, across
-    the conversion's own holds around each block (recover.LayerRecovery), and the last to let go restores."""
-    global _heap_holds, _before_heap
-    if _heap_holds == 0:
-        _before_heap = _threshold
-        if _before_heap is not None:
-            _mmap_threshold(HEAP_BLOCKS)
-    _heap_holds += 1
+    in the kernel). The heap's blocks are reused from step to step, so it does not grow with the layers."""
+    before = _threshold
+    if before is not None:
+        _mmap_threshold(HEAP_BLOCKS)
     try:
         yield
     finally:
-        _heap_holds -= 1
-        if _heap_holds == 0 and _before_heap is not None:
-            _mmap_threshold(_before_heap)
+        if before is not None:
+            _mmap_threshold(before)
 
 
 class Rows:

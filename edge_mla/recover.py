@@ -13,7 +13,6 @@
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import math
 import os
@@ -141,19 +140,6 @@ def machine_busy_seconds() -> float | None:
     return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
 
-# Teacher inputs and outputs the recovery may hold for the blocks training at once: each worker holds one layer's
-# (n x T x E x 4 bytes, twice: 113 MB on SmolLM2-135M's 48 x 512 windows), beside the layer being converted.
-WORKER_IO_BYTES = 512 * 2**20
-
-
-def recovery_workers(windows: int, length: int, hidden: int, threads: int | None = None) -> int:
-    """How many blocks the recovery trains at once, each on one thread: as many as torch's threads, while their
-    teacher tensors fit WORKER_IO_BYTES (one for a big model: its layers are held one at a time)."""
-    threads = threads or torch.get_num_threads()
-    layer_io = 2 * windows * length * hidden * 4
-    return max(1, min(threads, WORKER_IO_BYTES // max(layer_io, 1)))
-
-
 def native_bf16() -> bool:
     """Whether this CPU runs bfloat16 matrix products natively (AVX512-BF16 or AMX): there bf16 autocast makes the
     recovery 1.25x faster on 2 threads, 1.4x on one (docs/recovery.md); elsewhere it would be emulated, and slower."""
@@ -279,23 +265,17 @@ class LayerRecovery:
 
     def __init__(self, *, steps: int = 300, lr: float = 1e-4, cache_bits: int = 16, weight_bits: int = 16,
                  latent_norm: bool = False, up_projections: bool = False, bf16: bool | None = None,
-                 budget=None, corrects_drift: bool = False, workers: int = 1):
+                 budget=None, corrects_drift: bool = False):
         self.steps, self.lr, self.cache_bits, self.weight_bits = steps, lr, cache_bits, weight_bits
         self.budget = budget  # None: `steps` on every layer; else as many as the time left buys, at most `steps`
         # convert() reads this: train each block on the converted model's own inputs towards the original's stream
         self.corrects_drift = corrects_drift
-        # blocks trained at once, each on one thread (recovery_workers); the drift correction needs each block
-        # trained before the next one's inputs exist
-        self.workers = 1 if corrects_drift else max(1, workers)
         self.bf16 = native_bf16() if bf16 is None else bf16
         self.latent_norm, self.up_projections = latent_norm, up_projections and weight_bits == 4
         self.stats, self.eps, self.four_bit, self.tokens, self.aligned, self.quant = [], [], [], 0, False, None
         self.contended = False
-        self._pool, self._in_flight, self._held = None, collections.deque(), contextlib.ExitStack()
 
-    def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor):
-        """Recover block i. With one worker, now; with more, on a worker thread: returns its Future, which
-        convert() waits for before it writes the layer."""
+    def __call__(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor) -> None:
         C = attn.latent_dim
         self.aligned = C % q4_0.BLOCK == 0
         if self.aligned:
@@ -305,41 +285,21 @@ class LayerRecovery:
         if self.latent_norm:
             self.eps.append(install_latent_norm(attn, ins))
         self.quant = shipped_cache_quant(attn, self.cache_bits)
-        if self.workers > 1 and self._pool is None:
-            self._start_workers()
+        saved, attn.cache_quant = attn.cache_quant, self.quant and q4_0.straight_through(self.quant)
+        busy, cpu = machine_busy_seconds(), time.process_time()
         steps = self.steps
-        if self.budget is not None:
-            with torch.enable_grad():  # called from inside the conversion's no_grad
-                steps = self.budget.steps_for(i, self.steps, lambda n: self._probe(attn, ins, outs, n),
-                                              in_flight=len(self._in_flight))
-        if self._pool is None:
-            busy, cpu = machine_busy_seconds(), time.process_time()
-            s = self._train(i, attn, ins, outs, steps, self.quant)
-            if busy is not None:
-                ours = time.process_time() - cpu
-                self._check_cores(i, machine_busy_seconds() - busy - ours, s["seconds"])
-            self._record(i, attn, ins, steps, s)
-            return None
-        while len(self._in_flight) >= self.workers:
-            self._collect()
-        future = self._pool.submit(self._train, i, attn, ins, outs, steps, self.quant)
-        self._in_flight.append((i, attn, ins, steps, future))
-        return future
-
-    def _train(self, i: int, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor, steps: int, quant) -> dict:
-        saved, attn.cache_quant = attn.cache_quant, quant and q4_0.straight_through(quant)
-        try:
-            with torch.enable_grad():  # grad mode is per thread: on a worker as inside the conversion's no_grad
-                return train_attention(attn, ins, outs, steps, self.lr, 1, "all", seed=i,
-                                       weight_bits=self.weight_bits, up_projections=self.up_projections,
-                                       bf16=self.bf16)
-        finally:
-            attn.cache_quant = saved
-
-    def _record(self, i: int, attn: MLAAttention, ins: torch.Tensor, steps: int, s: dict) -> None:
+        with torch.enable_grad():  # called from inside the conversion's no_grad
+            if self.budget is not None:
+                steps = self.budget.steps_for(i, self.steps, lambda n: self._probe(attn, ins, outs, n))
+            s = train_attention(attn, ins, outs, steps, self.lr, 1, "all", seed=i, weight_bits=self.weight_bits,
+                                up_projections=self.up_projections, bf16=self.bf16)
         s["steps"] = steps
         if self.budget is not None:
             self.budget.spent(s, steps)
+        if busy is not None:
+            ours = time.process_time() - cpu
+            self._check_cores(i, machine_busy_seconds() - busy - ours, s["seconds"])
+        attn.cache_quant = saved
         self.four_bit = sorted(q4_0_weights(attn, self.up_projections)) if self.weight_bits == 4 else []
         self.tokens = int(ins.shape[0] * ins.shape[1])
         self.stats.append({"layer": i, **s})
@@ -347,36 +307,11 @@ class LayerRecovery:
               f"({steps} steps, {s['seconds']:.1f}s"
               f"{'; training did not help, kept the conversion' if s.get('kept_conversion') else ''})", flush=True)
 
-    def _start_workers(self) -> None:
-        """Worker threads, torch on one thread each (process-wide, restored by finish) and the training's heap
-        allocations for as long as they run: small multi-threaded ops wait for each other, two blocks each on one
-        thread train 1.45x faster than one on two (docs/recovery.md)."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        from edge_mla.convert import torch_threads
-        from edge_mla.layerwise import heap_allocations
-
-        self._held.enter_context(torch_threads(1))
-        self._held.enter_context(heap_allocations())
-        self._pool = self._held.enter_context(ThreadPoolExecutor(self.workers, thread_name_prefix="recovery"))
-
-    def _collect(self) -> None:
-        i, attn, ins, steps, future = self._in_flight.popleft()
-        self._record(i, attn, ins, steps, future.result())
-
-    def finish(self) -> None:
-        """Wait for the blocks still training and record them; idempotent."""
-        try:
-            while self._in_flight:
-                self._collect()
-        finally:
-            self._held.close()
-            self._pool = None
-
     def _probe(self, attn: MLAAttention, ins: torch.Tensor, outs: torch.Tensor, steps: int) -> float:
         """Seconds per training step of this block on this machine, timed on a throw-away copy."""
         import copy
-        s = self._train(0, copy.deepcopy(attn), ins[:1], outs[:1], steps, self.quant)
+        s = train_attention(copy.deepcopy(attn), ins[:1], outs[:1], steps, self.lr, 1, "all",
+                            weight_bits=self.weight_bits, up_projections=self.up_projections, bf16=self.bf16)
         return s["train_seconds"] / steps
 
     def _check_cores(self, i: int, others_s: float, wall_s: float) -> None:
@@ -394,7 +329,6 @@ class LayerRecovery:
               f"slower. Free the cores, or run the build with --threads {free}", flush=True)
 
     def summary(self, mla: dict) -> dict:
-        self.finish()
         if self.latent_norm:
             mla["latent_norm_eps"] = self.eps
         if self.up_projections:
@@ -406,8 +340,7 @@ class LayerRecovery:
                 "time_budget": self.budget and self.budget.describe(), "lr": self.lr, "teacher_tokens": self.tokens,
                 "inputs": ("the converted model's own stream, towards the original's residual stream"
                            if self.corrects_drift else "the original's stream"),
-                "compute": ("bfloat16 autocast" if self.bf16 else "float32")
-                + (f", {self.workers} blocks at once on one thread each" if self.workers > 1 else ""),
+                "compute": "bfloat16 autocast" if self.bf16 else "float32",
                 "latent_rotation": "block Hadamard (32)" if self.aligned else None, "latent_norm": self.latent_norm,
                 "trained_through": ("q4_0 cache" if self.quant else "float cache") + (
                     f", 4-bit {', '.join(self.four_bit)}" if self.four_bit else "") + " (straight-through)",

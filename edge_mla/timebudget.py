@@ -64,23 +64,19 @@ class StepBudget:
     (a short probe on the first layer), between MIN_BUDGET_STEPS and the plan's steps. The machine's speed is
     measured, not assumed: the same build took 33 s a layer on one host and 20 s on another."""
 
-    def __init__(self, deadline: float, layers: int, workers: int = 1):
-        self.deadline, self.layers, self.workers = deadline, layers, workers
+    def __init__(self, deadline: float, layers: int):
+        self.deadline, self.layers = deadline, layers
         self.seconds_per_step, self.other_seconds, self.chosen = None, 0.0, []
         self.last_call, self.last_train = None, 0.0
 
-    def steps_for(self, i: int, most: int, probe, in_flight: int = 0) -> int:
-        """Steps for layer i. With `workers` blocks training at once (recover.LayerRecovery), `in_flight` of them
-        still running: the time left is shared by the workers, the layers still training count half, and the
-        conversion of the next layers runs beside the training instead of between layers."""
+    def steps_for(self, i: int, most: int, probe) -> int:
         now = time.perf_counter()
-        if self.last_call is not None and self.workers == 1:  # the wall time since the last call, less its training
+        if self.last_call is not None:  # the wall time since the last layer's call, less its training loop
             self.other_seconds = max(now - self.last_call - self.last_train, 0.0)
         if self.seconds_per_step is None:
             self.seconds_per_step = probe(PROBE_STEPS)
         self.last_call = time.perf_counter()
-        layers_left = max(self.layers - i + in_flight / 2, 1)
-        left = max(self.deadline - self.last_call, 0.0) * self.workers / layers_left - self.other_seconds
+        left = max(self.deadline - self.last_call, 0.0) / max(self.layers - i, 1) - self.other_seconds
         steps = int(min(most, max(MIN_BUDGET_STEPS, left / self.seconds_per_step)))
         if steps == MIN_BUDGET_STEPS and MIN_BUDGET_STEPS not in self.chosen:
             print(f"      warning: the time budget leaves too little for the recovery on this machine: every layer "
@@ -96,6 +92,5 @@ class StepBudget:
             self.seconds_per_step = stats["train_seconds"] / steps
 
     def describe(self) -> str:
-        workers = f" on each of {self.workers} workers" if self.workers > 1 else ""
         return (f"{min(self.chosen)}-{max(self.chosen)} steps a layer at {1000 * self.seconds_per_step:.0f} ms a step"
-                f"{workers}" if self.chosen else "unused")
+                if self.chosen else "unused")

@@ -40,10 +40,6 @@ SCORE_TOKEN = {"llama.cpp": (1.05, 0.12e-3), "onnxruntime": (0.8, 0.072e-3)}
 DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weight read for one token)
 SPEED_RUN_SECONDS = 2.0  # each speed run starts its runtime (a child process for llama.cpp) and loads the file
 RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
-# Steps a second where the recovery trains several blocks at once, each on one thread (recover.recovery_workers),
-# against one block on every thread (which RECOVER_STEP_TOKENS was fitted to): 2 blocks on the 2-core AMD host,
-# benchmarks/recovery_workers.py, 2026-12-06. More cores than 2 are not measured: counted as 2.
-WORKERS_SPEEDUP = 1.45
 MIN_RECOVER_STEPS = MIN_BUDGET_STEPS
 KEEP_STEPS = 100  # recovery steps a layer worth more than the default text sizes: 50 left news at 1.25x, ~200 1.09x
 
@@ -61,12 +57,6 @@ class Probe:
     layer_token_seconds: float
     eig_seconds: float
     layers: int
-    recovery_speedup: float = 1.0  # WORKERS_SPEEDUP where the recovery trains blocks at once
-
-    @property
-    def recover_step_seconds(self) -> float:
-        """One Adam step of one block, as the recovery will run it."""
-        return RECOVER_STEP_TOKENS * self.token_seconds / self.recovery_speedup
 
     @property
     def token_seconds(self) -> float:
@@ -118,10 +108,7 @@ def measure(model, checkpoint=None) -> Probe:
     a = torch.randn(n, n, dtype=torch.float64, generator=g)
     a = a @ a.T
     eig_seconds = fastest(lambda: torch.linalg.eigh(a)) * (hidden_size / n) ** 3
-    from edge_mla.recover import recovery_workers
-
-    workers = recovery_workers(RECOVER_WINDOWS, RECOVER_LENGTH, hidden_size)
-    return Probe(layer_token_seconds, eig_seconds, config.num_hidden_layers, WORKERS_SPEEDUP if workers > 1 else 1.0)
+    return Probe(layer_token_seconds, eig_seconds, config.num_hidden_layers)
 
 
 def defaults(quality_windows: int, quality_length: int, speed_prompts: tuple[int, ...], recover: bool,
@@ -148,7 +135,7 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
            "conversion": CONVERT_TOKEN * w * n * tok + EIGS_PER_LAYER * probe.eig_seconds * probe.layers}
     if sizes.recover and recover_steps:
         out["teacher pass"] = RECOVER_WINDOWS * RECOVER_LENGTH * tok
-        out["recovery"] = recover_steps * probe.recover_step_seconds
+        out["recovery"] = recover_steps * RECOVER_STEP_TOKENS * tok
     gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
     out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
     out["MLA scoring"] = scored * sum(score[r] * mla_scoring.get(r, 2.0) for r in runtimes)
@@ -237,7 +224,7 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         steps = 0
         if chosen.recover:  # what the rest of the budget buys, a layer
             spare = budget - estimated(chosen, 0) - RECOVER_WINDOWS * RECOVER_LENGTH * probe.token_seconds
-            steps = int(max(least, min(most_steps, spare / probe.recover_step_seconds)))
+            steps = int(max(least, min(most_steps, spare / (RECOVER_STEP_TOKENS * probe.token_seconds))))
         fitted = estimate(chosen, probe, formats, mla_scoring, steps)
         default_speed = estimate(wanted, probe, formats, mla_scoring, 0)["speed"]
         return Fitted(chosen, fitted, steps, unbudgeted, fitted["speed"] / default_speed if default_speed else 1.0)

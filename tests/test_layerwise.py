@@ -139,52 +139,6 @@ def test_layerwise_recovery_equals_recover_converted(tmp_path, tokenizer):
     assert gguf_contents(tmp_path / "streamed.gguf") == gguf_contents(tmp_path / "memory.gguf")
 
 
-@pytest.mark.parametrize("budgeted", [False, True])
-def test_blocks_trained_on_worker_threads_are_the_blocks_trained_in_turn_and_written_after(tmp_path, tokenizer,
-                                                                                          budgeted):
-    """Two workers (recover.recovery_workers) train the blocks each on one thread while the next layer converts:
-    the folder written layer by layer holds the same weights as training each block in turn on one thread, so
-    no layer was written before its training ended; with a time budget, each layer's steps are shared out."""
-    import time
-
-    from edge_mla import recover, timebudget
-    from edge_mla.convert import calibrate_and_convert, torch_threads
-    from edge_mla.layerwise import FolderWriter
-
-    folder = bf16_folder(tmp_path, "llama-gqa", tokenizer)
-    plan, options = Plan(selection="shared", rope_pairs=4, latent=32), {"calib_windows": 2, "calib_length": 48}
-    teacher = calibration_windows(seed=3, n=2, length=32)
-    got = {}
-    for workers in (1, 2):
-        source = load_source(str(folder), lazy=True)
-        out = tmp_path / f"out{workers}"
-        out.mkdir()
-        writer = FolderWriter(out, source.checkpoint, source.model.config.num_hidden_layers)
-        budget = timebudget.StepBudget(time.perf_counter() + 3600, 2, workers) if budgeted else None
-        recovery = recover.LayerRecovery(steps=5, latent_norm=True, workers=workers, budget=budget)
-        with torch_threads(1):
-            mla = calibrate_and_convert(source, plan, written=writer.layer, teacher=teacher, converted=recovery,
-                                        **options)
-            summary = recovery.summary(mla)
-        writer.finish(source.model.config, source.tokenizer)
-        assert [s["layer"] for s in recovery.stats] == [0, 1] and all(s["steps"] == 5 for s in recovery.stats)
-        assert ("2 blocks at once" in summary["compute"]) == (workers == 2)
-        got[workers] = load(out)[0].state_dict()
-    assert torch.get_num_threads() >= 1 and recovery._pool is None  # the workers are gone after summary()
-    for name, tensor in got[1].items():
-        assert torch.equal(tensor, got[2][name]), name
-
-
-def test_recovery_workers_follow_the_threads_while_the_teacher_tensors_fit():
-    from edge_mla.recover import WORKER_IO_BYTES, recovery_workers
-
-    assert recovery_workers(48, 512, 576, threads=2) == 2  # SmolLM2-135M: 113 MB a layer
-    assert recovery_workers(48, 512, 576, threads=1) == 1
-    assert recovery_workers(48, 512, 4096, threads=16) == 1  # an 8B model's 805 MB a layer: one at a time
-    per_layer = 2 * 48 * 512 * 576 * 4
-    assert recovery_workers(48, 512, 576, threads=64) == WORKER_IO_BYTES // per_layer
-
-
 def test_drift_correcting_recovery_trains_each_block_on_the_converted_models_own_stream(tmp_path, tokenizer):
     """corrects_drift: layer 0 sees the original's inputs (nothing converted yet); layer 1 sees the input norm of
     the stream after the converted (and recovered) layer 0, not the original's; its target is the original block's
@@ -224,26 +178,3 @@ def test_drift_correcting_recovery_trains_each_block_on_the_converted_models_own
     assert not torch.allclose(ins1, x1, atol=1e-3)  # not the original's inputs ...
     assert torch.allclose(ins1, model.model.layers[1].input_layernorm(s1), atol=1e-5)  # ... the student's
     assert torch.allclose(outs1, y1 + h1 - s1, atol=1e-4)
-
-
-def test_heap_allocations_are_held_until_the_last_holder_lets_go(monkeypatch):
-    """The recovery's workers hold the heap threshold across the conversion's holds around each block, which end
-    first: the threshold comes back only when the last holder lets go."""
-    from contextlib import ExitStack
-
-    from edge_mla import layerwise
-
-    set_to = []
-
-    def record(size):
-        layerwise._threshold = size
-        set_to.append(size)
-
-    monkeypatch.setattr(layerwise, "_mmap_threshold", record)
-    monkeypatch.setattr(layerwise, "_threshold", layerwise.FREED_BLOCKS_RETURNED)
-    workers = ExitStack()
-    with layerwise.heap_allocations():  # the conversion's hold around one block ...
-        workers.enter_context(layerwise.heap_allocations())  # ... inside which the workers start
-    assert layerwise._threshold == layerwise.HEAP_BLOCKS  # the conversion let go; the workers still train
-    workers.close()
-    assert set_to == [layerwise.HEAP_BLOCKS, layerwise.FREED_BLOCKS_RETURNED]

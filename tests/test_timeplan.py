@@ -37,17 +37,6 @@ def test_a_generous_budget_keeps_the_defaults_and_gives_the_rest_to_the_recovery
     assert fitted.speed_share == roomy.speed_share == 1.0  # the default speed runs
 
 
-def test_blocks_trained_at_once_buy_more_steps_in_the_same_time():
-    from dataclasses import replace
-
-    one = probe(1.5)
-    two = replace(one, recovery_speedup=timeplan.WORKERS_SPEEDUP)
-    alone, together = (timeplan.fit(900.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=10_000) for p in (one, two))
-    assert together.recover_steps == pytest.approx(alone.recover_steps * timeplan.WORKERS_SPEEDUP, rel=0.01)
-    assert together.estimate["recovery"] == pytest.approx(alone.estimate["recovery"], rel=0.01)  # the same time
-    assert two.recover_step_seconds == pytest.approx(one.recover_step_seconds / timeplan.WORKERS_SPEEDUP)
-
-
 def test_the_share_of_the_speed_runs_kept_is_what_the_time_after_the_recovery_is_scaled_by():
     p = probe(6.2)  # a host 2.4x slower than the fast one: the speed runs shrink to one pass of one prompt
     fitted = timeplan.fit(900.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)

@@ -3,7 +3,7 @@
 The folder written holds model.onnx (+ model.onnx.data), the tokenizer files and edge_mla_onnx.json, which says the
 cache layout, dtypes and scales; `edge-mla run DIR` runs it with onnxruntime, tokenizers and numpy only.
 Every MLA layer's attention is one `ai.edge_mla:LatentAttention` node, a model-local function whose body stock
-onnxruntime inlines (see onnx_graph.py).
+onnxruntime inlines (see onnx_decoder.py).
 """
 from __future__ import annotations
 
@@ -18,13 +18,13 @@ from edge_mla.publish import refuse_existing, staged_folder
 from edge_mla.plans import CALIBRATION_DEFAULTS
 from edge_mla.runtimes.onnxruntime import IN_CHILD_ABOVE, META
 
-from edge_mla.export import onnx_graph
+from edge_mla.export import onnx_decoder, onnx_graph, onnx_latent_attention
 from edge_mla.export.onnx_weights import decoder_from_mla, decoder_from_original, layer_scales
 
 FORMAT = "edge-mla-onnx/1"
 WEIGHT_BITS = (4, 8, 16, 32)
 KV_BITS = (4, 8, 16, 32)
-BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_graph.py)
+BODIES = ("gqa", "matmul")  # LatentAttention bodies (onnx_latent_attention.py)
 PREFILL_FORMS = ("expanded", "absorbed")  # MLA prompt chunks (onnx_graph.prefill_form)
 KV_SCALES = ("q4_0", "row", "channel")  # int4 cache scales: llama.cpp's q4_0 blocks, one per row, static ones
 QUANTIZED_CACHE_ORT = "1.27.0"  # first onnxruntime whose CPU GroupQueryAttention keeps an int8/int4 cache
@@ -228,7 +228,7 @@ def metadata(dec: onnx_graph.Decoder, opts: onnx_graph.Options, model, tokenizer
         "chat": chat_template_parts(tokenizer),
         "weights": weights,
         "cache": cache,
-        "attention_op": f"{onnx_graph.DOMAIN}:LatentAttention" if dec.kind == "mla" else
+        "attention_op": f"{onnx_latent_attention.DOMAIN}:LatentAttention" if dec.kind == "mla" else
                         "com.microsoft:GroupQueryAttention",
         "min_onnxruntime": QUANTIZED_CACHE_ORT if opts.kv_bits in (4, 8) and opts.body == "gqa" else "1.20.0",
         "exported_with": {"onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__},
@@ -308,7 +308,7 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
 
     with staged_folder(out) as staging:
         with open(staging / "model.onnx.data", "wb") as data:  # the weights, written as the graph is built
-            proto = onnx_graph.build_model(dec, opts, data)
+            proto = onnx_decoder.build_model(dec, opts, data)
         (staging / "model.onnx").write_bytes(proto.SerializeToString())
         del proto
         meta = metadata(dec, opts, model, tokenizer, weights, source)

@@ -1,5 +1,5 @@
 """A torch model's tensors as the ONNX graph builder reads them (onnx_graph.Decoder), one layer at a time, and the
-static cache scales fitted on what each layer caches. export/onnx.py drives it; onnx_graph.py writes the graph."""
+static cache scales fitted on what each layer caches. export/onnx.py drives it; onnx_decoder.py writes the graph."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,7 +58,7 @@ def _layer_common(layer) -> dict:
 
 
 class Layers:
-    """The decoder's layers as onnx_graph.build_model reads them, one in memory at a time: each is read (a lazy
+    """The decoder's layers as onnx_decoder.build_model reads them, one in memory at a time: each is read (a lazy
     model's from its checkpoint), run over the calibration windows when the cache needs static scales (`calibrate`:
     the hidden states carried on to the next layer), turned into the graph's arrays by `entry`, and released when
     the graph has written its tensors. The large matrices are views of the layer's weights, not copies."""

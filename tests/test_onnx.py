@@ -20,7 +20,8 @@ from edge_mla import cli
 from edge_mla.convert import convert
 from edge_mla.mla_folder import save
 from edge_mla.export import onnx as onnx_export
-from edge_mla.export.onnx_graph import DOMAIN, all_nodes
+from edge_mla.export.onnx_graph import all_nodes
+from edge_mla.export.onnx_latent_attention import DOMAIN
 from edge_mla.export import onnx_quant, onnx_weights
 from edge_mla.mla import forward_with_cache, mla_layers
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
@@ -433,11 +434,11 @@ def test_up_projections_are_stored_at_the_weight_bits(bits):
     import onnxruntime as ort
     from onnx import TensorProto, helper
 
-    from edge_mla.export import onnx_graph
+    from edge_mla.export import onnx_graph, onnx_matmul
 
     w = np.random.default_rng(0).standard_normal((3, 40, 24)).astype(np.float32)  # K = 40: a partial last block
     g = onnx_graph.Graph()
-    out = onnx_graph._up_projection(g, "w", w, onnx_graph.Options(up_bits=bits, block_size=32))
+    out = onnx_matmul.up_projection(g, "w", w, onnx_graph.Options(up_bits=bits, block_size=32))
     model = helper.make_model(
         helper.make_graph(g.nodes, "t", [], [helper.make_tensor_value_info(out, TensorProto.FLOAT, None)],
                           g.initializers), opset_imports=[helper.make_opsetid("", 21)], ir_version=10)

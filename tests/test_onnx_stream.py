@@ -25,7 +25,7 @@ from edge_mla.convert import Plan, convert, convert_source
 from edge_mla.mla_folder import load_any
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export import onnx_weights
-from edge_mla.export import onnx_graph
+from edge_mla.export import onnx_decoder, onnx_graph, onnx_matmul
 from edge_mla.runtimes.onnxruntime import META, OnnxDecoder
 from edge_mla.source import load_source
 from conftest import word_tokenizer
@@ -71,7 +71,7 @@ def test_matmulnbits_weights_are_the_gguf_grids(bits):
     """x @ W^T with x = I: onnxruntime's MatMulNBits (float compute) returns the dequantized weight itself."""
     w = weights(0, 48, 80)  # K = 80: a partial last block
     g = onnx_graph.Graph()
-    y = onnx_graph._matmul(g, "x", [w[:20], w[20:]], "m", onnx_graph.Options(weight_bits=bits, accuracy_level=0))
+    y = onnx_matmul.matmul(g, "x", [w[:20], w[20:]], "m", onnx_graph.Options(weight_bits=bits, accuracy_level=0))
     assert [n.op_type for n in g.nodes] == ["MatMulNBits"]
     got = run_graph(g, y, {"x": np.eye(80, dtype=np.float32)})
     assert bit_equal(np.ascontiguousarray(got.T), gguf_grid(w, bits))
@@ -85,7 +85,7 @@ def test_embedding_tables_are_the_gguf_grids(tied, head_bits):
     dec = onnx_graph.Decoder(kind="mla", vocab_size=40, hidden_size=96, num_heads=1, head_dim=1, eps=1e-5, embed=w,
                              final_norm=np.ones(96, np.float32), lm_head=w, tied=tied)
     g = onnx_graph.Graph()
-    x, head = onnx_graph._embedding(g, dec, onnx_graph.Options(weight_bits=4, head_bits=head_bits), "ids")
+    x, head = onnx_matmul.embedding(g, dec, onnx_graph.Options(weight_bits=4, head_bits=head_bits), "ids")
     ops = [n.op_type for n in g.nodes]
     assert "GatherBlockQuantized" in ops and (head is not None) == tied
     got = run_graph(g, x, {"ids": np.arange(40, dtype=np.int64)[None]})[0]
@@ -98,7 +98,7 @@ def onnxruntime_quantized(model, folder, bits: int, accuracy_level: int) -> None
     from onnxruntime.quantization import matmul_nbits_quantizer as q
 
     logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    proto = onnx_graph.build_model(onnx_weights.decoder_from_mla(model), onnx_graph.Options(kv_bits=32, up_bits=8))
+    proto = onnx_decoder.build_model(onnx_weights.decoder_from_mla(model), onnx_graph.Options(kv_bits=32, up_bits=8))
     absorbed = [n.name for n in proto.graph.node if ".absorb_" in n.name]
     for ops in (("MatMul",), ("Gather",)) if bits == 4 else (("MatMul",),):
         config = q.DefaultWeightOnlyQuantConfig(block_size=32, is_symmetric=True, accuracy_level=accuracy_level,

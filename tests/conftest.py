@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import numpy as np
 import torch
 
 from edge_mla.calibration import collect_stats
@@ -215,3 +216,14 @@ def export(model, out, **kw):
     return onnx_export.export("tiny", out, model=model, tokenizer=word_tokenizer(), **kw)
 
 
+@pytest.fixture(scope="module")
+def mla_model():
+    return converted("llama-gqa")
+
+
+@pytest.fixture
+def text_file(tmp_path):
+    rng = np.random.default_rng(0)
+    path = tmp_path / "text.txt"
+    path.write_text(" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 3000)))
+    return path

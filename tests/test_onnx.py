@@ -6,8 +6,6 @@ gets a clear error and leaves nothing behind."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from collections import Counter
 
 import numpy as np
@@ -16,32 +14,17 @@ import pytest
 import torch
 
 from conftest import LATENT, word_tokenizer, VOCAB, converted, export, prompt, tiny_model, with_latent_norms
-from edge_mla import cli
 from edge_mla.convert import convert
-from edge_mla.mla_folder import save
 from edge_mla.export import onnx as onnx_export
 from edge_mla.export.onnx_graph import all_nodes
 from edge_mla.export.onnx_latent_attention import DOMAIN
-from edge_mla.export import onnx_quant, onnx_weights
-from edge_mla.mla import forward_with_cache, mla_layers
-from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, Tokenizer, generate
+from edge_mla.export import onnx_weights
+from edge_mla.mla import forward_with_cache
+from edge_mla.runtimes.onnxruntime import META, OnnxDecoder, generate
 
 needs_quantizer = pytest.mark.skipif(
     __import__("importlib").util.find_spec("onnx_ir") is None,
     reason="4/8-bit weights need onnxruntime.quantization's dependency onnx-ir (pip install onnx-ir)")
-
-
-@pytest.fixture(scope="module")
-def mla_model():
-    return converted("llama-gqa")
-
-
-@pytest.fixture
-def text_file(tmp_path):
-    rng = np.random.default_rng(0)
-    path = tmp_path / "text.txt"
-    path.write_text(" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 3000)))
-    return path
 
 
 @torch.no_grad()
@@ -284,100 +267,6 @@ def test_expanded_prefill_is_recorded_and_budgeted(tmp_path, mla_model):
     assert grows["expanded"] - grows["absorbed"] == 1000 * prints["expanded"].work_bytes_per_token > 0
 
 
-@pytest.mark.parametrize("scales", ["row", "q4_0"])
-def test_int4_cache_with_scales_per_row_is_its_round_trip(tmp_path, text_file, scales):
-    """The matmul body's int4 caches whose scales are kept with the rows (float16, q4_0's rule: one per row over
-    the static per-channel scales, or per 32 values) give the logits of the PyTorch model whose cached rows pass
-    through the same round trip (onnx_quant.group_fake_quantize, which is gguf-py's q4_0 on groups of 32), in one
-    prefill, in chunks and token by token; the stored scales are q4_0's d."""
-    model = converted("llama-gqa", latent=16)  # C + R = 32: one q4_0 block per row
-    folder = export(model, tmp_path / "onnx", weight_bits=32, kv_bits=4, body="matmul", kv_scales=scales,
-                    calib_text=str(text_file), calib_windows=4, calib_length=64)
-    meta = json.loads((folder / META).read_text())
-    width, layers = 16 + model.config.mla["rope_dim"], model.config.num_hidden_layers
-    names = [t["past"] for t in meta["cache"]["tensors"]]
-    assert names[:2] == ["past.0", "past_group_scale.0"] and len(names) == 2 * layers
-    assert meta["cache"]["bytes_per_token"] == layers * (width // 2 + 2)  # one float16 scale per row here
-    channel = [np.asarray(s, np.float32) if scales == "row" else None for s in meta["cache"]["scales"]["layers"]]
-    group = width if scales == "row" else 32
-    rows = {}
-
-    def round_trip(i):
-        def apply(entry):
-            rows.setdefault(i, entry.detach().numpy()[0, 0])
-            return torch.from_numpy(onnx_quant.group_fake_quantize(entry.numpy(), group, channel[i]))
-        return apply
-
-    layers_ = mla_layers(model)
-    ids = prompt()
-    for i, attn in enumerate(layers_):
-        attn.cache_quant = round_trip(i)
-    with torch.no_grad():
-        expected = model(ids).logits[0].numpy()
-    ids = ids[0].numpy()
-    for chunk in (0, 7):
-        decoder = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=chunk)
-        got = np.concatenate([decoder.forward(ids[:20], keep=20)] +
-                             [decoder.forward(ids[t:t + 1]) for t in range(20, len(ids))])
-        assert np.abs(got - expected).max() < 1e-3 * np.abs(expected).max()
-    # the q4_0 body's prefill scratch is a score matrix per 32 values: its export asks the runner for short chunks
-    assert meta["cache"].get("prefill_chunk") == (32 if scales == "q4_0" else None)
-    assert OnnxDecoder(folder, threads=1, context=8).prefill_chunk == meta["cache"].get("prefill_chunk", 128)
-    stored = decoder.buffers["past_group_scale.1"].numpy()[0, 0, :len(ids), 0].astype(np.float32)
-    y = rows[1] / channel[1] if scales == "row" else rows[1]
-    want = np.take_along_axis(y, np.abs(y).argmax(-1)[:, None], -1)[:, 0] / -8
-    assert np.allclose(stored, want.astype(np.float16).astype(np.float32), rtol=2e-3)  # float16, from the graph's rows
-
-
-def test_q4_0_cache_round_trip_is_gguf_py_and_the_recovery_s():
-    """The reference of the q4_0 cache scales is gguf-py's q4_0 bit for bit, and the CPU recovery's emulation."""
-    from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize, quantize
-
-    from edge_mla.q4_0 import roundtrip as q4_0_roundtrip
-
-    x = (np.random.default_rng(0).standard_normal((64, 96)) * np.logspace(-3, 2, 96)).astype(np.float32)
-    x[3] = 0  # a zero row: d = 0, codes 8
-    want = dequantize(quantize(x, GGMLQuantizationType.Q4_0), GGMLQuantizationType.Q4_0)
-    assert np.array_equal(onnx_quant.group_fake_quantize(x, 32), want)
-    assert np.array_equal(q4_0_roundtrip(torch.from_numpy(x)).numpy(), want)
-
-
-def test_web_page_refuses_a_matmul_body_export_before_any_work(capsys, tmp_path, mla_model):
-    """The page feeds a growing cache; the matmul body writes into a preallocated buffer (no browser needed)."""
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body="matmul")
-    assert cli.main(["web", str(folder), "--out", str(tmp_path / "site")]) == cli.EXIT_BAD_INPUT
-    assert "--attention gqa" in capsys.readouterr().err and not (tmp_path / "site").exists()
-
-
-def test_scales_per_row_need_the_matmul_body_int4_and_whole_blocks(tmp_path, mla_model):
-    with pytest.raises(ValueError, match="matmul body"):
-        export(mla_model, tmp_path / "a", weight_bits=32, kv_bits=4, body="gqa", kv_scales="row")
-    with pytest.raises(ValueError, match="int4 cache"):
-        export(mla_model, tmp_path / "b", weight_bits=32, kv_bits=8, body="matmul", kv_scales="q4_0")
-    with pytest.raises(ValueError, match="multiple of 32"):  # C + R = 40
-        export(mla_model, tmp_path / "c", weight_bits=32, kv_bits=4, body="matmul", kv_scales="q4_0")
-    assert not any(tmp_path.iterdir())
-    default = export(mla_model, tmp_path / "d", weight_bits=32, kv_bits=4, body="matmul")
-    assert json.loads((default / META).read_text())["cache"]["scales"]["kind"].startswith("static per channel")
-
-
-@pytest.mark.parametrize("body", ["gqa", "matmul"])
-def test_chunked_prefill_equals_one_piece(tmp_path, mla_model, body):
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32, body=body)
-    ids = prompt()[0].numpy()
-    whole = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=0)
-    chunked = OnnxDecoder(folder, threads=1, context=64, prefill_chunk=6)  # 6 does not divide the prompt
-    for keep in (len(ids), 9, 1):
-        whole.reset(64), chunked.reset(64)
-        a, b = whole.forward(ids, keep=keep), chunked.forward(ids, keep=keep)
-        assert a.shape == b.shape == (keep, VOCAB) and np.abs(a - b).max() < 1e-4
-    cache = [d.buffers["past.1"].numpy()[:, :, :len(ids)] for d in (whole, chunked)]
-    assert np.abs(cache[0] - cache[1]).max() < 1e-4
-    token = np.array([int(a[-1].argmax())])
-    assert np.abs(whole.forward(token) - chunked.forward(token)).max() < 1e-4
-
-
 def tied(model):
     """The tiny model with its output head tied to the embedding, as SmolLM2's is."""
     model.lm_head.weight = model.model.embed_tokens.weight
@@ -455,136 +344,6 @@ def test_up_projections_are_stored_at_the_weight_bits(bits):
         assert np.array_equal(got.view(np.uint32), expected.astype(np.float32).view(np.uint32))
     assert np.abs(got - w).max() < {4: 0.5, 8: 0.05, 16: 0.01}[bits]
 
-
-def test_cache_is_one_buffer_updated_in_place(tmp_path, mla_model):
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
-    decoder = OnnxDecoder(folder, threads=1, context=32)
-    buffers = {name: value for name, value in decoder.buffers.items()}
-    decoder.forward(np.arange(3, 10))
-    decoder.forward(np.array([4]))
-    assert all(decoder.buffers[name] is value for name, value in buffers.items())
-    cache = buffers["past.0"].numpy()
-    assert cache.shape == (1, 1, 32, LATENT + 16)
-    assert np.abs(cache[0, 0, :8]).sum(-1).min() > 0  # the 8 tokens were written into the preallocated buffer
-    used, allocated = decoder.cache_bytes()
-    assert used == 8 * decoder.bytes_per_token and allocated == 32 * decoder.bytes_per_token
-
-
-def run(capsys, *argv):
-    code = cli.main([str(a) for a in argv])
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-@pytest.fixture(scope="module")
-def converted_dir(tmp_path_factory, mla_model):
-    folder = tmp_path_factory.mktemp("conv") / "mla"
-    save(mla_model, word_tokenizer(), folder)
-    return folder
-
-
-def test_cli_export_and_run(capsys, tmp_path, converted_dir):
-    out = tmp_path / "onnx"
-    code, stdout, err = run(capsys, "export", "onnx", converted_dir, "--out", out, "--weight-bits", 32)
-    assert code == 0, err
-    assert "wrote" in stdout and (out / "model.onnx").exists() and (out / "tokenizer.json").exists()
-    code, stdout, err = run(capsys, "run", out, "--prompt", "w3 w4 w5", "--max-new-tokens", 6, "--threads", 1)
-    assert code == 0, err
-    assert stdout.startswith("w3 w4 w5") and "tok/s" in err and "cache" in err and "MB in use" in err
-    # a 40-word prompt read in the expanded form (one piece of 40 >= the threshold) and in the absorbed one
-    # (chunks of 5): the same greedy continuation
-    words = " ".join(f"w{3 + i % 90}" for i in range(40))
-    texts = []
-    for chunk in ([], ["--prefill-chunk", 5]):
-        code, stdout, err = run(capsys, "run", out, "--prompt", words, "--max-new-tokens", 8, "--threads", 1, *chunk)
-        assert code == 0, err
-        texts.append(stdout)
-    assert texts[0] == texts[1] and len(texts[0]) > len(words)
-    code, _, err = run(capsys, "run", out, "--prompt", words, "--prefill-chunk", 0)
-    assert code == 2 and "--prefill-chunk 0" in err
-    code, _, err = run(capsys, "run", out, "--prompt", words, "--flash-attn", "on")
-    assert code == 2 and "--flash-attn applies to .gguf files" in err
-
-
-def test_runner_imports_neither_torch_nor_the_converter():
-    code = ("import sys, edge_mla.runtimes.onnxruntime; "
-            "bad = [m for m in sys.modules if m == 'torch' or m.startswith(('edge_mla.convert', 'edge_mla.mla', "
-            "'transformers'))]; assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True)
-
-
-@pytest.mark.parametrize("args,message", [
-    (["--weight-bits", 3], "--weight-bits 3 is not supported"),
-    (["--kv-bits", 2], "--kv-bits 2 is not supported"),
-    (["--block-size", 24], "power of two"),
-])
-def test_unsupported_settings_are_refused(capsys, tmp_path, converted_dir, args, message):
-    out = tmp_path / "onnx"
-    code, _, err = run(capsys, "export", "onnx", converted_dir, "--out", out, *args)
-    assert code == 2 and message in err and "Traceback" not in err
-    assert not out.exists()
-
-
-def test_a_model_that_is_not_converted_is_refused(capsys, tmp_path):
-    folder = tmp_path / "original"
-    tiny_model("mistral").save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    code, _, err = run(capsys, "export", "onnx", folder, "--out", tmp_path / "o")
-    assert code == 2 and "not a converted MLA model" in err and "edge-mla convert" in err and "--original" in err
-    code, _, err = run(capsys, "export", "onnx", tmp_path / "missing", "--out", tmp_path / "o")
-    assert code == 2 and "does not exist" in err
-    assert not (tmp_path / "o").exists()
-
-
-def test_context_longer_than_the_model_allows(capsys, tmp_path, mla_model):
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
-    limit = mla_model.config.max_position_embeddings
-    with pytest.raises(ValueError, match=f"longer than the model allows \\({limit} tokens\\)"):
-        OnnxDecoder(folder, context=limit + 1)
-    code, _, err = run(capsys, "run", folder, "--prompt", "w3", "--max-new-tokens", limit + 5)
-    assert code == 2 and "longer than the model allows" in err
-
-
-def test_onnxruntime_too_old_for_the_int4_cache(tmp_path, mla_model, monkeypatch):
-    import onnxruntime
-
-    folder = export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
-    meta = json.loads((folder / META).read_text())
-    meta["min_onnxruntime"], meta["cache"]["dtype"] = "1.27.0", "int4"  # as an int4 export says
-    (folder / META).write_text(json.dumps(meta))
-    monkeypatch.setattr(onnxruntime, "__version__", "1.26.0")
-    with pytest.raises(ValueError, match=r"needs onnxruntime >= 1.27.0 \(installed 1.26.0\): pip install -U onnxruntime"):
-        OnnxDecoder(folder)
-    with pytest.raises(ValueError, match="int4 cache needs onnxruntime >= 1.27.0"):
-        export(mla_model, tmp_path / "onnx4", weight_bits=32, kv_bits=4)
-    assert not (tmp_path / "onnx4").exists()
-
-
-def test_failed_export_leaves_nothing(tmp_path, mla_model, monkeypatch):
-    def broken(folder):
-        raise RuntimeError("onnxruntime could not load it")
-    monkeypatch.setattr(onnx_export, "smoke_test", broken)
-    with pytest.raises(RuntimeError):
-        export(mla_model, tmp_path / "onnx", weight_bits=32, kv_bits=32)
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_existing_output_needs_force(capsys, tmp_path, converted_dir):
-    out = tmp_path / "onnx"
-    out.mkdir()
-    code, _, err = run(capsys, "export", "onnx", converted_dir, "--out", out, "--weight-bits", 32)
-    assert code == 2 and "--force" in err
-
-
-def test_chat_wrapping_is_rendered_at_export(tmp_path, mla_model):
-    tokenizer = word_tokenizer()
-    tokenizer.chat_template = "{% for m in messages %}w3 {{ m['content'] }} w4{% endfor %}{% if add_generation_prompt %} w5{% endif %}"
-    folder = onnx_export.export("tiny", tmp_path / "onnx", model=mla_model, tokenizer=tokenizer, weight_bits=32)
-    tok = Tokenizer(folder, json.loads((folder / META).read_text()))
-    assert tok.encode("w9", chat=True) == [3, 9, 4, 5]
-
-
-# ---------------------------------------------------------------------------------------------------------------
 
 @pytest.mark.slow
 @needs_quantizer

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -95,6 +96,72 @@ def onnx_scores(folder: str, windows: dict, threads: int | None = None) -> dict:
     return found
 
 
+# The originals' scores are kept (EDGE_MLA_CACHE/scores) under the content of the exported files, the windows, the
+# cache type and the runtime's version: a second build of the same model at the same bits scores them in no time,
+# and its recovery gets those minutes (timebudget). Bump when the scoring itself changes.
+SCORE_FORMAT = 1
+CACHED_MODELS = ("original", ORIGINAL_INT8)  # the MLA files are new with every build
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of an exported file, or of an ONNX folder's graph, weights and metadata."""
+    import hashlib
+
+    path = Path(path)
+    digest = hashlib.sha256()
+    parts = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix in (".onnx", ".data", ".json"))
+    for part in parts:
+        digest.update(part.name.encode())
+        with open(part, "rb") as f:
+            for block in iter(lambda: f.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def score_key(path: Path, runtime: str, cache: str, windows: dict) -> str | None:
+    """What a file's scores depend on: its bytes, the windows, the cache type, the runtime and its version (None for
+    a path that is not a file or folder on disk)."""
+    import hashlib
+    import importlib.metadata as metadata
+
+    if not Path(path).exists():
+        return None
+
+    package = {"llama.cpp": "llama_cpp_python", "onnxruntime": "onnxruntime"}[runtime]
+    digest = hashlib.sha256(f"{SCORE_FORMAT} {runtime} {metadata.version(package)} {cache}".encode())
+    digest.update(_file_digest(path).encode())
+    for text in sorted(windows):
+        digest.update(text.encode())
+        digest.update(np.ascontiguousarray(windows[text], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _cached_scores(key: str) -> tuple[dict, float] | None:
+    import json
+
+    from edge_mla.source import cache_dir
+
+    path = cache_dir() / "scores" / f"{key}.json"
+    try:
+        found = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    scores = {text: (nll, n, np.asarray(top1, np.int32)) for text, (nll, n, top1) in found["scores"].items()}
+    return scores, float(found["seconds"])
+
+
+def _keep_scores(key: str, scores: dict, seconds: float) -> None:
+    import json
+
+    from edge_mla.data import write_text_atomic
+    from edge_mla.source import cache_dir
+
+    folder = cache_dir() / "scores"
+    folder.mkdir(parents=True, exist_ok=True)
+    found = {text: [nll, n, top1.tolist()] for text, (nll, n, top1) in scores.items()}
+    write_text_atomic(folder / f"{key}.json", json.dumps({"scores": found, "seconds": round(seconds, 2)}))
+
+
 class Battery:
     """The battery's windows, tokenized once so every file is scored on the same ids, and what each file scored.
     Files can be scored in several calls (the build scores the originals before its recovery, the MLA files after
@@ -125,9 +192,17 @@ class Battery:
                 started = time.perf_counter()
                 if runtime == "llama.cpp":
                     cache = runnable_cache_type(check_gguf(path), self.kv_type)
-                    scores = llamacpp.run_isolated(gguf_scores, str(path), self.windows, cache, self.threads)
                 else:
                     cache = "int8" if model == ORIGINAL_INT8 else self.onnx_cache
+                key = score_key(path, runtime, cache, self.windows) if model in CACHED_MODELS else None
+                found = _cached_scores(key) if key else None
+                if found:
+                    scores, took = found
+                    self.progress(f"      ({model}, {runtime}: scored before, on the same windows, by a build of the "
+                                  f"same file; {took:.0f} s then)")
+                elif runtime == "llama.cpp":
+                    scores = llamacpp.run_isolated(gguf_scores, str(path), self.windows, cache, self.threads)
+                else:
                     scores = run_sized(path, onnx_scores, str(path), self.windows, self.threads)
                 for text, (nll, n, top1) in scores.items():
                     self.argmax[(model, runtime, text)] = top1
@@ -139,7 +214,12 @@ class Battery:
                                   f"{text} ({n} tokens)"
                                   + ("" if agree is None else f", next token as the original's {100 * agree:.1f}%"))
                     rows.append(row)
+                if found:  # the time budget plans the MLA files' scoring from the time it took to measure
+                    self.seconds[(model, runtime)] = found[1]
+                    continue
                 self.seconds[(model, runtime)] = time.perf_counter() - started
+                if key:
+                    _keep_scores(key, scores, self.seconds[(model, runtime)])
                 self.progress(f"      ({model}, {runtime}: {sum(w.size for w in self.windows.values()):,} tokens "
                               f"scored in {self.seconds[(model, runtime)]:.0f} s)")
         self.rows += rows

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -95,3 +96,40 @@ def test_the_original_scored_first_and_the_mla_build_later_still_pair_up(monkeyp
     assert later[0].top1_agreement == 0.75 and battery.rows == first + later
     assert quality.ratios(battery.rows) == {"onnxruntime, math": 1.0}
     assert set(battery.seconds) == {("original", "onnxruntime"), ("mla", "onnxruntime")}
+
+
+def test_the_originals_scores_are_kept_by_the_files_content_and_the_windows(tmp_path, monkeypatch):
+    """A second build of the same original at the same bits reads its scores back instead of scoring again, with
+    the seconds scoring took then (the time budget plans the MLA files' scoring from them); a file with other bytes,
+    other windows or the MLA file are scored."""
+    monkeypatch.setenv("EDGE_MLA_CACHE", str(tmp_path / "cache"))
+    folder = tmp_path / "original"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(b"graph")
+    (folder / "model.onnx.data").write_bytes(b"weights")
+    calls = []
+
+    def fake_scores(path, windows, threads=None):
+        calls.append(path)
+        return {text: (4 * math.log(2.0), 4, np.array([[1, 2], [3, 4]], np.int32)) for text in windows}
+
+    monkeypatch.setattr(quality, "onnx_scores", fake_scores)
+    windows = {"math": np.arange(6).reshape(2, 3)}
+    monkeypatch.setattr(quality, "text_windows", lambda tok, text, count, length: windows[text])
+
+    def battery():
+        return quality.Battery(None, kv_type="q4_0", onnx_cache="int4", texts=("math",), progress=lambda *_: None)
+
+    first = battery()
+    rows = first.score({"original": {"onnx": folder}})
+    again = battery()
+    assert again.score({"original": {"onnx": folder}}) == rows and len(calls) == 1
+    key = ("original", "onnxruntime")
+    assert again.seconds[key] == pytest.approx(first.seconds[key], abs=0.01) and np.array_equal(again.argmax[("original", "onnxruntime", "math")],
+                                                              first.argmax[("original", "onnxruntime", "math")])
+    (folder / "model.onnx.data").write_bytes(b"other weights")
+    battery().score({"original": {"onnx": folder}})
+    windows["math"] = np.arange(6).reshape(2, 3) + 1
+    battery().score({"original": {"onnx": folder}})
+    battery().score({"mla": {"onnx": folder}})
+    assert len(calls) == 4

@@ -120,15 +120,17 @@ def _file_digest(path: Path) -> str:
 
 def score_key(path: Path, runtime: str, cache: str, windows: dict) -> str | None:
     """What a file's scores depend on: its bytes, the windows, the cache type, the runtime and its version (None for
-    a path that is not a file or folder on disk)."""
+    a path that is not a file or folder on disk, or a runtime whose version is unknown)."""
     import hashlib
     import importlib.metadata as metadata
 
     if not Path(path).exists():
         return None
-
-    package = {"llama.cpp": "llama_cpp_python", "onnxruntime": "onnxruntime"}[runtime]
-    digest = hashlib.sha256(f"{SCORE_FORMAT} {runtime} {metadata.version(package)} {cache}".encode())
+    try:
+        version = metadata.version({"llama.cpp": "llama_cpp_python", "onnxruntime": "onnxruntime"}[runtime])
+    except metadata.PackageNotFoundError:  # a runtime without its package's metadata: nothing to key on, no keeping
+        return None
+    digest = hashlib.sha256(f"{SCORE_FORMAT} {runtime} {version} {cache}".encode())
     digest.update(_file_digest(path).encode())
     for text in sorted(windows):
         digest.update(text.encode())

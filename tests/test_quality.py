@@ -133,3 +133,14 @@ def test_the_originals_scores_are_kept_by_the_files_content_and_the_windows(tmp_
     battery().score({"original": {"onnx": folder}})
     battery().score({"mla": {"onnx": folder}})
     assert len(calls) == 4
+
+
+def test_a_runtime_of_unknown_version_is_scored_and_nothing_is_kept(tmp_path, monkeypatch):
+    import importlib.metadata
+
+    def unknown(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(importlib.metadata, "version", unknown)
+    (tmp_path / "model.gguf").write_bytes(b"GGUF")
+    assert quality.score_key(tmp_path / "model.gguf", "llama.cpp", "q4_0", {"math": np.zeros((1, 2))}) is None

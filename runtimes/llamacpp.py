@@ -37,6 +37,16 @@ def _child(conn, fn, args, kwargs) -> None:
         conn.close()
 
 
+def _answer(child, receive):
+    """The child's answer, or EOFError once it is dead without one. recv() alone can wait forever: a child that dies
+    before it unpickles its end of the pipe (its arguments fail to load) leaves a copy of that end open in this
+    process (multiprocessing's resource sharer), so no end-of-file ever comes."""
+    while not receive.poll(0.2):
+        if not child.is_alive() and not receive.poll(0):
+            raise EOFError
+    return receive.recv()
+
+
 def run_isolated(fn, *args, runtime: str = "llama.cpp", **kwargs):
     """fn(*args, **kwargs) in a fresh child process, its result or exception passed back. llama.cpp is native
     code: an illegal instruction or a GGML_ASSERT kills the whole process, so whatever runs it for a user or a
@@ -51,15 +61,19 @@ def run_isolated(fn, *args, runtime: str = "llama.cpp", **kwargs):
     child.start()
     send.close()
     try:
-        status, value = receive.recv()
+        status, value = _answer(child, receive)
     except EOFError:  # the child died before it could answer
         child.join()
         code = child.exitcode
+        name = getattr(fn, '__name__', fn)
+        if code is not None and code > 0:  # an exit, not a kill: Python's own error, printed above by the child
+            raise RuntimeCrash(f"the child process that runs {name} exited with code {code} before it answered; "
+                               "its error is above") from None
         what = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
         if runtime != "llama.cpp":
-            raise RuntimeCrash(f"{runtime} died ({what}) while running {getattr(fn, '__name__', fn)} in a child "
+            raise RuntimeCrash(f"{runtime} died ({what}) while running {name} in a child "
                                "process; its last output is above") from None
-        raise RuntimeCrash(f"llama.cpp crashed ({what}) while running {getattr(fn, '__name__', fn)}. "
+        raise RuntimeCrash(f"llama.cpp crashed ({what}) while running {name}. "
                            + (REBUILD_HINT if code is not None and -code == signal.SIGILL else
                               "Its last log lines are above; " + REBUILD_HINT)) from None
     child.join()

@@ -7,6 +7,8 @@ import argparse
 import copy
 import os
 import signal
+import sys
+import types
 
 import pytest
 import torch
@@ -51,6 +53,18 @@ def test_llama_cpp_crash_is_reported_not_fatal():
     with pytest.raises(ValueError, match="a clear problem"):  # an ordinary error comes back as itself
         llamacpp.run_isolated(_fail_inside)
     assert llamacpp.run_isolated(sorted, [3, 1, 2]) == [1, 2, 3]
+
+
+def test_a_child_that_dies_before_it_starts_is_reported_not_waited_for(monkeypatch, tmp_path):
+    # A script that runs work at import (no `if __name__ == "__main__"`) kills the spawned child while it re-imports
+    # the script, before it takes its end of the pipe: waiting on the pipe alone hung there forever.
+    script = tmp_path / "no_main_guard.py"
+    script.write_text("raise SystemExit(3)\n")
+    main = types.ModuleType("__main__")
+    main.__file__, main.__spec__ = str(script), None
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    with pytest.raises(llamacpp.RuntimeCrash, match="exited with code 3 before it answered"):
+        llamacpp.run_isolated(sorted, [3, 1, 2])
 
 
 def test_llama_with_attention_biases_converts_exactly():

@@ -190,15 +190,8 @@ def checkpoint_dir(out: Path) -> Path:
     return out.parent / f"{out.name}.checkpoints"
 
 
-def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None,
-             teacher: str | None = None, resume: bool = False, overwrite: bool = False,
-             stop_after: int | None = None, texts: list[str] | None = None) -> dict:
-    """Train the converted model in `model_dir`, write the result to `out` (a converted-model folder), on `texts`
-    (the build's mixture of kinds) or else on what `data` names (read_data).
-    `stop_after` ends this run after that many global steps with a checkpoint (for time-limited jobs); a later
-    call with resume=True continues exactly where it stopped."""
-    out = Path(out)
-    rank, world, device = _dist_setup()
+def _check_request(out: Path, cfg: TrainConfig, world: int, resume: bool, overwrite: bool,
+                   stop_after: int | None) -> None:
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --force")
     if cfg.fsdp and world == 1:
@@ -207,120 +200,101 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
     if cfg.fsdp and (resume or cfg.save_every or stop_after):
         raise ValueError("checkpoints (--save-every, --resume) are not implemented with --fsdp; train without them "
                          "or without --fsdp")
-    ckpts = checkpoint_dir(out)
-    latest = ckpts / "latest"
-    start_dir = latest / "model" if resume and latest.exists() else Path(model_dir)
-    if resume and not latest.exists() and rank == 0:
-        print(f"no checkpoint in {ckpts}; starting from {model_dir}")
-    model, tokenizer = mla_folder.load(start_dir)
-    set_cache_quant(model, cache_quantizer(cfg.cache_bits, model.config.mla["latent_dim"]))
-    teacher_model = None
-    if cfg.distill > 0 or cfg.self_distill_tokens > 0:
-        from edge_mla.source import load_source
-        spec = teacher or model.config.mla.get("source")
-        if not spec:
-            raise ValueError("distillation and self-distillation text need the original model: pass --teacher "
-                             "(a model folder, .gguf or name)")
-        teacher_model = load_source(spec).model.to(device).eval().requires_grad_(False)
-    texts = list(texts) if texts else read_data(data)
-    if cfg.self_distill_tokens > 0:
-        texts += generated_texts(teacher_model, tokenizer, cfg, ckpts / "generated.jsonl", texts, rank, world)
-    rows = pack(tokenizer, texts, cfg.seq_len).to(device)
-    global_batch = cfg.micro_batch * world
-    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
-    if cfg.distill == 0 and teacher_model is not None:  # it only wrote the text
-        teacher_model = None
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
 
+
+def _load_teacher(model, cfg: TrainConfig, teacher: str | None, device: torch.device):
+    """The original model, frozen, where distillation or self-distillation text needs it; else None."""
+    if cfg.distill <= 0 and cfg.self_distill_tokens <= 0:
+        return None
+    from edge_mla.source import load_source
+    spec = teacher or model.config.mla.get("source")
+    if not spec:
+        raise ValueError("distillation and self-distillation text need the original model: pass --teacher "
+                         "(a model folder, .gguf or name)")
+    return load_source(spec).model.to(device).eval().requires_grad_(False)
+
+
+def _wrap_for_processes(model, cfg: TrainConfig, world: int, device: torch.device):
+    """The loss module, and what runs it: itself (one process), DDP over it, or it sharded (fsdp)."""
     model.to(device).train()
     if cfg.grad_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     loss_model = LossModel(model, cfg.loss_chunk, cfg.distill, compile=cfg.compile, per_layer=cfg.fsdp)
-    runner = loss_model
     if cfg.fsdp:
         from torch.distributed.fsdp import fully_shard
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(loss_model)  # the root: embeddings, final norm and output head
-    elif world > 1:
+        return loss_model
+    if world > 1:
         # gradient_as_bucket_view: the gradients live in the all-reduce buckets (no copy in and out of them)
-        runner = nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda"
-                                                     else None, gradient_as_bucket_view=True)
-    distiller = None
-    if teacher_model is not None:
-        distiller = Teacher(teacher_model, compile=cfg.compile, cache_rows=rows.shape[0] if cfg.cache_teacher else 0,
-                            seq_len=cfg.seq_len, world=world)
+        return nn.parallel.DistributedDataParallel(loss_model, device_ids=[device.index] if device.type == "cuda"
+                                                   else None, gradient_as_bucket_view=True)
+    return loss_model
+
+
+def _optimizer(model, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
     fused = device.type == "cuda" and not cfg.fsdp  # fsdp: the default (foreach) kernels take sharded tensors
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
-                            fused=fused)
-    step = 0
-    history: list[dict] = []
-    if resume and (latest / "trainer.pt").exists():
-        state = torch.load(latest / "trainer.pt", map_location=device, weights_only=False)
-        opt.load_state_dict(state["optimizer"])
-        step, history = state["step"], state["history"]
-        if state["total_steps"] != total_steps:
-            raise ValueError(f"the checkpoint was made for {state['total_steps']} steps, this run has {total_steps}; "
-                             "resume with the same --tokens, --seq-len, --micro-batch and number of processes")
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95), eps=1e-8,
+                             fused=fused)
 
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", disable=rank != 0)
-    t0, tokens_done = time.perf_counter(), 0
-    pending: list[tuple] = []  # steps whose loss is still on the GPU
 
-    def read_losses():
-        """Move the pending steps' losses to `history`: one wait for the GPU every log_every steps, not one a step."""
-        if not pending:
+def _resume_state(opt, latest: Path, resume: bool, total_steps: int, device: torch.device) -> tuple[int, list]:
+    """(step, history) of the checkpoint to resume from, the optimizer's state loaded; (0, []) for a fresh run."""
+    if not (resume and (latest / "trainer.pt").exists()):
+        return 0, []
+    state = torch.load(latest / "trainer.pt", map_location=device, weights_only=False)
+    opt.load_state_dict(state["optimizer"])
+    if state["total_steps"] != total_steps:
+        raise ValueError(f"the checkpoint was made for {state['total_steps']} steps, this run has {total_steps}; "
+                         "resume with the same --tokens, --seq-len, --micro-batch and number of processes")
+    return state["step"], state["history"]
+
+
+class _LossLog:
+    """The steps' losses, read from the GPU every log_every steps (each read waits for it), into `history`."""
+
+    def __init__(self, history: list, bar, world: int):
+        self.history, self.bar, self.world = history, bar, world
+        self.pending: list[tuple] = []  # steps whose loss is still on the GPU
+        self.t0, self.tokens_done = time.perf_counter(), 0
+
+    def add(self, step: int, loss, grad_norm, lr: float, tokens: int) -> None:
+        self.tokens_done += tokens
+        self.pending.append((step, loss.detach(), grad_norm.detach(), lr))
+
+    def read(self) -> None:
+        if not self.pending:
             return
-        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in pending])
-        if world > 1:
+        values = torch.stack([torch.stack([loss, norm.float()]) for _, loss, norm, _ in self.pending])
+        if self.world > 1:
             dist.all_reduce(values)
-            values /= world  # the mean loss over processes; the gradient norm is the same on every one
-        elapsed = time.perf_counter() - t0
-        rate = tokens_done / elapsed
-        for (n, _, _, lr), (loss, norm) in zip(pending, values.tolist()):
-            history.append({"step": n, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate,
-                            "elapsed_s": round(elapsed, 3)})
-        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", tok_s=f"{rate:.0f}")
-        bar.update(len(pending))
-        pending.clear()
+            values /= self.world  # the mean loss over processes; the gradient norm is the same on every one
+        elapsed = time.perf_counter() - self.t0
+        rate = self.tokens_done / elapsed
+        for (n, _, _, lr), (loss, norm) in zip(self.pending, values.tolist()):
+            self.history.append({"step": n, "loss": loss, "lr": lr, "grad_norm": norm, "tokens_per_s": rate,
+                                 "elapsed_s": round(elapsed, 3)})
+        self.bar.set_postfix(loss=f"{self.history[-1]['loss']:.3f}", tok_s=f"{rate:.0f}")
+        self.bar.update(len(self.pending))
+        self.pending.clear()
 
-    while step < total_steps:
-        global_idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)
-        idx = global_idx[rank::world]
-        batch = rows[to_device(idx, device)]
-        inputs, targets = batch[:, :-1], batch[:, 1:]
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total_steps, cfg)
-        loss, grad_norm = train_step(runner, distiller, opt, inputs, targets, cfg.clip, autocast, rows=idx,
-                                     global_rows=global_idx)
-        step += 1
-        tokens_done += global_batch * cfg.seq_len
-        pending.append((step, loss.detach(), grad_norm.detach(), opt.param_groups[0]["lr"]))
-        saving = (stop_after is not None and step >= stop_after) or (cfg.save_every and step % cfg.save_every == 0)
-        if step % max(1, cfg.log_every) == 0 or step == total_steps or saving:
-            read_losses()
-        if stop_after is not None and step >= stop_after and step < total_steps:
-            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
-            bar.close()
-            return {"config": asdict(cfg), "world_size": world, "steps": step, "history": history, "stopped": True}
-        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
-            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
-    bar.close()
-    summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history,
-               "peak_gpu_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda" else None}
-    if distiller is not None:
-        summary["teacher_passes"] = distiller.passes
+
+def _gpu_peaks(summary: dict, device: torch.device, world: int) -> None:
+    summary["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device.type == "cuda" else None
     if device.type == "cuda" and world > 1:  # every GPU's peak, not only process 0's
         mine = torch.tensor([summary["peak_gpu_bytes"]], device=device)
         parts = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(parts, mine)
         summary["peak_gpu_bytes_per_process"] = [int(p.item()) for p in parts]
+
+
+def _save_result(model, tokenizer, summary: dict, cfg: TrainConfig, start_dir: Path, out: Path, ckpts: Path,
+                 rank: int, world: int, overwrite: bool) -> None:
     set_cache_quant(model, None)
     if cfg.fsdp:  # every process gives its shards; process 0 puts them into a plain copy of the model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -336,6 +310,72 @@ def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: lis
         shutil.rmtree(ckpts, ignore_errors=True)
     if world > 1:
         dist.barrier()
+
+
+def finetune(model_dir: str | Path, out: str | Path, cfg: TrainConfig, data: list[str] | None = None,
+             teacher: str | None = None, resume: bool = False, overwrite: bool = False,
+             stop_after: int | None = None, texts: list[str] | None = None) -> dict:
+    """Train the converted model in `model_dir`, write the result to `out` (a converted-model folder), on `texts`
+    (the build's mixture of kinds) or else on what `data` names (read_data).
+    `stop_after` ends this run after that many global steps with a checkpoint (for time-limited jobs); a later
+    call with resume=True continues exactly where it stopped."""
+    out = Path(out)
+    rank, world, device = _dist_setup()
+    _check_request(out, cfg, world, resume, overwrite, stop_after)
+    ckpts = checkpoint_dir(out)
+    latest = ckpts / "latest"
+    start_dir = latest / "model" if resume and latest.exists() else Path(model_dir)
+    if resume and not latest.exists() and rank == 0:
+        print(f"no checkpoint in {ckpts}; starting from {model_dir}")
+    model, tokenizer = mla_folder.load(start_dir)
+    set_cache_quant(model, cache_quantizer(cfg.cache_bits, model.config.mla["latent_dim"]))
+    teacher_model = _load_teacher(model, cfg, teacher, device)
+    texts = list(texts) if texts else read_data(data)
+    if cfg.self_distill_tokens > 0:
+        texts += generated_texts(teacher_model, tokenizer, cfg, ckpts / "generated.jsonl", texts, rank, world)
+    rows = pack(tokenizer, texts, cfg.seq_len).to(device)
+    global_batch = cfg.micro_batch * world
+    total_steps = max(1, cfg.tokens // (global_batch * cfg.seq_len))
+    if cfg.distill == 0 and teacher_model is not None:  # it only wrote the text
+        teacher_model = None
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    runner = _wrap_for_processes(model, cfg, world, device)
+    distiller = None if teacher_model is None else Teacher(
+        teacher_model, compile=cfg.compile, cache_rows=rows.shape[0] if cfg.cache_teacher else 0,
+        seq_len=cfg.seq_len, world=world)
+    opt = _optimizer(model, cfg, device)
+    step, history = _resume_state(opt, latest, resume, total_steps, device)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    bar = tqdm(total=total_steps, initial=step, desc="fine-tuning", unit="step", disable=rank != 0)
+    log = _LossLog(history, bar, world)
+    while step < total_steps:
+        global_idx = batch_rows(step, global_batch, rows.shape[0], cfg.seed)
+        idx = global_idx[rank::world]
+        batch = rows[to_device(idx, device)]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total_steps, cfg)
+        loss, grad_norm = train_step(runner, distiller, opt, batch[:, :-1], batch[:, 1:], cfg.clip, autocast,
+                                     rows=idx, global_rows=global_idx)
+        step += 1
+        log.add(step, loss, grad_norm, opt.param_groups[0]["lr"], global_batch * cfg.seq_len)
+        stopping = stop_after is not None and step >= stop_after
+        if step % max(1, cfg.log_every) == 0 or step == total_steps or stopping or (
+                cfg.save_every and step % cfg.save_every == 0):
+            log.read()
+        if stopping and step < total_steps:
+            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
+            bar.close()
+            return {"config": asdict(cfg), "world_size": world, "steps": step, "history": history, "stopped": True}
+        if cfg.save_every and step % cfg.save_every == 0 and step < total_steps:
+            _save_checkpoint(model, tokenizer, opt, step, total_steps, history, ckpts, rank, world)
+    bar.close()
+    summary = {"config": asdict(cfg), "world_size": world, "steps": total_steps, "history": history}
+    _gpu_peaks(summary, device, world)
+    if distiller is not None:
+        summary["teacher_passes"] = distiller.passes
+    _save_result(model, tokenizer, summary, cfg, start_dir, out, ckpts, rank, world, overwrite)
     return summary
 
 

@@ -13,6 +13,7 @@ from edge_mla.calibration import collect_stats
 from edge_mla.convert import Plan, convert
 from edge_mla.export import gguf as export_gguf
 from edge_mla.export import onnx as onnx_export
+from edge_mla.mla_folder import save
 from edge_mla.runtimes import llamacpp
 from edge_mla.source import _finish, Source
 
@@ -227,3 +228,47 @@ def text_file(tmp_path):
     path = tmp_path / "text.txt"
     path.write_text(" ".join(f"w{i}" for i in rng.integers(3, VOCAB, 3000)))
     return path
+
+
+# --- fine-tune fixtures (tests/test_finetune*.py, tests/test_selfdistill.py) ---
+
+@pytest.fixture
+def mla_dir(tmp_path):
+    model = tiny_model("llama-gqa")
+    convert(model, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
+    return save(model, word_tokenizer(), tmp_path / "mla")
+
+
+@pytest.fixture
+def phrases_file(tmp_path):
+    # a learnable text: a few fixed phrases in a pseudo-random order
+    phrases = [" ".join(f"w{3 + (i * 7 + j) % 90}" for j in range(12)) for i in range(6)]
+    g = torch.Generator().manual_seed(0)
+    order = torch.randint(0, len(phrases), (400,), generator=g).tolist()
+    path = tmp_path / "train.txt"
+    path.write_text(" ".join(phrases[i] for i in order))
+    return path
+
+
+@pytest.fixture
+def q4_dir(tmp_path):
+    """A tiny converted model whose cached row fits q4_0 blocks: C = 32, R = 32 (head width 64)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                         initializer_range=0.1, tie_word_embeddings=False)
+    model = _finish(Source(AutoModelForCausalLM.from_config(config), None, "tiny", None)).model
+    convert(model, Plan(selection="shared", rope_pairs=16, latent=32), stats_for(model))
+    return save(model, word_tokenizer(), tmp_path / "mla-q4")
+
+
+@pytest.fixture
+def original_and_mla(tmp_path):
+    original = tiny_model("llama-gqa")
+    original.save_pretrained(tmp_path / "orig")
+    word_tokenizer().save_pretrained(tmp_path / "orig")
+    convert(original, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
+    return tmp_path / "orig", save(original, word_tokenizer(), tmp_path / "mla")

@@ -9,10 +9,8 @@ path. How each MLA tensor maps to llama.cpp, and why it is exact: docs/gguf.md.
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
-import os
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -29,6 +27,7 @@ from edge_mla.export.gguf_tensors import (BETA_EXP_RANGE, HEADROOM, KV_A_QUANTIZ
                                           check_attention_biases, check_ffn, check_nope_dim, encode, encode_rows,
                                           ffn_tensors, head_tensors, latent_mean_squares, latent_scale,
                                           mla_layer_tensors, plain_layer_tensors, rope_layout)
+from edge_mla.export.gguf_quantize import llama_quantize, require_quantizer
 from edge_mla.export.gguf_tokenizer import Field, tokenizer_fields, tokenizer_fields_from_hf  # noqa: F401
 from edge_mla.runtimes.gguf_file import GGUFInfo, check_gguf, check_kv_type
 
@@ -320,7 +319,7 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     if tokenizer_gguf and not Path(tokenizer_gguf).is_file():
         raise FileNotFoundError(f"--tokenizer-gguf {tokenizer_gguf} does not exist")
     if weights == "q4_k":
-        _quantizer()  # fail before the slow steps if llama.cpp is missing
+        require_quantizer()  # fail before the slow steps if llama.cpp is missing
     loaded = load_model(model)
     if cache_type is None:
         cache_type = precision.gguf_cache_type(precision.default_cache_bits_for(
@@ -375,40 +374,3 @@ def provenance_keys(loaded: Loaded, weights: str, cache_type: str, text) -> list
             (W.add_description, what), (W.add_base_model_count, 1), (W.add_base_model_name, 0, name),
             (W.add_string, precision.GGUF_CACHE_KEY, cache_type),
             (W.add_string, PROVENANCE_KEY, json.dumps(record, sort_keys=True))]
-
-
-# --- llama.cpp's quantizer (K-quants) -----------------------------------------------------------------------
-
-def _quantizer():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise ValueError("--weights q4_k uses llama.cpp's own quantizer: install llama-cpp-python "
-                         "(or export q8_0/q4_0, which gguf-py writes)") from None
-    return llama_cpp
-
-
-def llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
-    """Q4_K_M through llama.cpp's quantizer (in a child process: native code that can crash)."""
-    from edge_mla.runtimes.llamacpp import run_isolated
-
-    _quantizer()  # a missing package is named here, not in the child
-    run_isolated(_llama_quantize, src, dst, mla=mla, threads=threads)
-
-
-def _llama_quantize(src: Path, dst: Path, *, mla: bool, threads: int | None = None) -> None:
-    """attn_kv_a_mqa keeps an 8-bit exponent (see tensor_type)."""
-    llama_cpp = _quantizer()
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M
-    params.nthread = threads or os.cpu_count() or 1
-    rules = [(b"attn_kv_a_mqa\\.weight", KV_A_QUANTIZED)] if mla else []
-    overrides = (llama_cpp.llama_model_tensor_override * (len(rules) + 1))()
-    for slot, (pattern, qtype) in zip(overrides, rules):
-        slot.pattern, slot.type = pattern, int(qtype)
-    overrides[len(rules)].pattern = None  # the list ends at a null pattern
-    params.tt_overrides = ctypes.cast(overrides, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0:
-        raise ValueError(f"llama.cpp's quantizer failed on {src} (code {rc})")
-

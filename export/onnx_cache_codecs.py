@@ -37,8 +37,9 @@ def int4_matrices(width: int, latent: int) -> dict[str, np.ndarray]:
     return {"query": query, "latent": out[:, :latent]}
 
 
-class FloatCache:
-    """A float16 / float32 cache: rows stored as they are."""
+class CacheCodec:
+    """What every codec answers; as written here, for a cache that stores rows as they are (float16 / float32).
+    The quantized codecs override what their code changes."""
     kv_bits = 0
     extra_inputs: tuple[str, ...] = ()
     extra_outputs: tuple[str, ...] = ()
@@ -67,7 +68,11 @@ class FloatCache:
                               const("c1", [self.latent]), const("last", [-1])], "att")
 
 
-class Int8Cache(FloatCache):
+class FloatCache(CacheCodec):
+    """A float16 / float32 cache: the base's reading as it is."""
+
+
+class Int8Cache(CacheCodec):
     """int8 codes with static per-channel scales (cache_scale)."""
     kv_bits = 8
 
@@ -259,7 +264,7 @@ class Int4GroupedCache(Int4Cache):
         return node("Mul", [latent, "cs_latent"], "att") if self.channel else node("Identity", [latent], "att")
 
 
-def codec_for(kv_bits: int, latent: int, rope: int, scales: str = "channel") -> FloatCache:
+def codec_for(kv_bits: int, latent: int, rope: int, scales: str = "channel") -> CacheCodec:
     """The codec of a cache of `kv_bits` (0: float) with `scales` ("channel": static per channel; "row", "q4_0":
     int4 rows with scales of their own)."""
     if scales not in ("channel", *SCALE_GROUP):

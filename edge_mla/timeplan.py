@@ -41,7 +41,11 @@ DECODE_TOKEN = 4.5  # a decoded token in the speed runs (no batching: every weig
 SPEED_RUN_SECONDS = 2.0  # each speed run starts its runtime (a child process for llama.cpp) and loads the file
 RECOVER_STEP_TOKENS = 850.0  # one Adam step of one block (512 tokens, forward and backward), in layer-tokens
 MIN_RECOVER_STEPS = MIN_BUDGET_STEPS
-KEEP_STEPS = 100  # recovery steps a layer worth more than the default text sizes: 50 left news at 1.25x, ~200 1.09x
+# Recovery steps a layer worth more than the default text sizes. Measured on a host twice as slow as the AMD one
+# (one core, --threads 1), the default 15-minute build: at 100 the text kept most of its size and the recovery got
+# 56-121 steps (news 1.23x in llama.cpp, 1.21x in onnxruntime); at 200 it read less (2 windows a text, 6 x 1024
+# calibration tokens) and got 135-204 steps (news 1.11x and 1.05x; docs/quality.md).
+KEEP_STEPS = 200
 
 # The least a build reads when the budget is short, per step: below these the statistics (conversion), the cache
 # scales (ONNX) and the comparison (quality: one window of each kind of text) stop meaning much.
@@ -158,17 +162,16 @@ def _scaled(default: tuple[int, int], floor: tuple[int, int], share: float) -> t
 
 def shrink(sizes: Sizes, share: float, fixed: frozenset[str] = frozenset()) -> Sizes:
     """The sizes at `share` of the defaults' text, each at least its floor; steps in `fixed` (given by the user)
-    are kept. The speed runs make one pass below three quarters of the text, and keep only their shorter prompt
-    below half."""
+    are kept. The speed runs make one pass below three quarters of the text; both prompts stay, since the line
+    through them is what gives the speed at the build's context (speedmodel)."""
     calibration = tuple((s, w, n) if "calibration" in fixed else (s, *_scaled((w, n), FLOORS[s], share))
                         for s, w, n in sizes.calibration)
     quality = (sizes.quality_windows, sizes.quality_length)
     if "quality" not in fixed and sizes.quality_windows:
         quality = _scaled(quality, QUALITY_FLOOR, share)
     prompts, repeats = sizes.speed_prompts, sizes.speed_repeats
-    if "speed" not in fixed and prompts:  # the long prompt gives the speed at long contexts: it goes last
+    if "speed" not in fixed and prompts:
         repeats = 1 if share < 0.75 else repeats
-        prompts = prompts[:1] if share < 0.5 else prompts
     return replace(sizes, calibration=calibration, quality_windows=quality[0], quality_length=quality[1],
                    speed_prompts=prompts, speed_repeats=repeats)
 
@@ -196,8 +199,8 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         most_steps: int = RECOVER_STEPS, fixed: frozenset[str] = frozenset()) -> Fitted:
     """The sizes and recovery steps that fit `budget` seconds. The recovery is what makes the model good, so the
     text the other steps read gives way first: the defaults while the recovery gets at least KEEP_STEPS a layer;
-    else the largest share of the defaults that leaves it KEEP_STEPS, then MIN_RECOVER_STEPS; if even the floors
-    with the least recovery do not fit, no recovery (and the largest share without it, or the floors). What is
+    else the largest share of the defaults that leaves it KEEP_STEPS; else the floors and what steps they leave,
+    down to MIN_RECOVER_STEPS; below that no recovery (and the largest share without it, or the floors). What is
     left goes to the recovery, up to most_steps. No budget: the defaults."""
     def estimated(sizes: Sizes, steps: int) -> float:
         return sum(estimate(sizes, probe, formats, mla_scoring, steps).values())
@@ -206,8 +209,13 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
     if budget is None:
         steps = most_steps if wanted.recover else 0
         return Fitted(wanted, estimate(wanted, probe, formats, mla_scoring, steps), steps, unbudgeted)
-    tiers = [(wanted, min(KEEP_STEPS, most_steps)), (wanted, min(MIN_RECOVER_STEPS, most_steps))] \
-        if wanted.recover and most_steps else []
+    tiers = []
+    if wanted.recover and most_steps:  # the steps the floors leave, up to KEEP_STEPS: text above them comes after
+        step = RECOVER_STEP_TOKENS * probe.token_seconds
+        at_floors = estimated(shrink(wanted, 0.0, fixed), 1) - step
+        least = min(KEEP_STEPS, most_steps, int((budget - at_floors) / step))
+        if least >= min(MIN_RECOVER_STEPS, most_steps):
+            tiers.append((wanted, least))
     tiers.append((replace(wanted, recover=False), 0))
     for i, (sizes, least) in enumerate(tiers):
         last = i == len(tiers) - 1

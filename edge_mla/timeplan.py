@@ -162,8 +162,8 @@ def _scaled(default: tuple[int, int], floor: tuple[int, int], share: float) -> t
 
 def shrink(sizes: Sizes, share: float, fixed: frozenset[str] = frozenset()) -> Sizes:
     """The sizes at `share` of the defaults' text, each at least its floor; steps in `fixed` (given by the user)
-    are kept. The speed runs make one pass below three quarters of the text; both prompts stay, since the line
-    through them is what gives the speed at the build's context (speedmodel)."""
+    are kept. The speed runs make one pass below three quarters of the text; both prompts stay above the floors,
+    since the line through them is what gives the speed at the build's context (speedmodel)."""
     calibration = tuple((s, w, n) if "calibration" in fixed else (s, *_scaled((w, n), FLOORS[s], share))
                         for s, w, n in sizes.calibration)
     quality = (sizes.quality_windows, sizes.quality_length)
@@ -172,6 +172,7 @@ def shrink(sizes: Sizes, share: float, fixed: frozenset[str] = frozenset()) -> S
     prompts, repeats = sizes.speed_prompts, sizes.speed_repeats
     if "speed" not in fixed and prompts:
         repeats = 1 if share < 0.75 else repeats
+        prompts = prompts[:1] if share <= 0 else prompts  # at the floors the long prompt goes too
     return replace(sizes, calibration=calibration, quality_windows=quality[0], quality_length=quality[1],
                    speed_prompts=prompts, speed_repeats=repeats)
 

@@ -38,12 +38,14 @@ def test_a_generous_budget_keeps_the_defaults_and_gives_the_rest_to_the_recovery
 
 
 def test_the_share_of_the_speed_runs_kept_is_what_the_time_after_the_recovery_is_scaled_by():
-    p = probe(6.2)  # a host 2.4x slower than the fast one: the speed runs shrink to one pass of both prompts (the
+    p = probe(3.0)  # a host 2x slower than the fast one: the speed runs shrink to one pass of both prompts (the
     fitted = timeplan.fit(900.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)  # line needs both)
     assert fitted.sizes.speed_repeats == 1 and fitted.sizes.speed_prompts == (256, 1024)
     default = timeplan.estimate(wanted(), p, FORMATS, MLA_SCORING)["speed"]
     assert fitted.speed_share == pytest.approx(fitted.estimate["speed"] / default) and fitted.speed_share < 0.75
     assert fitted.as_dict(p)["speed_share"] == round(fitted.speed_share, 3)
+    slower = timeplan.fit(900.0, probe(6.2), wanted(), FORMATS, MLA_SCORING, most_steps=600)  # at the floors:
+    assert slower.sizes.speed_prompts == (256,) and slower.speed_share < fitted.speed_share  # the short prompt only
 
 
 @pytest.mark.parametrize("token_ms", [30.0, 90.0, 400.0])

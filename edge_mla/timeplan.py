@@ -63,6 +63,11 @@ class Probe:
     layers: int
 
     @property
+    def recover_step_seconds(self) -> float:
+        """One Adam step of one block in the recovery."""
+        return RECOVER_STEP_TOKENS * self.token_seconds
+
+    @property
     def token_seconds(self) -> float:
         return self.layer_token_seconds * self.layers
 
@@ -139,7 +144,7 @@ def estimate(sizes: Sizes, probe: Probe, formats: tuple[str, ...], mla_scoring: 
            "conversion": CONVERT_TOKEN * w * n * tok + EIGS_PER_LAYER * probe.eig_seconds * probe.layers}
     if sizes.recover and recover_steps:
         out["teacher pass"] = RECOVER_WINDOWS * RECOVER_LENGTH * tok
-        out["recovery"] = recover_steps * RECOVER_STEP_TOKENS * tok
+        out["recovery"] = recover_steps * probe.recover_step_seconds
     gguf_check = sizes.of("gguf")[0] * sizes.of("gguf")[1] * tok if "gguf" in formats else 0.0
     out["MLA exports"] = probe.layers * sum(per_layer.values()) + walk + gguf_check
     out["MLA scoring"] = scored * sum(score[r] * mla_scoring.get(r, 2.0) for r in runtimes)
@@ -212,8 +217,8 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         return Fitted(wanted, estimate(wanted, probe, formats, mla_scoring, steps), steps, unbudgeted)
     tiers = []
     if wanted.recover and most_steps:  # the steps the floors leave, up to KEEP_STEPS: text above them comes after
-        step = RECOVER_STEP_TOKENS * probe.token_seconds
-        at_floors = estimated(shrink(wanted, 0.0, fixed), 1) - step
+        step = probe.recover_step_seconds
+        at_floors = estimated(shrink(wanted, 0.0, fixed), 1) - step  # the floors with the teacher pass, no steps
         least = min(KEEP_STEPS, most_steps, int((budget - at_floors) / step))
         if least >= min(MIN_RECOVER_STEPS, most_steps):
             tiers.append((wanted, least))
@@ -233,7 +238,7 @@ def fit(budget: float | None, probe: Probe, wanted: Sizes, formats: tuple[str, .
         steps = 0
         if chosen.recover:  # what the rest of the budget buys, a layer
             spare = budget - estimated(chosen, 0) - RECOVER_WINDOWS * RECOVER_LENGTH * probe.token_seconds
-            steps = int(max(least, min(most_steps, spare / (RECOVER_STEP_TOKENS * probe.token_seconds))))
+            steps = int(max(least, min(most_steps, spare / probe.recover_step_seconds)))
         fitted = estimate(chosen, probe, formats, mla_scoring, steps)
         default_speed = estimate(wanted, probe, formats, mla_scoring, 0)["speed"]
         return Fitted(chosen, fitted, steps, unbudgeted, fitted["speed"] / default_speed if default_speed else 1.0)

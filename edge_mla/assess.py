@@ -43,7 +43,7 @@ class Summary:
     recovery: dict | None = None
     time_budget_seconds: float | None = None
     build_seconds: float | None = None
-    one_off_seconds: float | None = None  # fetching and preparing, outside the time budget
+    one_off_seconds: float | None = None  # fetching and preparing the texts (inside the time budget)
     time_plan: dict | None = None
 
     MEASURED = ("quality", "quality_texts", "quality_ratio", "quality_agreement",

@@ -124,7 +124,7 @@ def decide(model: str, device_name: str, bits: int, out: str | Path, *, context:
         fixed = frozenset(name for name, given in (("calibration", calibration.windows or calibration.length),
                                                    ("quality", quality_windows is not None),
                                                    ("speed", speed_prompt is not None)) if given)
-        sizes, time_plan = afford(src, sizes, time_budget, formats, recover_steps, fixed)
+        sizes, time_plan = afford(src, sizes, time_budget, t0, formats, recover_steps, fixed)
         calibration = replace(calibration, planned=sizes.calibration)
         if recover_steps and not sizes.recover:  # the budget buys no recovery here: a training-free width
             recover_steps = 0
@@ -152,10 +152,12 @@ def planned(config, plan, formats, src, finetune_tokens: int, recover_steps: int
     return plan
 
 
-def afford(src, wanted, time_budget: float, formats, recover_steps: int, fixed: frozenset):
-    """What the time budget affords on this machine (timeplan.py): a probe of the model, then the sizes, said."""
+def afford(src, wanted, time_budget: float, t0: float, formats, recover_steps: int, fixed: frozenset):
+    """What the time budget affords on this machine (timeplan.py): a probe of the model, then the sizes, said. The
+    budget counts from the command's start (t0): loading is spent, and the recovery ends MARGIN early."""
     probe = timeplan.measure(src.model, src.checkpoint)
-    fitted = timeplan.fit(time_budget, probe, wanted, formats, timebudget.MLA_SCORING, recover_steps, fixed)
+    left = time_budget * (1 - timebudget.MARGIN) - (time.perf_counter() - t0)
+    fitted = timeplan.fit(left, probe, wanted, formats, timebudget.MLA_SCORING, recover_steps, fixed)
     for line in timeplan.describe(fitted, probe, time_budget, wanted):
         print("      " + line, flush=True)
     return fitted.sizes, fitted.as_dict(probe)

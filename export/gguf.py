@@ -303,10 +303,11 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
            tokenizer_gguf: str | None = None, tokenizer_pre: str | None = None,
            calib_windows: int = CALIBRATION_DEFAULTS["gguf"][0], calib_length: int = CALIBRATION_DEFAULTS["gguf"][1],
            text: str | None = None, threads: int | None = None,
-           force: bool = False, cache_type: str | None = None) -> tuple[GGUFInfo, list[str]]:
+           force: bool = False, cache_type: str | None = None, tokenizer=None) -> tuple[GGUFInfo, list[str]]:
     """Write MODEL as a GGUF at OUT (atomically) and check it as llama.cpp would. Returns (info, notes).
     `cache_type` is the llama.cpp cache the file is meant to run with: recorded in it, used by `edge-mla run`
-    (None: precision's one policy, the weights' bits, 8 for a training-free conversion at 4)."""
+    (None: precision's one policy, the weights' bits, 8 for a training-free conversion at 4). `tokenizer`: the
+    model's, already loaded (the build's: its texts' token ids are cached for the process, data.token_ids)."""
     out = Path(out)
     if cache_type is not None and cache_type not in precision.GGUF_CACHE_TYPE.values():
         raise ValueError(f"unknown cache type '{cache_type}': choose one of "
@@ -321,6 +322,8 @@ def export(model: str, out: str | Path, *, weights: str = "f16", align: int = DE
     if weights == "q4_k":
         require_quantizer()  # fail before the slow steps if llama.cpp is missing
     loaded = load_model(model)
+    if tokenizer is not None:
+        loaded = replace(loaded, tokenizer=tokenizer)
     if cache_type is None:
         cache_type = precision.gguf_cache_type(precision.default_cache_bits_for(
             min(16, precision.WEIGHT_BITS_OF_TYPE[weights]), loaded.mla))

@@ -251,7 +251,9 @@ def export(model_dir: str, out: str | Path, *, weight_bits: int = 4, kv_bits: in
     refuse_existing(out, overwrite)
     if model is None:
         src = load_model(model_dir, original)
-        model, tokenizer, checkpoint = src.model, src.tokenizer, src.checkpoint
+        model, checkpoint = src.model, src.checkpoint
+        # a tokenizer given is kept: its texts' token ids are cached for the process (data.token_ids)
+        tokenizer = src.tokenizer if tokenizer is None else tokenizer
     if kv_bits is None:  # precision's one policy: the weights' bits, 8 for a training-free conversion at 4
         kv_bits = precision.default_cache_bits_for(weight_bits, None if original else
                                                    getattr(model.config, "mla", None))

@@ -156,8 +156,10 @@ def afford(src, wanted, time_budget: float, t0: float, formats, recover_steps: i
     """What the time budget affords on this machine (timeplan.py): a probe of the model, then the sizes, said. The
     budget counts from the command's start (t0): loading is spent, and the recovery ends MARGIN early."""
     probe = timeplan.measure(src.model, src.checkpoint)
-    left = time_budget * (1 - timebudget.MARGIN) - (time.perf_counter() - t0)
-    fitted = timeplan.fit(left, probe, wanted, formats, timebudget.MLA_SCORING, recover_steps, fixed)
+    spent = time.perf_counter() - t0
+    fitted = timeplan.fit(time_budget * (1 - timebudget.MARGIN) - spent, probe, wanted, formats,
+                          timebudget.MLA_SCORING, recover_steps, fixed)
+    fitted.spent = spent
     for line in timeplan.describe(fitted, probe, time_budget, wanted):
         print("      " + line, flush=True)
     return fitted.sizes, fitted.as_dict(probe)

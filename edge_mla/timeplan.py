@@ -189,15 +189,18 @@ class Fitted:
     recover_steps: int  # a layer, as planned (the recovery's own StepBudget decides as it goes)
     unbudgeted: float  # what the defaults would take here
     speed_share: float = 1.0  # the speed runs' estimate against the defaults' (timebudget.after_recovery scales by it)
+    spent: float = 0.0  # seconds the build had run when it planned (loading the model, the probe)
 
     def total(self) -> float:
-        return sum(self.estimate.values())
+        """The whole build's seconds: what it had spent when it planned, and the estimate of every part after."""
+        return self.spent + sum(self.estimate.values())
 
     def as_dict(self, probe: Probe) -> dict:
         return {"probe": {k: round(v, 6) if isinstance(v, float) else v for k, v in asdict(probe).items()},
                 "sizes": asdict(self.sizes), "recover_steps_planned": self.recover_steps,
                 "estimate_seconds": {k: round(v, 1) for k, v in self.estimate.items()},
-                "estimate_total_seconds": round(self.total(), 1), "defaults_seconds": round(self.unbudgeted, 1),
+                "estimate_total_seconds": round(self.total(), 1), "spent_when_planned_seconds": round(self.spent, 1),
+                "defaults_seconds": round(self.unbudgeted, 1),
                 "speed_share": round(self.speed_share, 3)}
 
 
@@ -250,7 +253,8 @@ def describe(fitted: Fitted, probe: Probe, budget: float | None, wanted: Sizes) 
     minutes = lambda s: f"{s / 60:.1f} min"  # noqa: E731
     parts = ", ".join(f"{k} {minutes(v)}" for k, v in fitted.estimate.items())
     lines = [f"on this machine a token through the model takes {1000 * probe.token_seconds:.1f} ms (probe: one "
-             f"layer, {PROBE_TOKENS} tokens): this build should take about {minutes(fitted.total())} ({parts})"]
+             f"layer, {PROBE_TOKENS} tokens): this build should take about {minutes(fitted.total())} in all "
+             f"({fitted.spent:.0f} s of loading so far; {parts})"]
     s = fitted.sizes
     if s != wanted:
         cal = ", ".join(f"{step} {w} x {n}" for step, w, n in s.calibration)

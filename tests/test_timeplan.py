@@ -37,6 +37,17 @@ def test_a_generous_budget_keeps_the_defaults_and_gives_the_rest_to_the_recovery
     assert fitted.speed_share == roomy.speed_share == 1.0  # the default speed runs
 
 
+def test_the_whole_build_is_what_it_had_spent_when_it_planned_and_the_parts_after():
+    """--time-budget is the command's wall time: the start-of-build estimate says the whole."""
+    p = probe(1.5)
+    fitted = timeplan.fit(900.0 - 40.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)
+    fitted.spent = 40.0  # loading the model and the probe (job.afford)
+    assert fitted.total() == pytest.approx(40.0 + total(fitted)) and fitted.total() <= 900.0 * 1.001
+    assert fitted.as_dict(p)["estimate_total_seconds"] == round(fitted.total(), 1)
+    said = timeplan.describe(fitted, p, 900.0, wanted())[0]
+    assert f"about {fitted.total() / 60:.1f} min in all (40 s of loading so far" in said
+
+
 def test_the_share_of_the_speed_runs_kept_is_what_the_time_after_the_recovery_is_scaled_by():
     p = probe(3.0)  # a host 2x slower than the fast one: the speed runs shrink to one pass of both prompts (the
     fitted = timeplan.fit(900.0, p, wanted(), FORMATS, MLA_SCORING, most_steps=600)  # line needs both)

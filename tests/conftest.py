@@ -272,3 +272,12 @@ def original_and_mla(tmp_path):
     word_tokenizer().save_pretrained(tmp_path / "orig")
     convert(original, Plan(selection="partition", rope_pairs=2, latent=16, weighting="weights"))
     return tmp_path / "orig", save(original, word_tokenizer(), tmp_path / "mla")
+
+
+@pytest.fixture(scope="module")
+def tiny_source(tmp_path_factory, tokenizer):
+    """A tiny Llama (GQA) folder with the tests' tokenizer: what `edge-mla build` is given in the build tests."""
+    folder = tmp_path_factory.mktemp("src") / "tiny-llama"
+    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

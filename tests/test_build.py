@@ -15,16 +15,6 @@ llama_cpp = pytest.importorskip("llama_cpp", reason="the llama extra (llama-cpp-
 pytestmark = pytest.mark.usefixtures("llama_cpp_runs")
 
 
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory, tokenizer):
-    from conftest import tiny
-
-    folder = tmp_path_factory.mktemp("src") / "tiny-llama"
-    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_build_writes_every_promised_file_and_they_load(tmp_path, tiny_source, capsys):
     out = tmp_path / "build"

@@ -17,16 +17,6 @@ BUDGET_SECONDS = 90
 MOST_STEPS = 50_000  # far more than the budget buys: the budget, not the steps asked for, ends the recovery
 
 
-@pytest.fixture(scope="module")
-def tiny_source(tmp_path_factory, tokenizer):
-    from conftest import tiny
-
-    folder = tmp_path_factory.mktemp("src") / "tiny-llama"
-    tiny("llama-gqa", len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 @pytest.mark.slow
 def test_a_budget_of_seconds_is_kept_and_the_estimate_is_within_half_of_what_the_build_took(tmp_path, tiny_source,
                                                                                           capsys):
